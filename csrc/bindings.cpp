@@ -1,0 +1,62 @@
+// pybind11 bindings of the CPU core. Tensors cross as raw pointers (uintptr_t)
+// plus sizes and element strides, so any dtype (bf16 included) passes and the
+// module never links libtorch. The GIL is released around every kernel.
+#include <cstdint>
+
+#include <pybind11/pybind11.h>
+
+#include "sslkernels/contrastive.hpp"
+
+extern "C" void scipy_openblas_set_num_threads(int num_threads);
+
+namespace py = pybind11;
+using namespace sslkernels;
+
+namespace {
+
+MatrixView matrix(std::uintptr_t ptr, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+                  int64_t col_stride) {
+  return MatrixView{reinterpret_cast<const void*>(ptr), static_cast<DType>(dtype), rows, cols,
+                    row_stride, col_stride};
+}
+
+int nt_xent_forward_binding(std::uintptr_t z1, std::uintptr_t z2, int dtype, int64_t n, int64_t d,
+                            int64_t z1_row_stride, int64_t z1_col_stride, int64_t z2_row_stride,
+                            int64_t z2_col_stride, double temperature, bool normalize,
+                            std::uintptr_t lse, std::uintptr_t loss, int num_threads) {
+  py::gil_scoped_release release;
+  return static_cast<int>(nt_xent_forward(
+      matrix(z1, dtype, n, d, z1_row_stride, z1_col_stride),
+      matrix(z2, dtype, n, d, z2_row_stride, z2_col_stride), temperature, normalize,
+      reinterpret_cast<void*>(lse), reinterpret_cast<double*>(loss), num_threads));
+}
+
+int nt_xent_backward_binding(std::uintptr_t z1, std::uintptr_t z2, int dtype, int64_t n, int64_t d,
+                             int64_t z1_row_stride, int64_t z1_col_stride, int64_t z2_row_stride,
+                             int64_t z2_col_stride, std::uintptr_t lse, double temperature,
+                             bool normalize, double grad_loss, std::uintptr_t dz1,
+                             std::uintptr_t dz2, int num_threads) {
+  py::gil_scoped_release release;
+  return static_cast<int>(nt_xent_backward(
+      matrix(z1, dtype, n, d, z1_row_stride, z1_col_stride),
+      matrix(z2, dtype, n, d, z2_row_stride, z2_col_stride), reinterpret_cast<const void*>(lse),
+      temperature, normalize, grad_loss, reinterpret_cast<void*>(dz1),
+      reinterpret_cast<void*>(dz2), num_threads));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sslkernels CPU core (C++, OpenBLAS tile products, OpenMP over tiles)";
+  // Our kernels parallelise over tiles; BLAS stays single-threaded inside them.
+  scipy_openblas_set_num_threads(1);
+  m.def("nt_xent_forward", &nt_xent_forward_binding,
+        "Fused NT-Xent forward: writes lse[2N] and the scalar loss (float64); returns a status code.");
+  m.def("nt_xent_backward", &nt_xent_backward_binding,
+        "Fused NT-Xent backward: writes dz1, dz2 (contiguous, inputs' dtype); returns a status code.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,153 @@
+// Internal helpers shared by the CPU kernels: element conversion, a vectorisable
+// exp, BLAS tile products, and the race-free tile-pair schedule.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "sslkernels/common.hpp"
+
+namespace sslkernels {
+namespace detail {
+
+// ---- element conversion -------------------------------------------------------
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal half: renormalise
+      int shift = 0;
+      while ((mantissa & 0x400u) == 0) {
+        mantissa <<= 1;
+        ++shift;
+      }
+      mantissa &= 0x3ffu;
+      bits = sign | (static_cast<uint32_t>(113 - shift) << 23) | (mantissa << 13);
+    }
+  } else if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_half(float f) {  // round to nearest even
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u);
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // overflows to inf
+  if (abs < 0x38800000u) {                         // half subnormal or zero
+    if (abs < 0x33000000u) return sign;
+    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    const int shift = 126 - static_cast<int>(abs >> 23);
+    uint32_t half_mant = mant >> (shift + 1);
+    const uint32_t rem = mant & ((1u << (shift + 1)) - 1u);
+    const uint32_t halfway = 1u << shift;
+    if (rem > halfway || (rem == halfway && (half_mant & 1u))) ++half_mant;
+    return sign | static_cast<uint16_t>(half_mant);
+  }
+  uint32_t h = ((abs >> 13) - (112u << 10));
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return sign | static_cast<uint16_t>(h);
+}
+
+inline float bfloat16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bfloat16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+template <typename Acc>
+inline Acc load_element(const void* base, DType dtype, int64_t offset) {
+  switch (dtype) {
+    case DType::Float32: return static_cast<Acc>(static_cast<const float*>(base)[offset]);
+    case DType::Float64: return static_cast<Acc>(static_cast<const double*>(base)[offset]);
+    case DType::Float16: return static_cast<Acc>(half_to_float(static_cast<const uint16_t*>(base)[offset]));
+    case DType::BFloat16: return static_cast<Acc>(bfloat16_to_float(static_cast<const uint16_t*>(base)[offset]));
+  }
+  return Acc(0);
+}
+
+template <typename Acc>
+inline void store_element(void* base, DType dtype, int64_t offset, Acc value) {
+  switch (dtype) {
+    case DType::Float32: static_cast<float*>(base)[offset] = static_cast<float>(value); return;
+    case DType::Float64: static_cast<double*>(base)[offset] = static_cast<double>(value); return;
+    case DType::Float16: static_cast<uint16_t*>(base)[offset] = float_to_half(static_cast<float>(value)); return;
+    case DType::BFloat16: static_cast<uint16_t*>(base)[offset] = float_to_bfloat16(static_cast<float>(value)); return;
+  }
+}
+
+// ---- exp that the compiler vectorises ------------------------------------------
+// exp(x) = 2^k * exp(r), |r| <= ln2/2, with a degree-6 polynomial for exp(r)
+// (about 1 ulp in float32). Arguments below the float32 range give exactly 0,
+// including -inf, so masked logits need no branch.
+inline float exp_vec(float x) {
+  const float lo = -87.3365447f, hi = 88.0f;
+  const float underflow = x < lo ? 0.0f : 1.0f;
+  x = x < lo ? lo : (x > hi ? hi : x);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale * underflow;
+}
+
+inline double exp_vec(double x) { return std::exp(x); }
+
+// ---- BLAS tile products (row-major) ---------------------------------------------
+
+// C[m x n] = alpha * A[m x k] * op(B) + beta * C, op(B) = B^T when b_transposed.
+void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+          int64_t ldc);
+void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, double alpha,
+          const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
+          int64_t ldc);
+
+// ---- race-free schedule of tile pairs -------------------------------------------
+// Round-robin tournament (circle method) over `num_blocks` row blocks: every
+// unordered pair {I, J}, I != J, appears in exactly one round, and the pairs of a
+// round touch disjoint blocks. Threads split a round and meet at a barrier, so a
+// symmetric tile can update both of its row blocks with no atomics and no
+// per-thread copies, and the order in which any block receives its contributions
+// does not depend on the thread count (bitwise-reproducible results).
+std::vector<std::vector<std::pair<int64_t, int64_t>>> tile_pair_rounds(int64_t num_blocks);
+
+// Tile height for `rows` rows with `num_threads` workers: big enough to keep BLAS
+// efficient, small enough that every thread has pairs to work on in each round.
+int64_t choose_tile_rows(int64_t rows, int64_t cols, int num_threads);
+
+}  // namespace detail
+}  // namespace sslkernels

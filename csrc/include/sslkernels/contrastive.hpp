@@ -1,0 +1,23 @@
+// Fused contrastive losses on the CPU: tile products through OpenBLAS, our own
+// epilogue (online log-sum-exp, exp, masks) on tiles that stay in cache. No
+// (rows x rows) matrix is ever materialised.
+#pragma once
+
+#include "sslkernels/common.hpp"
+
+namespace sslkernels {
+
+// NT-Xent (SimCLR) over the 2N rows of cat(z1, z2), temperature t:
+//   loss = mean_i [ lse_i - s_{i,pos(i)} ],  lse_i = log sum_{j != i} exp(s_ij),
+//   s_ij = zhat_i . zhat_j / t, pos(i) = i +- N, zhat = x / max(|x|, 1e-12) when normalize.
+// Writes lse[2N] (float64 when the inputs are float64, else float32) and the scalar loss.
+Status nt_xent_forward(const MatrixView& z1, const MatrixView& z2, double temperature,
+                       bool normalize, void* lse, double* loss, int num_threads);
+
+// Gradient of grad_loss * loss with respect to z1 and z2, recomputing the logit tiles
+// from the saved lse. dz1 / dz2 are contiguous [N, D] buffers of the inputs' dtype.
+Status nt_xent_backward(const MatrixView& z1, const MatrixView& z2, const void* lse,
+                        double temperature, bool normalize, double grad_loss, void* dz1,
+                        void* dz2, int num_threads);
+
+}  // namespace sslkernels

@@ -1,0 +1,18 @@
+"""sslkernels: fused kernels for self-supervised representation learning.
+
+    import sslkernels
+    loss = sslkernels.nt_xent(z1, z2, temperature=0.5)
+    criterion = sslkernels.nn.NTXentLoss(temperature=0.5)   # drop-in for lightly's
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (load torch's OpenMP runtime before the C++ core)
+
+from sslkernels import _ext  # noqa: F401  (fails loudly if the C++ core is missing)
+from sslkernels import nn, ops, reference  # noqa: F401
+from sslkernels._config import debug_enabled, set_debug
+from sslkernels.functional import nt_xent
+
+__version__ = "0.1.0"
+
+__all__ = ["nt_xent", "nn", "reference", "set_debug", "debug_enabled", "__version__"]

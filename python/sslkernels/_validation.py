@@ -1,0 +1,55 @@
+"""Checks shared by every public function; each error names the argument."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float_tensor(x, name: str, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"`{name}` must be float32, float16, bfloat16 or float64, got {x.dtype}"
+        )
+    if x.dim() != ndim:
+        raise ValueError(f"`{name}` must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"`{name}` is on {x.device}; sslkernels supports cpu and cuda tensors")
+
+
+def check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(f"`{name_a}` and `{name_b}` must share a dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"`{name_a}` and `{name_b}` must be on the same device, got {a.device} and {b.device}")
+
+
+def check_nonempty_rows(x: torch.Tensor, name: str) -> None:
+    if x.shape[0] < 1:
+        raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)}); need at least one row")
+    if x.shape[-1] < 1:
+        raise ValueError(f"`{name}` has zero features (shape {tuple(x.shape)}); need D >= 1")
+
+
+def check_temperature(temperature, name: str = "temperature") -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(temperature).__name__}")
+    value = float(temperature)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"`{name}` must be finite and > 0, got {value}")
+    return value
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Value check (a pass over the data; a host sync on CUDA)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` contains NaN or Inf")

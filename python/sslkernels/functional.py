@@ -1,0 +1,36 @@
+"""The documented functions: validation, then one op call. No math here."""
+from __future__ import annotations
+
+import torch
+
+from sslkernels import _validation as v
+from sslkernels import ops  # noqa: F401  (registers torch.ops.sslkernels.*)
+
+
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, normalize: bool = True
+) -> torch.Tensor:
+    """SimCLR NT-Xent loss over the 2N rows of ``cat(z1, z2)``, fused.
+
+    ``s_ij = z_i . z_j / temperature`` for all ``j != i``; the positive of row ``i``
+    is its other view; the loss is the mean over the 2N rows of
+    ``-log softmax(s_i)[positive(i)]``, accumulated in float32 (float64 for float64
+    inputs) and returned as a 0-dim tensor of the inputs' dtype. With ``normalize``
+    each row is L2-normalised first (eps 1e-12, as ``F.normalize``).
+
+    Never allocates the (2N x 2N) logits, forward or backward: autograd keeps the
+    inputs and 2N log-sum-exp values.
+
+    Args:
+        z1, z2: ``[N, D]`` embeddings of the two views; same shape, dtype (float32,
+            float16, bfloat16 or float64) and device (cpu or cuda). N, D >= 1.
+        temperature: finite, > 0.
+        normalize: L2-normalise the rows first.
+    """
+    v.check_float_tensor(z1, "z1", 2)
+    v.check_float_tensor(z2, "z2", 2)
+    v.check_same(z1, z2, "z1", "z2")
+    v.check_nonempty_rows(z1, "z1")
+    temperature = v.check_temperature(temperature)
+    loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
+    return loss

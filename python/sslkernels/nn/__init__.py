@@ -1,0 +1,4 @@
+"""Drop-in modules: same constructor arguments and forward signature as the module they replace."""
+from sslkernels.nn.contrastive import NTXentLoss
+
+__all__ = ["NTXentLoss"]

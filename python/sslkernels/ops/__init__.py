@@ -1,0 +1,7 @@
+"""torch.library custom ops: schema, fake kernel, cpu -> _C, cuda -> Triton, autograd.
+
+Importing this package registers every op under the `sslkernels` namespace.
+"""
+from sslkernels.ops import contrastive  # noqa: F401
+
+__all__ = ["contrastive"]
