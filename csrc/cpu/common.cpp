@@ -49,11 +49,13 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> tile_pair_rounds(int64_t n
   return rounds;
 }
 
-int64_t choose_tile_rows(int64_t rows, int64_t cols, int num_threads) {
+int64_t choose_tile_rows(int64_t rows, int64_t cols) {
   // 256 x 256 float32 logits (256 KiB) plus two row blocks stay in L2 for D <= 256.
   int64_t tile = cols > 512 ? 128 : 256;
-  // Keep at least ~2 pairs per thread per round when the problem is small.
-  while (tile > 64 && (rows + tile - 1) / tile < 4 * static_cast<int64_t>(num_threads)) tile /= 2;
+  // Smaller tiles for small problems, so a round has pairs for several threads. The
+  // choice depends on the sizes only, never on the thread count: results are
+  // bitwise identical whatever torch.get_num_threads() says.
+  while (tile > 64 && (rows + tile - 1) / tile < 16) tile /= 2;
   return tile;
 }
 

@@ -91,6 +91,7 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
   for (int64_t i = 0; i < rows; ++i) {
     const Acc* si = s + i * cols;
     Acc mx = neg_inf;
+#pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, si[j]);
     if (columns_too)
       for (int64_t j = 0; j < cols; ++j) tile_col_max[j] = std::max(tile_col_max[j], si[j]);
@@ -98,6 +99,7 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
     const Acc new_max = std::max(row_max[i], mx);
     if (new_max == neg_inf) continue;
     Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < cols; ++j) acc += exp_vec(si[j] - new_max);
     row_sum[i] = row_sum[i] * exp_vec(row_max[i] - new_max) + acc;
     row_max[i] = new_max;
@@ -138,7 +140,7 @@ Status forward_impl(const MatrixView& z1, const MatrixView& z2, double temperatu
   if (st != Status::Ok) return st;
 
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
-  const int64_t tile = detail::choose_tile_rows(m, d, num_threads);
+  const int64_t tile = detail::choose_tile_rows(m, d);
   const int64_t nb = (m + tile - 1) / tile;
   const auto rounds = detail::tile_pair_rounds(nb);
   RowStats<Acc> stats(m);
@@ -202,7 +204,7 @@ Status backward_impl(const MatrixView& z1, const MatrixView& z2, const Acc* lse,
 
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
   const Acc coeff = static_cast<Acc>(grad_loss / (temperature * static_cast<double>(m)));
-  const int64_t tile = detail::choose_tile_rows(m, d, num_threads);
+  const int64_t tile = detail::choose_tile_rows(m, d);
   const int64_t nb = (m + tile - 1) / tile;
   const auto rounds = detail::tile_pair_rounds(nb);
   std::vector<Acc> dz(static_cast<size_t>(m * d), Acc(0));

@@ -145,9 +145,9 @@ void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k,
 // does not depend on the thread count (bitwise-reproducible results).
 std::vector<std::vector<std::pair<int64_t, int64_t>>> tile_pair_rounds(int64_t num_blocks);
 
-// Tile height for `rows` rows with `num_threads` workers: big enough to keep BLAS
-// efficient, small enough that every thread has pairs to work on in each round.
-int64_t choose_tile_rows(int64_t rows, int64_t cols, int num_threads);
+// Tile height for a (rows x rows) logit matrix over `cols` features: big enough to
+// keep BLAS efficient, small enough that a round has pairs for several threads.
+int64_t choose_tile_rows(int64_t rows, int64_t cols);
 
 }  // namespace detail
 }  // namespace sslkernels

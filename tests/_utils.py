@@ -1,0 +1,31 @@
+"""Tolerance rule of the design: a fused result passes when its error against the
+float64 reference is at most twice the error of eager PyTorch in the same dtype,
+plus a per-dtype floor for the rounding of the result itself."""
+from __future__ import annotations
+
+import torch
+
+# Rounding floor per dtype, relative to the magnitude of the reference.
+RESOLUTION = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).abs().max())
+
+
+def assert_within_eager_error(fused, eager, ref64, dtype, what: str) -> None:
+    """|fused - ref64| <= 2 |eager - ref64| + RESOLUTION[dtype] * max(1, |ref64|)."""
+    assert torch.isfinite(fused.double()).all(), f"{what}: fused result has NaN/Inf"
+    err_fused = max_abs_error(fused, ref64)
+    err_eager = max_abs_error(eager, ref64)
+    floor = RESOLUTION[dtype] * max(1.0, float(ref64.double().abs().max()))
+    bound = 2 * err_eager + floor
+    assert err_fused <= bound, (
+        f"{what} ({dtype}): fused error {err_fused:.3e} > bound {bound:.3e} "
+        f"(eager error {err_eager:.3e}, floor {floor:.3e})"
+    )
