@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv, install torch, Triton, the test/bench tools and sslkernels itself.
+# Usage: bash scripts/setup.sh [--editable]
+# Environment: SSLK_VENV (default .venv), SSLK_TORCH (default torch==2.13.0, a CPU build here;
+# any torch>=2.4 works), SSLK_PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${SSLK_VENV:-.venv}"
+PYTHON="${SSLK_PYTHON:-python3}"
+TORCH_SPEC="${SSLK_TORCH:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing $TORCH_SPEC"
+  "${PIP[@]}" "$TORCH_SPEC"
+fi
+echo "[setup] installing build and test tools"
+"${PIP[@]}" "scikit-build-core>=0.10" "pybind11>=2.12" "scipy-openblas32>=0.3.27" numpy \
+  pytest pytest-benchmark hypothesis matplotlib tqdm "triton>=3.0"
+
+echo "[setup] building and installing sslkernels"
+if [ "${1:-}" = "--editable" ]; then
+  "${PIP[@]}" --no-build-isolation -e .
+else
+  "${PIP[@]}" --no-build-isolation .
+fi
+"$PY" -c "import sslkernels, sslkernels.kernels; print('[setup] sslkernels', sslkernels.__version__, 'from', sslkernels.__file__)"
