@@ -25,6 +25,10 @@ echo "[setup] installing build and test tools"
 "${PIP[@]}" "scikit-build-core>=0.10" "pybind11>=2.12" "scipy-openblas32>=0.3.27" numpy \
   pytest pytest-benchmark hypothesis matplotlib tqdm "triton>=3.0"
 
+# lightly's own NTXentLoss is the parity oracle; its torchvision dependency is not
+# installable beside the CPU torch build, so only the pure-Python package comes in.
+"${PIP[@]}" --no-deps "lightly==1.6.0"
+
 echo "[setup] building and installing sslkernels"
 if [ "${1:-}" = "--editable" ]; then
   "${PIP[@]}" --no-build-isolation -e .
