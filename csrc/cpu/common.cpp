@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <type_traits>
 
 #include <cblas.h>
 
@@ -11,23 +12,23 @@ namespace {
 CBLAS_TRANSPOSE trans(bool t) { return t ? CblasTrans : CblasNoTrans; }
 }  // namespace
 
-void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc) {
-  scipy_cblas_sgemm(CblasRowMajor, trans(a_transposed), trans(b_transposed),
-                    static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k),
-                    alpha, a, static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
-                    static_cast<blasint>(ldc));
+template <typename T>
+void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, T alpha,
+          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  // OpenBLAS takes 32-bit sizes; tiles are far below that.
+  const auto i32 = [](int64_t v) { return static_cast<blasint>(v); };
+  if constexpr (std::is_same_v<T, float>) {
+    scipy_cblas_sgemm(CblasRowMajor, trans(a_transposed), trans(b_transposed), i32(m), i32(n),
+                      i32(k), alpha, a, i32(lda), b, i32(ldb), beta, c, i32(ldc));
+  } else {
+    scipy_cblas_dgemm(CblasRowMajor, trans(a_transposed), trans(b_transposed), i32(m), i32(n),
+                      i32(k), alpha, a, i32(lda), b, i32(ldb), beta, c, i32(ldc));
+  }
 }
-
-void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, double alpha,
-          const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
-          int64_t ldc) {
-  scipy_cblas_dgemm(CblasRowMajor, trans(a_transposed), trans(b_transposed),
-                    static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k),
-                    alpha, a, static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
-                    static_cast<blasint>(ldc));
-}
+template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                          const float*, int64_t, float, float*, int64_t);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                           const double*, int64_t, double, double*, int64_t);
 
 std::vector<std::vector<std::pair<int64_t, int64_t>>> tile_pair_rounds(int64_t num_blocks) {
   std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;

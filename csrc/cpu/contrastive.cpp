@@ -12,10 +12,6 @@
 #include <limits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "tile_utils.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
@@ -141,37 +137,27 @@ Status forward_impl(const MatrixView& z1, const MatrixView& z2, double temperatu
 
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
   const int64_t tile = detail::choose_tile_rows(m, d);
-  const int64_t nb = (m + tile - 1) / tile;
-  const auto rounds = detail::tile_pair_rounds(nb);
   RowStats<Acc> stats(m);
+  Acc* row_max = stats.max.data();
+  Acc* row_sum = stats.sum.data();
 
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<Acc> s(static_cast<size_t>(tile * tile));
-    std::vector<Acc> scratch(static_cast<size_t>(2 * tile));
-    // Diagonal tiles: self-similarity masked, symmetric, so the row view suffices.
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t r0 = b * tile, rows = std::min(tile, m - r0);
-      const Acc* zb = z.data() + r0 * d;
-      detail::gemm(false, true, rows, rows, d, inv_t, zb, d, zb, d, Acc(0), s.data(), rows);
-      for (int64_t i = 0; i < rows; ++i) s[i * rows + i] = -std::numeric_limits<Acc>::infinity();
-      fold_tile<Acc>(s.data(), rows, rows, stats.max.data() + r0, stats.sum.data() + r0, nullptr,
-                     nullptr, false, scratch.data());
-    }
-    for (const auto& round : rounds) {
-      const int64_t pairs = static_cast<int64_t>(round.size());
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < pairs; ++p) {
-        const int64_t r0 = round[p].first * tile, c0 = round[p].second * tile;
-        const int64_t rows = std::min(tile, m - r0), cols = std::min(tile, m - c0);
-        detail::gemm(false, true, rows, cols, d, inv_t, z.data() + r0 * d, d, z.data() + c0 * d, d,
-                     Acc(0), s.data(), cols);
-        fold_tile<Acc>(s.data(), rows, cols, stats.max.data() + r0, stats.sum.data() + r0,
-                       stats.max.data() + c0, stats.sum.data() + c0, true, scratch.data());
-      }
-    }
-  }
+  // Scratch per thread: one logit tile plus two column vectors for fold_tile.
+  detail::for_each_symmetric_tile<Acc>(
+      m, tile, tile * tile + 2 * tile, num_threads,
+      [&](Acc* scratch, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+        Acc* s = scratch;
+        detail::gemm<Acc>(false, true, rows, cols, d, inv_t, z.data() + r0 * d, d,
+                          z.data() + c0 * d, d, Acc(0), s, cols);
+        if (r0 == c0) {
+          // Diagonal tile: self-similarity masked; symmetric, so the row view suffices.
+          for (int64_t i = 0; i < rows; ++i) s[i * cols + i] = -std::numeric_limits<Acc>::infinity();
+          fold_tile<Acc>(s, rows, cols, row_max + r0, row_sum + r0, nullptr, nullptr, false,
+                         scratch + tile * tile);
+        } else {
+          fold_tile<Acc>(s, rows, cols, row_max + r0, row_sum + r0, row_max + c0, row_sum + c0,
+                         true, scratch + tile * tile);
+        }
+      });
 
   // Per-row loss, then a serial sum so the result does not depend on the thread count.
   std::vector<double> row_loss(static_cast<size_t>(m));
@@ -205,40 +191,24 @@ Status backward_impl(const MatrixView& z1, const MatrixView& z2, const Acc* lse,
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
   const Acc coeff = static_cast<Acc>(grad_loss / (temperature * static_cast<double>(m)));
   const int64_t tile = detail::choose_tile_rows(m, d);
-  const int64_t nb = (m + tile - 1) / tile;
-  const auto rounds = detail::tile_pair_rounds(nb);
   std::vector<Acc> dz(static_cast<size_t>(m * d), Acc(0));
 
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<Acc> w(static_cast<size_t>(tile * tile));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t r0 = b * tile, rows = std::min(tile, m - r0);
-      const Acc* zb = z.data() + r0 * d;
-      detail::gemm(false, true, rows, rows, d, inv_t, zb, d, zb, d, Acc(0), w.data(), rows);
-      softmax_weights<Acc>(w.data(), rows, rows, lse + r0, lse + r0);
-      for (int64_t i = 0; i < rows; ++i) w[i * rows + i] = 0;
-      detail::gemm(false, false, rows, d, rows, coeff, w.data(), rows, zb, d, Acc(1),
-                   dz.data() + r0 * d, d);
-    }
-    for (const auto& round : rounds) {
-      const int64_t pairs = static_cast<int64_t>(round.size());
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < pairs; ++p) {
-        const int64_t r0 = round[p].first * tile, c0 = round[p].second * tile;
-        const int64_t rows = std::min(tile, m - r0), cols = std::min(tile, m - c0);
+  detail::for_each_symmetric_tile<Acc>(
+      m, tile, tile * tile, num_threads,
+      [&](Acc* w, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
         const Acc* zr = z.data() + r0 * d;
         const Acc* zc = z.data() + c0 * d;
-        detail::gemm(false, true, rows, cols, d, inv_t, zr, d, zc, d, Acc(0), w.data(), cols);
-        softmax_weights<Acc>(w.data(), rows, cols, lse + r0, lse + c0);
-        detail::gemm(false, false, rows, d, cols, coeff, w.data(), cols, zc, d, Acc(1),
-                     dz.data() + r0 * d, d);
-        detail::gemm(true, false, cols, d, rows, coeff, w.data(), cols, zr, d, Acc(1),
-                     dz.data() + c0 * d, d);
-      }
-    }
-  }
+        detail::gemm<Acc>(false, true, rows, cols, d, inv_t, zr, d, zc, d, Acc(0), w, cols);
+        softmax_weights<Acc>(w, rows, cols, lse + r0, lse + c0);
+        if (r0 == c0)
+          for (int64_t i = 0; i < rows; ++i) w[i * cols + i] = 0;  // no self-pairs
+        detail::gemm<Acc>(false, false, rows, d, cols, coeff, w, cols, zc, d, Acc(1),
+                          dz.data() + r0 * d, d);
+        // A diagonal tile's W is symmetric and already holds both directions.
+        if (r0 != c0)
+          detail::gemm<Acc>(true, false, cols, d, rows, coeff, w, cols, zr, d, Acc(1),
+                            dz.data() + c0 * d, d);
+      });
 
   // Positive pairs, then back through x / max(|x|, eps), written in the inputs' dtype.
 #pragma omp parallel for num_threads(num_threads) schedule(static)

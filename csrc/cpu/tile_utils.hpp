@@ -2,6 +2,7 @@
 // exp, BLAS tile products, and the race-free tile-pair schedule.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -128,13 +129,11 @@ inline double exp_vec(double x) { return std::exp(x); }
 
 // ---- BLAS tile products (row-major) ---------------------------------------------
 
-// C[m x n] = alpha * A[m x k] * op(B) + beta * C, op(B) = B^T when b_transposed.
-void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc);
-void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, double alpha,
-          const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
-          int64_t ldc);
+// C[m x n] = alpha * op(A) * op(B) + beta * C, op(X) = X^T when X is marked transposed.
+// Defined for float (sgemm) and double (dgemm).
+template <typename T>
+void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, T alpha,
+          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
 // ---- race-free schedule of tile pairs -------------------------------------------
 // Round-robin tournament (circle method) over `num_blocks` row blocks: every
@@ -144,6 +143,35 @@ void gemm(bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k,
 // per-thread copies, and the order in which any block receives its contributions
 // does not depend on the thread count (bitwise-reproducible results).
 std::vector<std::vector<std::pair<int64_t, int64_t>>> tile_pair_rounds(int64_t num_blocks);
+
+// Runs fn(scratch, r0, rows, c0, cols) on every tile of the upper block triangle of
+// an (m x m) symmetric matrix cut into `tile`-row blocks: first the diagonal tiles
+// (r0 == c0), then the off-diagonal pairs round by round. Within a phase no two
+// concurrent calls share a row block, so fn may update the rows of both blocks.
+// `scratch` is a per-thread buffer of `scratch_size` elements.
+template <typename Acc, typename TileFn>
+void for_each_symmetric_tile(int64_t m, int64_t tile, int64_t scratch_size, int num_threads,
+                             TileFn fn) {
+  const int64_t num_blocks = (m + tile - 1) / tile;
+  const auto rounds = tile_pair_rounds(num_blocks);
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> scratch(static_cast<size_t>(scratch_size));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const int64_t r0 = b * tile, rows = std::min(tile, m - r0);
+      fn(scratch.data(), r0, rows, r0, rows);
+    }
+    for (const auto& round : rounds) {
+      const int64_t pairs = static_cast<int64_t>(round.size());
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t r0 = round[p].first * tile, c0 = round[p].second * tile;
+        fn(scratch.data(), r0, std::min(tile, m - r0), c0, std::min(tile, m - c0));
+      }
+    }
+  }
+}
 
 // Tile height for a (rows x rows) logit matrix over `cols` features: big enough to
 // keep BLAS efficient, small enough that a round has pairs for several threads.
