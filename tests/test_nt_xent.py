@@ -324,3 +324,21 @@ def test_import_order_and_thread_env():
             out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
             assert out.returncode == 0, out.stderr
             assert float(out.stdout.strip()) > 0
+
+
+def test_debug_switch():
+    previous = sslkernels.debug_enabled()
+    try:
+        sslkernels.set_debug(True)
+        assert sslkernels.debug_enabled() is True
+        sslkernels.set_debug(False)
+        assert sslkernels.debug_enabled() is False
+    finally:
+        sslkernels.set_debug(previous)
+    script = "import sslkernels; print(sslkernels.debug_enabled())"
+    import os
+
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "SSLKERNELS_DEBUG": "1"}
+    )
+    assert out.stdout.strip() == "True", out.stderr

@@ -5,7 +5,6 @@ sslkernels::nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize) -> 
 
 Autograd saves the two inputs and lse (2N floats): nothing of size N x N.
 """
-from __future__ import annotations
 
 import torch
 from torch import Tensor
