@@ -1,0 +1,451 @@
+#!/usr/bin/env python
+"""The one prepared script for a GPU machine: the Triton NT-Xent path.
+
+    pip install -e .                      # first (builds the C++ core too)
+    python benchmarks/gpu_check.py        # checks, timings, one table last (~3-5 min on an H100)
+    python benchmarks/gpu_check.py --dry-run        # no GPU: import and print the plan
+    python benchmarks/gpu_check.py --compile-only   # no GPU: compile every kernel variant of
+                                                    # the plan for sm_90 (ptxas), report spills
+
+1. Prints the device, torch and triton versions.
+2. Checks `sslkernels.nt_xent` on cuda tensors (so the registered op and its Triton
+   launchers) in fp32 / fp16 / bf16 against `nt_xent_reference` in float64, loss and
+   both gradients: |fused - ref64| <= 2 |eager - ref64| + floor * max(|ref64|, natural
+   scale), eager being the same reference in the inputs' dtype. Also: bitwise
+   determinism of a second run, and a few extra cases (fp64, no normalisation, TF32,
+   row-strided inputs, an upstream gradient of 0.37).
+3. Times eager (`nt_xent_reference`) against fused with `triton.testing.do_bench`,
+   forward and forward+backward, and the peak memory above the inputs
+   (torch.cuda.max_memory_allocated). Eager may run out of memory: printed as OOM.
+4. Prints one table last. Exits 1 if any correctness check failed.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import time
+import traceback
+
+P = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+P.add_argument("--dry-run", action="store_true", help="import, print the plan, exit (no GPU needed)")
+P.add_argument("--compile-only", action="store_true",
+               help="compile every kernel variant of the plan for sm_90 with ptxas (no GPU needed)")
+P.add_argument("--no-autotune", action="store_true", help="one default config per kernel (SSLKERNELS_AUTOTUNE=0)")
+P.add_argument("--quick", action="store_true", help="timings for N <= 8192 only")
+P.add_argument("--no-extras", action="store_true", help="skip the extra correctness cases")
+ARGS = P.parse_args()
+if ARGS.no_autotune:
+    os.environ["SSLKERNELS_AUTOTUNE"] = "0"  # read when the kernel module is imported
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import sslkernels  # noqa: E402
+from sslkernels.reference import nt_xent_reference  # noqa: E402
+
+T0 = time.time()
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+# floor of the tolerance rule, relative to max(|ref64|, the natural scale of the quantity)
+REL_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+CHECK_N = [1, 257, 4096]
+CHECK_D = [128, 130]
+CHECK_DTYPES = ["fp32", "fp16", "bf16"]
+CHECK_T = 0.1
+TIME_N = [1024, 4096, 8192, 32768]
+TIME_D = [128, 256]
+TIME_DTYPES = ["fp32", "bf16"]
+TIME_T = 0.5
+CHECK_TIMED_MAX_N = 8192  # timing rows up to this N also get the correctness check
+# (name, N, D, dtype, temperature, normalize, tf32, layout, upstream gradient)
+EXTRAS = [
+    ("fp64", 257, 130, "fp64", 0.3, True, False, "contiguous", 1.0),
+    ("no-normalize", 257, 130, "fp32", 0.5, False, False, "contiguous", 1.0),
+    ("tf32", 257, 128, "fp32", 0.1, True, True, "contiguous", 1.0),
+    ("row-strided", 257, 128, "bf16", 0.1, True, False, "row-strided", 1.0),
+    ("grad x0.37", 257, 128, "fp16", 0.1, True, False, "contiguous", 0.37),
+]
+
+
+def log(msg):
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def plan_lines():
+    time_n = [n for n in TIME_N if not ARGS.quick or n <= 8192]
+    lines = [
+        f"checks : N {CHECK_N} x D {CHECK_D} x {CHECK_DTYPES}, t={CHECK_T}, normalize, fwd+bwd vs fp64 "
+        "reference (2x eager rule) + determinism",
+        f"timings: N {time_n} x D {TIME_D} x {TIME_DTYPES}, t={TIME_T}: fwd and fwd+bwd, do_bench + peak MB",
+    ]
+    if not ARGS.no_extras:
+        lines += [f"extra  : {e[0]}: N={e[1]} D={e[2]} {e[3]} t={e[4]} normalize={e[5]} tf32={e[6]} "
+                  f"{e[7]} grad={e[8]}" for e in EXTRAS]
+    return lines
+
+
+# ---------------------------------------------------------------------------- inputs / rule
+
+
+def make_inputs(n, d, dtype, normalize, layout="contiguous", seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    scale = 3.0 if normalize else 1.0 / math.sqrt(d)
+    z1 = torch.randn(n, d, generator=g, device="cuda", dtype=torch.float32)
+    z2 = z1 + 0.8 * torch.randn(n, d, generator=g, device="cuda", dtype=torch.float32)
+    z1, z2 = (z1 * scale).to(dtype), (z2 * scale).to(dtype)
+    if layout == "row-strided":  # views with row stride d + 8, read in place
+        b1 = torch.zeros(n, d + 8, device="cuda", dtype=dtype)
+        b2 = torch.zeros(n, d + 8, device="cuda", dtype=dtype)
+        b1[:, 3 : d + 3] = z1
+        b2[:, 5 : d + 5] = z2
+        z1, z2 = b1[:, 3 : d + 3], b2[:, 5 : d + 5]
+    return z1, z2
+
+
+def loss_and_grads(fn, z1, z2, t, normalize, grad=1.0):
+    a = z1.detach().clone().requires_grad_(True) if z1.is_contiguous() else z1.detach().requires_grad_(True)
+    b = z2.detach().clone().requires_grad_(True) if z2.is_contiguous() else z2.detach().requires_grad_(True)
+    loss = fn(a, b, temperature=t, normalize=normalize)
+    ga, gb = torch.autograd.grad(loss * grad, (a, b))
+    return loss.detach(), ga, gb
+
+
+def natural_scales(z1, z2, t, normalize):
+    m = 2 * z1.shape[0]
+    norm = float(torch.cat([z1, z2]).double().norm(dim=1).mean())
+    g = 1.0 / (t * m * norm) if normalize else norm / (t * m)
+    return 1.0, g, g
+
+
+def check_case(n, d, dtype, t, normalize, tf32=False, layout="contiguous", grad=1.0):
+    """-> (passed, message). Compares fused and eager (same dtype) to the fp64 reference."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        z1, z2 = make_inputs(n, d, dtype, normalize, layout)
+        fused = loss_and_grads(sslkernels.nt_xent, z1, z2, t, normalize, grad)
+        again = loss_and_grads(sslkernels.nt_xent, z1, z2, t, normalize, grad)
+        eager = loss_and_grads(nt_xent_reference, z1, z2, t, normalize, grad)
+        ref = loss_and_grads(nt_xent_reference, z1.double(), z2.double(), t, normalize, grad)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    ok, worst = True, []
+    for what, f, f2, e, r, sc in zip(("loss", "dz1", "dz2"), fused, again, eager, ref,
+                                     natural_scales(z1, z2, t, normalize)):
+        if f.dtype != dtype or f.shape != r.shape:
+            ok = False
+            worst.append(f"{what}: dtype/shape {f.dtype} {tuple(f.shape)}")
+            continue
+        if not torch.equal(f, f2):
+            ok = False
+            worst.append(f"{what}: second run differs (not deterministic)")
+        if not torch.isfinite(f.double()).all():
+            ok = False
+            worst.append(f"{what}: NaN/Inf")
+            continue
+        err_f = float((f.double() - r).abs().max())
+        err_e = float((e.double() - r).abs().max())
+        scale = max(float(r.abs().max()), sc * abs(grad) if what != "loss" else sc)
+        bound = 2 * err_e + REL_FLOOR[dtype] * scale
+        if not err_f <= bound:
+            ok = False
+        worst.append(f"{what} err {err_f / scale:.1e} (eager {err_e / scale:.1e}, bound {bound / scale:.1e})")
+    return ok, "; ".join(worst)
+
+
+# ---------------------------------------------------------------------------- timing / memory
+
+
+def _median_ms(fn, grad_to_none=None):
+    from triton.testing import do_bench
+
+    r = do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, quantiles=[0.5])
+    return float(r[0] if isinstance(r, (list, tuple)) else r)
+
+
+def _peak_mb(fn):
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_case(impl, op, z1, z2, t):
+    """-> (ms, MB) or raises torch.cuda.OutOfMemoryError."""
+    a = z1.detach().clone().requires_grad_(True)
+    b = z2.detach().clone().requires_grad_(True)
+
+    if op == "fwd":
+        def step():
+            impl(a, b, temperature=t)
+    else:
+        def step():
+            impl(a, b, temperature=t).backward()
+
+    def one():  # memory of one step, gradients not yet allocated
+        a.grad = b.grad = None
+        step()
+
+    try:
+        step()  # compile / autotune outside the measurements
+        a.grad = b.grad = None
+        mb = _peak_mb(one)
+        ms = _median_ms(step, grad_to_none=[a, b])
+        return ms, mb
+    finally:
+        a.grad = b.grad = None
+        del a, b
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- compile-only
+
+
+def compile_only():
+    """Compile every kernel variant the plan would launch, for sm_90, without a GPU."""
+    import re
+    import subprocess
+
+    import triton.language as tl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    from sslkernels.kernels import contrastive as K
+
+    target = GPUTarget("cuda", 90, 32)
+    ptxas = None
+    for name in ("ptxas-blackwell", "ptxas"):
+        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(cand):
+            ptxas = cand
+            break
+    tys = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+    def jit_fn(k):
+        while not isinstance(k, triton.runtime.jit.JITFunction):
+            k = k.fn
+        return k
+
+    def build(kernel, sig, consts, cfg, tag):
+        fn = jit_fn(kernel)
+        names = fn.arg_names
+        consts = {**consts, **cfg.kwargs}
+        full = {k: sig[k] if k in sig else "constexpr" for k in names}  # in the kernel's order
+        assert set(full) == set(sig) | set(consts), (sorted(full), sorted(sig), sorted(consts))
+        # alignment as at run time: pointers 16-byte aligned, sizes/strides divisible by 16
+        attrs = {(names.index(k),): BaseBackend.parse_attr("D") for k, v in sig.items()
+                 if v.startswith("*") or (k in DIV16 and DIV16[k])}
+        src = ASTSource(fn, full, constexprs=consts, attrs=attrs)
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        t = time.time()
+        ck = triton.compile(src, target=target, options=opts)
+        info = ""
+        if ptxas:
+            with open("/tmp/_sslk_gpu_check.ptx", "w") as f:
+                f.write(ck.asm["ptx"])
+            out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", "/tmp/_sslk_gpu_check.ptx", "-o",
+                                  "/tmp/_sslk_gpu_check.o"], capture_output=True, text=True)
+            regs = re.findall(r"Used (\d+) registers", out.stderr)
+            spill = re.findall(r"(\d+) bytes spill stores", out.stderr)
+            info = f"regs {regs[0] if regs else '?'} spill {spill[0] if spill else '?'}B" + (
+                "" if out.returncode == 0 else f" PTXAS FAILED: {out.stderr[-300:]}")
+        print(f"  {tag:70s} {time.time() - t:5.1f}s smem {ck.metadata.shared:6d} {info}", flush=True)
+
+    cases = {(n_, d, DTYPES[dt], True, "ieee") for n_ in (4096,) for d in CHECK_D + TIME_D for dt in CHECK_DTYPES}
+    cases |= {(257, e[2], DTYPES[e[3]], e[5], "tf32" if e[6] else "ieee") for e in EXTRAS}
+    cases |= {(257, 1, torch.bfloat16, True, "ieee"), (257, 512, torch.bfloat16, True, "ieee")}  # edges
+    failures = 0
+    for (_, d, dtype, normalize, prec) in sorted(cases, key=str):
+        if dtype == torch.float16 and prec == "tf32":
+            continue
+        prec = prec if dtype == torch.float32 else "ieee"
+        family, fmeta, bmeta = K._plan(d, dtype, normalize, prec)
+        ty, acc = tys[dtype], tys[K._acc_dtype(dtype)]
+        DIV16.clear()
+        DIV16.update({"D": d % 16 == 0, "stride1": d % 16 == 0, "stride2": d % 16 == 0})
+        print(f"D={d} {ty} normalize={normalize} {prec}: family {family}, fwd {fmeta}, bwd {bmeta}")
+        common = {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "stride1": "i32", "stride2": "i32", "norm_ptr": f"*{acc}"}
+        fsig = dict(common, lse_ptr=f"*{acc}", loss_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32",
+                    scale_hi="fp32", scale_lo="fp32")
+        bsig = dict(common, lse_ptr=f"*{acc}", g_ptr=f"*{ty}", out1_ptr=f"*{ty}", out2_ptr=f"*{ty}",
+                    scratch_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", scale_hi="fp32", scale_lo="fp32",
+                    c_hi="fp32", c_lo="fp32")
+        if d == 1:  # a unit row stride is specialised to the constant 1 at run time
+            for sig in (fsig, bsig):
+                sig.pop("stride1"), sig.pop("stride2")
+        one = {"stride1": 1, "stride2": 1} if d == 1 else {}
+        jobs = [(K._nt_xent_fwd_kernel, fsig, {**one, **fmeta}, c, "fwd") for c in K._FWD_FAMILIES[family]]
+        jobs += [(K._nt_xent_bwd_kernel, bsig, {**one, **bmeta}, c, "bwd") for c in K._BWD_FAMILIES[family]]
+        br, bd = K._small_blocks(d)
+        small = triton.Config({}, num_warps=4, num_stages=2)
+        if normalize:
+            jobs.append((K._row_norm_kernel, {k: v for k, v in common.items()} | {"N": "i32", "D": "i32"}
+                         if d != 1 else {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "norm_ptr": f"*{acc}",
+                                         "N": "i32", "D": "i32"},
+                         {**one, "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc]), "EPS": K._EPS,
+                          "BLOCK_R": br, "BLOCK_D": bd}, small, "row_norm"))
+        if not bmeta["FUSED_OUT"]:
+            nsig = {"scratch_ptr": f"*{acc}", **common, "out1_ptr": f"*{ty}", "out2_ptr": f"*{ty}",
+                    "N": "i32", "D": "i32"}
+            jobs.append((K._norm_bwd_kernel, nsig, {"ACC": bmeta["ACC"], "EPS": K._EPS, "BLOCK_R": br,
+                                                     "BLOCK_D": bd}, small, "norm_bwd"))
+        for kernel, sig, consts, cfg, name in jobs:
+            tag = f"{name} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+            try:
+                build(kernel, sig, consts, cfg, tag)
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                print(f"  {tag}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
+    print(f"compile-only: {failures} failure(s)")
+    return 1 if failures else 0
+
+
+DIV16: dict = {}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main():
+    print(f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}")
+    if torch.cuda.is_available():
+        gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        print(f"device: {torch.cuda.get_device_name()} ({gib:.0f} GiB)")
+    else:
+        print("device: no CUDA device")
+    print("plan:")
+    for line in plan_lines():
+        print("  " + line)
+    if ARGS.dry_run:
+        import importlib
+
+        k = importlib.import_module("sslkernels.kernels.contrastive")
+        print(f"kernel module {k.__file__}: autotune={k.AUTOTUNE}, interpret={k.INTERPRET}")
+        print("dry run: nothing executed")
+        return 0
+    if ARGS.compile_only:
+        return compile_only()
+    if not torch.cuda.is_available():
+        print("no CUDA device: use --dry-run or --compile-only here")
+        return 2
+
+    rows = {}  # (op, N, D, dtype) -> dict
+    failed = []
+
+    def row(op, n, d, dt):
+        return rows.setdefault((op, n, d, dt), {"pass": "-", "eager_ms": None, "fused_ms": None,
+                                                "eager_mb": None, "fused_mb": None})
+
+    # -- 2. correctness
+    log("correctness checks")
+    for dt in CHECK_DTYPES:
+        for d in CHECK_D:
+            for n in CHECK_N:
+                try:
+                    ok, msg = check_case(n, d, DTYPES[dt], CHECK_T, True)
+                except Exception:  # noqa: BLE001
+                    ok, msg = False, "EXCEPTION " + traceback.format_exc(limit=3)
+                row("fwd+bwd", n, d, dt)["pass"] = "PASS" if ok else "FAIL"
+                if not ok:
+                    failed.append(f"N={n} D={d} {dt}: {msg}")
+                log(f"check N={n:5d} D={d} {dt}: {'PASS' if ok else 'FAIL'}  {msg}")
+    if not ARGS.no_extras:
+        for name, n, d, dt, t, normalize, tf32, layout, grad in EXTRAS:
+            try:
+                ok, msg = check_case(n, d, DTYPES[dt], t, normalize, tf32, layout, grad)
+            except Exception:  # noqa: BLE001
+                ok, msg = False, "EXCEPTION " + traceback.format_exc(limit=3)
+            row(f"check:{name}", n, d, dt)["pass"] = "PASS" if ok else "FAIL"
+            if not ok:
+                failed.append(f"{name}: {msg}")
+            log(f"extra {name}: {'PASS' if ok else 'FAIL'}  {msg}")
+
+    # -- 3. timings
+    log("timings")
+    for dt in TIME_DTYPES:
+        for d in TIME_D:
+            for n in [n for n in TIME_N if not ARGS.quick or n <= 8192]:
+                dtype = DTYPES[dt]
+                z1, z2 = make_inputs(n, d, dtype, True, seed=1)
+                if n <= CHECK_TIMED_MAX_N:
+                    try:
+                        ok, msg = check_case(n, d, dtype, TIME_T, True)
+                    except Exception:  # noqa: BLE001
+                        ok, msg = False, "EXCEPTION " + traceback.format_exc(limit=3)
+                    if not ok:
+                        failed.append(f"timed N={n} D={d} {dt}: {msg}")
+                    for op in ("fwd", "fwd+bwd"):
+                        r = row(op, n, d, dt)
+                        r["pass"] = "PASS" if ok and r["pass"] != "FAIL" else "FAIL"
+                for op in ("fwd", "fwd+bwd"):
+                    r = row(op, n, d, dt)
+                    for impl_name, impl in (("fused", sslkernels.nt_xent), ("eager", nt_xent_reference)):
+                        try:
+                            ms, mb = time_case(impl, op, z1, z2, TIME_T)
+                            r[f"{impl_name}_ms"], r[f"{impl_name}_mb"] = ms, mb
+                        except torch.cuda.OutOfMemoryError:
+                            r[f"{impl_name}_ms"] = r[f"{impl_name}_mb"] = "OOM"
+                            gc.collect()
+                            torch.cuda.empty_cache()
+                        except Exception:  # noqa: BLE001
+                            r[f"{impl_name}_ms"] = r[f"{impl_name}_mb"] = "ERR"
+                            failed.append(f"timing {impl_name} {op} N={n} D={d} {dt}: "
+                                          + traceback.format_exc(limit=3))
+                    log(f"time {op:7s} N={n:5d} D={d} {dt}: eager {r['eager_ms']} ms {r['eager_mb']} MB, "
+                        f"fused {r['fused_ms']} ms {r['fused_mb']} MB")
+                del z1, z2
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    # -- autotune choices (for the record)
+    try:
+        from sslkernels.kernels import contrastive as K
+
+        for name in ("_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel"):
+            cache = getattr(getattr(K, name), "cache", {})
+            for key, cfg in cache.items():
+                print(f"autotune {name} {key}: {cfg}")
+    except Exception:  # noqa: BLE001
+        pass
+
+    if failed:
+        print("\nFAILURES:")
+        for f in failed:
+            print("  " + f)
+
+    # -- 4. the table, last
+    def fmt(x, spec):
+        return x if isinstance(x, str) else ("-" if x is None else format(x, spec))
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) and b > 0 else "-"
+
+    dev = torch.cuda.get_device_name()
+    print(f"\nNT-Xent, Triton path vs eager PyTorch on {dev} (torch {torch.__version__}, triton "
+          f"{triton.__version__}); ms = median of do_bench, MB = peak above inputs; "
+          f"speedup = eager/fused, mem ratio = eager/fused")
+    hdr = ["op", "N", "D", "dtype", "pass", "eager ms", "fused ms", "speedup", "eager MB", "fused MB", "mem ratio"]
+    lines = [hdr]
+    for (op, n, d, dt), r in rows.items():
+        lines.append([op, str(n), str(d), dt, r["pass"], fmt(r["eager_ms"], ".3f"), fmt(r["fused_ms"], ".3f"),
+                      ratio(r["eager_ms"], r["fused_ms"]), fmt(r["eager_mb"], ".1f"), fmt(r["fused_mb"], ".1f"),
+                      ratio(r["eager_mb"], r["fused_mb"])])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(hdr))]
+    for i, line in enumerate(lines):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"{'FAILED' if failed else 'ALL CHECKS PASSED'} ({len(failed)} failure(s)); total {time.time() - T0:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,534 @@
+"""Measuring code shared by the ``sslkernels bench`` CLI and ``benchmarks/``.
+
+Three pieces, used the same way by both front ends:
+
+* ``OPS``: the registry of benchmarked ops. Each :class:`BenchOp` names its size
+  parameters, builds inputs, and gives an eager and a fused callable. A new op
+  (info_nce, sup_con, attention, svdvals) plugs in with one :func:`register_op`.
+* :func:`make_pass`: turns (callable, inputs, pass) into a ``(setup, target)``
+  pair. ``setup`` is never timed (it clears gradients and, for ``bwd``, runs a
+  fresh forward); ``target`` is the timed region and synchronises CUDA before
+  returning. ``pytest-benchmark`` gets it through ``benchmark.pedantic``, the
+  CLI through :func:`time_pair`.
+* :func:`measure_peak`: peak memory of one (op, sizes, impl, pass) above its
+  inputs. On CUDA, ``torch.cuda.max_memory_allocated`` in this process. On CPU,
+  a fresh subprocess (``python -m sslkernels._benchmark --worker SPEC``) that
+  warms the op up on tiny inputs, resets the peak RSS through
+  ``/proc/self/clear_refs``, runs the pass once and reads ``VmHWM``.
+
+Nothing here imports matplotlib or tqdm: the worker subprocess stays lean.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+PASSES: Tuple[str, ...] = ("fwd", "bwd", "fwdbwd")
+IMPLS: Tuple[str, ...] = ("eager", "fused")
+DTYPES: Dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+MIB = float(1 << 20)
+
+
+# ---------------------------------------------------------------- op registry
+
+Sizes = Dict[str, int]
+
+
+@dataclass(frozen=True)
+class BenchOp:
+    """One benchmarked op: how to build its inputs and its two implementations.
+
+    ``make_inputs(sizes, dtype, device)`` returns the tensors (leaves with
+    ``requires_grad=True`` where a gradient flows); ``eager(*inputs)`` and
+    ``fused(*inputs)`` return a scalar loss (or any tensor: the backward pass
+    calls ``out.sum().backward()`` on a non-scalar).
+    """
+
+    name: str
+    params: Tuple[str, ...]                      # size parameter names, e.g. ("n", "d")
+    default_sizes: Dict[str, Tuple[int, ...]]     # the default suite's grid
+    quick_sizes: Dict[str, Tuple[int, ...]]       # --quick / SSLK_BENCH_QUICK grid
+    make_inputs: Callable[[Sizes, torch.dtype, torch.device], Tuple[torch.Tensor, ...]]
+    eager: Callable[..., torch.Tensor]
+    fused: Callable[..., torch.Tensor]
+    warmup_sizes: Callable[[Sizes], Sizes]        # tiny case run first in the memory worker
+    shape_label: Callable[[Sizes], str]           # "N=1024 D=128"
+    description: str = ""
+
+    def impl(self, which: str) -> Callable[..., torch.Tensor]:
+        if which == "eager":
+            return self.eager
+        if which == "fused":
+            return self.fused
+        raise ValueError(f"impl must be 'eager' or 'fused', got {which!r}")
+
+    def grid(self, overrides: Optional[Dict[str, Sequence[int]]] = None, quick: bool = False) -> List[Sizes]:
+        """Cartesian product of the size grid (quick or default), with per-parameter overrides."""
+        base = self.quick_sizes if quick else self.default_sizes
+        overrides = overrides or {}
+        axes = [tuple(overrides.get(p) or base[p]) for p in self.params]
+        return [dict(zip(self.params, combo)) for combo in itertools.product(*axes)]
+
+
+OPS: Dict[str, BenchOp] = {}
+
+
+def register_op(op: BenchOp) -> BenchOp:
+    if op.name in OPS:
+        raise ValueError(f"benchmark op {op.name!r} is already registered")
+    OPS[op.name] = op
+    return op
+
+
+def get_op(name: str) -> BenchOp:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark op {name!r}; known: {', '.join(sorted(OPS))}") from None
+
+
+def _two_views(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d = sizes["n"], sizes["d"]
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    z2 = (z1.float() + 0.5 * torch.randn(n, d, generator=g)).to(device=device, dtype=dtype)
+    return z1.requires_grad_(True), z2.requires_grad_(True)
+
+
+def _nt_xent_eager(z1, z2):
+    from sslkernels.reference import nt_xent_reference
+
+    return nt_xent_reference(z1, z2, 0.5, True)
+
+
+def _nt_xent_fused(z1, z2):
+    import sslkernels
+
+    return sslkernels.nt_xent(z1, z2, temperature=0.5, normalize=True)
+
+
+register_op(
+    BenchOp(
+        name="nt_xent",
+        params=("n", "d"),
+        default_sizes={"n": (1024, 4096, 8192), "d": (128, 256)},
+        quick_sizes={"n": (1024,), "d": (128,)},
+        make_inputs=_two_views,
+        eager=_nt_xent_eager,
+        fused=_nt_xent_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"]},
+        shape_label=lambda s: f"N={s['n']} D={s['d']}",
+        description="SimCLR NT-Xent, temperature 0.5, normalize=True; N rows per view",
+    )
+)
+
+
+# ---------------------------------------------------------------- passes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _backward(out: torch.Tensor) -> None:
+    (out if out.dim() == 0 else out.sum()).backward()
+
+
+def make_pass(
+    fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], pass_: str
+) -> Tuple[Callable[[], tuple], Callable[..., Optional[torch.Tensor]]]:
+    """``(setup, target)`` for one pass: ``target(*setup())`` is the timed region.
+
+    fwd:    target = forward with autograd recording; returns the detached output.
+    bwd:    setup runs a fresh forward (untimed); target = ``backward()`` alone.
+    fwdbwd: target = forward then backward; returns the detached output.
+
+    ``setup`` clears the inputs' ``.grad`` (so each backward allocates its
+    gradients, as a training step does) and ends synchronised; ``target`` ends
+    with a CUDA synchronise, so host timers around it are exact.
+    """
+    if pass_ not in PASSES:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+    inputs = tuple(inputs)
+    device = inputs[0].device
+
+    def clear_grads() -> None:
+        for t in inputs:
+            t.grad = None
+
+    if pass_ == "bwd":
+
+        def setup() -> tuple:
+            clear_grads()
+            out = fn(*inputs)
+            _sync(device)
+            return (out,)
+
+        def target(out: torch.Tensor) -> None:
+            _backward(out)
+            _sync(device)
+            return None
+
+    else:
+
+        def setup() -> tuple:
+            clear_grads()
+            _sync(device)
+            return ()
+
+        if pass_ == "fwd":
+
+            def target() -> torch.Tensor:
+                out = fn(*inputs).detach()
+                _sync(device)
+                return out
+
+        else:
+
+            def target() -> torch.Tensor:
+                out = fn(*inputs)
+                _backward(out)
+                _sync(device)
+                return out.detach()
+
+    return setup, target
+
+
+@dataclass
+class Timing:
+    eager_ms: List[float] = field(default_factory=list)
+    fused_ms: List[float] = field(default_factory=list)
+    rel_diff: Optional[float] = None   # |fused - eager| / |eager| of the output, where the pass returns one
+
+    @staticmethod
+    def _median(xs: List[float]) -> float:
+        return statistics.median(xs) if xs else float("nan")
+
+    @property
+    def eager_median(self) -> float:
+        return self._median(self.eager_ms)
+
+    @property
+    def fused_median(self) -> float:
+        return self._median(self.fused_ms)
+
+    @property
+    def speedup(self) -> float:
+        f = self.fused_median
+        return self.eager_median / f if f > 0 else float("nan")
+
+
+def time_pair(op: BenchOp, inputs: Sequence[torch.Tensor], pass_: str, repeat: int, warmup: int) -> Timing:
+    """Eager and fused on the same inputs: ``warmup`` untimed calls each, then
+    ``repeat`` timed calls each, interleaved (order alternating per repetition)."""
+    if repeat < 1:
+        raise ValueError("repeat must be >= 1")
+    pairs = {impl: make_pass(op.impl(impl), inputs, pass_) for impl in IMPLS}
+    res = Timing()
+    outs: Dict[str, Optional[torch.Tensor]] = {}
+
+    def one(impl: str) -> float:
+        setup, target = pairs[impl]
+        args = setup()
+        t0 = time.perf_counter()
+        out = target(*args)
+        t1 = time.perf_counter()
+        del args
+        if out is not None and impl not in outs:
+            outs[impl] = out
+        return (t1 - t0) * 1e3
+
+    for _ in range(warmup):
+        for impl in IMPLS:
+            one(impl)
+    for r in range(repeat):
+        order = IMPLS if r % 2 == 0 else IMPLS[::-1]
+        for impl in order:
+            getattr(res, f"{impl}_ms").append(one(impl))
+    for t in inputs:
+        t.grad = None
+    if "eager" in outs and "fused" in outs:
+        e = outs["eager"].double()
+        f = outs["fused"].double()
+        res.rel_diff = float((f - e).abs().max() / e.abs().max().clamp_min(1e-30))
+    return res
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+@dataclass
+class Peak:
+    mib: Optional[float]   # peak above the inputs, MiB; None when it could not be measured
+    method: str
+
+
+def _proc_status_kb() -> Dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, val = line.split(":", 1)
+                out[key] = int(val.split()[0])
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). True when it took effect."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    s = _proc_status_kb()
+    return s["VmHWM"] - s["VmRSS"] <= 256   # kB of slack for the read itself
+
+
+def _run_worker(spec: dict) -> dict:
+    """Body of the memory subprocess (also callable in-process for CUDA)."""
+    op = get_op(spec["op"])
+    dtype = DTYPES[spec["dtype"]]
+    device = torch.device(spec["device"])
+    pass_ = spec["pass"]
+    fn = op.impl(spec["impl"])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+
+    # Warm up on tiny inputs: library loading, thread pools and BLAS buffers
+    # are not the op's memory.
+    tiny = op.make_inputs(op.warmup_sizes(spec["sizes"]), dtype, device)
+    for p in ("fwdbwd", "fwd"):
+        setup, target = make_pass(fn, tiny, p)
+        target(*setup())
+    del tiny, setup, target
+
+    inputs = op.make_inputs(spec["sizes"], dtype, device)
+    setup, target = make_pass(fn, inputs, pass_)
+    gc.collect()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        args = setup()
+        torch.cuda.reset_peak_memory_stats(device)
+        target(*args)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"mib": (peak - base) / MIB, "method": "torch.cuda.max_memory_allocated"}
+
+    if not os.path.exists("/proc/self/status"):
+        args = setup()
+        target(*args)
+        return {"mib": None, "method": "unavailable: no /proc/self/status"}
+
+    base = _proc_status_kb()
+    args = setup()   # bwd: the untimed forward happens here, above the baseline
+    reset = False if spec.get("no_reset") else _reset_peak_rss()
+    hwm_before = _proc_status_kb()["VmHWM"]
+    target(*args)
+    hwm_after = _proc_status_kb()["VmHWM"]
+    if reset:
+        return {"mib": (hwm_after - base["VmRSS"]) / 1024.0, "method": "VmHWM-after-clear_refs"}
+    # No reset: VmHWM = max(earlier peak, peak of this pass). Only when it rose
+    # during the pass is it this pass's peak; otherwise we report nothing.
+    if hwm_after > hwm_before:
+        return {"mib": (hwm_after - base["VmRSS"]) / 1024.0, "method": "VmHWM-no-reset"}
+    return {"mib": None, "method": "unavailable: clear_refs not writable and VmHWM did not rise"}
+
+
+def measure_peak(
+    op: BenchOp,
+    sizes: Sizes,
+    dtype: str,
+    impl: str,
+    pass_: str,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    timeout: float = 900.0,
+    no_reset: bool = False,
+) -> Peak:
+    """Peak memory of one pass above its inputs. CPU: a fresh subprocess; CUDA: in process."""
+    spec = {
+        "op": op.name, "sizes": dict(sizes), "dtype": dtype, "impl": impl, "pass": pass_,
+        "device": device, "threads": threads or torch.get_num_threads(), "no_reset": bool(no_reset),
+    }
+    if torch.device(device).type == "cuda":
+        r = _run_worker(spec)
+        torch.cuda.empty_cache()
+        return Peak(r["mib"], r["method"])
+    cmd = [sys.executable, "-m", "sslkernels._benchmark", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Peak(None, f"error: worker timed out after {timeout:.0f} s")
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return Peak(None, f"error: worker exit {proc.returncode}: {tail[:200]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return Peak(None, "error: worker printed no result")
+    r = json.loads(lines[-1])
+    return Peak(r["mib"], r["method"])
+
+
+def memory_ratio(eager: Peak, fused: Peak) -> Optional[float]:
+    if eager.mib is None or fused.mib is None or fused.mib <= 0:
+        return None
+    return eager.mib / fused.mib
+
+
+# ---------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: str = "cpu") -> Dict[str, str]:
+    """What produced the numbers: CPU, threads, library versions, GPU."""
+    try:
+        import triton  # noqa: F401
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = ""
+    dev = torch.device(device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+    try:
+        import sslkernels
+
+        ssl_version = sslkernels.__version__
+    except Exception:
+        ssl_version = ""
+    info = {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": str(os.cpu_count() or ""),
+        "threads": str(torch.get_num_threads()),
+        "torch_version": torch.__version__,
+        "triton_version": triton_version,
+        "gpu_name": gpu,
+        "python_version": platform.python_version(),
+        "sslkernels_version": ssl_version,
+        "platform": platform.platform(),
+    }
+    info["machine_id"] = "m-" + hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:8]
+    return info
+
+
+def source_revision() -> str:
+    """``git describe``-style revision of the sslkernels source tree, "" outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def load_average() -> Optional[float]:
+    """1-minute load average (None where the OS has none): other work competing for the CPUs."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+class CpuContention:
+    """CPU time that other processes used while we ran, in cores (Linux ``/proc/stat``).
+
+    ``start()`` then ``stop()``: ``others_cores`` = (all CPUs' busy time minus this
+    process's and its waited-for children's CPU time) / wall time. On an idle
+    machine it is ~0; a value near 1 on a 2-core machine means half the CPUs
+    were busy with other work and the timings are not to be trusted.
+    """
+
+    def __init__(self) -> None:
+        self.others_cores: Optional[float] = None
+        self._t0 = None
+
+    @staticmethod
+    def _busy_s() -> Optional[float]:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        busy = sum(vals[:8]) - idle   # user nice system idle iowait irq softirq steal
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def start(self) -> "CpuContention":
+        self._t0 = (time.perf_counter(), self._busy_s(), self._own_s())
+        return self
+
+    def stop(self) -> Optional[float]:
+        wall0, busy0, own0 = self._t0
+        busy1 = self._busy_s()
+        if busy0 is None or busy1 is None:
+            return None
+        wall = time.perf_counter() - wall0
+        others = (busy1 - busy0) - (self._own_s() - own0)
+        self.others_cores = max(0.0, others / wall) if wall > 0 else None
+        return self.others_cores
+
+
+def describe_machine(info: Dict[str, str]) -> str:
+    parts = [
+        f"{info['cpu_model']} ({info['logical_cpus']} logical CPUs)",
+        f"{info['threads']} torch threads",
+        f"torch {info['torch_version']}",
+        f"triton {info['triton_version'] or 'not installed'}",
+        f"GPU {info['gpu_name'] or 'none'}",
+        f"Python {info['python_version']}",
+    ]
+    return f"machine {info['machine_id']}: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------- worker entry
+
+
+def _worker_main(argv: List[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--worker":
+        print("usage: python -m sslkernels._benchmark --worker SPEC_JSON", file=sys.stderr)
+        return 2
+    result = _run_worker(json.loads(argv[1]))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,340 @@
+"""``sslkernels bench``: speed and peak memory of the fused ops against eager PyTorch.
+
+    sslkernels bench                          # default suite, results in ./bench-results/
+    sslkernels bench --quick                  # one small case, a few seconds
+    sslkernels bench --n 4096 --d 128 --passes fwd bwd fwdbwd --repeat 10
+    python -m sslkernels.bench --device cuda --dtype bfloat16
+
+For every (op, shape, dtype, pass) it times eager and fused on the same inputs
+(median of ``--repeat`` calls after ``--warmup``), measures the peak memory of
+each above its inputs (CPU: a fresh subprocess per measurement, peak RSS; CUDA:
+``torch.cuda.max_memory_allocated``), prints one table and writes
+``results.csv``, ``results.png`` and ``run.json`` (machine, command, runtime)
+to ``--out``. The measuring code lives in ``sslkernels._benchmark``, shared
+with the pytest-benchmark suite in ``benchmarks/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from sslkernels import _benchmark as B
+
+DEFAULT_PASSES = ("fwd", "fwdbwd")
+DEFAULT_REPEAT = 5
+DEFAULT_WARMUP = 1
+QUICK_REPEAT = 3
+
+CSV_COLUMNS = [
+    "op", "shape", "dtype", "device", "pass",
+    "eager_ms", "fused_ms", "speedup", "eager_ms_min", "fused_ms_min", "repeat", "warmup",
+    "eager_peak_mib", "fused_peak_mib", "memory_ratio", "memory_method", "rel_diff",
+    "machine_id", "cpu_model", "threads", "torch_version", "triton_version", "gpu_name",
+]
+# extra per-op size columns ("n", "d", ...) go between "shape" and "dtype"
+
+
+def _parse_size(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--size expects NAME=V1[,V2...], got {text!r}")
+    name, vals = text.split("=", 1)
+    try:
+        values = [int(v) for v in vals.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size values must be integers, got {vals!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--size values must be >= 1, got {vals!r}")
+    return name.strip().lower(), values
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return v
+
+
+def _nonneg(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sslkernels bench",
+        description="Time and measure the peak memory of sslkernels' fused ops against eager PyTorch.",
+    )
+    p.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                   help=f"ops to benchmark (registered: {', '.join(sorted(B.OPS))}; default: all)")
+    p.add_argument("--n", nargs="+", type=_positive, default=None, metavar="N",
+                   help="rows per view (contrastive losses); default 1024 4096 8192")
+    p.add_argument("--d", nargs="+", type=_positive, default=None, metavar="D",
+                   help="embedding dimension; default 128 256")
+    p.add_argument("--size", action="append", type=_parse_size, default=[], metavar="NAME=V1,V2",
+                   help="any size parameter of an op, e.g. --size n=512,2048 (repeatable)")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(B.DTYPES), metavar="DTYPE",
+                   help="float32 (default), float16, bfloat16, float64")
+    p.add_argument("--passes", nargs="+", default=None, choices=B.PASSES, metavar="PASS",
+                   help="fwd, bwd (backward alone after an untimed forward), fwdbwd; default: fwd fwdbwd")
+    p.add_argument("--repeat", type=_positive, default=None,
+                   help=f"timed calls per impl, the median is reported (default {DEFAULT_REPEAT}, --quick {QUICK_REPEAT})")
+    p.add_argument("--warmup", type=_nonneg, default=None, help=f"untimed calls per impl first (default {DEFAULT_WARMUP})")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--quick", action="store_true",
+                   help="smallest shape only (N=1024, D=128 for nt_xent) and 3 repetitions, unless given explicitly")
+    p.add_argument("--out", default="bench-results", help="output folder for results.csv / .png / run.json (default ./bench-results)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _size_overrides(args) -> Dict[str, List[int]]:
+    over: Dict[str, List[int]] = {}
+    if args.n:
+        over["n"] = list(args.n)
+    if args.d:
+        over["d"] = list(args.d)
+    for name, values in args.size:
+        over[name] = values
+    return over
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def format_table(rows: List[dict]) -> str:
+    headers = ["op", "shape", "dtype", "pass", "eager ms", "fused ms", "speed-up",
+               "eager peak MiB", "fused peak MiB", "mem ratio", "machine"]
+    body = []
+    for r in rows:
+        body.append([
+            r["op"], r["shape"], r["dtype"], r["pass"],
+            _fmt(r["eager_ms"], ".2f"), _fmt(r["fused_ms"], ".2f"), _fmt(r["speedup"], ".2f") + "x",
+            _fmt(r["eager_peak_mib"], ".1f"), _fmt(r["fused_peak_mib"], ".1f"),
+            (_fmt(r["memory_ratio"], ".1f") + "x") if r["memory_ratio"] is not None else "-",
+            r["machine_id"],
+        ])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
+    left = {0, 1, 2, 3, 10}
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(headers), "  ".join("-" * w for w in widths)]
+    out += [line(b) for b in body]
+    return "\n".join(out)
+
+
+def write_csv(path: str, rows: List[dict], size_cols: Sequence[str]) -> None:
+    cols = CSV_COLUMNS[:2] + list(size_cols) + CSV_COLUMNS[2:]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+
+
+def write_plot(path: str, rows: List[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']}\n{r['shape'].replace(' ', chr(10))}\n{r['dtype']} {r['pass']}" for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(8, 1.0 * len(rows)), 9))
+    speed = [r["speedup"] if r["speedup"] == r["speedup"] else 0.0 for r in rows]
+    bars = ax_t.bar(x, speed, color="tab:blue")
+    ax_t.axhline(1.0, color="grey", lw=1, ls="--")
+    for b, s in zip(bars, speed):
+        ax_t.annotate(f"{s:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+    ax_t.set_xticks(x, labels, fontsize=7)
+    ax_t.set_ylabel("speed-up, eager time / fused time (median)")
+    ax_t.set_title("time")
+
+    w = 0.4
+    em = [r["eager_peak_mib"] or 0.0 for r in rows]
+    fm = [r["fused_peak_mib"] or 0.0 for r in rows]
+    ax_m.bar([i - w / 2 for i in x], em, w, label="eager", color="tab:orange")
+    ax_m.bar([i + w / 2 for i in x], fm, w, label="fused", color="tab:green")
+    if any(v > 0 for v in em + fm):
+        ax_m.set_yscale("log")
+    for i, r in enumerate(rows):
+        if r["memory_ratio"] is not None:
+            ax_m.annotate(f"{r['memory_ratio']:.0f}x" if r["memory_ratio"] >= 10 else f"{r['memory_ratio']:.1f}x",
+                          (i, max(em[i], fm[i])), ha="center", va="bottom", fontsize=7)
+    ax_m.set_xticks(x, labels, fontsize=7)
+    ax_m.set_ylabel("peak memory above inputs, MiB")
+    ax_m.set_title("memory" + ("" if any(v > 0 for v in em + fm) else " (not measured)"))
+    ax_m.legend()
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("sslkernels bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    try:
+        ops = [B.get_op(name) for name in (args.ops or sorted(B.OPS))]
+    except ValueError as e:
+        print(f"sslkernels bench: {e}", file=sys.stderr)
+        return 2
+    overrides = _size_overrides(args)
+    for name in overrides:
+        if not any(name in op.params for op in ops):
+            print(f"sslkernels bench: no selected op has a size parameter {name!r}", file=sys.stderr)
+            return 2
+    passes = list(args.passes or DEFAULT_PASSES)
+    repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    threads = torch.get_num_threads()
+
+    machine = B.machine_info(device)
+    mdesc = B.describe_machine(machine)
+    print(mdesc, flush=True)
+    load_start = B.load_average()
+    if device == "cpu":
+        pre = B.CpuContention().start()
+        time.sleep(0.5)
+        busy = pre.stop()
+        if busy is not None and busy > 0.25:
+            print(f"warning: other processes are using {busy:.2f} CPUs right now: the timings will be "
+                  "disturbed (the figure for the whole run is printed at the end)", flush=True)
+    contention = B.CpuContention().start()
+
+    cases = []   # (op, sizes, dtype, pass)
+    for op in ops:
+        for sizes in op.grid({k: v for k, v in overrides.items() if k in op.params}, quick=args.quick):
+            for dtype in args.dtype:
+                for p in passes:
+                    cases.append((op, sizes, dtype, p))
+    units = len(cases) * (1 + (0 if args.no_memory else 2))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=units, desc="bench", unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    rows: List[dict] = []
+    dev = torch.device(device)
+    try:
+        # Timing first, grouped by shape so inputs are built once per (op, sizes, dtype).
+        timings = {}
+        for op in ops:
+            seen = []
+            for c_op, sizes, dtype, p in cases:
+                if c_op is op and (sizes, dtype) not in seen:
+                    seen.append((sizes, dtype))
+            for sizes, dtype in seen:
+                inputs = op.make_inputs(sizes, B.DTYPES[dtype], dev)
+                for p in passes:
+                    bar.set_description(f"time {op.name} {op.shape_label(sizes)} {dtype} {p}")
+                    timings[(op.name, json.dumps(sizes), dtype, p)] = B.time_pair(op, inputs, p, repeat, warmup)
+                    bar.update(1)
+                del inputs
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        # Then memory, one fresh subprocess per (case, impl) on CPU.
+        for op, sizes, dtype, p in cases:
+            t = timings[(op.name, json.dumps(sizes), dtype, p)]
+            peaks = {}
+            for impl in B.IMPLS:
+                if args.no_memory:
+                    peaks[impl] = B.Peak(None, "skipped (--no-memory)")
+                    continue
+                bar.set_description(f"memory {op.name} {op.shape_label(sizes)} {dtype} {p} {impl}")
+                peaks[impl] = B.measure_peak(op, sizes, dtype, impl, p, device=device, threads=threads)
+                bar.update(1)
+            methods = sorted({pk.method for pk in peaks.values()})
+            rows.append({
+                "op": op.name, "shape": op.shape_label(sizes), **{k: v for k, v in sizes.items()},
+                "dtype": dtype, "device": device, "pass": p,
+                "eager_ms": t.eager_median, "fused_ms": t.fused_median, "speedup": t.speedup,
+                "eager_ms_min": min(t.eager_ms), "fused_ms_min": min(t.fused_ms),
+                "repeat": repeat, "warmup": warmup,
+                "eager_peak_mib": peaks["eager"].mib, "fused_peak_mib": peaks["fused"].mib,
+                "memory_ratio": B.memory_ratio(peaks["eager"], peaks["fused"]),
+                "memory_method": "; ".join(methods), "rel_diff": t.rel_diff,
+                **{k: machine[k] for k in ("machine_id", "cpu_model", "threads", "torch_version",
+                                           "triton_version", "gpu_name")},
+            })
+    finally:
+        bar.close()
+
+    elapsed = time.perf_counter() - t_start
+    load_end = B.load_average()
+    others = contention.stop()
+    os.makedirs(args.out, exist_ok=True)
+    size_cols = []
+    for op in ops:
+        size_cols += [p for p in op.params if p not in size_cols]
+    csv_path = os.path.join(args.out, "results.csv")
+    write_csv(csv_path, rows, size_cols)
+    png_path = None
+    if not args.no_plot:
+        png_path = os.path.join(args.out, "results.png")
+        write_plot(png_path, rows, mdesc)
+    command = "sslkernels bench " + " ".join(shlex.quote(a) for a in args._argv)
+    with open(os.path.join(args.out, "run.json"), "w") as f:
+        json.dump({"command": command.strip(), "source_revision": B.source_revision(), "machine": machine, "device": device, "passes": passes,
+                   "repeat": repeat, "warmup": warmup, "seconds": round(elapsed, 1),
+                   "load_average_start": load_start, "load_average_end": load_end,
+                   "other_processes_cores": None if others is None else round(others, 2),
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
+
+    print()
+    print(format_table(rows))
+    print()
+    methods = sorted({r["memory_method"] for r in rows})
+    print(f"times: median of {repeat} after {warmup} warm-up, ms; speed-up = eager / fused.")
+    print(f"memory: peak above inputs, MiB ({'; '.join(methods)}); mem ratio = eager / fused.")
+    print(f"wrote {csv_path}" + (f", {png_path}" if png_path else "") + f", {os.path.join(args.out, 'run.json')}")
+    if others is not None:
+        cpus = os.cpu_count() or 0
+        print(f"other processes used {others:.2f} of {cpus} CPUs on average during the run"
+              + (" -- timings disturbed, rerun on an idle machine" if device == "cpu" and others > 0.1 else ""))
+    print(f"total {elapsed:.1f} s")
+    return 0
+
+
+SUBCOMMANDS = ("bench",)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sslkernels`` console script.
+
+    ``sslkernels bench [options]``; the subcommand may be left out
+    (``main(["--quick"])`` and ``python -m sslkernels.bench --quick`` run it too).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        argv = argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._argv = argv
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

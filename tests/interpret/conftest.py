@@ -1,0 +1,33 @@
+"""Triton kernels on CPU tensors: TRITON_INTERPRET=1 must be set before any
+`@triton.jit` runs (the decorator reads it), so it is set here, at import.
+
+Side effect: every Triton kernel module first imported in this pytest process is
+interpreted, so GPU runs of the Triton path belong in a separate process
+(`benchmarks/gpu_check.py`), not next to this folder.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Without Triton the folder is skipped by the module-level `pytest.importorskip` of
+# each test module: a skip raised here, in a conftest, aborts the whole run when the
+# folder is named on the command line (it only skips when collected from tests/).
+
+
+@pytest.fixture(scope="session")
+def contrastive_kernels():
+    """`sslkernels.kernels.contrastive`, interpreted (re-imported if something imported
+    it before this conftest set TRITON_INTERPRET)."""
+    name = "sslkernels.kernels.contrastive"
+    module = sys.modules.get(name)
+    if module is None:
+        module = importlib.import_module(name)
+    elif not module.INTERPRET:
+        module = importlib.reload(module)
+    assert module.INTERPRET, "the kernels were not built in interpreter mode"
+    return module
