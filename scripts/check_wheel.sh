@@ -22,5 +22,5 @@ z1 = torch.randn(100, 32, requires_grad=True); z2 = torch.randn(100, 32, require
 loss = sslkernels.nt_xent(z1, z2); loss.backward()
 ref = sslkernels.reference.nt_xent_reference(z1.detach(), z2.detach())
 torch.testing.assert_close(loss.detach(), ref)
-print("[wheel] installed wheel works:", sslkernels.__file__, "loss", float(loss))
+print("[wheel] installed wheel works:", sslkernels.__file__, "loss", float(loss.detach()))
 PY
