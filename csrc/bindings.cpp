@@ -44,6 +44,31 @@ int nt_xent_backward_binding(std::uintptr_t z1, std::uintptr_t z2, int dtype, in
       reinterpret_cast<void*>(dz2), num_threads));
 }
 
+int sup_con_forward_binding(std::uintptr_t features, int dtype, int64_t n, int64_t d,
+                            int64_t row_stride, int64_t col_stride, std::uintptr_t class_ids,
+                            std::uintptr_t class_counts, int64_t num_classes, double temperature,
+                            bool normalize, std::uintptr_t lse, std::uintptr_t loss, int num_threads) {
+  py::gil_scoped_release release;
+  return static_cast<int>(sup_con_forward(
+      matrix(features, dtype, n, d, row_stride, col_stride),
+      reinterpret_cast<const int64_t*>(class_ids), reinterpret_cast<const int64_t*>(class_counts),
+      num_classes, temperature, normalize, reinterpret_cast<void*>(lse),
+      reinterpret_cast<double*>(loss), num_threads));
+}
+
+int sup_con_backward_binding(std::uintptr_t features, int dtype, int64_t n, int64_t d,
+                             int64_t row_stride, int64_t col_stride, std::uintptr_t class_ids,
+                             std::uintptr_t class_counts, int64_t num_classes, std::uintptr_t lse,
+                             double temperature, bool normalize, double grad_loss,
+                             std::uintptr_t dfeatures, int num_threads) {
+  py::gil_scoped_release release;
+  return static_cast<int>(sup_con_backward(
+      matrix(features, dtype, n, d, row_stride, col_stride),
+      reinterpret_cast<const int64_t*>(class_ids), reinterpret_cast<const int64_t*>(class_counts),
+      num_classes, reinterpret_cast<const void*>(lse), temperature, normalize, grad_loss,
+      reinterpret_cast<void*>(dfeatures), num_threads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -54,6 +79,10 @@ PYBIND11_MODULE(_C, m) {
         "Fused NT-Xent forward: writes lse[2N] and the scalar loss (float64); returns a status code.");
   m.def("nt_xent_backward", &nt_xent_backward_binding,
         "Fused NT-Xent backward: writes dz1, dz2 (contiguous, inputs' dtype); returns a status code.");
+  m.def("sup_con_forward", &sup_con_forward_binding,
+        "Fused SupCon forward: writes lse[N] and the scalar loss (float64); returns a status code.");
+  m.def("sup_con_backward", &sup_con_backward_binding,
+        "Fused SupCon backward: writes dfeatures (contiguous, inputs' dtype); returns a status code.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -27,37 +27,56 @@ using detail::exp_vec;
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
-// The 2N rows of cat(z1, z2) as a contiguous accumulator-typed matrix, each row
-// L2-normalised when asked. `norms` keeps |x_i| for the normalisation backward.
+// The rows of one or more [n_k, D] matrices stacked into one contiguous
+// accumulator-typed matrix, each row L2-normalised when asked; `norms` keeps |x_i|
+// for the normalisation backward.
 template <typename Acc>
-Status load_stacked_rows(const MatrixView& z1, const MatrixView& z2, bool normalize,
-                         std::vector<Acc>& rows, std::vector<Acc>& norms, int num_threads) {
-  const int64_t n = z1.rows, d = z1.cols, m = 2 * n;
-  rows.assign(static_cast<size_t>(m * d), Acc(0));
-  norms.assign(static_cast<size_t>(m), Acc(1));
+struct StackedRows {
+  std::vector<Acc> z, norms;
+  int64_t m = 0, d = 0;
+  const Acc* row(int64_t i) const { return z.data() + i * d; }
+};
+
+// Which part (and row within it) stacked row i comes from.
+inline std::pair<int, int64_t> locate(const MatrixView* parts, int num_parts, int64_t i) {
+  int k = 0;
+  while (k + 1 < num_parts && i >= parts[k].rows) i -= parts[k++].rows;
+  return {k, i};
+}
+
+// A NaN/Inf in part 0 reports NonFiniteFirstInput, in part 1 NonFiniteSecondInput.
+template <typename Acc>
+Status load_rows(const MatrixView* parts, int num_parts, bool normalize, StackedRows<Acc>& out,
+                 int num_threads) {
+  out.d = parts[0].cols;
+  out.m = 0;
+  for (int k = 0; k < num_parts; ++k) out.m += parts[k].rows;
+  const int64_t m = out.m, d = out.d;
+  out.z.assign(static_cast<size_t>(m * d), Acc(0));
+  out.norms.assign(static_cast<size_t>(m), Acc(1));
   int bad_first = 0, bad_second = 0;
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : bad_first, bad_second)
   for (int64_t i = 0; i < m; ++i) {
-    const MatrixView& src = i < n ? z1 : z2;
-    const int64_t r = i < n ? i : i - n;
-    Acc* out = rows.data() + i * d;
+    const auto [part, r] = locate(parts, num_parts, i);
+    const MatrixView& src = parts[part];
+    Acc* dst = out.z.data() + i * d;
     Acc sq = 0;
     bool finite = true;
     for (int64_t k = 0; k < d; ++k) {
       const Acc v = detail::load_element<Acc>(src.data, src.dtype, r * src.row_stride + k * src.col_stride);
       finite = finite && std::isfinite(v);
-      out[k] = v;
+      dst[k] = v;
       sq += v * v;
     }
     if (!finite) {
-      if (i < n) bad_first = 1; else bad_second = 1;
+      if (part == 0) bad_first = 1; else bad_second = 1;
       continue;
     }
     const Acc norm = std::sqrt(sq);
-    norms[i] = norm;
+    out.norms[i] = norm;
     if (normalize) {
       const Acc inv = Acc(1) / std::max(norm, static_cast<Acc>(kNormEps));
-      for (int64_t k = 0; k < d; ++k) out[k] *= inv;
+      for (int64_t k = 0; k < d; ++k) dst[k] *= inv;
     }
   }
   if (bad_first) return Status::NonFiniteFirstInput;
@@ -115,111 +134,82 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
   }
 }
 
-// W = exp(S - lse_rows[:, None]) + exp(S - lse_cols[None, :]) in place.
+// W_ij = w_i exp(S_ij - lse_i) + w_j exp(S_ij - lse_j) in place: the symmetric weight
+// of pair (i, j) in the gradient of sum_i w_i lse_i.
 template <typename Acc>
 SSLK_MULTIVERSION void softmax_weights(Acc* s, int64_t rows, int64_t cols, const Acc* lse_rows,
-                                       const Acc* lse_cols) {
+                                       const Acc* lse_cols, const Acc* w_rows, const Acc* w_cols) {
   for (int64_t i = 0; i < rows; ++i) {
     Acc* si = s + i * cols;
-    const Acc li = lse_rows[i];
-    for (int64_t j = 0; j < cols; ++j) si[j] = exp_vec(si[j] - li) + exp_vec(si[j] - lse_cols[j]);
+    const Acc li = lse_rows[i], wi = w_rows[i];
+    for (int64_t j = 0; j < cols; ++j)
+      si[j] = wi * exp_vec(si[j] - li) + w_cols[j] * exp_vec(si[j] - lse_cols[j]);
   }
 }
 
+// lse_i = log sum_{j != i} exp(z_i . z_j / t) for every stacked row: each symmetric
+// tile is multiplied once and folded into its rows (row view) and its columns.
 template <typename Acc>
-Status forward_impl(const MatrixView& z1, const MatrixView& z2, double temperature, bool normalize,
-                    Acc* lse, double* loss, int num_threads) {
-  num_threads = std::max(1, num_threads);
-  const int64_t n = z1.rows, d = z1.cols, m = 2 * n;
-  std::vector<Acc> z, norms;
-  Status st = load_stacked_rows<Acc>(z1, z2, normalize, z, norms, num_threads);
-  if (st != Status::Ok) return st;
-
-  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, Acc* lse, int num_threads) {
+  const int64_t m = rows.m, d = rows.d;
   const int64_t tile = detail::choose_tile_rows(m, d);
   RowStats<Acc> stats(m);
   Acc* row_max = stats.max.data();
   Acc* row_sum = stats.sum.data();
-
+  const Acc* z = rows.z.data();
   // Scratch per thread: one logit tile plus two column vectors for fold_tile.
   detail::for_each_symmetric_tile<Acc>(
       m, tile, tile * tile + 2 * tile, num_threads,
-      [&](Acc* scratch, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+      [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
         Acc* s = scratch;
-        detail::gemm<Acc>(false, true, rows, cols, d, inv_t, z.data() + r0 * d, d,
-                          z.data() + c0 * d, d, Acc(0), s, cols);
-        if (r0 == c0) {
-          // Diagonal tile: self-similarity masked; symmetric, so the row view suffices.
-          for (int64_t i = 0; i < rows; ++i) s[i * cols + i] = -std::numeric_limits<Acc>::infinity();
-          fold_tile<Acc>(s, rows, cols, row_max + r0, row_sum + r0, nullptr, nullptr, false,
-                         scratch + tile * tile);
-        } else {
-          fold_tile<Acc>(s, rows, cols, row_max + r0, row_sum + r0, row_max + c0, row_sum + c0,
-                         true, scratch + tile * tile);
-        }
+        detail::gemm<Acc>(false, true, nr, nc, d, inv_t, z + r0 * d, d, z + c0 * d, d, Acc(0), s, nc);
+        const bool diagonal = r0 == c0;
+        if (diagonal)  // self-similarity masked; symmetric, so the row view suffices
+          for (int64_t i = 0; i < nr; ++i) s[i * nc + i] = -std::numeric_limits<Acc>::infinity();
+        fold_tile<Acc>(s, nr, nc, row_max + r0, row_sum + r0, row_max + c0, row_sum + c0,
+                       !diagonal, scratch + tile * tile);
       });
-
-  // Per-row loss, then a serial sum so the result does not depend on the thread count.
-  std::vector<double> row_loss(static_cast<size_t>(m));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    const Acc l = stats.max[i] + std::log(stats.sum[i]);
-    lse[i] = l;
-    const int64_t pos = i < n ? i + n : i - n;
-    const Acc* zi = z.data() + i * d;
-    const Acc* zp = z.data() + pos * d;
-    Acc dot = 0;
-    for (int64_t k = 0; k < d; ++k) dot += zi[k] * zp[k];
-    row_loss[i] = static_cast<double>(l) - static_cast<double>(dot * inv_t);
-  }
-  double total = 0;
-  for (int64_t i = 0; i < m; ++i) total += row_loss[i];
-  *loss = total / static_cast<double>(m);
-  if (!std::isfinite(*loss)) return Status::NonFiniteResult;
-  return Status::Ok;
+  for (int64_t i = 0; i < m; ++i) lse[i] = row_max[i] + std::log(row_sum[i]);
 }
 
+// dz += coeff * W Z with W from softmax_weights (zero diagonal): the gradient of
+// coeff * t * sum_i w_i lse_i with respect to the (normalised) rows.
 template <typename Acc>
-Status backward_impl(const MatrixView& z1, const MatrixView& z2, const Acc* lse, double temperature,
-                     bool normalize, double grad_loss, void* dz1, void* dz2, int num_threads) {
-  num_threads = std::max(1, num_threads);
-  const int64_t n = z1.rows, d = z1.cols, m = 2 * n;
-  std::vector<Acc> z, norms;
-  Status st = load_stacked_rows<Acc>(z1, z2, normalize, z, norms, num_threads);
-  if (st != Status::Ok) return st;
-
-  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
-  const Acc coeff = static_cast<Acc>(grad_loss / (temperature * static_cast<double>(m)));
+void accumulate_lse_gradient(const StackedRows<Acc>& rows, const Acc* lse, const Acc* weight,
+                             Acc inv_t, Acc coeff, Acc* dz, int num_threads) {
+  const int64_t m = rows.m, d = rows.d;
   const int64_t tile = detail::choose_tile_rows(m, d);
-  std::vector<Acc> dz(static_cast<size_t>(m * d), Acc(0));
-
+  const Acc* z = rows.z.data();
   detail::for_each_symmetric_tile<Acc>(
       m, tile, tile * tile, num_threads,
-      [&](Acc* w, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
-        const Acc* zr = z.data() + r0 * d;
-        const Acc* zc = z.data() + c0 * d;
-        detail::gemm<Acc>(false, true, rows, cols, d, inv_t, zr, d, zc, d, Acc(0), w, cols);
-        softmax_weights<Acc>(w, rows, cols, lse + r0, lse + c0);
+      [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+        const Acc* zr = z + r0 * d;
+        const Acc* zc = z + c0 * d;
+        detail::gemm<Acc>(false, true, nr, nc, d, inv_t, zr, d, zc, d, Acc(0), w, nc);
+        softmax_weights<Acc>(w, nr, nc, lse + r0, lse + c0, weight + r0, weight + c0);
         if (r0 == c0)
-          for (int64_t i = 0; i < rows; ++i) w[i * cols + i] = 0;  // no self-pairs
-        detail::gemm<Acc>(false, false, rows, d, cols, coeff, w, cols, zc, d, Acc(1),
-                          dz.data() + r0 * d, d);
+          for (int64_t i = 0; i < nr; ++i) w[i * nc + i] = 0;  // no self-pairs
+        detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, zc, d, Acc(1), dz + r0 * d, d);
         // A diagonal tile's W is symmetric and already holds both directions.
         if (r0 != c0)
-          detail::gemm<Acc>(true, false, cols, d, rows, coeff, w, cols, zr, d, Acc(1),
-                            dz.data() + c0 * d, d);
+          detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, zr, d, Acc(1), dz + c0 * d, d);
       });
+}
 
-  // Positive pairs, then back through x / max(|x|, eps), written in the inputs' dtype.
+// Back through x / max(|x|, eps) (when normalising) and out in the inputs' dtype:
+// stacked row i goes to row r of outs[part] (contiguous [n_part, D]).
+template <typename Acc>
+void store_input_gradient(const StackedRows<Acc>& rows, bool normalize, Acc* dz,
+                          const MatrixView* parts, void* const* outs, int num_parts,
+                          int num_threads) {
+  const int64_t m = rows.m, d = rows.d;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < m; ++i) {
-    const int64_t pos = i < n ? i + n : i - n;
-    Acc* g = dz.data() + i * d;
-    const Acc* zi = z.data() + i * d;
-    const Acc* zp = z.data() + pos * d;
-    for (int64_t k = 0; k < d; ++k) g[k] -= 2 * coeff * zp[k];
+    Acc* g = dz + i * d;
+    const Acc* zi = rows.row(i);
     if (normalize) {
-      const Acc norm = norms[i];
+      const Acc norm = rows.norms[i];
       if (norm > static_cast<Acc>(kNormEps)) {
         Acc proj = 0;
         for (int64_t k = 0; k < d; ++k) proj += zi[k] * g[k];
@@ -228,17 +218,182 @@ Status backward_impl(const MatrixView& z1, const MatrixView& z2, const Acc* lse,
         for (int64_t k = 0; k < d; ++k) g[k] /= static_cast<Acc>(kNormEps);
       }
     }
-    void* out = i < n ? dz1 : dz2;
-    const int64_t r = i < n ? i : i - n;
-    const DType dtype = i < n ? z1.dtype : z2.dtype;
-    for (int64_t k = 0; k < d; ++k) detail::store_element<Acc>(out, dtype, r * d + k, g[k]);
+    const auto [part, r] = locate(parts, num_parts, i);
+    for (int64_t k = 0; k < d; ++k) detail::store_element<Acc>(outs[part], parts[part].dtype, r * d + k, g[k]);
   }
+}
+
+template <typename Acc>
+Acc dot(const Acc* a, const Acc* b, int64_t d) {
+  Acc acc = 0;
+  for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+// Mean of per-row terms, summed serially so the result does not depend on the thread count.
+inline double mean_or_zero(const std::vector<double>& terms, int64_t count) {
+  double total = 0;
+  for (double t : terms) total += t;
+  return count > 0 ? total / static_cast<double>(count) : 0.0;
+}
+
+// ------------------------------------------------------------------------- NT-Xent
+// Rows i and i +- N of cat(z1, z2) are each other's positive; every row is an anchor.
+
+inline int64_t nt_xent_positive(int64_t i, int64_t n) { return i < n ? i + n : i - n; }
+
+template <typename Acc>
+Status nt_xent_forward_impl(const MatrixView (&parts)[2], double temperature, bool normalize,
+                            Acc* lse, double* loss, int num_threads) {
+  StackedRows<Acc> rows;
+  const Status st = load_rows<Acc>(parts, 2, normalize, rows, num_threads);
+  if (st != Status::Ok) return st;
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+  symmetric_row_lse<Acc>(rows, inv_t, lse, num_threads);
+  const int64_t m = rows.m, n = parts[0].rows;
+  std::vector<double> row_loss(static_cast<size_t>(m));
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    const Acc positive = dot(rows.row(i), rows.row(nt_xent_positive(i, n)), rows.d) * inv_t;
+    row_loss[i] = static_cast<double>(lse[i]) - static_cast<double>(positive);
+  }
+  *loss = mean_or_zero(row_loss, m);
+  return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
+}
+
+template <typename Acc>
+Status nt_xent_backward_impl(const MatrixView (&parts)[2], const Acc* lse, double temperature,
+                             bool normalize, double grad_loss, void* const (&outs)[2],
+                             int num_threads) {
+  StackedRows<Acc> rows;
+  const Status st = load_rows<Acc>(parts, 2, normalize, rows, num_threads);
+  if (st != Status::Ok) return st;
+  const int64_t m = rows.m, d = rows.d, n = parts[0].rows;
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+  const Acc coeff = static_cast<Acc>(grad_loss / (temperature * static_cast<double>(m)));
+  const std::vector<Acc> weight(static_cast<size_t>(m), Acc(1));
+  std::vector<Acc> dz(static_cast<size_t>(m * d), Acc(0));
+  accumulate_lse_gradient<Acc>(rows, lse, weight.data(), inv_t, coeff, dz.data(), num_threads);
+  // The positive logit s_{i,pos(i)} appears in the losses of rows i and pos(i).
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    const Acc* zp = rows.row(nt_xent_positive(i, n));
+    Acc* g = dz.data() + i * d;
+    for (int64_t k = 0; k < d; ++k) g[k] -= 2 * coeff * zp[k];
+  }
+  store_input_gradient<Acc>(rows, normalize, dz.data(), parts, outs, 2, num_threads);
   return Status::Ok;
 }
 
+// ------------------------------------------------------------------------- SupCon
+// Anchor i (a row whose class has other members) has positives P(i) = its class
+// minus itself; sum_{p in P(i)} z_i . z_p = z_i . (C_y - z_i) with C_y the class sum,
+// so the positives cost O(N D) and never touch a tile.
+
+template <typename Acc>
+struct ClassSums {
+  std::vector<Acc> sum;  // [num_classes, D]
+  std::vector<Acc> anchor_weight;  // 1 for rows with positives, else 0
+  int64_t anchors = 0;
+};
+
+template <typename Acc>
+ClassSums<Acc> class_sums(const StackedRows<Acc>& rows, const int64_t* class_ids,
+                          const int64_t* class_counts, int64_t num_classes) {
+  ClassSums<Acc> out;
+  out.sum.assign(static_cast<size_t>(num_classes * rows.d), Acc(0));
+  out.anchor_weight.assign(static_cast<size_t>(rows.m), Acc(0));
+  for (int64_t i = 0; i < rows.m; ++i) {  // serial: a fixed summation order
+    Acc* c = out.sum.data() + class_ids[i] * rows.d;
+    const Acc* zi = rows.row(i);
+    for (int64_t k = 0; k < rows.d; ++k) c[k] += zi[k];
+    if (class_counts[class_ids[i]] > 1) {
+      out.anchor_weight[i] = 1;
+      ++out.anchors;
+    }
+  }
+  return out;
+}
+
+bool valid_classes(int64_t m, const int64_t* class_ids, const int64_t* class_counts,
+                   int64_t num_classes) {
+  if (num_classes < 1) return false;
+  std::vector<int64_t> seen(static_cast<size_t>(num_classes), 0);
+  for (int64_t i = 0; i < m; ++i) {
+    if (class_ids[i] < 0 || class_ids[i] >= num_classes) return false;
+    ++seen[class_ids[i]];
+  }
+  for (int64_t c = 0; c < num_classes; ++c)
+    if (seen[c] != class_counts[c]) return false;
+  return true;
+}
+
+template <typename Acc>
+Status sup_con_forward_impl(const MatrixView& features, const int64_t* class_ids,
+                            const int64_t* class_counts, int64_t num_classes, double temperature,
+                            bool normalize, Acc* lse, double* loss, int num_threads) {
+  StackedRows<Acc> rows;
+  const Status st = load_rows<Acc>(&features, 1, normalize, rows, num_threads);
+  if (st != Status::Ok) return st;
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+  symmetric_row_lse<Acc>(rows, inv_t, lse, num_threads);
+  const ClassSums<Acc> classes = class_sums(rows, class_ids, class_counts, num_classes);
+  const int64_t m = rows.m, d = rows.d;
+  std::vector<double> row_loss(static_cast<size_t>(m), 0.0);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    if (classes.anchor_weight[i] == 0) continue;
+    const Acc* zi = rows.row(i);
+    const Acc* c = classes.sum.data() + class_ids[i] * d;
+    Acc pos = 0;
+    for (int64_t k = 0; k < d; ++k) pos += zi[k] * (c[k] - zi[k]);
+    const Acc mean_positive = pos * inv_t / static_cast<Acc>(class_counts[class_ids[i]] - 1);
+    row_loss[i] = static_cast<double>(lse[i]) - static_cast<double>(mean_positive);
+  }
+  *loss = mean_or_zero(row_loss, classes.anchors);
+  return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
+}
+
+template <typename Acc>
+Status sup_con_backward_impl(const MatrixView& features, const int64_t* class_ids,
+                             const int64_t* class_counts, int64_t num_classes, const Acc* lse,
+                             double temperature, bool normalize, double grad_loss, void* dfeatures,
+                             int num_threads) {
+  StackedRows<Acc> rows;
+  const Status st = load_rows<Acc>(&features, 1, normalize, rows, num_threads);
+  if (st != Status::Ok) return st;
+  const ClassSums<Acc> classes = class_sums(rows, class_ids, class_counts, num_classes);
+  const int64_t m = rows.m, d = rows.d;
+  std::vector<Acc> dz(static_cast<size_t>(m * d), Acc(0));
+  if (classes.anchors > 0) {  // no anchor: the loss is the constant 0
+    const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+    const Acc coeff = static_cast<Acc>(
+        grad_loss / (temperature * static_cast<double>(classes.anchors)));
+    accumulate_lse_gradient<Acc>(rows, lse, classes.anchor_weight.data(), inv_t, coeff, dz.data(),
+                                 num_threads);
+    // Each positive pair (i, p) of a class of size n_c enters the losses of i and p
+    // with weight 1 / (n_c - 1).
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      if (classes.anchor_weight[i] == 0) continue;
+      const Acc* zi = rows.row(i);
+      const Acc* c = classes.sum.data() + class_ids[i] * d;
+      const Acc scale = 2 * coeff / static_cast<Acc>(class_counts[class_ids[i]] - 1);
+      Acc* g = dz.data() + i * d;
+      for (int64_t k = 0; k < d; ++k) g[k] -= scale * (c[k] - zi[k]);
+    }
+  }
+  void* const outs[1] = {dfeatures};
+  store_input_gradient<Acc>(rows, normalize, dz.data(), &features, outs, 1, num_threads);
+  return Status::Ok;
+}
+
+bool valid_matrix(const MatrixView& z) { return z.rows >= 1 && z.cols >= 1; }
+bool valid_temperature(double t) { return std::isfinite(t) && t > 0; }
+
 bool valid_pair(const MatrixView& z1, const MatrixView& z2, double temperature) {
-  return z1.rows >= 1 && z1.cols >= 1 && z1.rows == z2.rows && z1.cols == z2.cols &&
-         z1.dtype == z2.dtype && std::isfinite(temperature) && temperature > 0;
+  return valid_matrix(z1) && z1.rows == z2.rows && z1.cols == z2.cols && z1.dtype == z2.dtype &&
+         valid_temperature(temperature);
 }
 
 }  // namespace
@@ -246,22 +401,58 @@ bool valid_pair(const MatrixView& z1, const MatrixView& z2, double temperature) 
 Status nt_xent_forward(const MatrixView& z1, const MatrixView& z2, double temperature,
                        bool normalize, void* lse, double* loss, int num_threads) {
   if (!valid_pair(z1, z2, temperature)) return Status::BadArgument;
+  const MatrixView parts[2] = {z1, z2};
+  num_threads = std::max(1, num_threads);
   if (z1.dtype == DType::Float64)
-    return forward_impl<double>(z1, z2, temperature, normalize, static_cast<double*>(lse), loss,
-                                num_threads);
-  return forward_impl<float>(z1, z2, temperature, normalize, static_cast<float*>(lse), loss,
-                             num_threads);
+    return nt_xent_forward_impl<double>(parts, temperature, normalize, static_cast<double*>(lse),
+                                        loss, num_threads);
+  return nt_xent_forward_impl<float>(parts, temperature, normalize, static_cast<float*>(lse), loss,
+                                     num_threads);
 }
 
 Status nt_xent_backward(const MatrixView& z1, const MatrixView& z2, const void* lse,
                         double temperature, bool normalize, double grad_loss, void* dz1,
                         void* dz2, int num_threads) {
   if (!valid_pair(z1, z2, temperature) || !std::isfinite(grad_loss)) return Status::BadArgument;
+  const MatrixView parts[2] = {z1, z2};
+  void* const outs[2] = {dz1, dz2};
+  num_threads = std::max(1, num_threads);
   if (z1.dtype == DType::Float64)
-    return backward_impl<double>(z1, z2, static_cast<const double*>(lse), temperature, normalize,
-                                 grad_loss, dz1, dz2, num_threads);
-  return backward_impl<float>(z1, z2, static_cast<const float*>(lse), temperature, normalize,
-                              grad_loss, dz1, dz2, num_threads);
+    return nt_xent_backward_impl<double>(parts, static_cast<const double*>(lse), temperature,
+                                         normalize, grad_loss, outs, num_threads);
+  return nt_xent_backward_impl<float>(parts, static_cast<const float*>(lse), temperature, normalize,
+                                      grad_loss, outs, num_threads);
+}
+
+Status sup_con_forward(const MatrixView& features, const int64_t* class_ids,
+                       const int64_t* class_counts, int64_t num_classes, double temperature,
+                       bool normalize, void* lse, double* loss, int num_threads) {
+  if (!valid_matrix(features) || !valid_temperature(temperature) ||
+      !valid_classes(features.rows, class_ids, class_counts, num_classes))
+    return Status::BadArgument;
+  num_threads = std::max(1, num_threads);
+  if (features.dtype == DType::Float64)
+    return sup_con_forward_impl<double>(features, class_ids, class_counts, num_classes, temperature,
+                                        normalize, static_cast<double*>(lse), loss, num_threads);
+  return sup_con_forward_impl<float>(features, class_ids, class_counts, num_classes, temperature,
+                                     normalize, static_cast<float*>(lse), loss, num_threads);
+}
+
+Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
+                        const int64_t* class_counts, int64_t num_classes, const void* lse,
+                        double temperature, bool normalize, double grad_loss, void* dfeatures,
+                        int num_threads) {
+  if (!valid_matrix(features) || !valid_temperature(temperature) || !std::isfinite(grad_loss) ||
+      !valid_classes(features.rows, class_ids, class_counts, num_classes))
+    return Status::BadArgument;
+  num_threads = std::max(1, num_threads);
+  if (features.dtype == DType::Float64)
+    return sup_con_backward_impl<double>(features, class_ids, class_counts, num_classes,
+                                         static_cast<const double*>(lse), temperature, normalize,
+                                         grad_loss, dfeatures, num_threads);
+  return sup_con_backward_impl<float>(features, class_ids, class_counts, num_classes,
+                                      static_cast<const float*>(lse), temperature, normalize,
+                                      grad_loss, dfeatures, num_threads);
 }
 
 }  // namespace sslkernels

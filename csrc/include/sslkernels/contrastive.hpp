@@ -20,4 +20,19 @@ Status nt_xent_backward(const MatrixView& z1, const MatrixView& z2, const void* 
                         double temperature, bool normalize, double grad_loss, void* dz1,
                         void* dz2, int num_threads);
 
+// Supervised contrastive loss (Khosla et al., "L_out") over the rows of `features`:
+//   loss = mean over anchors i of [ lse_i - (1/|P(i)|) sum_{p in P(i)} s_ip ],
+//   lse_i = log sum_{a != i} exp(s_ia), P(i) = {p != i : class_ids[p] == class_ids[i]},
+// anchors are the rows with |P(i)| > 0; with no anchor the loss is 0 (zero gradient).
+// class_ids[i] in [0, num_classes) and class_counts[c] = #{i : class_ids[i] == c}
+// (compact ids, e.g. from torch.unique); anything else returns BadArgument.
+Status sup_con_forward(const MatrixView& features, const int64_t* class_ids,
+                       const int64_t* class_counts, int64_t num_classes, double temperature,
+                       bool normalize, void* lse, double* loss, int num_threads);
+
+Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
+                        const int64_t* class_counts, int64_t num_classes, const void* lse,
+                        double temperature, bool normalize, double grad_loss, void* dfeatures,
+                        int num_threads);
+
 }  // namespace sslkernels
