@@ -28,6 +28,8 @@ echo "[setup] installing build and test tools"
 # lightly's own NTXentLoss is the parity oracle; its torchvision dependency is not
 # installable beside the CPU torch build, so only the pure-Python package comes in.
 "${PIP[@]}" --no-deps "lightly==1.6.0"
+# pytorch-metric-learning (pure Python + scikit-learn): the SupCon parity oracle.
+"${PIP[@]}" "pytorch-metric-learning>=2.0"
 
 echo "[setup] building and installing sslkernels"
 if [ "${1:-}" = "--editable" ]; then

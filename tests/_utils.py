@@ -29,3 +29,14 @@ def assert_within_eager_error(fused, eager, ref64, dtype, what: str) -> None:
         f"{what} ({dtype}): fused error {err_fused:.3e} > bound {bound:.3e} "
         f"(eager error {err_eager:.3e}, floor {floor:.3e})"
     )
+
+
+def loss_and_grads(fn, *args, **kwargs):
+    """(loss, grad of each floating-point tensor argument), on fresh leaf copies."""
+    leaves = [
+        a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    ]
+    loss = fn(*leaves, **kwargs)
+    grads = torch.autograd.grad(loss, [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad])
+    return (loss.detach(), *grads)

@@ -12,17 +12,10 @@ import torch.nn.functional as F
 import sslkernels
 from sslkernels.reference import nt_xent_reference
 from tests._utils import assert_within_eager_error
+from tests._utils import loss_and_grads as _loss_and_grads
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1, 3), (7, 65), (257, 130), (1000, 128)]
-
-
-def _loss_and_grads(fn, z1, z2, **kw):
-    a = z1.detach().clone().requires_grad_(True)
-    b = z2.detach().clone().requires_grad_(True)
-    loss = fn(a, b, **kw)
-    ga, gb = torch.autograd.grad(loss, (a, b))
-    return loss.detach(), ga, gb
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -53,3 +53,16 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     """Value check (a pass over the data; a host sync on CUDA)."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` contains NaN or Inf")
+
+
+def check_labels(labels, name: str, length: int, device: torch.device) -> torch.Tensor:
+    """Integer class labels [length] on `device`, returned as int64."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"`{name}` must hold integer class ids (int64), got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != length:
+        raise ValueError(f"`{name}` must have shape [{length}], got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"`{name}` is on {labels.device} but the features are on {device}")
+    return labels.to(torch.int64)

@@ -34,3 +34,30 @@ def nt_xent(
     temperature = v.check_temperature(temperature)
     loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
     return loss
+
+
+def sup_con(
+    features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, normalize: bool = True
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, the "L_out" form), fused.
+
+    For anchor ``i`` with positives ``P(i) = {p != i : labels[p] == labels[i]}``:
+    ``loss_i = -(1/|P(i)|) sum_{p in P(i)} log( exp(s_ip) / sum_{a != i} exp(s_ia) )``,
+    ``s = z z^T / temperature`` (rows L2-normalised first when ``normalize``). The
+    result is the mean over anchors with at least one positive; anchors without
+    one are left out, and if none has one the loss is 0 with zero gradients.
+    With one label per instance and its two views stacked this equals ``nt_xent``.
+
+    Never allocates the (N x N) logits: autograd keeps the inputs and N floats.
+
+    Args:
+        features: ``[N, D]`` (all views stacked), float32/float16/bfloat16/float64.
+        labels: integer ``[N]`` class ids (any values), same device.
+        temperature: finite, > 0.
+    """
+    v.check_float_tensor(features, "features", 2)
+    v.check_nonempty_rows(features, "features")
+    labels = v.check_labels(labels, "labels", features.shape[0], features.device)
+    temperature = v.check_temperature(temperature)
+    loss, _ = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, bool(normalize))
+    return loss

@@ -2,8 +2,10 @@
 
 sslkernels::nt_xent_forward(z1, z2, temperature, normalize) -> (loss, lse)
 sslkernels::nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize) -> (dz1, dz2)
+sslkernels::sup_con_forward(features, labels, temperature, normalize) -> (loss, lse)
+sslkernels::sup_con_backward(grad_loss, features, labels, lse, temperature, normalize) -> dfeatures
 
-Autograd saves the two inputs and lse (2N floats): nothing of size N x N.
+Autograd saves the inputs and lse (one float per row): nothing of size N x N.
 """
 
 import torch
@@ -116,3 +118,87 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 nt_xent_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- SupCon
+
+
+def _compact_classes(labels: Tensor):
+    """Class ids in [0, C) and per-class counts for the C++ core (labels may be any int64)."""
+    _, class_ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return class_ids.contiguous(), counts.contiguous()
+
+
+@torch.library.custom_op("sslkernels::sup_con_forward", mutates_args=())
+def sup_con_forward(features: Tensor, labels: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor]:
+    raise _no_kernel("sup_con_forward", features.device)
+
+
+@sup_con_forward.register_fake
+def _(features, labels, temperature, normalize):
+    return features.new_empty(()), features.new_empty((features.shape[0],), dtype=_stats_dtype(features.dtype))
+
+
+@sup_con_forward.register_kernel("cpu")
+def _(features, labels, temperature, normalize):
+    n, d = features.shape
+    class_ids, counts = _compact_classes(labels)
+    lse = torch.empty(n, dtype=_stats_dtype(features.dtype))
+    loss64 = torch.empty((), dtype=torch.float64)
+    status = _ext._C.sup_con_forward(
+        features.data_ptr(), _ext.DTYPE_CODES[features.dtype], n, d, features.stride(0), features.stride(1),
+        class_ids.data_ptr(), counts.data_ptr(), counts.numel(),
+        float(temperature), bool(normalize), lse.data_ptr(), loss64.data_ptr(), _ext.num_threads(),
+    )
+    _ext.raise_for_status(status, "sup_con", "features", "labels")
+    return loss64.to(features.dtype), lse
+
+
+@sup_con_forward.register_kernel("cuda")
+def _(features, labels, temperature, normalize):
+    raise NotImplementedError("sslkernels.sup_con: the CUDA (Triton) kernel is not built yet; CPU only for now")
+
+
+@torch.library.custom_op("sslkernels::sup_con_backward", mutates_args=())
+def sup_con_backward(
+    grad_loss: Tensor, features: Tensor, labels: Tensor, lse: Tensor, temperature: float, normalize: bool
+) -> Tensor:
+    raise _no_kernel("sup_con_backward", features.device)
+
+
+@sup_con_backward.register_fake
+def _(grad_loss, features, labels, lse, temperature, normalize):
+    return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
+@sup_con_backward.register_kernel("cpu")
+def _(grad_loss, features, labels, lse, temperature, normalize):
+    n, d = features.shape
+    class_ids, counts = _compact_classes(labels)
+    dfeatures = torch.empty((n, d), dtype=features.dtype)
+    lse = lse.contiguous()
+    status = _ext._C.sup_con_backward(
+        features.data_ptr(), _ext.DTYPE_CODES[features.dtype], n, d, features.stride(0), features.stride(1),
+        class_ids.data_ptr(), counts.data_ptr(), counts.numel(), lse.data_ptr(),
+        float(temperature), bool(normalize), float(grad_loss), dfeatures.data_ptr(), _ext.num_threads(),
+    )
+    _ext.raise_for_status(status, "sup_con backward", "features", "labels")
+    return dfeatures
+
+
+def _sup_con_setup_context(ctx, inputs, output):
+    features, labels, temperature, normalize = inputs
+    _, lse = output
+    ctx.save_for_backward(features, labels, lse)
+    ctx.temperature = temperature
+    ctx.normalize = normalize
+    ctx.mark_non_differentiable(lse)
+
+
+def _sup_con_backward(ctx, grad_loss, grad_lse):
+    features, labels, lse = ctx.saved_tensors
+    dfeatures = torch.ops.sslkernels.sup_con_backward(grad_loss, features, labels, lse, ctx.temperature, ctx.normalize)
+    return dfeatures, None, None, None
+
+
+sup_con_forward.register_autograd(_sup_con_backward, setup_context=_sup_con_setup_context)

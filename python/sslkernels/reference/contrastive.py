@@ -21,3 +21,28 @@ def nt_xent_reference(
     logits.fill_diagonal_(float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits, targets)
+
+
+def sup_con_reference(
+    features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, normalize: bool = True
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., "L_out"), eager, as SupContrast /
+    pytorch-metric-learning write it: the full (N x N) logits and a dense positive mask.
+
+    Mean over anchors that have at least one positive; 0 (with zero gradients) when
+    no anchor has one.
+    """
+    z = F.normalize(features, dim=1) if normalize else features
+    logits = z @ z.T / temperature
+    n = z.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    num_positives = positives.sum(dim=1)
+    anchors = num_positives > 0
+    pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+    per_anchor = -pos_log_prob[anchors] / num_positives[anchors]
+    if per_anchor.numel() == 0:
+        return (z * 0).sum()
+    return per_anchor.mean()
