@@ -99,27 +99,6 @@ def _(grad_loss, z1, z2, lse, temperature, normalize):
     return launchers("contrastive").nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize)
 
 
-# ---------------------------------------------------------------- autograd
-
-
-def _setup_context(ctx, inputs, output):
-    z1, z2, temperature, normalize = inputs
-    _, lse = output
-    ctx.save_for_backward(z1, z2, lse)
-    ctx.temperature = temperature
-    ctx.normalize = normalize
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_loss, grad_lse):
-    z1, z2, lse = ctx.saved_tensors
-    dz1, dz2 = torch.ops.sslkernels.nt_xent_backward(grad_loss, z1, z2, lse, ctx.temperature, ctx.normalize)
-    return dz1, dz2, None, None
-
-
-nt_xent_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
 # ---------------------------------------------------------------- SupCon
 
 
@@ -186,19 +165,32 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
     return dfeatures
 
 
-def _sup_con_setup_context(ctx, inputs, output):
-    features, labels, temperature, normalize = inputs
-    _, lse = output
-    ctx.save_for_backward(features, labels, lse)
-    ctx.temperature = temperature
-    ctx.normalize = normalize
-    ctx.mark_non_differentiable(lse)
+# ---------------------------------------------------------------- autograd
 
 
-def _sup_con_backward(ctx, grad_loss, grad_lse):
-    features, labels, lse = ctx.saved_tensors
-    dfeatures = torch.ops.sslkernels.sup_con_backward(grad_loss, features, labels, lse, ctx.temperature, ctx.normalize)
-    return dfeatures, None, None, None
+def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
+    """Autograd for a fused loss op `forward(*tensors, *scalars) -> (loss, lse)`.
+
+    Saves the tensor inputs and lse (O(rows), never a similarity matrix) and calls
+    `backward_op(grad_loss, *tensors, lse, *scalars)`, which returns the gradients of
+    the inputs flagged in `differentiable` (one flag per tensor input), in order.
+    """
+    num_tensors = len(differentiable)
+
+    def setup_context(ctx, inputs, output):
+        _, lse = output
+        ctx.save_for_backward(*inputs[:num_tensors], lse)
+        ctx.scalars = inputs[num_tensors:]
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_loss, grad_lse):
+        *tensors, lse = ctx.saved_tensors
+        grads = backward_op(grad_loss, *tensors, lse, *ctx.scalars)
+        grads = iter(grads if isinstance(grads, (tuple, list)) else (grads,))
+        return tuple(next(grads) if d else None for d in differentiable) + (None,) * len(ctx.scalars)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
 
 
-sup_con_forward.register_autograd(_sup_con_backward, setup_context=_sup_con_setup_context)
+_register_loss_autograd(nt_xent_forward, torch.ops.sslkernels.nt_xent_backward, (True, True))
+_register_loss_autograd(sup_con_forward, torch.ops.sslkernels.sup_con_backward, (True, False))
