@@ -22,7 +22,7 @@ def _num(text: str) -> float:
 
 def test_cli_quick_writes_csv_png_and_positive_memory(tmp_path, capsys):
     out = tmp_path / "res"
-    rc = main(["--quick", "--n", "64", "--d", "16", "--repeat", "1", "--out", str(out), "--no-progress"])
+    rc = main(["--ops", "nt_xent", "--quick", "--n", "64", "--d", "16", "--repeat", "1", "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "machine m-" in printed and "speed-up" in printed

@@ -140,6 +140,43 @@ register_op(
 )
 
 
+def _labelled_rows(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d, classes = sizes["n"], sizes["d"], sizes["classes"]
+    labels = torch.randint(0, classes, (n,), generator=g)
+    centers = torch.randn(classes, d, generator=g)
+    x = (centers[labels] + torch.randn(n, d, generator=g)).to(device=device, dtype=dtype)
+    return x.requires_grad_(True), labels.to(device)
+
+
+def _sup_con_eager(features, labels):
+    from sslkernels.reference import sup_con_reference
+
+    return sup_con_reference(features, labels, 0.1, True)
+
+
+def _sup_con_fused(features, labels):
+    import sslkernels
+
+    return sslkernels.sup_con(features, labels, temperature=0.1, normalize=True)
+
+
+register_op(
+    BenchOp(
+        name="sup_con",
+        params=("n", "d", "classes"),
+        default_sizes={"n": (4096, 8192), "d": (128,), "classes": (100,)},
+        quick_sizes={"n": (1024,), "d": (128,), "classes": (100,)},
+        make_inputs=_labelled_rows,
+        eager=_sup_con_eager,
+        fused=_sup_con_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"], "classes": 2},
+        shape_label=lambda s: f"N={s['n']} D={s['d']} C={s['classes']}",
+        description="SupCon (L_out), temperature 0.1, normalize=True; N rows, C classes",
+    )
+)
+
+
 # ---------------------------------------------------------------- passes
 
 

@@ -1,6 +1,7 @@
-"""NT-Xent: eager PyTorch against sslkernels, forward / backward / forward+backward.
+"""Contrastive losses (NT-Xent, SupCon): eager PyTorch against sslkernels,
+forward / backward / forward+backward.
 
-    pytest benchmarks/bench_nt_xent.py --benchmark-only                 # full grid
+    pytest benchmarks/bench_contrastive.py --benchmark-only             # full grid
     SSLK_BENCH_QUICK=1 pytest benchmarks/ --benchmark-only              # N=1024 only
 
 Each benchmark group is one (shape, dtype, pass), so pytest-benchmark prints
@@ -19,26 +20,30 @@ import pytest
 
 from sslkernels import _benchmark as B
 
-OP = B.get_op("nt_xent")
+OP_NAMES = ("nt_xent", "sup_con")
 DTYPE = "float32"
 
 
 def pytest_generate_tests(metafunc):
-    if "sizes" in metafunc.fixturenames:
-        grid = OP.grid(quick=metafunc.config.getoption("--sslk-quick"))
-        metafunc.parametrize("sizes", grid, ids=[f"N{s['n']}-D{s['d']}" for s in grid])
+    if "case" in metafunc.fixturenames:
+        quick = metafunc.config.getoption("--sslk-quick")
+        cases = [(name, sizes) for name in OP_NAMES for sizes in B.get_op(name).grid(quick=quick)]
+        ids = [f"{name}-" + "-".join(f"{k}{v}" for k, v in sizes.items()) for name, sizes in cases]
+        metafunc.parametrize("case", cases, ids=ids)
 
 
 @functools.lru_cache(maxsize=None)
-def _peak(sizes_json: str, pass_: str, impl: str, device: str) -> B.Peak:
-    return B.measure_peak(OP, json.loads(sizes_json), DTYPE, impl, pass_, device=device)
+def _peak(op_name: str, sizes_json: str, pass_: str, impl: str, device: str) -> B.Peak:
+    return B.measure_peak(B.get_op(op_name), json.loads(sizes_json), DTYPE, impl, pass_, device=device)
 
 
 @pytest.mark.parametrize("impl", B.IMPLS)
 @pytest.mark.parametrize("pass_", B.PASSES)
-def test_nt_xent(benchmark, sizes, pass_, impl, sslk_bench_config, sslk_machine):
+def test_contrastive(benchmark, case, pass_, impl, sslk_bench_config, sslk_machine):
     import torch
 
+    op_name, sizes = case
+    OP = B.get_op(op_name)
     cfg = sslk_bench_config
     device = cfg["device"]
     inputs = OP.make_inputs(sizes, B.DTYPES[DTYPE], torch.device(device))
@@ -55,12 +60,13 @@ def test_nt_xent(benchmark, sizes, pass_, impl, sslk_bench_config, sslk_machine)
                        warmup_rounds=cfg["warmup"], iterations=1)
     benchmark.extra_info["other_processes_cores"] = contention.stop()   # ~0 on an idle machine
     for t in inputs:
-        t.grad = None
+        if t.requires_grad:
+            t.grad = None
     del inputs
 
     if cfg["memory"]:
         key = json.dumps(sizes, sort_keys=True)
-        peaks = {i: _peak(key, pass_, i, device) for i in B.IMPLS}
+        peaks = {i: _peak(op_name, key, pass_, i, device) for i in B.IMPLS}
         benchmark.extra_info.update({
             "peak_mib": peaks[impl].mib,
             "eager_peak_mib": peaks["eager"].mib,
