@@ -134,16 +134,21 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
   }
 }
 
-// W_ij = w_i exp(S_ij - lse_i) + w_j exp(S_ij - lse_j) in place: the symmetric weight
-// of pair (i, j) in the gradient of sum_i w_i lse_i.
+// W_ij = w_i exp(S_ij - lse_i) + w_j exp(S_ij - lse_j) in place: the weight of pair
+// (i, j) in the gradient of sum_i w_i lse_i + sum_j w_j lse_j. Without column
+// statistics (lse_cols null) only the row term: W_ij = w_i exp(S_ij - lse_i).
 template <typename Acc>
 SSLK_MULTIVERSION void softmax_weights(Acc* s, int64_t rows, int64_t cols, const Acc* lse_rows,
                                        const Acc* lse_cols, const Acc* w_rows, const Acc* w_cols) {
   for (int64_t i = 0; i < rows; ++i) {
     Acc* si = s + i * cols;
     const Acc li = lse_rows[i], wi = w_rows[i];
-    for (int64_t j = 0; j < cols; ++j)
-      si[j] = wi * exp_vec(si[j] - li) + w_cols[j] * exp_vec(si[j] - lse_cols[j]);
+    if (lse_cols != nullptr) {
+      for (int64_t j = 0; j < cols; ++j)
+        si[j] = wi * exp_vec(si[j] - li) + w_cols[j] * exp_vec(si[j] - lse_cols[j]);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) si[j] = wi * exp_vec(si[j] - li);
+    }
   }
 }
 
@@ -388,6 +393,154 @@ Status sup_con_backward_impl(const MatrixView& features, const int64_t* class_id
   return Status::Ok;
 }
 
+// ------------------------------------------------------------------------- InfoNCE
+// Queries against keys (positives on the diagonal) and an optional shared queue.
+// The (query x key) tiles are walked in Latin-square rounds: one product per tile
+// serves the query direction (row view) and, for CLIP, the key direction (column
+// view). Queue tiles only have the row view (the queue is never an anchor).
+
+template <typename Acc>
+struct InfoNceRows {
+  StackedRows<Acc> query, key, negatives;
+};
+
+Status as_argument(Status st, Status first_means) {
+  return st == Status::NonFiniteFirstInput ? first_means : st;
+}
+
+template <typename Acc>
+Status load_info_nce(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
+                     bool normalize, InfoNceRows<Acc>& rows, int num_threads) {
+  Status st = load_rows<Acc>(&query, 1, normalize, rows.query, num_threads);
+  if (st != Status::Ok) return st;
+  st = load_rows<Acc>(&key, 1, normalize, rows.key, num_threads);
+  if (st != Status::Ok) return as_argument(st, Status::NonFiniteSecondInput);
+  if (negatives.rows > 0) {
+    st = load_rows<Acc>(&negatives, 1, normalize, rows.negatives, num_threads);
+    if (st != Status::Ok) return as_argument(st, Status::NonFiniteThirdInput);
+  }
+  return Status::Ok;
+}
+
+template <typename Acc>
+Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
+                             const MatrixView& negatives, double temperature, bool normalize,
+                             bool symmetric, Acc* lse_query, Acc* lse_key, double* loss,
+                             int num_threads) {
+  InfoNceRows<Acc> rows;
+  const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
+  if (st != Status::Ok) return st;
+  const int64_t n = query.rows, d = query.cols, k = negatives.rows;
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+  const int64_t tile = detail::choose_tile_rows(n, d);
+  RowStats<Acc> q_stats(n), k_stats(n);
+  const Acc* q = rows.query.z.data();
+  const Acc* kz = rows.key.z.data();
+  detail::for_each_bipartite_tile<Acc>(
+      n, n, tile, tile * tile + 2 * tile, num_threads,
+      [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+        detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0),
+                          scratch, nc);
+        fold_tile<Acc>(scratch, nr, nc, q_stats.max.data() + r0, q_stats.sum.data() + r0,
+                       k_stats.max.data() + c0, k_stats.sum.data() + c0, symmetric,
+                       scratch + tile * tile);
+      });
+  if (k > 0) {
+    const Acc* nz = rows.negatives.z.data();
+    detail::for_each_bipartite_tile<Acc>(
+        n, k, tile, tile * tile + 2 * tile, num_threads,
+        [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+          detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0),
+                            scratch, nc);
+          fold_tile<Acc>(scratch, nr, nc, q_stats.max.data() + r0, q_stats.sum.data() + r0,
+                         nullptr, nullptr, false, scratch + tile * tile);
+        });
+  }
+  std::vector<double> row_loss(static_cast<size_t>(n));
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const double positive = static_cast<double>(dot(rows.query.row(i), rows.key.row(i), d) * inv_t);
+    lse_query[i] = q_stats.max[i] + std::log(q_stats.sum[i]);
+    double term = static_cast<double>(lse_query[i]) - positive;
+    if (symmetric) {
+      lse_key[i] = k_stats.max[i] + std::log(k_stats.sum[i]);
+      term = 0.5 * (term + static_cast<double>(lse_key[i]) - positive);
+    }
+    row_loss[i] = term;
+  }
+  *loss = mean_or_zero(row_loss, n);
+  return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
+}
+
+template <typename Acc>
+Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
+                              const MatrixView& negatives, const Acc* lse_query,
+                              const Acc* lse_key, double temperature, bool normalize,
+                              bool symmetric, double grad_loss, void* dquery, void* dkey,
+                              void* dnegatives, int num_threads) {
+  InfoNceRows<Acc> rows;
+  const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
+  if (st != Status::Ok) return st;
+  const int64_t n = query.rows, d = query.cols, k = negatives.rows;
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+  // Each direction is a mean over N anchors; CLIP averages the two directions.
+  const double directions = symmetric ? 2.0 : 1.0;
+  const Acc coeff = static_cast<Acc>(grad_loss / (temperature * static_cast<double>(n) * directions));
+  const int64_t tile = detail::choose_tile_rows(n, d);
+  const std::vector<Acc> ones(static_cast<size_t>(std::max(n, int64_t(1))), Acc(1));
+  std::vector<Acc> dq(static_cast<size_t>(n * d), Acc(0)), dk(static_cast<size_t>(n * d), Acc(0));
+  std::vector<Acc> dn(dnegatives != nullptr ? static_cast<size_t>(k * d) : 0, Acc(0));
+  const Acc* q = rows.query.z.data();
+  const Acc* kz = rows.key.z.data();
+  detail::for_each_bipartite_tile<Acc>(
+      n, n, tile, tile * tile, num_threads,
+      [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+        detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
+        softmax_weights<Acc>(w, nr, nc, lse_query + r0, symmetric ? lse_key + c0 : nullptr,
+                             ones.data(), ones.data());
+        detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, kz + c0 * d, d, Acc(1),
+                          dq.data() + r0 * d, d);
+        detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, q + r0 * d, d, Acc(1),
+                          dk.data() + c0 * d, d);
+      });
+  if (k > 0) {
+    const Acc* nz = rows.negatives.z.data();
+    detail::for_each_bipartite_tile<Acc>(
+        n, k, tile, tile * tile, num_threads,
+        [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+          detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0), w, nc);
+          softmax_weights<Acc>(w, nr, nc, lse_query + r0, nullptr, ones.data(), nullptr);
+          detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, nz + c0 * d, d, Acc(1),
+                            dq.data() + r0 * d, d);
+          if (!dn.empty())
+            detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, q + r0 * d, d, Acc(1),
+                              dn.data() + c0 * d, d);
+        });
+  }
+  // The positive logit s_ii enters each direction's loss once.
+  const Acc positive_coeff = coeff * static_cast<Acc>(directions);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc* qi = rows.query.row(i);
+    const Acc* ki = rows.key.row(i);
+    Acc* gq = dq.data() + i * d;
+    Acc* gk = dk.data() + i * d;
+    for (int64_t c = 0; c < d; ++c) {
+      gq[c] -= positive_coeff * ki[c];
+      gk[c] -= positive_coeff * qi[c];
+    }
+  }
+  void* const q_out[1] = {dquery};
+  void* const k_out[1] = {dkey};
+  store_input_gradient<Acc>(rows.query, normalize, dq.data(), &query, q_out, 1, num_threads);
+  store_input_gradient<Acc>(rows.key, normalize, dk.data(), &key, k_out, 1, num_threads);
+  if (!dn.empty()) {
+    void* const n_out[1] = {dnegatives};
+    store_input_gradient<Acc>(rows.negatives, normalize, dn.data(), &negatives, n_out, 1, num_threads);
+  }
+  return Status::Ok;
+}
+
 bool valid_matrix(const MatrixView& z) { return z.rows >= 1 && z.cols >= 1; }
 bool valid_temperature(double t) { return std::isfinite(t) && t > 0; }
 
@@ -453,6 +606,46 @@ Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
   return sup_con_backward_impl<float>(features, class_ids, class_counts, num_classes,
                                       static_cast<const float*>(lse), temperature, normalize,
                                       grad_loss, dfeatures, num_threads);
+}
+
+bool valid_info_nce(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
+                    double temperature) {
+  return valid_pair(query, key, temperature) &&
+         (negatives.rows == 0 || (negatives.rows > 0 && negatives.cols == query.cols &&
+                                  negatives.dtype == query.dtype));
+}
+
+Status info_nce_forward(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
+                        double temperature, bool normalize, bool symmetric, void* lse_query,
+                        void* lse_key, double* loss, int num_threads) {
+  if (!valid_info_nce(query, key, negatives, temperature) || (symmetric && lse_key == nullptr))
+    return Status::BadArgument;
+  num_threads = std::max(1, num_threads);
+  if (query.dtype == DType::Float64)
+    return info_nce_forward_impl<double>(query, key, negatives, temperature, normalize, symmetric,
+                                         static_cast<double*>(lse_query), static_cast<double*>(lse_key),
+                                         loss, num_threads);
+  return info_nce_forward_impl<float>(query, key, negatives, temperature, normalize, symmetric,
+                                      static_cast<float*>(lse_query), static_cast<float*>(lse_key),
+                                      loss, num_threads);
+}
+
+Status info_nce_backward(const MatrixView& query, const MatrixView& key,
+                         const MatrixView& negatives, const void* lse_query, const void* lse_key,
+                         double temperature, bool normalize, bool symmetric, double grad_loss,
+                         void* dquery, void* dkey, void* dnegatives, int num_threads) {
+  if (!valid_info_nce(query, key, negatives, temperature) || !std::isfinite(grad_loss) ||
+      (symmetric && lse_key == nullptr))
+    return Status::BadArgument;
+  if (negatives.rows == 0) dnegatives = nullptr;
+  num_threads = std::max(1, num_threads);
+  if (query.dtype == DType::Float64)
+    return info_nce_backward_impl<double>(query, key, negatives, static_cast<const double*>(lse_query),
+                                          static_cast<const double*>(lse_key), temperature, normalize,
+                                          symmetric, grad_loss, dquery, dkey, dnegatives, num_threads);
+  return info_nce_backward_impl<float>(query, key, negatives, static_cast<const float*>(lse_query),
+                                       static_cast<const float*>(lse_key), temperature, normalize,
+                                       symmetric, grad_loss, dquery, dkey, dnegatives, num_threads);
 }
 
 }  // namespace sslkernels

@@ -173,6 +173,32 @@ void for_each_symmetric_tile(int64_t m, int64_t tile, int64_t scratch_size, int 
   }
 }
 
+// Runs fn(scratch, r0, rows, c0, cols) on every tile of a (row_count x col_count)
+// matrix cut into `tile` blocks both ways, in rounds whose tiles share no row block
+// and no column block (a Latin square: round r holds the tiles with
+// (J - I) mod max(R, C) == r). fn may update per-row and per-column state of its
+// tile without races, and each block receives its contributions in a fixed order.
+template <typename Acc, typename TileFn>
+void for_each_bipartite_tile(int64_t row_count, int64_t col_count, int64_t tile,
+                             int64_t scratch_size, int num_threads, TileFn fn) {
+  const int64_t row_blocks = (row_count + tile - 1) / tile;
+  const int64_t col_blocks = (col_count + tile - 1) / tile;
+  const int64_t span = std::max(row_blocks, col_blocks);
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> scratch(static_cast<size_t>(scratch_size));
+    for (int64_t r = 0; r < span; ++r) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < span; ++b) {
+        const int64_t i = b, j = (b + r) % span;
+        if (i >= row_blocks || j >= col_blocks) continue;
+        const int64_t r0 = i * tile, c0 = j * tile;
+        fn(scratch.data(), r0, std::min(tile, row_count - r0), c0, std::min(tile, col_count - c0));
+      }
+    }
+  }
+}
+
 // Tile height for a (rows x rows) logit matrix over `cols` features: big enough to
 // keep BLAS efficient, small enough that a round has pairs for several threads.
 int64_t choose_tile_rows(int64_t rows, int64_t cols);

@@ -27,6 +27,7 @@ enum class Status : int {
   NonFiniteSecondInput = 2,  // NaN/Inf in the second matrix argument
   NonFiniteResult = 3,       // finite inputs whose logits overflow the accumulator
   BadArgument = 4,           // sizes or dtypes the kernel does not accept
+  NonFiniteThirdInput = 5,   // NaN/Inf in the third matrix argument
 };
 
 }  // namespace sslkernels

@@ -35,4 +35,21 @@ Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
                         double temperature, bool normalize, double grad_loss, void* dfeatures,
                         int num_threads);
 
+// InfoNCE over queries q [N, D] and keys k [N, D] (k_i is the positive of q_i, the
+// other keys its negatives), plus optional shared negatives (a MoCo queue) [K, D]:
+//   loss_q = mean_i [ lse_i - s_ii ],  lse_i = log( sum_j exp(s_ij) + sum_n exp(q_i.n / t) ),
+//   s_ij = q_i . k_j / t (rows L2-normalised first when normalize).
+// symmetric (CLIP): loss = (loss_q + loss_k) / 2 with loss_k = mean_j [ lse'_j - s_jj ],
+// lse'_j = log sum_i exp(s_ij) (queries only). lse_query [N]; lse_key [N] when symmetric.
+// negatives.rows == 0 means none.
+Status info_nce_forward(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
+                        double temperature, bool normalize, bool symmetric, void* lse_query,
+                        void* lse_key, double* loss, int num_threads);
+
+// dquery, dkey: contiguous [N, D]; dnegatives: contiguous [K, D] or null to skip it.
+Status info_nce_backward(const MatrixView& query, const MatrixView& key,
+                         const MatrixView& negatives, const void* lse_query, const void* lse_key,
+                         double temperature, bool normalize, bool symmetric, double grad_loss,
+                         void* dquery, void* dkey, void* dnegatives, int num_threads);
+
 }  // namespace sslkernels
