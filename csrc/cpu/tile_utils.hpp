@@ -175,23 +175,27 @@ void for_each_symmetric_tile(int64_t m, int64_t tile, int64_t scratch_size, int 
 
 // Runs fn(scratch, r0, rows, c0, cols) on every tile of a (row_count x col_count)
 // matrix cut into `tile` blocks both ways, in rounds whose tiles share no row block
-// and no column block (a Latin square: round r holds the tiles with
-// (J - I) mod max(R, C) == r). fn may update per-row and per-column state of its
-// tile without races, and each block receives its contributions in a fixed order.
+// and no column block (a Latin square over the larger block count: in round r the
+// b-th block of the smaller side meets block (b + r) mod larger of the other side).
+// fn may update per-row and per-column state of its tile without races, every
+// round keeps all threads busy, and each block receives its contributions in a
+// fixed order whatever the thread count.
 template <typename Acc, typename TileFn>
 void for_each_bipartite_tile(int64_t row_count, int64_t col_count, int64_t tile,
                              int64_t scratch_size, int num_threads, TileFn fn) {
   const int64_t row_blocks = (row_count + tile - 1) / tile;
   const int64_t col_blocks = (col_count + tile - 1) / tile;
-  const int64_t span = std::max(row_blocks, col_blocks);
+  const bool rows_smaller = row_blocks <= col_blocks;
+  const int64_t smaller = rows_smaller ? row_blocks : col_blocks;
+  const int64_t larger = rows_smaller ? col_blocks : row_blocks;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<Acc> scratch(static_cast<size_t>(scratch_size));
-    for (int64_t r = 0; r < span; ++r) {
+    for (int64_t r = 0; r < larger; ++r) {
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < span; ++b) {
-        const int64_t i = b, j = (b + r) % span;
-        if (i >= row_blocks || j >= col_blocks) continue;
+      for (int64_t b = 0; b < smaller; ++b) {
+        const int64_t other = (b + r) % larger;
+        const int64_t i = rows_smaller ? b : other, j = rows_smaller ? other : b;
         const int64_t r0 = i * tile, c0 = j * tile;
         fn(scratch.data(), r0, std::min(tile, row_count - r0), c0, std::min(tile, col_count - c0));
       }

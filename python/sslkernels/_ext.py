@@ -30,9 +30,10 @@ STATUS_NONFINITE_FIRST = 1
 STATUS_NONFINITE_SECOND = 2
 STATUS_NONFINITE_RESULT = 3
 STATUS_BAD_ARGUMENT = 4
+STATUS_NONFINITE_THIRD = 5
 
 
-def raise_for_status(status: int, op: str, first: str, second: str) -> None:
+def raise_for_status(status: int, op: str, first: str, second: str, third: str = "") -> None:
     """Turn a C++ status code into an exception that names the offending argument."""
     if status == STATUS_OK:
         return
@@ -40,6 +41,8 @@ def raise_for_status(status: int, op: str, first: str, second: str) -> None:
         raise ValueError(f"{op}: `{first}` contains NaN or Inf")
     if status == STATUS_NONFINITE_SECOND:
         raise ValueError(f"{op}: `{second}` contains NaN or Inf")
+    if status == STATUS_NONFINITE_THIRD:
+        raise ValueError(f"{op}: `{third}` contains NaN or Inf")
     if status == STATUS_NONFINITE_RESULT:
         raise ValueError(
             f"{op}: the logits overflow float32 (finite `{first}`/`{second}` too large for the "

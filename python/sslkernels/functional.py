@@ -61,3 +61,56 @@ def sup_con(
     temperature = v.check_temperature(temperature)
     loss, _ = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, bool(normalize))
     return loss
+
+
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    temperature: float = 0.07,
+    negatives: torch.Tensor = None,
+    symmetric: bool = False,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """InfoNCE (MoCo / CPC) and, with ``symmetric=True``, the CLIP loss, fused.
+
+    Row ``i`` of ``key`` is the positive of row ``i`` of ``query``; the other keys are
+    its negatives, and a shared ``negatives`` ``[K, D]`` (a MoCo queue) joins them:
+    ``loss_i = -log( exp(q_i.k_i/t) / (sum_j exp(q_i.k_j/t) + sum_n exp(q_i.n/t)) )``,
+    mean over the N queries, inputs L2-normalised first when ``normalize``.
+    ``symmetric=True`` averages that with the key -> query loss, whose candidates are
+    the queries only; one pass over the logit tiles serves both directions.
+
+    Never allocates the (N x (N + K)) logits: autograd keeps the inputs and N (2N)
+    floats. The queue gets a gradient only if it requires one.
+
+    Not built yet (NotImplementedError): per-query hard negatives ``[N, M, D]`` and a
+    tensor (learnable) ``temperature``.
+    """
+    v.check_float_tensor(query, "query", 2)
+    v.check_float_tensor(key, "key", 2)
+    v.check_same(query, key, "query", "key")
+    v.check_nonempty_rows(query, "query")
+    if isinstance(temperature, torch.Tensor):
+        raise NotImplementedError("sslkernels.info_nce: a tensor (learnable) temperature is not built yet; pass a float")
+    temperature = v.check_temperature(temperature)
+    negatives_grad = False
+    if negatives is not None:
+        if isinstance(negatives, torch.Tensor) and negatives.dim() == 3:
+            raise NotImplementedError("sslkernels.info_nce: per-query negatives [N, M, D] are not built yet")
+        v.check_float_tensor(negatives, "negatives", 2)
+        if negatives.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"`negatives` must have D = {query.shape[1]} columns like `query`, got shape {tuple(negatives.shape)}"
+            )
+        if negatives.dtype != query.dtype:
+            raise TypeError(f"`negatives` must share the dtype of `query` ({query.dtype}), got {negatives.dtype}")
+        if negatives.device != query.device:
+            raise ValueError(f"`negatives` is on {negatives.device} but `query` is on {query.device}")
+        if negatives.shape[0] == 0:
+            negatives = None
+        else:
+            negatives_grad = negatives.requires_grad
+    loss, _ = torch.ops.sslkernels.info_nce_forward(
+        query, key, negatives, temperature, bool(normalize), bool(symmetric), negatives_grad
+    )
+    return loss

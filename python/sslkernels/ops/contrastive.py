@@ -4,9 +4,15 @@ sslkernels::nt_xent_forward(z1, z2, temperature, normalize) -> (loss, lse)
 sslkernels::nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize) -> (dz1, dz2)
 sslkernels::sup_con_forward(features, labels, temperature, normalize) -> (loss, lse)
 sslkernels::sup_con_backward(grad_loss, features, labels, lse, temperature, normalize) -> dfeatures
+sslkernels::info_nce_forward(query, key, negatives?, temperature, normalize, symmetric,
+                             negatives_grad) -> (loss, lse)
+sslkernels::info_nce_backward(grad_loss, query, key, negatives?, lse, temperature, normalize,
+                              symmetric, negatives_grad) -> (dquery, dkey, dnegatives)
 
 Autograd saves the inputs and lse (one float per row): nothing of size N x N.
 """
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -165,6 +171,92 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
     return dfeatures
 
 
+# ---------------------------------------------------------------- InfoNCE / CLIP
+# lse holds the query-direction statistics [N], then (symmetric) the key direction [N].
+# `negatives_grad` says whether the queue needs a gradient (a MoCo queue does not).
+
+
+def _matrix_args(x: Optional[Tensor]):
+    if x is None:
+        return 0, 0, 0, 0
+    return x.data_ptr(), x.shape[0], x.stride(0), x.stride(1)
+
+
+@torch.library.custom_op("sslkernels::info_nce_forward", mutates_args=())
+def info_nce_forward(
+    query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: float, normalize: bool,
+    symmetric: bool, negatives_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    raise _no_kernel("info_nce_forward", query.device)
+
+
+@info_nce_forward.register_fake
+def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
+    rows = query.shape[0] * (2 if symmetric else 1)
+    return query.new_empty(()), query.new_empty((rows,), dtype=_stats_dtype(query.dtype))
+
+
+@info_nce_forward.register_kernel("cpu")
+def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
+    n, d = query.shape
+    lse = torch.empty(n * (2 if symmetric else 1), dtype=_stats_dtype(query.dtype))
+    loss64 = torch.empty((), dtype=torch.float64)
+    neg_ptr, k, neg_s0, neg_s1 = _matrix_args(negatives)
+    status = _ext._C.info_nce_forward(
+        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
+        float(temperature), bool(normalize), bool(symmetric),
+        lse.data_ptr(), lse.data_ptr() + n * lse.element_size() if symmetric else 0,
+        loss64.data_ptr(), _ext.num_threads(),
+    )
+    _ext.raise_for_status(status, "info_nce", "query", "key", "negatives")
+    return loss64.to(query.dtype), lse
+
+
+@info_nce_forward.register_kernel("cuda")
+def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
+    raise NotImplementedError("sslkernels.info_nce: the CUDA (Triton) kernel is not built yet; CPU only for now")
+
+
+@torch.library.custom_op("sslkernels::info_nce_backward", mutates_args=())
+def info_nce_backward(
+    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Optional[Tensor], lse: Tensor,
+    temperature: float, normalize: bool, symmetric: bool, negatives_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    raise _no_kernel("info_nce_backward", query.device)
+
+
+@info_nce_backward.register_fake
+def _(grad_loss, query, key, negatives, lse, temperature, normalize, symmetric, negatives_grad):
+    dneg = torch.empty_like(negatives) if negatives is not None and negatives_grad else query.new_empty((0,))
+    return torch.empty_like(query), torch.empty_like(key), dneg
+
+
+@info_nce_backward.register_kernel("cpu")
+def _(grad_loss, query, key, negatives, lse, temperature, normalize, symmetric, negatives_grad):
+    n, d = query.shape
+    dquery = torch.empty((n, d), dtype=query.dtype)
+    dkey = torch.empty((n, d), dtype=key.dtype)
+    want_dneg = negatives is not None and negatives_grad
+    dneg = torch.empty(negatives.shape, dtype=negatives.dtype) if want_dneg else query.new_empty((0,))
+    neg_ptr, k, neg_s0, neg_s1 = _matrix_args(negatives)
+    lse = lse.contiguous()
+    status = _ext._C.info_nce_backward(
+        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
+        lse.data_ptr(), lse.data_ptr() + n * lse.element_size() if symmetric else 0,
+        float(temperature), bool(normalize), bool(symmetric), float(grad_loss),
+        dquery.data_ptr(), dkey.data_ptr(), dneg.data_ptr() if want_dneg else 0, _ext.num_threads(),
+    )
+    _ext.raise_for_status(status, "info_nce backward", "query", "key", "negatives")
+    return dquery, dkey, dneg
+
+
+@info_nce_backward.register_kernel("cuda")
+def _(grad_loss, query, key, negatives, lse, temperature, normalize, symmetric, negatives_grad):
+    raise NotImplementedError("sslkernels.info_nce: the CUDA (Triton) kernel is not built yet; CPU only for now")
+
+
 # ---------------------------------------------------------------- autograd
 
 
@@ -187,10 +279,16 @@ def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
         *tensors, lse = ctx.saved_tensors
         grads = backward_op(grad_loss, *tensors, lse, *ctx.scalars)
         grads = iter(grads if isinstance(grads, (tuple, list)) else (grads,))
-        return tuple(next(grads) if d else None for d in differentiable) + (None,) * len(ctx.scalars)
+        # An optional input that was None, or that needs no gradient, gets None.
+        out = []
+        for flag, tensor, needed in zip(differentiable, tensors, ctx.needs_input_grad):
+            grad = next(grads) if flag else None
+            out.append(grad if tensor is not None and needed else None)
+        return tuple(out) + (None,) * len(ctx.scalars)
 
     forward_op.register_autograd(backward, setup_context=setup_context)
 
 
 _register_loss_autograd(nt_xent_forward, torch.ops.sslkernels.nt_xent_backward, (True, True))
 _register_loss_autograd(sup_con_forward, torch.ops.sslkernels.sup_con_backward, (True, False))
+_register_loss_autograd(info_nce_forward, torch.ops.sslkernels.info_nce_backward, (True, True, True))

@@ -1,5 +1,5 @@
 """Eager PyTorch implementations: the test oracle (run in float64) and the
 benchmark baseline. They are never a silent fallback of a fused path."""
-from sslkernels.reference.contrastive import nt_xent_reference, sup_con_reference
+from sslkernels.reference.contrastive import info_nce_reference, nt_xent_reference, sup_con_reference
 
-__all__ = ["nt_xent_reference", "sup_con_reference"]
+__all__ = ["info_nce_reference", "nt_xent_reference", "sup_con_reference"]

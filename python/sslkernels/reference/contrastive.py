@@ -46,3 +46,26 @@ def sup_con_reference(
     if per_anchor.numel() == 0:
         return (z * 0).sum()
     return per_anchor.mean()
+
+
+def info_nce_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    temperature: float = 0.07,
+    negatives: torch.Tensor = None,
+    symmetric: bool = False,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """InfoNCE / CLIP, eager: the (N x (N + K)) logits and F.cross_entropy, as MoCo and
+    open_clip write it. Row i of `key` is the positive of row i of `query`; a shared
+    `negatives` [K, D] (a queue) joins the query -> key candidates; `symmetric` adds the
+    key -> query direction (candidates: the queries) and averages the two."""
+    if normalize:
+        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+        negatives = F.normalize(negatives, dim=1) if negatives is not None else None
+    candidates = key if negatives is None else torch.cat([key, negatives], dim=0)
+    targets = torch.arange(query.shape[0], device=query.device)
+    loss = F.cross_entropy(query @ candidates.T / temperature, targets)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(key @ query.T / temperature, targets))
+    return loss

@@ -1,0 +1,155 @@
+"""InfoNCE / CLIP with a shared queue: the fused CPU path against the float64 eager
+oracle, autograd, compile, memory and errors."""
+import pytest
+import torch
+
+import sslkernels
+from sslkernels.reference import info_nce_reference, nt_xent_reference
+from tests._utils import assert_within_eager_error, loss_and_grads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _inputs(n, d, k, dtype, scale=1.0):
+    q = (torch.randn(n, d) * scale).to(dtype)
+    key = (q.float() + 0.8 * torch.randn(n, d) * scale).to(dtype)
+    neg = (torch.randn(k, d) * scale).to(dtype) if k else None
+    return q, key, neg
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,k", [(1, 3, 0), (7, 65, 0), (7, 65, 5), (257, 130, 300), (600, 128, 0)])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_float64_reference(dtype, n, d, k, symmetric, normalize, poisoned_outputs):
+    q, key, neg = _inputs(n, d, k, dtype, scale=1.0 if normalize else 0.3)
+    kw = dict(temperature=0.07 if normalize else 0.5, symmetric=symmetric, normalize=normalize)
+    args = (q, key) if neg is None else (q, key, neg)
+
+    def run(fn, *t):
+        return lambda a, b, *c: fn(a, b, negatives=c[0] if c else None, **kw)
+
+    fused = loss_and_grads(run(sslkernels.info_nce), *args)
+    eager = loss_and_grads(run(info_nce_reference), *args)
+    ref = loss_and_grads(run(info_nce_reference), *[a.double() for a in args])
+    assert fused[0].dtype == dtype and fused[0].dim() == 0
+    for what, f, e, r in zip(("loss", "grad query", "grad key", "grad negatives"), fused, eager, ref):
+        assert_within_eager_error(f, e, r, dtype, what)
+
+
+def test_queue_without_grad_gets_none_and_matches():
+    q, key, neg = _inputs(50, 16, 70, torch.float64)
+    qq, kk = q.clone().requires_grad_(), key.clone().requires_grad_()
+    loss = sslkernels.info_nce(qq, kk, temperature=0.1, negatives=neg)
+    loss.backward()
+    assert neg.grad is None
+    ref = loss_and_grads(lambda a, b: info_nce_reference(a, b, 0.1, neg), q, key)
+    torch.testing.assert_close(loss.detach(), ref[0])
+    torch.testing.assert_close(qq.grad, ref[1])
+    torch.testing.assert_close(kk.grad, ref[2])
+
+
+def test_symmetric_matches_open_clip_formula():
+    """open_clip's ClipLoss (world size 1): logit_scale * normalised features, labels arange,
+    (CE(image @ text.T) + CE(text @ image.T)) / 2."""
+    img, txt = torch.randn(40, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64)
+    img_n = torch.nn.functional.normalize(img, dim=1)
+    txt_n = torch.nn.functional.normalize(txt, dim=1)
+    scale = 14.0
+    logits = scale * img_n @ txt_n.T
+    labels = torch.arange(40)
+    expected = 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+    ours = sslkernels.info_nce(img, txt, temperature=1.0 / scale, symmetric=True)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_gradcheck_float64():
+    q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    neg = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for symmetric in (False, True):
+        for normalize in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda a, b, c: sslkernels.info_nce(a, b, 0.5, c, symmetric, normalize), (q, k, neg)
+            )
+
+
+def test_opcheck():
+    q, k, neg = (torch.randn(9, 5, requires_grad=True) for _ in range(3))
+    for negatives, grad in ((None, False), (neg, True), (neg.detach(), False)):
+        torch.library.opcheck(
+            torch.ops.sslkernels.info_nce_forward.default, (q, k, negatives, 0.2, True, True, grad)
+        )
+    _, lse = torch.ops.sslkernels.info_nce_forward(q.detach(), k.detach(), neg.detach(), 0.2, True, True, True)
+    torch.library.opcheck(
+        torch.ops.sslkernels.info_nce_backward.default,
+        (torch.tensor(1.0), q.detach(), k.detach(), neg.detach(), lse, 0.2, True, True, True),
+    )
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_cpu():
+    fn = torch.compile(lambda a, b, c: sslkernels.info_nce(a, b, 0.1, c, symmetric=True), fullgraph=True)
+    q, k = torch.randn(30, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    neg = torch.randn(20, 8)
+    out = fn(q, k, neg)
+    out.backward()
+    torch.testing.assert_close(out.detach(), sslkernels.info_nce(q.detach(), k.detach(), 0.1, neg, symmetric=True))
+
+
+def test_saves_nothing_quadratic_for_backward():
+    n, d, k = 300, 8, 400
+    q, key = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+    neg = torch.randn(k, d)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = sslkernels.info_nce(q, key, negatives=neg, symmetric=True)
+    loss.backward()
+    assert saved and max(saved) <= k * d
+
+
+def test_deterministic_and_thread_count_independent():
+    q, key, neg = _inputs(700, 40, 900, torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(loss_and_grads(lambda a, b, c: sslkernels.info_nce(a, b, 0.1, c, True), q, key, neg))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_two_views_without_queue_is_not_nt_xent():
+    # InfoNCE contrasts query rows against keys only; NT-Xent also against the other queries.
+    z1, z2 = torch.randn(20, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    assert not torch.allclose(sslkernels.info_nce(z1, z2, 0.5, symmetric=True), nt_xent_reference(z1, z2, 0.5))
+
+
+@pytest.mark.parametrize(
+    "q,k,kw,exc,match",
+    [
+        (torch.randn(4, 3), torch.randn(5, 3), {}, ValueError, "same shape"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(6, 2)}, ValueError, "`negatives` must have D = 3"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(6, 3, dtype=torch.float64)}, TypeError, "`negatives` must share"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(6, 3, device="meta")}, ValueError, "`negatives` is on meta"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(6)}, ValueError, "`negatives` must be 2-D"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"temperature": -0.1}, ValueError, "temperature"),
+        (torch.randn(0, 3), torch.randn(0, 3), {}, ValueError, "empty batch"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(4, 2, 3)}, NotImplementedError, "per-query"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor(0.1)}, NotImplementedError, "learnable"),
+    ],
+)
+def test_bad_input_raises(q, k, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        sslkernels.info_nce(q, k, **kw)
+
+
+@pytest.mark.parametrize("which", ["query", "key", "negatives"])
+def test_non_finite_input_raises(which):
+    t = {"query": torch.randn(6, 4), "key": torch.randn(6, 4), "negatives": torch.randn(5, 4)}
+    t[which][2, 1] = float("nan")
+    with pytest.raises(ValueError, match=f"`{which}` contains NaN or Inf"):
+        sslkernels.info_nce(t["query"], t["key"], negatives=t["negatives"])
