@@ -1,4 +1,4 @@
-"""Contrastive losses (NT-Xent, SupCon): eager PyTorch against sslkernels,
+"""Contrastive losses (NT-Xent, SupCon, InfoNCE): eager PyTorch against sslkernels,
 forward / backward / forward+backward.
 
     pytest benchmarks/bench_contrastive.py --benchmark-only             # full grid
@@ -20,7 +20,7 @@ import pytest
 
 from sslkernels import _benchmark as B
 
-OP_NAMES = ("nt_xent", "sup_con")
+OP_NAMES = ("nt_xent", "sup_con", "info_nce")
 DTYPE = "float32"
 
 

@@ -437,7 +437,7 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
   detail::for_each_bipartite_tile<Acc>(
-      n, n, tile, tile * tile + 2 * tile, num_threads,
+      n, n, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/symmetric,
       [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
         detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0),
                           scratch, nc);
@@ -448,7 +448,7 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   if (k > 0) {
     const Acc* nz = rows.negatives.z.data();
     detail::for_each_bipartite_tile<Acc>(
-        n, k, tile, tile * tile + 2 * tile, num_threads,
+        n, k, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/false,
         [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0),
                             scratch, nc);
@@ -493,7 +493,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
   detail::for_each_bipartite_tile<Acc>(
-      n, n, tile, tile * tile, num_threads,
+      n, n, tile, tile * tile, num_threads, /*columns_shared=*/true,
       [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
         detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
         softmax_weights<Acc>(w, nr, nc, lse_query + r0, symmetric ? lse_key + c0 : nullptr,
@@ -506,7 +506,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   if (k > 0) {
     const Acc* nz = rows.negatives.z.data();
     detail::for_each_bipartite_tile<Acc>(
-        n, k, tile, tile * tile, num_threads,
+        n, k, tile, tile * tile, num_threads, /*columns_shared=*/!dn.empty(),
         [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0), w, nc);
           softmax_weights<Acc>(w, nr, nc, lse_query + r0, nullptr, ones.data(), nullptr);

@@ -180,11 +180,30 @@ void for_each_symmetric_tile(int64_t m, int64_t tile, int64_t scratch_size, int 
 // fn may update per-row and per-column state of its tile without races, every
 // round keeps all threads busy, and each block receives its contributions in a
 // fixed order whatever the thread count.
+// With `columns_shared` false, fn only touches its row block's state: each thread
+// then owns whole row blocks and walks every column block with no barrier at all
+// (barriers are what a busy machine punishes).
 template <typename Acc, typename TileFn>
 void for_each_bipartite_tile(int64_t row_count, int64_t col_count, int64_t tile,
-                             int64_t scratch_size, int num_threads, TileFn fn) {
+                             int64_t scratch_size, int num_threads, bool columns_shared,
+                             TileFn fn) {
   const int64_t row_blocks = (row_count + tile - 1) / tile;
   const int64_t col_blocks = (col_count + tile - 1) / tile;
+  if (!columns_shared) {
+#pragma omp parallel num_threads(num_threads)
+    {
+      std::vector<Acc> scratch(static_cast<size_t>(scratch_size));
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < row_blocks; ++i) {
+        const int64_t r0 = i * tile;
+        for (int64_t j = 0; j < col_blocks; ++j) {
+          const int64_t c0 = j * tile;
+          fn(scratch.data(), r0, std::min(tile, row_count - r0), c0, std::min(tile, col_count - c0));
+        }
+      }
+    }
+    return;
+  }
   const bool rows_smaller = row_blocks <= col_blocks;
   const int64_t smaller = rows_smaller ? row_blocks : col_blocks;
   const int64_t larger = rows_smaller ? col_blocks : row_blocks;
