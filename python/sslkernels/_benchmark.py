@@ -177,6 +177,44 @@ register_op(
 )
 
 
+def _query_key_queue(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d, k = sizes["n"], sizes["d"], sizes["k"]
+    q = torch.randn(n, d, generator=g)
+    key = q + 0.5 * torch.randn(n, d, generator=g)
+    queue = torch.randn(k, d, generator=g).to(device=device, dtype=dtype)  # detached, as MoCo's
+    return (q.to(device=device, dtype=dtype).requires_grad_(True),
+            key.to(device=device, dtype=dtype).requires_grad_(True), queue)
+
+
+def _info_nce_eager(query, key, queue):
+    from sslkernels.reference import info_nce_reference
+
+    return info_nce_reference(query, key, 0.07, queue)
+
+
+def _info_nce_fused(query, key, queue):
+    import sslkernels
+
+    return sslkernels.info_nce(query, key, temperature=0.07, negatives=queue)
+
+
+register_op(
+    BenchOp(
+        name="info_nce",
+        params=("n", "d", "k"),
+        default_sizes={"n": (8192,), "d": (256,), "k": (16384,)},
+        quick_sizes={"n": (1024,), "d": (128,), "k": (2048,)},
+        make_inputs=_query_key_queue,
+        eager=_info_nce_eager,
+        fused=_info_nce_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"], "k": 8},
+        shape_label=lambda s: f"N={s['n']} D={s['d']} K={s['k']}",
+        description="InfoNCE with a shared (detached) queue of K keys, temperature 0.07",
+    )
+)
+
+
 # ---------------------------------------------------------------- passes
 
 
