@@ -63,6 +63,32 @@ def test_symmetric_matches_open_clip_formula():
     torch.testing.assert_close(ours, expected)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learnable_temperature_gradient(symmetric):
+    q, key, neg = _inputs(200, 24, 150, torch.float64)
+    t = torch.tensor(0.07, dtype=torch.float64)
+    kw = dict(symmetric=symmetric)
+    fused = loss_and_grads(lambda a, b, c, tt: sslkernels.info_nce(a, b, tt, c, **kw), q, key, neg, t)
+    ref = loss_and_grads(lambda a, b, c, tt: info_nce_reference(a, b, tt, c, **kw), q, key, neg, t)
+    for f, r in zip(fused, ref):
+        torch.testing.assert_close(f, r)
+    # float32 inputs with a float32 learnable temperature, as CLIP trains it
+    t32 = torch.tensor(0.05, requires_grad=True)
+    sslkernels.info_nce(q.float(), key.float(), t32, neg.float(), **kw).backward()
+    ref_t = loss_and_grads(lambda tt: info_nce_reference(q, key, tt, neg, **kw), t.new_tensor(0.05))[-1]
+    assert t32.grad.dtype == torch.float32
+    torch.testing.assert_close(t32.grad.double(), ref_t, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_learnable_temperature():
+    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    neg = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    for symmetric in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, c, tt: sslkernels.info_nce(a, b, tt, c, symmetric), (q, k, neg, t))
+
+
 def test_gradcheck_float64():
     q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -76,14 +102,17 @@ def test_gradcheck_float64():
 
 def test_opcheck():
     q, k, neg = (torch.randn(9, 5, requires_grad=True) for _ in range(3))
+    t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     for negatives, grad in ((None, False), (neg, True), (neg.detach(), False)):
         torch.library.opcheck(
-            torch.ops.sslkernels.info_nce_forward.default, (q, k, negatives, 0.2, True, True, grad)
+            torch.ops.sslkernels.info_nce_forward.default, (q, k, negatives, t, True, True, grad)
         )
-    _, lse = torch.ops.sslkernels.info_nce_forward(q.detach(), k.detach(), neg.detach(), 0.2, True, True, True)
+    _, lse = torch.ops.sslkernels.info_nce_forward(
+        q.detach(), k.detach(), neg.detach(), t.detach(), True, True, True
+    )
     torch.library.opcheck(
         torch.ops.sslkernels.info_nce_backward.default,
-        (torch.tensor(1.0), q.detach(), k.detach(), neg.detach(), lse, 0.2, True, True, True),
+        (torch.tensor(1.0), q.detach(), k.detach(), neg.detach(), t.detach(), lse, True, True, True),
     )
 
 
@@ -139,7 +168,10 @@ def test_two_views_without_queue_is_not_nt_xent():
         (torch.randn(4, 3), torch.randn(4, 3), {"temperature": -0.1}, ValueError, "temperature"),
         (torch.randn(0, 3), torch.randn(0, 3), {}, ValueError, "empty batch"),
         (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(4, 2, 3)}, NotImplementedError, "per-query"),
-        (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor(0.1)}, NotImplementedError, "learnable"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor([0.1])}, ValueError, "0-dim"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor(1)}, TypeError, "floating-point"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor(-0.1)}, ValueError, "temperature"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor(float("inf"))}, ValueError, "temperature"),
     ],
 )
 def test_bad_input_raises(q, k, kw, exc, match):

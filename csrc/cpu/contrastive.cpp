@@ -137,12 +137,24 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
 // W_ij = w_i exp(S_ij - lse_i) + w_j exp(S_ij - lse_j) in place: the weight of pair
 // (i, j) in the gradient of sum_i w_i lse_i + sum_j w_j lse_j. Without column
 // statistics (lse_cols null) only the row term: W_ij = w_i exp(S_ij - lse_i).
+// When row_expect (col_expect) is given, it also accumulates sum_j p_ij S_ij per row
+// (sum_i p'_ij S_ij per column): the softmax expectation of the logits, which the
+// temperature gradient needs.
 template <typename Acc>
 SSLK_MULTIVERSION void softmax_weights(Acc* s, int64_t rows, int64_t cols, const Acc* lse_rows,
-                                       const Acc* lse_cols, const Acc* w_rows, const Acc* w_cols) {
+                                       const Acc* lse_cols, const Acc* w_rows, const Acc* w_cols,
+                                       Acc* row_expect = nullptr, Acc* col_expect = nullptr) {
   for (int64_t i = 0; i < rows; ++i) {
     Acc* si = s + i * cols;
     const Acc li = lse_rows[i], wi = w_rows[i];
+    if (row_expect != nullptr) {
+      Acc expect = 0;
+#pragma omp simd reduction(+ : expect)
+      for (int64_t j = 0; j < cols; ++j) expect += exp_vec(si[j] - li) * si[j];
+      row_expect[i] += expect;
+    }
+    if (col_expect != nullptr)
+      for (int64_t j = 0; j < cols; ++j) col_expect[j] += exp_vec(si[j] - lse_cols[j]) * si[j];
     if (lse_cols != nullptr) {
       for (int64_t j = 0; j < cols; ++j)
         si[j] = wi * exp_vec(si[j] - li) + w_cols[j] * exp_vec(si[j] - lse_cols[j]);
@@ -235,11 +247,15 @@ Acc dot(const Acc* a, const Acc* b, int64_t d) {
   return acc;
 }
 
-// Mean of per-row terms, summed serially so the result does not depend on the thread count.
-inline double mean_or_zero(const std::vector<double>& terms, int64_t count) {
+// Sums of per-row terms are taken serially so they do not depend on the thread count.
+inline double serial_sum(const std::vector<double>& terms) {
   double total = 0;
   for (double t : terms) total += t;
-  return count > 0 ? total / static_cast<double>(count) : 0.0;
+  return total;
+}
+
+inline double mean_or_zero(const std::vector<double>& terms, int64_t count) {
+  return count > 0 ? serial_sum(terms) / static_cast<double>(count) : 0.0;
 }
 
 // ------------------------------------------------------------------------- NT-Xent
@@ -477,7 +493,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
                               const MatrixView& negatives, const Acc* lse_query,
                               const Acc* lse_key, double temperature, bool normalize,
                               bool symmetric, double grad_loss, void* dquery, void* dkey,
-                              void* dnegatives, int num_threads) {
+                              void* dnegatives, double* dtemperature, int num_threads) {
   InfoNceRows<Acc> rows;
   const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
@@ -490,6 +506,8 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   const std::vector<Acc> ones(static_cast<size_t>(std::max(n, int64_t(1))), Acc(1));
   std::vector<Acc> dq(static_cast<size_t>(n * d), Acc(0)), dk(static_cast<size_t>(n * d), Acc(0));
   std::vector<Acc> dn(dnegatives != nullptr ? static_cast<size_t>(k * d) : 0, Acc(0));
+  // Softmax expectations of the logits per query (and per key for CLIP).
+  std::vector<Acc> q_expect(static_cast<size_t>(n), Acc(0)), k_expect(static_cast<size_t>(n), Acc(0));
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
   detail::for_each_bipartite_tile<Acc>(
@@ -497,7 +515,8 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
       [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
         detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
         softmax_weights<Acc>(w, nr, nc, lse_query + r0, symmetric ? lse_key + c0 : nullptr,
-                             ones.data(), ones.data());
+                             ones.data(), ones.data(), q_expect.data() + r0,
+                             symmetric ? k_expect.data() + c0 : nullptr);
         detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, kz + c0 * d, d, Acc(1),
                           dq.data() + r0 * d, d);
         detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, q + r0 * d, d, Acc(1),
@@ -509,7 +528,8 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
         n, k, tile, tile * tile, num_threads, /*columns_shared=*/!dn.empty(),
         [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0), w, nc);
-          softmax_weights<Acc>(w, nr, nc, lse_query + r0, nullptr, ones.data(), nullptr);
+          softmax_weights<Acc>(w, nr, nc, lse_query + r0, nullptr, ones.data(), nullptr,
+                               q_expect.data() + r0, nullptr);
           detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, nz + c0 * d, d, Acc(1),
                             dq.data() + r0 * d, d);
           if (!dn.empty())
@@ -519,10 +539,16 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   }
   // The positive logit s_ii enters each direction's loss once.
   const Acc positive_coeff = coeff * static_cast<Acc>(directions);
+  std::vector<double> temperature_terms(static_cast<size_t>(n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const Acc* qi = rows.query.row(i);
     const Acc* ki = rows.key.row(i);
+    // d loss / d t = -(1/t) sum_ij (d loss / d s_ij) s_ij = -coeff sum_i (E_i[s] - s_ii),
+    // summed over the directions, with E_i[s] the softmax expectation of row i's logits.
+    const double positive = static_cast<double>(dot(qi, ki, d) * inv_t);
+    temperature_terms[i] = static_cast<double>(q_expect[i]) - positive +
+                           (symmetric ? static_cast<double>(k_expect[i]) - positive : 0.0);
     Acc* gq = dq.data() + i * d;
     Acc* gk = dk.data() + i * d;
     for (int64_t c = 0; c < d; ++c) {
@@ -530,6 +556,8 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
       gk[c] -= positive_coeff * qi[c];
     }
   }
+  if (dtemperature != nullptr)
+    *dtemperature = -static_cast<double>(coeff) * serial_sum(temperature_terms);
   void* const q_out[1] = {dquery};
   void* const k_out[1] = {dkey};
   store_input_gradient<Acc>(rows.query, normalize, dq.data(), &query, q_out, 1, num_threads);
@@ -633,7 +661,8 @@ Status info_nce_forward(const MatrixView& query, const MatrixView& key, const Ma
 Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                          const MatrixView& negatives, const void* lse_query, const void* lse_key,
                          double temperature, bool normalize, bool symmetric, double grad_loss,
-                         void* dquery, void* dkey, void* dnegatives, int num_threads) {
+                         void* dquery, void* dkey, void* dnegatives, double* dtemperature,
+                         int num_threads) {
   if (!valid_info_nce(query, key, negatives, temperature) || !std::isfinite(grad_loss) ||
       (symmetric && lse_key == nullptr))
     return Status::BadArgument;
@@ -642,10 +671,12 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
   if (query.dtype == DType::Float64)
     return info_nce_backward_impl<double>(query, key, negatives, static_cast<const double*>(lse_query),
                                           static_cast<const double*>(lse_key), temperature, normalize,
-                                          symmetric, grad_loss, dquery, dkey, dnegatives, num_threads);
+                                          symmetric, grad_loss, dquery, dkey, dnegatives, dtemperature,
+                                          num_threads);
   return info_nce_backward_impl<float>(query, key, negatives, static_cast<const float*>(lse_query),
                                        static_cast<const float*>(lse_key), temperature, normalize,
-                                       symmetric, grad_loss, dquery, dkey, dnegatives, num_threads);
+                                       symmetric, grad_loss, dquery, dkey, dnegatives, dtemperature,
+                                       num_threads);
 }
 
 }  // namespace sslkernels

@@ -66,3 +66,27 @@ def check_labels(labels, name: str, length: int, device: torch.device) -> torch.
     if labels.device != device:
         raise ValueError(f"`{name}` is on {labels.device} but the features are on {device}")
     return labels.to(torch.int64)
+
+
+def temperature_tensor(temperature, device: torch.device, name: str = "temperature") -> torch.Tensor:
+    """A float or a 0-dim floating tensor (learnable when it requires grad), as a 0-dim tensor.
+
+    A Python float becomes a float64 CPU scalar. A tensor must be 0-dim, on the CPU
+    or on `device`; its value (finite, > 0) is checked on the CPU always and on CUDA
+    in debug mode only (the check is a host sync).
+    """
+    if not isinstance(temperature, torch.Tensor):
+        return torch.tensor(check_temperature(temperature, name), dtype=torch.float64)
+    if not temperature.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {temperature.dtype}")
+    if temperature.dim() != 0:
+        raise ValueError(f"`{name}` must be a 0-dim tensor, got shape {tuple(temperature.shape)}")
+    if temperature.device.type != "cpu" and temperature.device != device:
+        raise ValueError(f"`{name}` is on {temperature.device}; put it on the CPU or on {device}")
+    from sslkernels._config import debug_enabled
+
+    if temperature.device.type == "cpu" or debug_enabled():
+        value = float(temperature.detach())
+        if not math.isfinite(value) or value <= 0.0:
+            raise ValueError(f"`{name}` must be finite and > 0, got {value}")
+    return temperature

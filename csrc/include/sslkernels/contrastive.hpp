@@ -46,10 +46,12 @@ Status info_nce_forward(const MatrixView& query, const MatrixView& key, const Ma
                         double temperature, bool normalize, bool symmetric, void* lse_query,
                         void* lse_key, double* loss, int num_threads);
 
-// dquery, dkey: contiguous [N, D]; dnegatives: contiguous [K, D] or null to skip it.
+// dquery, dkey: contiguous [N, D]; dnegatives: contiguous [K, D] or null to skip it;
+// dtemperature: the gradient with respect to t (exact), or null to skip it.
 Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                          const MatrixView& negatives, const void* lse_query, const void* lse_key,
                          double temperature, bool normalize, bool symmetric, double grad_loss,
-                         void* dquery, void* dkey, void* dnegatives, int num_threads);
+                         void* dquery, void* dkey, void* dnegatives, double* dtemperature,
+                         int num_threads);
 
 }  // namespace sslkernels

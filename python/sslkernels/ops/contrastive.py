@@ -173,6 +173,7 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
 
 # ---------------------------------------------------------------- InfoNCE / CLIP
 # lse holds the query-direction statistics [N], then (symmetric) the key direction [N].
+# `temperature` is a 0-dim tensor so that a learnable one gets its (exact) gradient;
 # `negatives_grad` says whether the queue needs a gradient (a MoCo queue does not).
 
 
@@ -182,9 +183,13 @@ def _matrix_args(x: Optional[Tensor]):
     return x.data_ptr(), x.shape[0], x.stride(0), x.stride(1)
 
 
+def _lse_key_ptr(lse: Tensor, n: int, symmetric: bool) -> int:
+    return lse.data_ptr() + n * lse.element_size() if symmetric else 0
+
+
 @torch.library.custom_op("sslkernels::info_nce_forward", mutates_args=())
 def info_nce_forward(
-    query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: float, normalize: bool,
+    query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, normalize: bool,
     symmetric: bool, negatives_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     raise _no_kernel("info_nce_forward", query.device)
@@ -206,8 +211,7 @@ def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
         query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
         float(temperature), bool(normalize), bool(symmetric),
-        lse.data_ptr(), lse.data_ptr() + n * lse.element_size() if symmetric else 0,
-        loss64.data_ptr(), _ext.num_threads(),
+        lse.data_ptr(), _lse_key_ptr(lse, n, symmetric), loss64.data_ptr(), _ext.num_threads(),
     )
     _ext.raise_for_status(status, "info_nce", "query", "key", "negatives")
     return loss64.to(query.dtype), lse
@@ -220,40 +224,42 @@ def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
 
 @torch.library.custom_op("sslkernels::info_nce_backward", mutates_args=())
 def info_nce_backward(
-    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Optional[Tensor], lse: Tensor,
-    temperature: float, normalize: bool, symmetric: bool, negatives_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor,
+    lse: Tensor, normalize: bool, symmetric: bool, negatives_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     raise _no_kernel("info_nce_backward", query.device)
 
 
 @info_nce_backward.register_fake
-def _(grad_loss, query, key, negatives, lse, temperature, normalize, symmetric, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, negatives_grad):
     dneg = torch.empty_like(negatives) if negatives is not None and negatives_grad else query.new_empty((0,))
-    return torch.empty_like(query), torch.empty_like(key), dneg
+    return torch.empty_like(query), torch.empty_like(key), dneg, torch.empty_like(temperature)
 
 
 @info_nce_backward.register_kernel("cpu")
-def _(grad_loss, query, key, negatives, lse, temperature, normalize, symmetric, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, negatives_grad):
     n, d = query.shape
     dquery = torch.empty((n, d), dtype=query.dtype)
     dkey = torch.empty((n, d), dtype=key.dtype)
     want_dneg = negatives is not None and negatives_grad
     dneg = torch.empty(negatives.shape, dtype=negatives.dtype) if want_dneg else query.new_empty((0,))
+    dtemp64 = torch.empty((), dtype=torch.float64)
     neg_ptr, k, neg_s0, neg_s1 = _matrix_args(negatives)
     lse = lse.contiguous()
     status = _ext._C.info_nce_backward(
         query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
-        lse.data_ptr(), lse.data_ptr() + n * lse.element_size() if symmetric else 0,
+        lse.data_ptr(), _lse_key_ptr(lse, n, symmetric),
         float(temperature), bool(normalize), bool(symmetric), float(grad_loss),
-        dquery.data_ptr(), dkey.data_ptr(), dneg.data_ptr() if want_dneg else 0, _ext.num_threads(),
+        dquery.data_ptr(), dkey.data_ptr(), dneg.data_ptr() if want_dneg else 0, dtemp64.data_ptr(),
+        _ext.num_threads(),
     )
     _ext.raise_for_status(status, "info_nce backward", "query", "key", "negatives")
-    return dquery, dkey, dneg
+    return dquery, dkey, dneg, dtemp64.to(temperature.dtype)
 
 
 @info_nce_backward.register_kernel("cuda")
-def _(grad_loss, query, key, negatives, lse, temperature, normalize, symmetric, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, negatives_grad):
     raise NotImplementedError("sslkernels.info_nce: the CUDA (Triton) kernel is not built yet; CPU only for now")
 
 
@@ -291,4 +297,4 @@ def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
 
 _register_loss_autograd(nt_xent_forward, torch.ops.sslkernels.nt_xent_backward, (True, True))
 _register_loss_autograd(sup_con_forward, torch.ops.sslkernels.sup_con_backward, (True, False))
-_register_loss_autograd(info_nce_forward, torch.ops.sslkernels.info_nce_backward, (True, True, True))
+_register_loss_autograd(info_nce_forward, torch.ops.sslkernels.info_nce_backward, (True, True, True, True))
