@@ -30,6 +30,9 @@ echo "[setup] installing build and test tools"
 "${PIP[@]}" --no-deps "lightly==1.6.0"
 # pytorch-metric-learning (pure Python + scikit-learn): the SupCon parity oracle.
 "${PIP[@]}" "pytorch-metric-learning>=2.0"
+# open_clip's loss.py (plain torch) is the ClipLoss parity oracle; its package
+# __init__ needs torchvision, so it comes in without dependencies.
+"${PIP[@]}" --no-deps "open_clip_torch==3.3.0"
 
 echo "[setup] building and installing sslkernels"
 if [ "${1:-}" = "--editable" ]; then

@@ -40,3 +40,40 @@ def loss_and_grads(fn, *args, **kwargs):
     loss = fn(*leaves, **kwargs)
     grads = torch.autograd.grad(loss, [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad])
     return (loss.detach(), *grads)
+
+
+def import_bypassing_init(dotted: str, extra_packages=(), stub_modules=()):
+    """Import `dotted` (e.g. "lightly.loss.ntx_ent_loss") from an installed package
+    without running the __init__ of its parent packages or of `extra_packages`
+    (they may need torchvision, not installable beside the CPU torch build).
+    Modules in `stub_modules` are replaced by empty ones. sys.modules is restored
+    afterwards; skips if the package is not installed."""
+    import importlib
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+
+    import pytest
+
+    top = dotted.split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{top} is not installed (scripts/setup.sh installs it with --no-deps)")
+    root = pathlib.Path(list(spec.submodule_search_locations)[0])
+    owned = lambda k: k == top or k.startswith(top + ".")  # noqa: E731
+    saved = {k: v for k, v in sys.modules.items() if owned(k)}
+    try:
+        parts = dotted.split(".")
+        packages = [".".join(parts[:depth]) for depth in range(1, len(parts))] + list(extra_packages)
+        for name in packages:
+            module = types.ModuleType(name)
+            module.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+            sys.modules[name] = module
+        for name in stub_modules:
+            sys.modules[name] = types.ModuleType(name)
+        return importlib.import_module(dotted)
+    finally:
+        for k in [k for k in sys.modules if owned(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)

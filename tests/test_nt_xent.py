@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import sslkernels
 from sslkernels.reference import nt_xent_reference
 from tests._utils import assert_within_eager_error
+from tests._utils import import_bypassing_init
 from tests._utils import loss_and_grads as _loss_and_grads
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -114,30 +115,14 @@ def test_matches_lightly_formulation():
 
 
 def _real_lightly_ntxent():
-    """lightly's own NTXentLoss source, loaded without lightly/__init__ (which needs
-    torchvision, not installable beside this torch build). The torchvision-only
-    helpers it imports (used by the memory bank) are stubbed; the loss code is theirs."""
-    import importlib
-    import importlib.util
-    import pathlib
-    import types
-
-    spec = importlib.util.find_spec("lightly")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("lightly is not installed (scripts/setup.sh installs it with --no-deps)")
-    root = pathlib.Path(list(spec.submodule_search_locations)[0])
-    saved = {k: v for k, v in sys.modules.items() if k == "lightly" or k.startswith("lightly.")}
-    try:
-        for name in ("lightly", "lightly.loss", "lightly.models", "lightly.models.modules", "lightly.utils"):
-            module = types.ModuleType(name)
-            module.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-            sys.modules[name] = module
-        sys.modules["lightly.models.utils"] = types.ModuleType("lightly.models.utils")
-        return importlib.import_module("lightly.loss.ntx_ent_loss").NTXentLoss
-    finally:
-        for k in [k for k in sys.modules if k == "lightly" or k.startswith("lightly.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    """lightly's own NTXentLoss source; the torchvision-only helpers it imports (used by
+    the memory bank) are stubbed, the loss code is theirs."""
+    module = import_bypassing_init(
+        "lightly.loss.ntx_ent_loss",
+        extra_packages=("lightly.models", "lightly.models.modules", "lightly.utils"),
+        stub_modules=("lightly.models.utils",),
+    )
+    return module.NTXentLoss
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])

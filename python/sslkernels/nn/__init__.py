@@ -1,4 +1,4 @@
 """Drop-in modules: same constructor arguments and forward signature as the module they replace."""
-from sslkernels.nn.contrastive import NTXentLoss, SupConLoss
+from sslkernels.nn.contrastive import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
 
-__all__ = ["NTXentLoss", "SupConLoss"]
+__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss", "SupConLoss"]

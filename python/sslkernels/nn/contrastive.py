@@ -72,3 +72,70 @@ class SupConLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE (MoCo / CPC) as a module: ``forward(query, key, negatives=None)``.
+
+    Row ``i`` of ``key`` is the positive of row ``i`` of ``query``; the other keys and
+    the optional shared ``negatives`` (a queue) are its negatives. ``temperature`` is
+    a float, or pass ``learnable_temperature=True`` to train it (stored as the
+    parameter ``log_temperature``). See :func:`sslkernels.info_nce`.
+    """
+
+    def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
+                 learnable_temperature: bool = False):
+        super().__init__()
+        temperature = v.check_temperature(temperature)
+        self.symmetric = bool(symmetric)
+        self.normalize = bool(normalize)
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(temperature).log())
+        else:
+            self.register_parameter("log_temperature", None)
+            self.temperature = temperature
+
+    def forward(self, query, key, negatives=None):
+        t = self.log_temperature.exp() if self.log_temperature is not None else self.temperature
+        return functional.info_nce(query, key, t, negatives, self.symmetric, self.normalize)
+
+
+class ClipLoss(nn.Module):
+    """Drop-in for ``open_clip.loss.ClipLoss`` on one process.
+
+    ``forward(image_features, text_features, logit_scale)`` with features already
+    normalised (as open_clip's models return them) and ``logit_scale`` the
+    exponentiated scale (a tensor that may require grad): the mean of the
+    image -> text and text -> image cross-entropies of ``logit_scale * I T^T``,
+    fused in one pass and never holding the (N x N) logits. As CLIP does, the scale
+    is clamped at 100 (``logit_scale.clamp(max=100)``, no gradient above it); open_clip
+    clamps the log-scale parameter in its training loop instead, so the two agree
+    whenever ``logit_scale <= 100``.
+
+    Not built yet (they raise NotImplementedError): ``world_size > 1`` (cross-device
+    negatives, with ``local_loss`` / ``gather_with_grad``) and ``logit_bias``.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False):
+        super().__init__()
+        if world_size != 1 or use_horovod:
+            raise NotImplementedError(
+                "sslkernels.nn.ClipLoss: world_size > 1 (cross-device negatives) is not built yet"
+            )
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels  # no labels tensor exists on the fused path
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        if logit_bias is not None:
+            raise NotImplementedError("sslkernels.nn.ClipLoss: logit_bias (SigLIP-style) is not built yet")
+        if not isinstance(logit_scale, torch.Tensor):
+            logit_scale = torch.tensor(float(logit_scale), dtype=torch.float64)
+        temperature = 1.0 / logit_scale.clamp(max=100.0)
+        loss = functional.info_nce(
+            image_features, text_features, temperature, symmetric=True, normalize=False
+        )
+        return {"contrastive_loss": loss} if output_dict else loss

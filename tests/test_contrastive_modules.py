@@ -1,0 +1,55 @@
+"""Drop-in modules against the real packages they replace, loaded from their own source."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sslkernels
+from tests._utils import import_bypassing_init, loss_and_grads
+
+
+def _open_clip_loss():
+    return import_bypassing_init("open_clip.loss")
+
+
+@pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
+def test_clip_loss_matches_open_clip(scale):
+    theirs = _open_clip_loss().ClipLoss()
+    ours = sslkernels.nn.ClipLoss()
+    img = F.normalize(torch.randn(64, 32), dim=1)
+    txt = F.normalize(img + 0.6 * torch.randn(64, 32), dim=1)
+    logit_scale = torch.tensor(scale)
+    expected = loss_and_grads(theirs, img, txt, logit_scale)
+    got = loss_and_grads(ours, img, txt, logit_scale)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_loss_clamps_scale_at_100():
+    img = F.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
+    txt = F.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
+    big = torch.tensor(250.0, dtype=torch.float64, requires_grad=True)
+    loss = sslkernels.nn.ClipLoss()(img, txt, big)
+    loss.backward()
+    torch.testing.assert_close(loss, sslkernels.nn.ClipLoss()(img, txt, torch.tensor(100.0, dtype=torch.float64)))
+    assert float(big.grad) == 0.0
+
+
+def test_clip_loss_output_dict_and_unbuilt_options():
+    img, txt = F.normalize(torch.randn(4, 3), dim=1), F.normalize(torch.randn(4, 3), dim=1)
+    out = sslkernels.nn.ClipLoss()(img, txt, torch.tensor(10.0), output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    with pytest.raises(NotImplementedError, match="world_size"):
+        sslkernels.nn.ClipLoss(world_size=2, rank=1)
+    with pytest.raises(NotImplementedError, match="logit_bias"):
+        sslkernels.nn.ClipLoss()(img, txt, torch.tensor(10.0), logit_bias=torch.tensor(-10.0))
+
+
+def test_info_nce_loss_module_learns_temperature():
+    module = sslkernels.nn.InfoNCELoss(temperature=0.1, learnable_temperature=True)
+    assert set(module.state_dict()) == {"log_temperature"}
+    q, k, queue = torch.randn(32, 8), torch.randn(32, 8), torch.randn(40, 8)
+    module(q, k, queue).backward()
+    assert module.log_temperature.grad is not None and torch.isfinite(module.log_temperature.grad)
+    fixed = sslkernels.nn.InfoNCELoss(temperature=0.1)
+    torch.testing.assert_close(fixed(q, k, queue), sslkernels.info_nce(q, k, 0.1, queue))
+    assert dict(fixed.state_dict()) == {}
