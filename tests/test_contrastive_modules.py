@@ -53,3 +53,39 @@ def test_info_nce_loss_module_learns_temperature():
     fixed = sslkernels.nn.InfoNCELoss(temperature=0.1)
     torch.testing.assert_close(fixed(q, k, queue), sslkernels.info_nce(q, k, 0.1, queue))
     assert dict(fixed.state_dict()) == {}
+
+
+def _lightly_ntxent_class():
+    return import_bypassing_init(
+        "lightly.loss.ntx_ent_loss",
+        extra_packages=("lightly.models", "lightly.models.modules", "lightly.utils"),
+        stub_modules=("lightly.models.utils",),
+    ).NTXentLoss
+
+
+def test_ntxent_memory_bank_matches_lightly_over_steps():
+    Lightly = _lightly_ntxent_class()
+    theirs = Lightly(temperature=0.2, memory_bank_size=(37, 16))
+    ours = sslkernels.nn.NTXentLoss(temperature=0.2, memory_bank_size=(37, 16))
+    assert dict(ours.state_dict()) == dict(theirs.state_dict()) == {}  # both banks are non-persistent
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    ours.memory_bank.bank.copy_(theirs.memory_bank.bank)
+    for step in range(4):  # batch 10 into a bank of 37: the pointer wraps on step 3
+        out0, out1 = torch.randn(10, 16), torch.randn(10, 16)
+        expected = loss_and_grads(theirs, out0, out1)
+        got = loss_and_grads(ours, out0, out1)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.memory_bank.bank, theirs.memory_bank.bank)
+        assert int(ours.memory_bank.bank_ptr) == int(theirs.memory_bank.bank_ptr), step
+
+
+def test_ntxent_memory_bank_not_updated_without_grad_and_bad_sizes():
+    loss = sslkernels.nn.NTXentLoss(memory_bank_size=(8, 4))
+    before = loss.memory_bank.bank.clone()
+    with torch.no_grad():
+        loss(torch.randn(3, 4), torch.randn(3, 4))
+    assert torch.equal(loss.memory_bank.bank, before) and int(loss.memory_bank.bank_ptr) == 0
+    for bad in (4096, (8,), (0, 4), (8, 4, 2)):
+        with pytest.raises(ValueError, match="memory_bank_size"):
+            sslkernels.nn.NTXentLoss(memory_bank_size=bad)

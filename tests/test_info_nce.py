@@ -37,6 +37,25 @@ def test_matches_float64_reference(dtype, n, d, k, symmetric, normalize, poisone
         assert_within_eager_error(f, e, r, dtype, what)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(1, 0), (1, 4), (65, 0), (257, 300)])
+def test_moco_mode_without_in_batch_negatives(dtype, n, k):
+    q, key, neg = _inputs(n, 33, k, dtype)
+    t = torch.tensor(0.2, dtype=torch.float64)
+    args = (q, key, t) if neg is None else (q, key, t, neg)
+
+    def run(fn):
+        return lambda a, b, tt, *c: fn(a, b, tt, c[0] if c else None, in_batch_negatives=False)
+
+    fused = loss_and_grads(run(sslkernels.info_nce), *args)
+    eager = loss_and_grads(run(info_nce_reference), *args)
+    ref = loss_and_grads(run(info_nce_reference), *[a.double() for a in args])
+    for what, f, e, r in zip(("loss", "grad query", "grad key", "grad t", "grad negatives"), fused, eager, ref):
+        assert_within_eager_error(f, e, r, dtype, what)
+    with pytest.raises(ValueError, match="in_batch_negatives"):
+        sslkernels.info_nce(q, key, symmetric=True, in_batch_negatives=False)
+
+
 def test_queue_without_grad_gets_none_and_matches():
     q, key, neg = _inputs(50, 16, 70, torch.float64)
     qq, kk = q.clone().requires_grad_(), key.clone().requires_grad_()
@@ -105,14 +124,14 @@ def test_opcheck():
     t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     for negatives, grad in ((None, False), (neg, True), (neg.detach(), False)):
         torch.library.opcheck(
-            torch.ops.sslkernels.info_nce_forward.default, (q, k, negatives, t, True, True, grad)
+            torch.ops.sslkernels.info_nce_forward.default, (q, k, negatives, t, True, True, True, grad)
         )
     _, lse = torch.ops.sslkernels.info_nce_forward(
-        q.detach(), k.detach(), neg.detach(), t.detach(), True, True, True
+        q.detach(), k.detach(), neg.detach(), t.detach(), True, True, True, True
     )
     torch.library.opcheck(
         torch.ops.sslkernels.info_nce_backward.default,
-        (torch.tensor(1.0), q.detach(), k.detach(), neg.detach(), t.detach(), lse, True, True, True),
+        (torch.tensor(1.0), q.detach(), k.detach(), neg.detach(), t.detach(), lse, True, True, True, True),
     )
 
 

@@ -143,8 +143,6 @@ def test_module_is_drop_in():
     loss = sslkernels.nn.NTXentLoss(temperature=0.2)
     assert loss.temperature == 0.2
     assert dict(loss.state_dict()) == {}
-    with pytest.raises(NotImplementedError, match="memory_bank_size"):
-        sslkernels.nn.NTXentLoss(memory_bank_size=4096)
     with pytest.raises(NotImplementedError, match="gather_distributed"):
         sslkernels.nn.NTXentLoss(gather_distributed=True)
     with pytest.raises(ValueError, match="temperature"):

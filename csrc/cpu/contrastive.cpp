@@ -441,8 +441,8 @@ Status load_info_nce(const MatrixView& query, const MatrixView& key, const Matri
 template <typename Acc>
 Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
                              const MatrixView& negatives, double temperature, bool normalize,
-                             bool symmetric, Acc* lse_query, Acc* lse_key, double* loss,
-                             int num_threads) {
+                             bool symmetric, bool in_batch_negatives, Acc* lse_query,
+                             Acc* lse_key, double* loss, int num_threads) {
   InfoNceRows<Acc> rows;
   const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
@@ -452,15 +452,23 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   RowStats<Acc> q_stats(n), k_stats(n);
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
-  detail::for_each_bipartite_tile<Acc>(
-      n, n, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/symmetric,
-      [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-        detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0),
-                          scratch, nc);
-        fold_tile<Acc>(scratch, nr, nc, q_stats.max.data() + r0, q_stats.sum.data() + r0,
-                       k_stats.max.data() + c0, k_stats.sum.data() + c0, symmetric,
-                       scratch + tile * tile);
-      });
+  if (in_batch_negatives) {
+    detail::for_each_bipartite_tile<Acc>(
+        n, n, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/symmetric,
+        [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+          detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0),
+                            scratch, nc);
+          fold_tile<Acc>(scratch, nr, nc, q_stats.max.data() + r0, q_stats.sum.data() + r0,
+                         k_stats.max.data() + c0, k_stats.sum.data() + c0, symmetric,
+                         scratch + tile * tile);
+        });
+  } else {  // only the own key: the statistics start from the positive logit
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      q_stats.max[i] = dot(rows.query.row(i), rows.key.row(i), d) * inv_t;
+      q_stats.sum[i] = 1;
+    }
+  }
   if (k > 0) {
     const Acc* nz = rows.negatives.z.data();
     detail::for_each_bipartite_tile<Acc>(
@@ -492,8 +500,9 @@ template <typename Acc>
 Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
                               const MatrixView& negatives, const Acc* lse_query,
                               const Acc* lse_key, double temperature, bool normalize,
-                              bool symmetric, double grad_loss, void* dquery, void* dkey,
-                              void* dnegatives, double* dtemperature, int num_threads) {
+                              bool symmetric, bool in_batch_negatives, double grad_loss,
+                              void* dquery, void* dkey, void* dnegatives, double* dtemperature,
+                              int num_threads) {
   InfoNceRows<Acc> rows;
   const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
@@ -510,18 +519,31 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   std::vector<Acc> q_expect(static_cast<size_t>(n), Acc(0)), k_expect(static_cast<size_t>(n), Acc(0));
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
-  detail::for_each_bipartite_tile<Acc>(
-      n, n, tile, tile * tile, num_threads, /*columns_shared=*/true,
-      [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-        detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
-        softmax_weights<Acc>(w, nr, nc, lse_query + r0, symmetric ? lse_key + c0 : nullptr,
-                             ones.data(), ones.data(), q_expect.data() + r0,
-                             symmetric ? k_expect.data() + c0 : nullptr);
-        detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, kz + c0 * d, d, Acc(1),
-                          dq.data() + r0 * d, d);
-        detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, q + r0 * d, d, Acc(1),
-                          dk.data() + c0 * d, d);
-      });
+  if (in_batch_negatives) {
+    detail::for_each_bipartite_tile<Acc>(
+        n, n, tile, tile * tile, num_threads, /*columns_shared=*/true,
+        [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+          detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
+          softmax_weights<Acc>(w, nr, nc, lse_query + r0, symmetric ? lse_key + c0 : nullptr,
+                               ones.data(), ones.data(), q_expect.data() + r0,
+                               symmetric ? k_expect.data() + c0 : nullptr);
+          detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, kz + c0 * d, d, Acc(1),
+                            dq.data() + r0 * d, d);
+          detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, q + r0 * d, d, Acc(1),
+                            dk.data() + c0 * d, d);
+        });
+  } else {  // only the own key among the candidates: p_ii for query i and key i
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc s_ii = dot(rows.query.row(i), rows.key.row(i), d) * inv_t;
+      const Acc p = exp_vec(s_ii - lse_query[i]);
+      q_expect[i] += p * s_ii;
+      for (int64_t c = 0; c < d; ++c) {
+        dq[i * d + c] += coeff * p * kz[i * d + c];
+        dk[i * d + c] += coeff * p * q[i * d + c];
+      }
+    }
+  }
   if (k > 0) {
     const Acc* nz = rows.negatives.z.data();
     detail::for_each_bipartite_tile<Acc>(
@@ -644,38 +666,40 @@ bool valid_info_nce(const MatrixView& query, const MatrixView& key, const Matrix
 }
 
 Status info_nce_forward(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
-                        double temperature, bool normalize, bool symmetric, void* lse_query,
-                        void* lse_key, double* loss, int num_threads) {
-  if (!valid_info_nce(query, key, negatives, temperature) || (symmetric && lse_key == nullptr))
+                        double temperature, bool normalize, bool symmetric,
+                        bool in_batch_negatives, void* lse_query, void* lse_key, double* loss,
+                        int num_threads) {
+  if (!valid_info_nce(query, key, negatives, temperature) || (symmetric && lse_key == nullptr) ||
+      (symmetric && !in_batch_negatives))
     return Status::BadArgument;
   num_threads = std::max(1, num_threads);
   if (query.dtype == DType::Float64)
     return info_nce_forward_impl<double>(query, key, negatives, temperature, normalize, symmetric,
-                                         static_cast<double*>(lse_query), static_cast<double*>(lse_key),
+                                         in_batch_negatives, static_cast<double*>(lse_query), static_cast<double*>(lse_key),
                                          loss, num_threads);
   return info_nce_forward_impl<float>(query, key, negatives, temperature, normalize, symmetric,
-                                      static_cast<float*>(lse_query), static_cast<float*>(lse_key),
+                                      in_batch_negatives, static_cast<float*>(lse_query), static_cast<float*>(lse_key),
                                       loss, num_threads);
 }
 
 Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                          const MatrixView& negatives, const void* lse_query, const void* lse_key,
-                         double temperature, bool normalize, bool symmetric, double grad_loss,
-                         void* dquery, void* dkey, void* dnegatives, double* dtemperature,
-                         int num_threads) {
+                         double temperature, bool normalize, bool symmetric,
+                         bool in_batch_negatives, double grad_loss, void* dquery, void* dkey,
+                         void* dnegatives, double* dtemperature, int num_threads) {
   if (!valid_info_nce(query, key, negatives, temperature) || !std::isfinite(grad_loss) ||
-      (symmetric && lse_key == nullptr))
+      (symmetric && lse_key == nullptr) || (symmetric && !in_batch_negatives))
     return Status::BadArgument;
   if (negatives.rows == 0) dnegatives = nullptr;
   num_threads = std::max(1, num_threads);
   if (query.dtype == DType::Float64)
     return info_nce_backward_impl<double>(query, key, negatives, static_cast<const double*>(lse_query),
                                           static_cast<const double*>(lse_key), temperature, normalize,
-                                          symmetric, grad_loss, dquery, dkey, dnegatives, dtemperature,
+                                          symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
                                           num_threads);
   return info_nce_backward_impl<float>(query, key, negatives, static_cast<const float*>(lse_query),
                                        static_cast<const float*>(lse_key), temperature, normalize,
-                                       symmetric, grad_loss, dquery, dkey, dnegatives, dtemperature,
+                                       symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
                                        num_threads);
 }
 

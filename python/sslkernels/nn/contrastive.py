@@ -8,30 +8,76 @@ from sslkernels import _validation as v
 from sslkernels import functional
 
 
-class NTXentLoss(nn.Module):
-    """Drop-in for ``lightly.loss.NTXentLoss(temperature)`` (no memory bank, no gather).
+class MemoryBank(nn.Module):
+    """The FIFO bank of lightly's ``MemoryBankModule``, with the same buffers
+    (``bank`` [K, D], unit-norm Gaussian at start; ``bank_ptr``), non-persistent as
+    lightly's are (the state_dict stays empty, as theirs). ``enqueue`` writes a batch at the pointer; a batch that would run
+    past the end fills the tail and wraps the pointer to 0 (dropping its rest), as
+    lightly does."""
 
-    ``forward(out0, out1)`` returns the SimCLR loss over both views, with the rows
-    L2-normalised inside the loss, as lightly does; fused, never holding the
-    (2N x 2N) similarity matrix.
+    def __init__(self, size):
+        super().__init__()
+        if isinstance(size, int) or len(tuple(size)) != 2 or any(int(x) <= 0 for x in size):
+            raise ValueError(
+                f"`memory_bank_size` must be 0 or a (num_features, dim) tuple of positive ints, got {size!r}"
+            )
+        num, dim = (int(x) for x in size)
+        self.size = (num, dim)
+        self.register_buffer("bank", _unit_rows(torch.randn(num, dim)), persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def enqueue(self, batch: torch.Tensor) -> None:
+        num = self.size[0]
+        ptr = int(self.bank_ptr)
+        batch = batch.detach().to(self.bank.dtype)
+        if ptr + batch.shape[0] >= num:
+            self.bank[ptr:] = batch[: num - ptr]
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr : ptr + batch.shape[0]] = batch
+            self.bank_ptr[0] = ptr + batch.shape[0]
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+class NTXentLoss(nn.Module):
+    """Drop-in for ``lightly.loss.NTXentLoss(temperature, memory_bank_size)``.
+
+    ``forward(out0, out1)`` L2-normalises both views inside the loss, as lightly does.
+    Without a memory bank it is the SimCLR loss over both views (every other row of
+    both views a negative). With ``memory_bank_size=(K, D)`` it is lightly's MoCo-style
+    loss: only ``out0`` rows are anchors, their candidates are their own ``out1`` row
+    and the bank, and (when ``out0`` requires grad) the normalised ``out1`` is enqueued
+    afterwards. Fused either way, never holding a similarity matrix; the bank lives in
+    the non-persistent buffers ``memory_bank.bank`` / ``memory_bank.bank_ptr``, as in
+    lightly (both state_dicts are empty).
+
+    Not built yet: ``gather_distributed=True`` (raises NotImplementedError).
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False):
         super().__init__()
         self.temperature = v.check_temperature(temperature)
-        if memory_bank_size not in (0, None):
-            raise NotImplementedError(
-                "sslkernels.nn.NTXentLoss: memory_bank_size > 0 (the MoCo-style bank) is not built yet"
-            )
         if gather_distributed:
             raise NotImplementedError(
                 "sslkernels.nn.NTXentLoss: gather_distributed=True is not built yet"
             )
-        self.memory_bank_size = 0
         self.gather_distributed = False
+        self.memory_bank = None if memory_bank_size in (0, None, (0,)) else MemoryBank(memory_bank_size)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
-        return functional.nt_xent(out0, out1, temperature=self.temperature, normalize=True)
+        if self.memory_bank is None:
+            return functional.nt_xent(out0, out1, temperature=self.temperature, normalize=True)
+        bank = self.memory_bank.bank.clone()  # the loss keeps it for backward; enqueue edits the buffer
+        loss = functional.info_nce(
+            out0, out1, self.temperature, negatives=bank.to(out0.dtype), normalize=True, in_batch_negatives=False
+        )
+        if out0.requires_grad:
+            self.memory_bank.enqueue(_unit_rows(out1))
+        return loss
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

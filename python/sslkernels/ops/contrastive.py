@@ -5,9 +5,10 @@ sslkernels::nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize) -> 
 sslkernels::sup_con_forward(features, labels, temperature, normalize) -> (loss, lse)
 sslkernels::sup_con_backward(grad_loss, features, labels, lse, temperature, normalize) -> dfeatures
 sslkernels::info_nce_forward(query, key, negatives?, temperature, normalize, symmetric,
-                             negatives_grad) -> (loss, lse)
-sslkernels::info_nce_backward(grad_loss, query, key, negatives?, lse, temperature, normalize,
-                              symmetric, negatives_grad) -> (dquery, dkey, dnegatives)
+                             in_batch_negatives, negatives_grad) -> (loss, lse)
+sslkernels::info_nce_backward(grad_loss, query, key, negatives?, temperature, lse, normalize,
+                              symmetric, in_batch_negatives, negatives_grad)
+                              -> (dquery, dkey, dnegatives, dtemperature)
 
 Autograd saves the inputs and lse (one float per row): nothing of size N x N.
 """
@@ -190,19 +191,19 @@ def _lse_key_ptr(lse: Tensor, n: int, symmetric: bool) -> int:
 @torch.library.custom_op("sslkernels::info_nce_forward", mutates_args=())
 def info_nce_forward(
     query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, normalize: bool,
-    symmetric: bool, negatives_grad: bool,
+    symmetric: bool, in_batch_negatives: bool, negatives_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     raise _no_kernel("info_nce_forward", query.device)
 
 
 @info_nce_forward.register_fake
-def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
+def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
     rows = query.shape[0] * (2 if symmetric else 1)
     return query.new_empty(()), query.new_empty((rows,), dtype=_stats_dtype(query.dtype))
 
 
 @info_nce_forward.register_kernel("cpu")
-def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
+def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
     n, d = query.shape
     lse = torch.empty(n * (2 if symmetric else 1), dtype=_stats_dtype(query.dtype))
     loss64 = torch.empty((), dtype=torch.float64)
@@ -210,7 +211,7 @@ def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
     status = _ext._C.info_nce_forward(
         query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
-        float(temperature), bool(normalize), bool(symmetric),
+        float(temperature), bool(normalize), bool(symmetric), bool(in_batch_negatives),
         lse.data_ptr(), _lse_key_ptr(lse, n, symmetric), loss64.data_ptr(), _ext.num_threads(),
     )
     _ext.raise_for_status(status, "info_nce", "query", "key", "negatives")
@@ -218,26 +219,26 @@ def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
 
 
 @info_nce_forward.register_kernel("cuda")
-def _(query, key, negatives, temperature, normalize, symmetric, negatives_grad):
+def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
     raise NotImplementedError("sslkernels.info_nce: the CUDA (Triton) kernel is not built yet; CPU only for now")
 
 
 @torch.library.custom_op("sslkernels::info_nce_backward", mutates_args=())
 def info_nce_backward(
     grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor,
-    lse: Tensor, normalize: bool, symmetric: bool, negatives_grad: bool,
+    lse: Tensor, normalize: bool, symmetric: bool, in_batch_negatives: bool, negatives_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     raise _no_kernel("info_nce_backward", query.device)
 
 
 @info_nce_backward.register_fake
-def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
     dneg = torch.empty_like(negatives) if negatives is not None and negatives_grad else query.new_empty((0,))
     return torch.empty_like(query), torch.empty_like(key), dneg, torch.empty_like(temperature)
 
 
 @info_nce_backward.register_kernel("cpu")
-def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
     n, d = query.shape
     dquery = torch.empty((n, d), dtype=query.dtype)
     dkey = torch.empty((n, d), dtype=key.dtype)
@@ -250,7 +251,7 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
         query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
         lse.data_ptr(), _lse_key_ptr(lse, n, symmetric),
-        float(temperature), bool(normalize), bool(symmetric), float(grad_loss),
+        float(temperature), bool(normalize), bool(symmetric), bool(in_batch_negatives), float(grad_loss),
         dquery.data_ptr(), dkey.data_ptr(), dneg.data_ptr() if want_dneg else 0, dtemp64.data_ptr(),
         _ext.num_threads(),
     )
@@ -259,7 +260,7 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
 
 
 @info_nce_backward.register_kernel("cuda")
-def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
     raise NotImplementedError("sslkernels.info_nce: the CUDA (Triton) kernel is not built yet; CPU only for now")
 
 

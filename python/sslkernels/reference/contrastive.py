@@ -55,17 +55,26 @@ def info_nce_reference(
     negatives: torch.Tensor = None,
     symmetric: bool = False,
     normalize: bool = True,
+    in_batch_negatives: bool = True,
 ) -> torch.Tensor:
     """InfoNCE / CLIP, eager: the (N x (N + K)) logits and F.cross_entropy, as MoCo and
     open_clip write it. Row i of `key` is the positive of row i of `query`; a shared
     `negatives` [K, D] (a queue) joins the query -> key candidates; `symmetric` adds the
-    key -> query direction (candidates: the queries) and averages the two."""
+    key -> query direction (candidates: the queries) and averages the two. Without
+    `in_batch_negatives` a query's candidates are its own key and the queue (MoCo)."""
     if normalize:
         query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
         negatives = F.normalize(negatives, dim=1) if negatives is not None else None
-    candidates = key if negatives is None else torch.cat([key, negatives], dim=0)
     targets = torch.arange(query.shape[0], device=query.device)
-    loss = F.cross_entropy(query @ candidates.T / temperature, targets)
+    if in_batch_negatives:
+        candidates = key if negatives is None else torch.cat([key, negatives], dim=0)
+        logits = query @ candidates.T / temperature
+    else:  # MoCo: [own key | queue], positive at column 0
+        logits = (query * key).sum(dim=1, keepdim=True) / temperature
+        if negatives is not None:
+            logits = torch.cat([logits, query @ negatives.T / temperature], dim=1)
+        targets = torch.zeros_like(targets)
+    loss = F.cross_entropy(logits, targets)
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(key @ query.T / temperature, targets))
     return loss
