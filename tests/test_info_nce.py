@@ -56,6 +56,32 @@ def test_moco_mode_without_in_batch_negatives(dtype, n, k):
         sslkernels.info_nce(q, key, symmetric=True, in_batch_negatives=False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,m", [(1, 1), (7, 5), (130, 17)])
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_per_query_hard_negatives(dtype, n, m, in_batch):
+    q, key, _ = _inputs(n, 40, 0, dtype)
+    hard = (q.float()[:, None, :] + 1.2 * torch.randn(n, m, 40)).to(dtype)  # near-duplicates: hard
+    t = torch.tensor(0.1, dtype=torch.float64)
+
+    def run(fn):
+        return lambda a, b, tt, c: fn(a, b, tt, c, in_batch_negatives=in_batch)
+
+    fused = loss_and_grads(run(sslkernels.info_nce), q, key, t, hard)
+    eager = loss_and_grads(run(info_nce_reference), q, key, t, hard)
+    ref = loss_and_grads(run(info_nce_reference), q.double(), key.double(), t, hard.double())
+    assert fused[-1].shape == hard.shape
+    for what, f, e, r in zip(("loss", "grad query", "grad key", "grad t", "grad negatives"), fused, eager, ref):
+        assert_within_eager_error(f, e, r, dtype, what)
+
+
+def test_per_query_negatives_non_contiguous_and_gradcheck():
+    q = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    hard = torch.randn(3, 4, 3, dtype=torch.float64).transpose(0, 1).requires_grad_()  # not viewable as rows
+    assert torch.autograd.gradcheck(lambda a, b, c: sslkernels.info_nce(a, b, 0.4, c), (q, k, hard))
+
+
 def test_queue_without_grad_gets_none_and_matches():
     q, key, neg = _inputs(50, 16, 70, torch.float64)
     qq, kk = q.clone().requires_grad_(), key.clone().requires_grad_()
@@ -186,7 +212,9 @@ def test_two_views_without_queue_is_not_nt_xent():
         (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(6)}, ValueError, "`negatives` must be 2-D"),
         (torch.randn(4, 3), torch.randn(4, 3), {"temperature": -0.1}, ValueError, "temperature"),
         (torch.randn(0, 3), torch.randn(0, 3), {}, ValueError, "empty batch"),
-        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(4, 2, 3)}, NotImplementedError, "per-query"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(5, 2, 3)}, ValueError, "per-query"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(4, 2, 2)}, ValueError, "D = 3"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"negatives": torch.randn(4, 2, 3, 1)}, ValueError, "must be 2-D"),
         (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor([0.1])}, ValueError, "0-dim"),
         (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor(1)}, TypeError, "floating-point"),
         (torch.randn(4, 3), torch.randn(4, 3), {"temperature": torch.tensor(-0.1)}, ValueError, "temperature"),

@@ -440,7 +440,8 @@ Status load_info_nce(const MatrixView& query, const MatrixView& key, const Matri
 
 template <typename Acc>
 Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
-                             const MatrixView& negatives, double temperature, bool normalize,
+                             const MatrixView& negatives, int64_t per_query, double temperature,
+                             bool normalize,
                              bool symmetric, bool in_batch_negatives, Acc* lse_query,
                              Acc* lse_key, double* loss, int num_threads) {
   InfoNceRows<Acc> rows;
@@ -469,7 +470,16 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
       q_stats.sum[i] = 1;
     }
   }
-  if (k > 0) {
+  if (k > 0 && per_query > 0) {  // hard negatives: rows [i M, (i + 1) M) belong to query i
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<Acc> logits(static_cast<size_t>(per_query));
+      for (int64_t j = 0; j < per_query; ++j)
+        logits[j] = dot(rows.query.row(i), rows.negatives.row(i * per_query + j), d) * inv_t;
+      fold_tile<Acc>(logits.data(), 1, per_query, q_stats.max.data() + i, q_stats.sum.data() + i,
+                     nullptr, nullptr, false, nullptr);
+    }
+  } else if (k > 0) {
     const Acc* nz = rows.negatives.z.data();
     detail::for_each_bipartite_tile<Acc>(
         n, k, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/false,
@@ -498,7 +508,7 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
 
 template <typename Acc>
 Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
-                              const MatrixView& negatives, const Acc* lse_query,
+                              const MatrixView& negatives, int64_t per_query, const Acc* lse_query,
                               const Acc* lse_key, double temperature, bool normalize,
                               bool symmetric, bool in_batch_negatives, double grad_loss,
                               void* dquery, void* dkey, void* dnegatives, double* dtemperature,
@@ -544,7 +554,22 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
       }
     }
   }
-  if (k > 0) {
+  if (k > 0 && per_query > 0) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc* qi = rows.query.row(i);
+      for (int64_t j = 0; j < per_query; ++j) {
+        const int64_t r = i * per_query + j;
+        const Acc* nr = rows.negatives.row(r);
+        const Acc logit = dot(qi, nr, d) * inv_t;
+        const Acc p = exp_vec(logit - lse_query[i]);
+        q_expect[i] += p * logit;
+        for (int64_t c = 0; c < d; ++c) dq[i * d + c] += coeff * p * nr[c];
+        if (!dn.empty())
+          for (int64_t c = 0; c < d; ++c) dn[r * d + c] = coeff * p * qi[c];
+      }
+    }
+  } else if (k > 0) {
     const Acc* nz = rows.negatives.z.data();
     detail::for_each_bipartite_tile<Acc>(
         n, k, tile, tile * tile, num_threads, /*columns_shared=*/!dn.empty(),
@@ -659,45 +684,49 @@ Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
 }
 
 bool valid_info_nce(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
-                    double temperature) {
-  return valid_pair(query, key, temperature) &&
+                    int64_t per_query, double temperature) {
+  return valid_pair(query, key, temperature) && per_query >= 0 &&
          (negatives.rows == 0 || (negatives.rows > 0 && negatives.cols == query.cols &&
-                                  negatives.dtype == query.dtype));
+                                  negatives.dtype == query.dtype)) &&
+         (per_query == 0 || negatives.rows == query.rows * per_query);
 }
 
 Status info_nce_forward(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
-                        double temperature, bool normalize, bool symmetric,
+                        int64_t per_query, double temperature, bool normalize, bool symmetric,
                         bool in_batch_negatives, void* lse_query, void* lse_key, double* loss,
                         int num_threads) {
-  if (!valid_info_nce(query, key, negatives, temperature) || (symmetric && lse_key == nullptr) ||
+  if (!valid_info_nce(query, key, negatives, per_query, temperature) || (symmetric && lse_key == nullptr) ||
       (symmetric && !in_batch_negatives))
     return Status::BadArgument;
   num_threads = std::max(1, num_threads);
   if (query.dtype == DType::Float64)
-    return info_nce_forward_impl<double>(query, key, negatives, temperature, normalize, symmetric,
+    return info_nce_forward_impl<double>(query, key, negatives, per_query, temperature, normalize, symmetric,
                                          in_batch_negatives, static_cast<double*>(lse_query), static_cast<double*>(lse_key),
                                          loss, num_threads);
-  return info_nce_forward_impl<float>(query, key, negatives, temperature, normalize, symmetric,
+  return info_nce_forward_impl<float>(query, key, negatives, per_query, temperature, normalize, symmetric,
                                       in_batch_negatives, static_cast<float*>(lse_query), static_cast<float*>(lse_key),
                                       loss, num_threads);
 }
 
 Status info_nce_backward(const MatrixView& query, const MatrixView& key,
-                         const MatrixView& negatives, const void* lse_query, const void* lse_key,
+                         const MatrixView& negatives, int64_t per_query, const void* lse_query,
+                         const void* lse_key,
                          double temperature, bool normalize, bool symmetric,
                          bool in_batch_negatives, double grad_loss, void* dquery, void* dkey,
                          void* dnegatives, double* dtemperature, int num_threads) {
-  if (!valid_info_nce(query, key, negatives, temperature) || !std::isfinite(grad_loss) ||
+  if (!valid_info_nce(query, key, negatives, per_query, temperature) || !std::isfinite(grad_loss) ||
       (symmetric && lse_key == nullptr) || (symmetric && !in_batch_negatives))
     return Status::BadArgument;
   if (negatives.rows == 0) dnegatives = nullptr;
   num_threads = std::max(1, num_threads);
   if (query.dtype == DType::Float64)
-    return info_nce_backward_impl<double>(query, key, negatives, static_cast<const double*>(lse_query),
+    return info_nce_backward_impl<double>(query, key, negatives, per_query,
+                                          static_cast<const double*>(lse_query),
                                           static_cast<const double*>(lse_key), temperature, normalize,
                                           symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
                                           num_threads);
-  return info_nce_backward_impl<float>(query, key, negatives, static_cast<const float*>(lse_query),
+  return info_nce_backward_impl<float>(query, key, negatives, per_query,
+                                       static_cast<const float*>(lse_query),
                                        static_cast<const float*>(lse_key), temperature, normalize,
                                        symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
                                        num_threads);

@@ -41,17 +41,20 @@ Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
 //   s_ij = q_i . k_j / t (rows L2-normalised first when normalize).
 // symmetric (CLIP): loss = (loss_q + loss_k) / 2 with loss_k = mean_j [ lse'_j - s_jj ],
 // lse'_j = log sum_i exp(s_ij) (queries only). lse_query [N]; lse_key [N] when symmetric.
-// negatives.rows == 0 means none. Without in_batch_negatives the other keys are not
+// negatives.rows == 0 means none. per_query > 0: per-query hard negatives instead of a
+// shared queue, rows [i per_query, (i + 1) per_query) of `negatives` belong to query i
+// (negatives.rows == N per_query). Without in_batch_negatives the other keys are not
 // candidates (MoCo, lightly's memory bank: own key + the queue); not with symmetric.
 Status info_nce_forward(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
-                        double temperature, bool normalize, bool symmetric,
+                        int64_t per_query, double temperature, bool normalize, bool symmetric,
                         bool in_batch_negatives, void* lse_query, void* lse_key, double* loss,
                         int num_threads);
 
 // dquery, dkey: contiguous [N, D]; dnegatives: contiguous [K, D] or null to skip it;
 // dtemperature: the gradient with respect to t (exact), or null to skip it.
 Status info_nce_backward(const MatrixView& query, const MatrixView& key,
-                         const MatrixView& negatives, const void* lse_query, const void* lse_key,
+                         const MatrixView& negatives, int64_t per_query, const void* lse_query,
+                         const void* lse_key,
                          double temperature, bool normalize, bool symmetric,
                          bool in_batch_negatives, double grad_loss, void* dquery, void* dkey,
                          void* dnegatives, double* dtemperature, int num_threads);

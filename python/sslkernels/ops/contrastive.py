@@ -178,10 +178,21 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
 # `negatives_grad` says whether the queue needs a gradient (a MoCo queue does not).
 
 
-def _matrix_args(x: Optional[Tensor]):
+def _negatives_args(x: Optional[Tensor]):
+    """(rows tensor, pointer, rows, row stride, column stride, per-query count) for the
+    C++ core; the caller keeps the rows tensor alive while the kernel runs.
+
+    A shared queue [K, D] goes as is (per-query count 0); per-query hard negatives
+    [N, M, D] go as their [N M, D] rows (a view when the layout allows, else a copy)
+    with count M.
+    """
     if x is None:
-        return 0, 0, 0, 0
-    return x.data_ptr(), x.shape[0], x.stride(0), x.stride(1)
+        return None, 0, 0, 0, 0, 0
+    per_query = 0
+    if x.dim() == 3:
+        per_query = x.shape[1]
+        x = x.reshape(-1, x.shape[2])
+    return x, x.data_ptr(), x.shape[0], x.stride(0), x.stride(1), per_query
 
 
 def _lse_key_ptr(lse: Tensor, n: int, symmetric: bool) -> int:
@@ -207,9 +218,9 @@ def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negativ
     n, d = query.shape
     lse = torch.empty(n * (2 if symmetric else 1), dtype=_stats_dtype(query.dtype))
     loss64 = torch.empty((), dtype=torch.float64)
-    neg_ptr, k, neg_s0, neg_s1 = _matrix_args(negatives)
+    neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
     status = _ext._C.info_nce_forward(
-        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
+        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k, per_query,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
         float(temperature), bool(normalize), bool(symmetric), bool(in_batch_negatives),
         lse.data_ptr(), _lse_key_ptr(lse, n, symmetric), loss64.data_ptr(), _ext.num_threads(),
@@ -245,10 +256,10 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
     want_dneg = negatives is not None and negatives_grad
     dneg = torch.empty(negatives.shape, dtype=negatives.dtype) if want_dneg else query.new_empty((0,))
     dtemp64 = torch.empty((), dtype=torch.float64)
-    neg_ptr, k, neg_s0, neg_s1 = _matrix_args(negatives)
+    neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
     lse = lse.contiguous()
     status = _ext._C.info_nce_backward(
-        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
+        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k, per_query,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
         lse.data_ptr(), _lse_key_ptr(lse, n, symmetric),
         float(temperature), bool(normalize), bool(symmetric), bool(in_batch_negatives), float(grad_loss),

@@ -64,16 +64,17 @@ def info_nce_reference(
     `in_batch_negatives` a query's candidates are its own key and the queue (MoCo)."""
     if normalize:
         query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
-        negatives = F.normalize(negatives, dim=1) if negatives is not None else None
+        negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
     targets = torch.arange(query.shape[0], device=query.device)
     if in_batch_negatives:
-        candidates = key if negatives is None else torch.cat([key, negatives], dim=0)
-        logits = query @ candidates.T / temperature
+        logits = query @ key.T / temperature
     else:  # MoCo: [own key | queue], positive at column 0
         logits = (query * key).sum(dim=1, keepdim=True) / temperature
-        if negatives is not None:
-            logits = torch.cat([logits, query @ negatives.T / temperature], dim=1)
         targets = torch.zeros_like(targets)
+    if negatives is not None and negatives.dim() == 3:  # per-query hard negatives [N, M, D]
+        logits = torch.cat([logits, torch.einsum("nd,nmd->nm", query, negatives) / temperature], dim=1)
+    elif negatives is not None:
+        logits = torch.cat([logits, query @ negatives.T / temperature], dim=1)
     loss = F.cross_entropy(logits, targets)
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(key @ query.T / temperature, targets))
