@@ -73,36 +73,42 @@ int sup_con_backward_binding(std::uintptr_t features, int dtype, int64_t n, int6
 // negatives_rows == 0: no shared negatives (the pointer is ignored).
 int info_nce_forward_binding(std::uintptr_t query, std::uintptr_t key, std::uintptr_t negatives,
                              int dtype, int64_t n, int64_t d, int64_t negatives_rows,
+                             int64_t negatives_per_query,
                              int64_t q_row_stride, int64_t q_col_stride, int64_t k_row_stride,
                              int64_t k_col_stride, int64_t n_row_stride, int64_t n_col_stride,
                              double temperature, bool normalize, bool symmetric,
-                             std::uintptr_t lse_query, std::uintptr_t lse_key, std::uintptr_t loss,
-                             int num_threads) {
+                             bool in_batch_negatives, std::uintptr_t lse_query,
+                             std::uintptr_t lse_key, std::uintptr_t loss, int num_threads) {
   py::gil_scoped_release release;
   return static_cast<int>(info_nce_forward(
       matrix(query, dtype, n, d, q_row_stride, q_col_stride),
       matrix(key, dtype, n, d, k_row_stride, k_col_stride),
-      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride), temperature,
-      normalize, symmetric, reinterpret_cast<void*>(lse_query), reinterpret_cast<void*>(lse_key),
+      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride), negatives_per_query,
+      temperature,
+      normalize, symmetric, in_batch_negatives, reinterpret_cast<void*>(lse_query),
+      reinterpret_cast<void*>(lse_key),
       reinterpret_cast<double*>(loss), num_threads));
 }
 
 int info_nce_backward_binding(std::uintptr_t query, std::uintptr_t key, std::uintptr_t negatives,
                               int dtype, int64_t n, int64_t d, int64_t negatives_rows,
+                             int64_t negatives_per_query,
                               int64_t q_row_stride, int64_t q_col_stride, int64_t k_row_stride,
                               int64_t k_col_stride, int64_t n_row_stride, int64_t n_col_stride,
                               std::uintptr_t lse_query, std::uintptr_t lse_key, double temperature,
-                              bool normalize, bool symmetric, double grad_loss,
+                              bool normalize, bool symmetric, bool in_batch_negatives,
+                              double grad_loss,
                               std::uintptr_t dquery, std::uintptr_t dkey,
-                              std::uintptr_t dnegatives, int num_threads) {
+                              std::uintptr_t dnegatives, std::uintptr_t dtemperature,
+                              int num_threads) {
   py::gil_scoped_release release;
   return static_cast<int>(info_nce_backward(
       matrix(query, dtype, n, d, q_row_stride, q_col_stride),
       matrix(key, dtype, n, d, k_row_stride, k_col_stride),
-      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride),
+      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride), negatives_per_query,
       reinterpret_cast<const void*>(lse_query), reinterpret_cast<const void*>(lse_key), temperature,
-      normalize, symmetric, grad_loss, reinterpret_cast<void*>(dquery), reinterpret_cast<void*>(dkey),
-      reinterpret_cast<void*>(dnegatives), num_threads));
+      normalize, symmetric, in_batch_negatives, grad_loss, reinterpret_cast<void*>(dquery), reinterpret_cast<void*>(dkey),
+      reinterpret_cast<void*>(dnegatives), reinterpret_cast<double*>(dtemperature), num_threads));
 }
 
 BatchView batch_view(std::uintptr_t ptr, int dtype, int64_t batch, int64_t rows, int64_t cols,
@@ -118,6 +124,15 @@ int svdvals_jacobi_binding(std::uintptr_t a, int dtype, int64_t batch, int64_t r
   return static_cast<int>(svdvals_jacobi(
       batch_view(a, dtype, batch, rows, cols, batch_stride, row_stride, col_stride),
       reinterpret_cast<void*>(s), reinterpret_cast<int32_t*>(info), max_sweeps, num_threads));
+}
+
+int svdvals_gram_binding(std::uintptr_t a, int dtype, int64_t batch, int64_t rows, int64_t cols,
+                         int64_t batch_stride, int64_t row_stride, int64_t col_stride,
+                         std::uintptr_t s, std::uintptr_t info, int num_threads) {
+  py::gil_scoped_release release;
+  return static_cast<int>(svdvals_gram(
+      batch_view(a, dtype, batch, rows, cols, batch_stride, row_stride, col_stride),
+      reinterpret_cast<void*>(s), reinterpret_cast<int32_t*>(info), num_threads));
 }
 
 int gram_float64_binding(std::uintptr_t a, int dtype, int64_t batch, int64_t rows, int64_t cols,
@@ -146,10 +161,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("info_nce_forward", &info_nce_forward_binding,
         "Fused InfoNCE / CLIP forward: writes lse_query[N] (and lse_key[N] when symmetric) and the loss.");
   m.def("info_nce_backward", &info_nce_backward_binding,
-        "Fused InfoNCE / CLIP backward: writes dquery, dkey and (if given) dnegatives.");
+        "Fused InfoNCE / CLIP backward: writes dquery, dkey and (if given) dnegatives and dtemperature.");
   m.def("svdvals_jacobi", &svdvals_jacobi_binding,
         "One-sided Jacobi singular values of a batch of (rows >= cols) matrices: writes s[B, cols] "
         "(descending) and info[B] (int32, 1 = sweep budget exhausted); returns a status code.");
+  m.def("svdvals_gram", &svdvals_gram_binding,
+        "Singular values through float64 Gram matrices and LAPACK dsyevd, one matrix per thread: "
+        "writes s[B, cols] (descending) and info[B]; returns a status code.");
   m.def("gram_float64", &gram_float64_binding,
         "Float64 Gram matrices A^T A of a batch of (rows x cols) matrices: writes g[B, cols, cols]; "
         "returns a status code.");

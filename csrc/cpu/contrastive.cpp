@@ -14,12 +14,6 @@
 
 #include "tile_utils.hpp"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-#define SSLK_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SSLK_MULTIVERSION
-#endif
-
 namespace sslkernels {
 namespace {
 

@@ -11,6 +11,14 @@
 
 #include "sslkernels/common.hpp"
 
+// Hot epilogue loops are compiled for AVX-512, AVX2 and a baseline, picked at load
+// time, so one wheel runs everywhere and still vectorises where it can.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define SSLK_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SSLK_MULTIVERSION
+#endif
+
 namespace sslkernels {
 namespace detail {
 

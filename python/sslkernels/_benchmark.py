@@ -71,6 +71,7 @@ class BenchOp:
     warmup_sizes: Callable[[Sizes], Sizes]        # tiny case run first in the memory worker
     shape_label: Callable[[Sizes], str]           # "N=1024 D=128"
     description: str = ""
+    passes: Tuple[str, ...] = PASSES              # forward-only ops (svdvals, rankme): ("fwd",)
 
     def impl(self, which: str) -> Callable[..., torch.Tensor]:
         if which == "eager":
@@ -214,6 +215,82 @@ register_op(
     )
 )
 
+
+
+# ---- singular values (forward only: sslkernels.svdvals has no backward)
+
+
+def _small_matrices(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(sizes["b"], sizes["n"], sizes["n"], generator=g)
+    return (a.to(device=device, dtype=dtype),)
+
+
+def _svdvals_eager(a):
+    # torch.linalg.svdvals takes float32/float64 only: half inputs are upcast, as users do.
+    return torch.linalg.svdvals(a if a.dtype in (torch.float32, torch.float64) else a.float())
+
+
+def _svdvals_fused(a):
+    import sslkernels
+
+    return sslkernels.svdvals(a)
+
+
+register_op(
+    BenchOp(
+        name="svdvals",
+        params=("b", "n"),
+        default_sizes={"b": (512, 4096), "n": (32, 128)},
+        quick_sizes={"b": (512,), "n": (32,)},
+        make_inputs=_small_matrices,
+        eager=_svdvals_eager,
+        fused=_svdvals_fused,
+        warmup_sizes=lambda s: {"b": 2, "n": s["n"]},
+        shape_label=lambda s: f"B={s['b']} {s['n']}x{s['n']}",
+        description="singular values of B square Gaussian matrices (forward only)",
+        passes=("fwd",),
+    )
+)
+
+
+def _embeddings_of_rank(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d, r = sizes["n"], sizes["d"], sizes["rank"]
+    if r >= min(n, d):
+        z = torch.randn(n, d, generator=g)                       # full rank
+    else:                                                        # a collapsed embedding
+        z = torch.randn(n, r, generator=g) @ torch.randn(r, d, generator=g) / r ** 0.5
+    return (z.to(device=device, dtype=dtype),)
+
+
+def _rankme_eager(z):
+    from sslkernels.reference import rankme_reference
+
+    return rankme_reference(z if z.dtype in (torch.float32, torch.float64) else z.float())
+
+
+def _rankme_fused(z):
+    import sslkernels
+
+    return sslkernels.rankme(z)
+
+
+register_op(
+    BenchOp(
+        name="rankme",
+        params=("n", "d", "rank"),
+        default_sizes={"n": (25600,), "d": (2048,), "rank": (2048, 10)},
+        quick_sizes={"n": (4096,), "d": (256,), "rank": (256,)},
+        make_inputs=_embeddings_of_rank,
+        eager=_rankme_eager,
+        fused=_rankme_fused,
+        warmup_sizes=lambda s: {"n": 64, "d": 16, "rank": 16},
+        shape_label=lambda s: f"N={s['n']} D={s['d']} rank={min(s['rank'], s['n'], s['d'])}",
+        description="RankMe (paper's definition) of an N x D embedding of the given rank (forward only)",
+        passes=("fwd",),
+    )
+)
 
 # ---------------------------------------------------------------- passes
 
@@ -390,7 +467,7 @@ def _run_worker(spec: dict) -> dict:
     # Warm up on tiny inputs: library loading, thread pools and BLAS buffers
     # are not the op's memory.
     tiny = op.make_inputs(op.warmup_sizes(spec["sizes"]), dtype, device)
-    for p in ("fwdbwd", "fwd"):
+    for p in (q for q in ("fwdbwd", "fwd") if q in op.passes):
         setup, target = make_pass(fn, tiny, p)
         target(*setup())
     del tiny, setup, target

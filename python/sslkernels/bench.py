@@ -229,7 +229,7 @@ def run(args) -> int:
     for op in ops:
         for sizes in op.grid({k: v for k, v in overrides.items() if k in op.params}, quick=args.quick):
             for dtype in args.dtype:
-                for p in passes:
+                for p in (q for q in passes if q in op.passes):  # forward-only ops skip bwd
                     cases.append((op, sizes, dtype, p))
     units = len(cases) * (1 + (0 if args.no_memory else 2))
 
@@ -248,7 +248,7 @@ def run(args) -> int:
                     seen.append((sizes, dtype))
             for sizes, dtype in seen:
                 inputs = op.make_inputs(sizes, B.DTYPES[dtype], dev)
-                for p in passes:
+                for p in (q for q in passes if q in op.passes):  # forward-only ops skip bwd
                     bar.set_description(f"time {op.name} {op.shape_label(sizes)} {dtype} {p}")
                     timings[(op.name, json.dumps(sizes), dtype, p)] = B.time_pair(op, inputs, p, repeat, warmup)
                     bar.update(1)

@@ -70,47 +70,128 @@ def info_nce(
     negatives: torch.Tensor = None,
     symmetric: bool = False,
     normalize: bool = True,
+    in_batch_negatives: bool = True,
 ) -> torch.Tensor:
     """InfoNCE (MoCo / CPC) and, with ``symmetric=True``, the CLIP loss, fused.
 
     Row ``i`` of ``key`` is the positive of row ``i`` of ``query``; the other keys are
-    its negatives, and a shared ``negatives`` ``[K, D]`` (a MoCo queue) joins them:
+    its negatives, and ``negatives`` (a shared ``[K, D]`` MoCo queue, or per-query
+    ``[N, M, D]`` hard negatives) join them:
     ``loss_i = -log( exp(q_i.k_i/t) / (sum_j exp(q_i.k_j/t) + sum_n exp(q_i.n/t)) )``,
     mean over the N queries, inputs L2-normalised first when ``normalize``.
     ``symmetric=True`` averages that with the key -> query loss, whose candidates are
     the queries only; one pass over the logit tiles serves both directions.
+    ``in_batch_negatives=False`` leaves the other keys out of each query's
+    candidates (its own key plus ``negatives`` only), as MoCo and lightly's memory
+    bank do; it cannot be combined with ``symmetric``.
+    ``temperature`` is a float or a 0-dim tensor; a tensor that requires grad (a
+    learnable temperature, e.g. CLIP's ``1 / logit_scale.exp()``) gets its exact
+    gradient.
 
     Never allocates the (N x (N + K)) logits: autograd keeps the inputs and N (2N)
     floats. The queue gets a gradient only if it requires one.
 
-    Not built yet (NotImplementedError): per-query hard negatives ``[N, M, D]`` and a
-    tensor (learnable) ``temperature``.
+    ``negatives`` may instead be per-query hard negatives ``[N, M, D]``: row ``i``'s
+    ``M`` negatives join query ``i``'s candidates only.
     """
     v.check_float_tensor(query, "query", 2)
     v.check_float_tensor(key, "key", 2)
     v.check_same(query, key, "query", "key")
     v.check_nonempty_rows(query, "query")
-    if isinstance(temperature, torch.Tensor):
-        raise NotImplementedError("sslkernels.info_nce: a tensor (learnable) temperature is not built yet; pass a float")
-    temperature = v.check_temperature(temperature)
+    temperature = v.temperature_tensor(temperature, query.device)
     negatives_grad = False
     if negatives is not None:
-        if isinstance(negatives, torch.Tensor) and negatives.dim() == 3:
-            raise NotImplementedError("sslkernels.info_nce: per-query negatives [N, M, D] are not built yet")
-        v.check_float_tensor(negatives, "negatives", 2)
-        if negatives.shape[1] != query.shape[1]:
+        if not isinstance(negatives, torch.Tensor) or negatives.dim() != 3:
+            v.check_float_tensor(negatives, "negatives", 2)
+        else:
+            v.check_float_tensor(negatives, "negatives", 3)
+            if negatives.shape[0] != query.shape[0]:
+                raise ValueError(
+                    f"per-query `negatives` must be [N, M, D] with N = {query.shape[0]}, got {tuple(negatives.shape)}"
+                )
+        if negatives.shape[-1] != query.shape[1]:
             raise ValueError(
-                f"`negatives` must have D = {query.shape[1]} columns like `query`, got shape {tuple(negatives.shape)}"
+                f"`negatives` must have D = {query.shape[1]} features like `query`, got shape {tuple(negatives.shape)}"
             )
         if negatives.dtype != query.dtype:
             raise TypeError(f"`negatives` must share the dtype of `query` ({query.dtype}), got {negatives.dtype}")
         if negatives.device != query.device:
             raise ValueError(f"`negatives` is on {negatives.device} but `query` is on {query.device}")
-        if negatives.shape[0] == 0:
+        if negatives.numel() == 0:
             negatives = None
         else:
             negatives_grad = negatives.requires_grad
+    if symmetric and not in_batch_negatives:
+        raise ValueError("`symmetric=True` needs `in_batch_negatives=True` (the key -> query candidates are the queries)")
     loss, _ = torch.ops.sslkernels.info_nce_forward(
-        query, key, negatives, temperature, bool(normalize), bool(symmetric), negatives_grad
+        query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
+        negatives_grad,
     )
     return loss
+
+
+# ---------------------------------------------------------------- singular values
+
+
+def _check_matrices(A, name: str, min_dim: int = 2, max_dim: int = None) -> None:
+    """Structural checks of a batch of matrices ``[..., m, n]``; errors name the argument."""
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in v.FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be float32, float16, bfloat16 or float64, got {A.dtype}")
+    if A.dim() < min_dim or (max_dim is not None and A.dim() > max_dim):
+        want = f"{min_dim}-D" if max_dim == min_dim else (
+            f"{min_dim}-D or {max_dim}-D" if max_dim == min_dim + 1 else f"at least {min_dim}-D")
+        raise ValueError(f"`{name}` must be {want}, got shape {tuple(A.shape)}")
+    if A.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"`{name}` is on {A.device}; sslkernels supports cpu and cuda tensors")
+    if A.shape[-2] < 1 or A.shape[-1] < 1:
+        raise ValueError(f"`{name}` has a zero-size matrix dimension (shape {tuple(A.shape)})")
+    if A.numel() == 0:
+        raise ValueError(f"`{name}` is an empty batch (shape {tuple(A.shape)})")
+
+
+def _check_max_sweeps(max_sweeps) -> int:
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
+        raise TypeError(f"`max_sweeps` must be an int, got {type(max_sweeps).__name__}")
+    if max_sweeps < 1:
+        raise ValueError(f"`max_sweeps` must be >= 1, got {max_sweeps}")
+    return max_sweeps
+
+
+def svdvals_ex(A: torch.Tensor, max_sweeps: int = 30):
+    """Singular values of ``A [..., m, n]`` and a convergence flag: ``(S, info)``.
+
+    ``S [..., min(m, n)]`` holds the singular values in descending order, like
+    ``torch.linalg.svdvals``; it is float64 for float64 input and float32
+    otherwise (float16 / bfloat16 are computed in float32). ``info [...]`` is int32,
+    0 where the matrix converged and 1 where the Jacobi sweep budget
+    ``max_sweeps`` ran out first (S is then the best estimate so far). Both stay on
+    A's device: on CUDA nothing is copied to the host (check ``info`` when you
+    need to). Singular values only: no backward.
+
+    CPU routes (see ``sslkernels.ops.spectral``): one-sided Jacobi, vectorised
+    across matrices, for small matrices; float64 Gram + eigenvalues for tall or
+    large ones (absolute error about 1e-8 * sigma_max). Every route is within
+    1e-5 * sigma_max of float64 LAPACK for float32 input.
+
+    Raises ValueError naming ``A`` for NaN/Inf entries (always on CPU; on CUDA
+    under ``sslkernels.set_debug(True)``), zero-size dims or an empty batch, and
+    TypeError for non-float dtypes.
+    """
+    _check_matrices(A, "A")
+    max_sweeps = _check_max_sweeps(max_sweeps)
+    batch_shape = A.shape[:-2]
+    m, n = A.shape[-2:]
+    S, info = torch.ops.sslkernels.svdvals_ex(A.reshape(-1, m, n), max_sweeps)
+    return S.reshape(*batch_shape, min(m, n)), info.reshape(batch_shape)
+
+
+def svdvals(A: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``A [..., m, n]``, descending, shape ``[..., min(m, n)]``.
+
+    ``torch.linalg.svdvals`` for batches of small matrices and tall embeddings, on
+    the CPU core (see :func:`svdvals_ex`, which also returns the convergence flag).
+    float64 in -> float64 out; float32 / float16 / bfloat16 in -> float32 out.
+    """
+    return svdvals_ex(A)[0]

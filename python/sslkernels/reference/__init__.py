@@ -2,4 +2,6 @@
 benchmark baseline. They are never a silent fallback of a fused path."""
 from sslkernels.reference.contrastive import info_nce_reference, nt_xent_reference, sup_con_reference
 
-__all__ = ["info_nce_reference", "nt_xent_reference", "sup_con_reference"]
+from sslkernels.reference.spectral import rankme_reference, svdvals_reference
+
+__all__ = ["rankme_reference", "svdvals_reference", "info_nce_reference", "nt_xent_reference", "sup_con_reference"]
