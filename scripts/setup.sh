@@ -33,6 +33,8 @@ echo "[setup] installing build and test tools"
 # open_clip's loss.py (plain torch) is the ClipLoss parity oracle; its package
 # __init__ needs torchvision, so it comes in without dependencies.
 "${PIP[@]}" --no-deps "open_clip_torch==3.3.0"
+# Lightning: the RankMeCallback wrapper is tested under a real Trainer.
+"${PIP[@]}" "lightning>=2.0"
 
 echo "[setup] building and installing sslkernels"
 if [ "${1:-}" = "--editable" ]; then
