@@ -81,6 +81,8 @@ def plan_lines():
         "reference (2x eager rule) + determinism",
         f"timings: N {time_n} x D {TIME_D} x {TIME_DTYPES}, t={TIME_T}: fwd and fwd+bwd, do_bench + peak MB",
     ]
+    lines.append(f"svdvals: {SPEC_SHAPES} x {SPEC_DTYPES}: sslkernels.svdvals + jacobi_svdvals vs float64 "
+                 f"torch.linalg.svdvals; timed vs torch drivers {SPEC_DRIVERS}")
     if not ARGS.no_extras:
         lines += [f"extra  : {e[0]}: N={e[1]} D={e[2]} {e[3]} t={e[4]} normalize={e[5]} tf32={e[6]} "
                   f"{e[7]} grad={e[8]}" for e in EXTRAS]
@@ -206,6 +208,104 @@ def time_case(impl, op, z1, z2, t):
         torch.cuda.empty_cache()
 
 
+# ---------------------------------------------------------------------------- spectral (svdvals)
+
+SPEC_SHAPES = [(4096, 32, 32), (512, 128, 128), (100, 65, 33)]
+SPEC_DTYPES = ["fp32", "fp64"]
+SPEC_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # error / sigma_max vs float64 svdvals
+SPEC_TOL_128_FP32 = 3e-5  # fp32 rotations drift ~1.2e-5 at 128 x 128 (interpreter measurement)
+SPEC_DRIVERS = [None, "gesvd", "gesvdj", "gesvda"]
+
+
+def spectral_section(rows, failed):
+    """Checks the registered op and the Jacobi launcher; times them against each driver."""
+    from sslkernels.kernels import spectral as SK
+
+    op = getattr(sslkernels, "svdvals", None)
+    for (b, m, n) in SPEC_SHAPES:
+        for dt in SPEC_DTYPES:
+            dtype = DTYPES[dt]
+            g = torch.Generator(device="cuda").manual_seed(b + m + n)
+            A = torch.randn(b, m, n, generator=g, device="cuda", dtype=torch.float64).to(dtype)
+            ref = torch.linalg.svdvals(A.double())
+            tol = SPEC_TOL_128_FP32 if (dtype == torch.float32 and max(m, n) >= 128) else SPEC_TOL[dtype]
+            impls = [("jacobi", lambda: SK.jacobi_svdvals(A)[0])]
+            impls.append(("sslkernels.svdvals", (lambda: op(A)) if op is not None else None))
+            for name, fn in impls:
+                r = rows.setdefault((f"svdvals:{name}", b, f"{m}x{n}", dt),
+                                    {"pass": "-", "eager_ms": None, "fused_ms": None, "eager_mb": None,
+                                     "fused_mb": None})
+                if fn is None:
+                    r["pass"] = "FAIL"
+                    failed.append(f"svdvals {b}x{m}x{n} {dt}: sslkernels.svdvals not available")
+                    continue
+                try:
+                    S = fn()
+                    ok = S.shape == ref.shape and bool(torch.isfinite(S).all())
+                    err = float(((S.double() - ref).abs() / ref.amax(-1, keepdim=True).clamp_min(1e-300)).max())
+                    ok = ok and err <= tol
+                    if name == "jacobi":
+                        info = SK.jacobi_svdvals(A)[1]
+                        ok = ok and bool((info == 0).all())
+                    msg = f"err {err:.1e} (tol {tol:.0e})"
+                except Exception:  # noqa: BLE001
+                    ok, msg = False, "EXCEPTION " + traceback.format_exc(limit=3)
+                r["pass"] = "PASS" if ok else "FAIL"
+                if not ok:
+                    failed.append(f"svdvals {name} {b}x{m}x{n} {dt}: {msg}")
+                try:
+                    r["fused_ms"] = _median_ms(fn)
+                except Exception:  # noqa: BLE001
+                    r["fused_ms"] = "ERR"
+                # "eager" column: torch.linalg.svdvals with the default driver
+                try:
+                    r["eager_ms"] = _median_ms(lambda: torch.linalg.svdvals(A))
+                except Exception:  # noqa: BLE001
+                    r["eager_ms"] = "ERR"
+                log(f"svdvals {name} {b}x{m}x{n} {dt}: {r['pass']} {msg}; {r['fused_ms']} ms vs torch "
+                    f"{r['eager_ms']} ms")
+            for drv in SPEC_DRIVERS:
+                r = rows.setdefault((f"svdvals:torch[{drv}]", b, f"{m}x{n}", dt),
+                                    {"pass": "-", "eager_ms": None, "fused_ms": None, "eager_mb": None,
+                                     "fused_mb": None})
+                try:
+                    r["eager_ms"] = _median_ms(lambda: torch.linalg.svdvals(A, driver=drv))
+                except Exception as exc:  # noqa: BLE001  (a driver may refuse a shape: not a failure)
+                    r["eager_ms"] = "ERR"
+                    log(f"torch svdvals driver={drv} {b}x{m}x{n} {dt}: {type(exc).__name__}")
+            del A, ref
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def compile_spectral(build):
+    """Compile the Jacobi kernel for every (BLOCK_M, BLOCK_N, dtype) of the plan."""
+    from sslkernels.kernels import spectral as SK
+
+    failures = 0
+    cases = set()
+    for (_, m, n) in SPEC_SHAPES + [(1, 7, 5), (1, 1, 1)]:
+        mm, nn = max(m, n), min(m, n)
+        for dt in SPEC_DTYPES:
+            cases.add((SK._blocks(mm, nn), dt))
+    for (bm, bn), dt in sorted(cases):
+        dtype = DTYPES[dt]
+        ty = {"fp32": "fp32", "fp64": "fp64"}[dt]
+        sig = {"a_ptr": f"*{ty}", "s_ptr": f"*{ty}", "info_ptr": "*i32", "scratch_ptr": f"*{ty}",
+               "M": "i32", "N": "i32", "stride_b": "i64", "stride_m": "i32", "stride_n": "i32",
+               "stride_sb": "i32", "max_sweeps": "i32", "tol": "fp32"}
+        consts = {"ACC": SK._TL[dtype], "BLOCK_M": bm, "BLOCK_N": bn}
+        cfg = triton.Config({}, num_warps=SK._num_warps(bm, bn, dtype), num_stages=1)
+        tag = f"jacobi_svdvals {dt} BLOCK {bm}x{bn} w{cfg.num_warps}"
+        DIV16.clear()
+        try:
+            build(SK._jacobi_svdvals_kernel, sig, consts, cfg, tag)
+        except Exception as exc:  # noqa: BLE001
+            failures += 1
+            print(f"  {tag}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
+    return failures
+
+
 # ---------------------------------------------------------------------------- compile-only
 
 
@@ -304,6 +404,7 @@ def compile_only():
             except Exception as exc:  # noqa: BLE001
                 failures += 1
                 print(f"  {tag}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
+    failures += compile_spectral(build)
     print(f"compile-only: {failures} failure(s)")
     return 1 if failures else 0
 
@@ -329,6 +430,9 @@ def main():
 
         k = importlib.import_module("sslkernels.kernels.contrastive")
         print(f"kernel module {k.__file__}: autotune={k.AUTOTUNE}, interpret={k.INTERPRET}")
+        sk = importlib.import_module("sslkernels.kernels.spectral")
+        print(f"kernel module {sk.__file__}: interpret={sk.INTERPRET}; "
+              f"sslkernels.svdvals {'present' if hasattr(sslkernels, 'svdvals') else 'MISSING'}")
         print("dry run: nothing executed")
         return 0
     if ARGS.compile_only:
@@ -404,6 +508,13 @@ def main():
                 del z1, z2
                 gc.collect()
                 torch.cuda.empty_cache()
+
+    # -- spectral
+    log("svdvals (spectral) checks and timings")
+    try:
+        spectral_section(rows, failed)
+    except Exception:  # noqa: BLE001
+        failed.append("svdvals section: EXCEPTION " + traceback.format_exc(limit=3))
 
     # -- autotune choices (for the record)
     try:

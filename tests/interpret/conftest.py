@@ -19,11 +19,10 @@ import pytest  # noqa: E402
 # folder is named on the command line (it only skips when collected from tests/).
 
 
-@pytest.fixture(scope="session")
-def contrastive_kernels():
-    """`sslkernels.kernels.contrastive`, interpreted (re-imported if something imported
+def interpreted_kernels(family: str):
+    """`sslkernels.kernels.<family>`, interpreted (re-imported if something imported
     it before this conftest set TRITON_INTERPRET)."""
-    name = "sslkernels.kernels.contrastive"
+    name = f"sslkernels.kernels.{family}"
     module = sys.modules.get(name)
     if module is None:
         module = importlib.import_module(name)
@@ -31,3 +30,13 @@ def contrastive_kernels():
         module = importlib.reload(module)
     assert module.INTERPRET, "the kernels were not built in interpreter mode"
     return module
+
+
+@pytest.fixture(scope="session")
+def contrastive_kernels():
+    return interpreted_kernels("contrastive")
+
+
+@pytest.fixture(scope="session")
+def spectral_kernels():
+    return interpreted_kernels("spectral")

@@ -1,0 +1,172 @@
+"""Triton batched singular values (the CUDA path of `sslkernels::svdvals_ex` for small
+matrices): one-sided Jacobi (Hestenes), one program per matrix.
+
+``jacobi_svdvals(A, max_sweeps=30) -> (S, info)`` for A [B, m, n], m, n <= 128,
+float32 or float64 (any strides). A wide matrix (m < n) is read as its transpose
+by swapping the strides (same singular values, no copy), so the kernel always sees
+a tall [M, N] matrix with N = min(m, n) columns.
+
+Kernel ``_jacobi_svdvals_kernel``, grid (B,):
+
+* The matrix lives in registers as a [BLOCK_M, BLOCK_N] tile (powers of two,
+  masked, padding = 0), in float32 (float64 for float64 input).
+* Sweeps use the round-robin (circle-method) parallel ordering over NP = N rounded
+  up to even columns: NP - 1 rounds, each pairing every column with a distinct
+  partner, so the NP / 2 rotations of a round are disjoint and are applied to the
+  whole tile at once. Round r pairs j, k < NP - 1 with j + k = r (mod NP - 1); the
+  column j* with 2 j* = r (mod NP - 1) pairs with column NP - 1. Columns >= NP
+  (padding) pair with themselves (no rotation).
+* Triton cannot index register columns dynamically, so the partner tile
+  P[:, j] = A[:, partner(j)] is a gather through a per-program global scratch
+  buffer ([BLOCK_M, BLOCK_N], L1/L2-resident): store the tile, barrier, load it
+  with permuted column offsets, barrier. Cost per round: 2 BLOCK_M BLOCK_N
+  scratch accesses (L1/L2) + ~10 M N flops; per sweep NP - 1 rounds, so
+  O(M N^2) work and memory traffic per sweep, exact (no tensor-core rounding).
+* Per column j with partner q (both sides compute the same numbers, from the same
+  values): alpha = ||a_p||^2, beta = ||a_q||^2, gamma = a_p . a_q (p < q of the
+  pair); rotate only if |gamma| > tol sqrt(alpha) sqrt(beta) (so gamma == 0, zero
+  or padded columns never rotate: no NaN); zeta = (beta - alpha) / (2 gamma),
+  t = sign(zeta) / (|zeta| + sqrt(1 + zeta^2)), c = 1 / sqrt(1 + t^2), s = c t,
+  a_p' = c a_p - s a_q, a_q' = s a_p + c a_q. tol = max(M, 1) * eps(dtype).
+* A sweep with no rotation means converged: the while loop stops per matrix (so
+  info = 0); otherwise it stops after max_sweeps (info = 1).
+* Epilogue: sigma_j = ||a_j||, ranked descending by counting comparisons in a
+  [BLOCK_N, BLOCK_N] compare matrix (ties broken by index), scattered to S[b, rank].
+
+No host sync in the launcher; outputs come from torch.empty on the input's device.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_DIM = 128
+
+__all__ = ["jacobi_svdvals", "MAX_DIM"]
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+_EPS = {torch.float32: float(torch.finfo(torch.float32).eps), torch.float64: float(torch.finfo(torch.float64).eps)}
+
+
+@triton.jit
+def _jacobi_svdvals_kernel(
+    a_ptr, s_ptr, info_ptr, scratch_ptr,
+    M, N, stride_b, stride_m, stride_n, stride_sb,
+    max_sweeps, tol,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    a_base = a_ptr + pid * stride_b
+    offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n
+    A = tl.load(a_base + offs, mask=mask, other=0.0).to(ACC)
+
+    scr = scratch_ptr + pid * (BLOCK_M * BLOCK_N)
+    scr_rows = rows[:, None] * BLOCK_N
+
+    NP = N + (N % 2)  # even number of columns in the tournament
+    R = NP - 1  # rounds per sweep (odd)
+    half = NP // 2  # inverse of 2 modulo R
+    sweep = 0
+    done = 0
+    while (sweep < max_sweeps) & (done == 0):
+        rotated = 0
+        for r in range(0, R):
+            # partner of each column in round r
+            k = (r - cols + R) % R
+            k = tl.where(cols == R, (r * half) % R, k)
+            k = tl.where(k == cols, R, k)
+            jstar = (r * half) % R
+            k = tl.where(cols == jstar, R, k)
+            k = tl.where(cols >= NP, cols, k)
+            # gather P[:, j] = A[:, k[j]] through the scratch tile
+            tl.store(scr + scr_rows + cols[None, :], A)
+            tl.debug_barrier()
+            P = tl.load(scr + scr_rows + k[None, :])
+            tl.debug_barrier()
+            own = tl.sum(A * A, axis=0)
+            oth = tl.sum(P * P, axis=0)
+            gamma = tl.sum(A * P, axis=0)
+            is_p = cols < k
+            alpha = tl.where(is_p, own, oth)
+            beta = tl.where(is_p, oth, own)
+            rot = tl.abs(gamma) > tol * (tl.sqrt(alpha) * tl.sqrt(beta))
+            rot = rot & (gamma != 0.0)
+            g_safe = tl.where(rot, gamma, 1.0)
+            zeta = (beta - alpha) / (2.0 * g_safe)
+            sgn = tl.where(zeta >= 0.0, 1.0, -1.0).to(ACC)
+            t = sgn / (tl.abs(zeta) + tl.sqrt(1.0 + zeta * zeta))
+            c = 1.0 / tl.sqrt(1.0 + t * t)
+            s = c * t
+            c = tl.where(rot, c, 1.0)
+            s = tl.where(rot, s, 0.0)
+            # p side: c a_p - s a_q ; q side: s a_p + c a_q = c a_q + s a_p
+            s_eff = tl.where(is_p, -s, s)
+            A = c[None, :] * A + s_eff[None, :] * P
+            rotated = tl.maximum(rotated, tl.max(rot.to(tl.int32), axis=0))
+        sweep += 1
+        done = 1 - rotated
+
+    sig = tl.sqrt(tl.sum(A * A, axis=0))
+    sig = tl.where(cmask, sig, -1.0)
+    # rank_j = #{k : sig_k > sig_j or (sig_k == sig_j and k < j)}
+    sk = sig[None, :]
+    sj = sig[:, None]
+    before = (sk > sj) | ((sk == sj) & (cols[None, :] < cols[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    tl.store(s_ptr + pid * stride_sb + rank, sig, mask=cmask)
+    tl.store(info_ptr + pid, 1 - done)
+
+
+def _num_warps(block_m, block_n, dtype):
+    elems = block_m * block_n * (2 if dtype == torch.float64 else 1)
+    return int(min(16, max(1, elems // 512)))
+
+
+def _blocks(m, n):
+    """(BLOCK_M, BLOCK_N) for the tall [m, n] view (m >= n)."""
+    return max(2, triton.next_power_of_2(m)), max(2, triton.next_power_of_2(n))
+
+
+def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30):
+    """-> (S [B, min(m, n)] descending, float32 (float64 for float64 input); info [B] int32:
+    0 converged, 1 not converged within max_sweeps). A: [B, m, n], m, n <= 128."""
+    if A.dim() != 3:
+        raise ValueError(f"jacobi_svdvals expects a [B, m, n] tensor, got shape {tuple(A.shape)}")
+    if A.dtype not in _TL:
+        raise ValueError(f"jacobi_svdvals supports float32 and float64, got {A.dtype}")
+    b, m, n = A.shape
+    if m > MAX_DIM or n > MAX_DIM:
+        raise ValueError(f"jacobi_svdvals handles m, n <= {MAX_DIM}, got {m} x {n}")
+    sb, sm, sn = A.stride()
+    if m < n:  # wide: the transpose, through the strides
+        m, n, sm, sn = n, m, sn, sm
+    dtype = A.dtype
+    S = torch.empty((b, n), dtype=dtype, device=A.device)
+    info = torch.empty((b,), dtype=torch.int32, device=A.device)
+    if b == 0:
+        return S, info
+    if n == 0:
+        info.zero_()
+        return S, info
+    block_m, block_n = _blocks(m, n)
+    ctx = torch.cuda.device(A.device) if A.is_cuda else contextlib.nullcontext()
+    with ctx:
+        scratch = torch.empty((b * block_m * block_n,), dtype=dtype, device=A.device)
+        _jacobi_svdvals_kernel[(b,)](
+            A, S, info, scratch,
+            m, n, sb, sm, sn, S.stride(0),
+            int(max_sweeps), max(m, 1) * _EPS[dtype],
+            ACC=_TL[dtype], BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=_num_warps(block_m, block_n, dtype),
+        )
+    return S, info
