@@ -465,13 +465,16 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
     }
   }
   if (k > 0 && per_query > 0) {  // hard negatives: rows [i M, (i + 1) M) belong to query i
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
+#pragma omp parallel num_threads(num_threads)
+    {
       std::vector<Acc> logits(static_cast<size_t>(per_query));
-      for (int64_t j = 0; j < per_query; ++j)
-        logits[j] = dot(rows.query.row(i), rows.negatives.row(i * per_query + j), d) * inv_t;
-      fold_tile<Acc>(logits.data(), 1, per_query, q_stats.max.data() + i, q_stats.sum.data() + i,
-                     nullptr, nullptr, false, nullptr);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < per_query; ++j)
+          logits[j] = dot(rows.query.row(i), rows.negatives.row(i * per_query + j), d) * inv_t;
+        fold_tile<Acc>(logits.data(), 1, per_query, q_stats.max.data() + i, q_stats.sum.data() + i,
+                       nullptr, nullptr, false, nullptr);
+      }
     }
   } else if (k > 0) {
     const Acc* nz = rows.negatives.z.data();

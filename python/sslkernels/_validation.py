@@ -90,3 +90,31 @@ def temperature_tensor(temperature, device: torch.device, name: str = "temperatu
         if not math.isfinite(value) or value <= 0.0:
             raise ValueError(f"`{name}` must be finite and > 0, got {value}")
     return temperature
+
+
+def check_negatives(negatives, query: torch.Tensor):
+    """Extra negatives of info_nce: None, a shared [K, D] queue or per-query [N, M, D].
+
+    Returns (negatives or None when empty, whether they need a gradient).
+    """
+    if negatives is None:
+        return None, False
+    if not isinstance(negatives, torch.Tensor) or negatives.dim() != 3:
+        check_float_tensor(negatives, "negatives", 2)
+    else:
+        check_float_tensor(negatives, "negatives", 3)
+        if negatives.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"per-query `negatives` must be [N, M, D] with N = {query.shape[0]}, got {tuple(negatives.shape)}"
+            )
+    if negatives.shape[-1] != query.shape[1]:
+        raise ValueError(
+            f"`negatives` must have D = {query.shape[1]} features like `query`, got shape {tuple(negatives.shape)}"
+        )
+    if negatives.dtype != query.dtype:
+        raise TypeError(f"`negatives` must share the dtype of `query` ({query.dtype}), got {negatives.dtype}")
+    if negatives.device != query.device:
+        raise ValueError(f"`negatives` is on {negatives.device} but `query` is on {query.device}")
+    if negatives.numel() == 0:
+        return None, False
+    return negatives, negatives.requires_grad

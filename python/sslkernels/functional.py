@@ -99,28 +99,7 @@ def info_nce(
     v.check_same(query, key, "query", "key")
     v.check_nonempty_rows(query, "query")
     temperature = v.temperature_tensor(temperature, query.device)
-    negatives_grad = False
-    if negatives is not None:
-        if not isinstance(negatives, torch.Tensor) or negatives.dim() != 3:
-            v.check_float_tensor(negatives, "negatives", 2)
-        else:
-            v.check_float_tensor(negatives, "negatives", 3)
-            if negatives.shape[0] != query.shape[0]:
-                raise ValueError(
-                    f"per-query `negatives` must be [N, M, D] with N = {query.shape[0]}, got {tuple(negatives.shape)}"
-                )
-        if negatives.shape[-1] != query.shape[1]:
-            raise ValueError(
-                f"`negatives` must have D = {query.shape[1]} features like `query`, got shape {tuple(negatives.shape)}"
-            )
-        if negatives.dtype != query.dtype:
-            raise TypeError(f"`negatives` must share the dtype of `query` ({query.dtype}), got {negatives.dtype}")
-        if negatives.device != query.device:
-            raise ValueError(f"`negatives` is on {negatives.device} but `query` is on {query.device}")
-        if negatives.numel() == 0:
-            negatives = None
-        else:
-            negatives_grad = negatives.requires_grad
+    negatives, negatives_grad = v.check_negatives(negatives, query)
     if symmetric and not in_batch_negatives:
         raise ValueError("`symmetric=True` needs `in_batch_negatives=True` (the key -> query candidates are the queries)")
     loss, _ = torch.ops.sslkernels.info_nce_forward(
