@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import math
 import os
 import sys
@@ -36,6 +37,8 @@ P.add_argument("--compile-only", action="store_true",
 P.add_argument("--no-autotune", action="store_true", help="one default config per kernel (SSLKERNELS_AUTOTUNE=0)")
 P.add_argument("--quick", action="store_true", help="timings for N <= 8192 only")
 P.add_argument("--no-extras", action="store_true", help="skip the extra correctness cases")
+P.add_argument("--deadline", type=float, default=0.0,
+               help="seconds: past it, remaining checks and timings are skipped and the table printed")
 ARGS = P.parse_args()
 if ARGS.no_autotune:
     os.environ["SSLKERNELS_AUTOTUNE"] = "0"  # read when the kernel module is imported
@@ -70,12 +73,20 @@ EXTRAS = [
 ]
 
 
+def timed_sizes():
+    return [n for n in TIME_N if n in (1024, 8192)] if ARGS.quick else TIME_N
+
+
+def time_left():
+    return float("inf") if ARGS.deadline <= 0 else ARGS.deadline - (time.time() - T0)
+
+
 def log(msg):
     print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
 def plan_lines():
-    time_n = [n for n in TIME_N if not ARGS.quick or n <= 8192]
+    time_n = timed_sizes()
     lines = [
         f"checks : N {CHECK_N} x D {CHECK_D} x {CHECK_DTYPES}, t={CHECK_T}, normalize, fwd+bwd vs fp64 "
         "reference (2x eager rule) + determinism",
@@ -124,8 +135,12 @@ def natural_scales(z1, z2, t, normalize):
 
 def check_case(n, d, dtype, t, normalize, tf32=False, layout="contiguous", grad=1.0):
     """-> (passed, message). Compares fused and eager (same dtype) to the fp64 reference."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    matmul = torch.backends.cuda.matmul
+    prev = matmul.allow_tf32
+    prev_prec = getattr(matmul, "fp32_precision", None)
+    matmul.allow_tf32 = tf32
+    if prev_prec is not None:  # torch >= 2.9: the knob eager reads
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
     try:
         z1, z2 = make_inputs(n, d, dtype, normalize, layout)
         fused = loss_and_grads(sslkernels.nt_xent, z1, z2, t, normalize, grad)
@@ -133,7 +148,9 @@ def check_case(n, d, dtype, t, normalize, tf32=False, layout="contiguous", grad=
         eager = loss_and_grads(nt_xent_reference, z1, z2, t, normalize, grad)
         ref = loss_and_grads(nt_xent_reference, z1.double(), z2.double(), t, normalize, grad)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        matmul.allow_tf32 = prev
+        if prev_prec is not None:
+            matmul.fp32_precision = prev_prec
     ok, worst = True, []
     for what, f, f2, e, r, sc in zip(("loss", "dz1", "dz2"), fused, again, eager, ref,
                                      natural_scales(z1, z2, t, normalize)):
@@ -151,7 +168,8 @@ def check_case(n, d, dtype, t, normalize, tf32=False, layout="contiguous", grad=
         err_f = float((f.double() - r).abs().max())
         err_e = float((e.double() - r).abs().max())
         scale = max(float(r.abs().max()), sc * abs(grad) if what != "loss" else sc)
-        bound = 2 * err_e + REL_FLOOR[dtype] * scale
+        # TF32 keeps fp16's 10-bit mantissa: the fp16 floor (cuBLAS may not use TF32 for eager)
+        bound = 2 * err_e + REL_FLOOR[torch.float16 if tf32 else dtype] * scale
         if not err_f <= bound:
             ok = False
         worst.append(f"{what} err {err_f / scale:.1e} (eager {err_e / scale:.1e}, bound {bound / scale:.1e})")
@@ -212,66 +230,90 @@ def time_case(impl, op, z1, z2, t):
 
 SPEC_SHAPES = [(4096, 32, 32), (512, 128, 128), (100, 65, 33)]
 SPEC_DTYPES = ["fp32", "fp64"]
-SPEC_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # error / sigma_max vs float64 svdvals
+SPEC_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # error / sigma_max vs float64 LAPACK
 SPEC_TOL_128_FP32 = 3e-5  # fp32 rotations drift ~1.2e-5 at 128 x 128 (interpreter measurement)
 SPEC_DRIVERS = [None, "gesvd", "gesvdj", "gesvda"]
+SPEC_DRIVER_MAX_MS = 200.0  # drivers slower than this on a shape are timed once, not per driver
+
+
+def _spec_error(S, ref):
+    """max |S - ref| / sigma_max per matrix, against the float64 LAPACK values on the CPU."""
+    return ((S.double().cpu() - ref).abs() / ref.amax(-1, keepdim=True).clamp_min(1e-300)).amax(-1)
 
 
 def spectral_section(rows, failed):
-    """Checks the registered op and the Jacobi launcher; times them against each driver."""
+    """Checks the registered op and the Jacobi launcher against float64 LAPACK (on the CPU:
+    cuSOLVER's batched Jacobi is itself under test), and the eager driver's own error
+    beside it; on a failure, retries the launcher with other warp counts and prints which
+    pass. Times the op against each torch driver."""
     from sslkernels.kernels import spectral as SK
 
     op = getattr(sslkernels, "svdvals", None)
     for (b, m, n) in SPEC_SHAPES:
         for dt in SPEC_DTYPES:
+            if time_left() < 20:
+                log(f"svdvals {b}x{m}x{n} {dt}: skipped (deadline)")
+                continue
             dtype = DTYPES[dt]
             g = torch.Generator(device="cuda").manual_seed(b + m + n)
             A = torch.randn(b, m, n, generator=g, device="cuda", dtype=torch.float64).to(dtype)
-            ref = torch.linalg.svdvals(A.double())
+            ref = torch.linalg.svdvals(A.double().cpu())
+            eager_err = float(_spec_error(torch.linalg.svdvals(A), ref).max())
             tol = SPEC_TOL_128_FP32 if (dtype == torch.float32 and max(m, n) >= 128) else SPEC_TOL[dtype]
-            impls = [("jacobi", lambda: SK.jacobi_svdvals(A)[0])]
-            impls.append(("sslkernels.svdvals", (lambda: op(A)) if op is not None else None))
-            for name, fn in impls:
-                r = rows.setdefault((f"svdvals:{name}", b, f"{m}x{n}", dt),
-                                    {"pass": "-", "eager_ms": None, "fused_ms": None, "eager_mb": None,
-                                     "fused_mb": None})
+            r = rows.setdefault((f"svdvals", b, f"{m}x{n}", dt),
+                                {"pass": "-", "eager_ms": None, "fused_ms": None, "eager_mb": None,
+                                 "fused_mb": None})
+            msgs, ok = [], True
+            for name, fn in (("jacobi", lambda: SK.jacobi_svdvals(A)), ("op", (lambda: (op(A), None)) if op else None)):
                 if fn is None:
-                    r["pass"] = "FAIL"
-                    failed.append(f"svdvals {b}x{m}x{n} {dt}: sslkernels.svdvals not available")
+                    ok = False
+                    msgs.append("sslkernels.svdvals not available")
                     continue
                 try:
-                    S = fn()
-                    ok = S.shape == ref.shape and bool(torch.isfinite(S).all())
-                    err = float(((S.double() - ref).abs() / ref.amax(-1, keepdim=True).clamp_min(1e-300)).max())
-                    ok = ok and err <= tol
-                    if name == "jacobi":
-                        info = SK.jacobi_svdvals(A)[1]
-                        ok = ok and bool((info == 0).all())
-                    msg = f"err {err:.1e} (tol {tol:.0e})"
+                    S, info = fn()
+                    errs = _spec_error(S, ref)
+                    err = float(errs.max())
+                    good = S.shape == ref.shape and bool(torch.isfinite(S).all()) and err <= tol
+                    if info is not None:
+                        good = good and bool((info == 0).all())
+                    msgs.append(f"{name} err {err:.1e}")
+                    if not good:
+                        bad = int((errs > tol).sum())
+                        msgs.append(f"[{name} FAIL: {bad}/{b} matrices over tol; S max {float(S.max()):.3e} "
+                                    f"ref max {float(ref.max()):.3e}; unconverged "
+                                    f"{int((info != 0).sum()) if info is not None else '-'}]")
+                        if name == "jacobi":  # which launch shapes are right on this GPU?
+                            for w in (1, 2, 4, 8, 16):
+                                S2, i2 = SK.jacobi_svdvals(A, num_warps=w)
+                                msgs.append(f"[w{w}: err {float(_spec_error(S2, ref).max()):.1e}, "
+                                            f"unconverged {int((i2 != 0).sum())}]")
+                    ok = ok and good
                 except Exception:  # noqa: BLE001
-                    ok, msg = False, "EXCEPTION " + traceback.format_exc(limit=3)
-                r["pass"] = "PASS" if ok else "FAIL"
-                if not ok:
-                    failed.append(f"svdvals {name} {b}x{m}x{n} {dt}: {msg}")
+                    ok = False
+                    msgs.append(f"{name} EXCEPTION " + traceback.format_exc(limit=3))
+            msg = "; ".join(msgs) + f" (tol {tol:.0e}; torch default driver err {eager_err:.1e})"
+            r["pass"] = "PASS" if ok else "FAIL"
+            if not ok:
+                failed.append(f"svdvals {b}x{m}x{n} {dt}: {msg}")
+            if op is not None:
                 try:
-                    r["fused_ms"] = _median_ms(fn)
+                    r["fused_ms"] = _median_ms(lambda: op(A))
                 except Exception:  # noqa: BLE001
                     r["fused_ms"] = "ERR"
-                # "eager" column: torch.linalg.svdvals with the default driver
+            try:  # "eager" column: torch.linalg.svdvals with the default driver
+                r["eager_ms"] = _median_ms(lambda: torch.linalg.svdvals(A))
+            except Exception:  # noqa: BLE001
+                r["eager_ms"] = "ERR"
+            log(f"svdvals {b}x{m}x{n} {dt}: {r['pass']} {msg}; {r['fused_ms']} ms vs torch {r['eager_ms']} ms")
+            slow = isinstance(r["eager_ms"], float) and r["eager_ms"] > SPEC_DRIVER_MAX_MS
+            for drv in ([] if slow else SPEC_DRIVERS[1:]):
+                rd = rows.setdefault((f"svdvals torch[{drv}]", b, f"{m}x{n}", dt),
+                                     {"pass": "-", "eager_ms": None, "fused_ms": r["fused_ms"], "eager_mb": None,
+                                      "fused_mb": None})
                 try:
-                    r["eager_ms"] = _median_ms(lambda: torch.linalg.svdvals(A))
-                except Exception:  # noqa: BLE001
-                    r["eager_ms"] = "ERR"
-                log(f"svdvals {name} {b}x{m}x{n} {dt}: {r['pass']} {msg}; {r['fused_ms']} ms vs torch "
-                    f"{r['eager_ms']} ms")
-            for drv in SPEC_DRIVERS:
-                r = rows.setdefault((f"svdvals:torch[{drv}]", b, f"{m}x{n}", dt),
-                                    {"pass": "-", "eager_ms": None, "fused_ms": None, "eager_mb": None,
-                                     "fused_mb": None})
-                try:
-                    r["eager_ms"] = _median_ms(lambda: torch.linalg.svdvals(A, driver=drv))
+                    rd["eager_ms"] = _median_ms(lambda: torch.linalg.svdvals(A, driver=drv))
                 except Exception as exc:  # noqa: BLE001  (a driver may refuse a shape: not a failure)
-                    r["eager_ms"] = "ERR"
+                    rd["eager_ms"] = "ERR"
                     log(f"torch svdvals driver={drv} {b}x{m}x{n} {dt}: {type(exc).__name__}")
             del A, ref
             gc.collect()
@@ -366,7 +408,10 @@ def compile_only():
     for (_, d, dtype, normalize, prec) in sorted(cases, key=str):
         if dtype == torch.float16 and prec == "tf32":
             continue
-        prec = prec if dtype == torch.float32 else "ieee"
+        if dtype != torch.float32:
+            prec = "ieee"
+        elif prec == "ieee":  # the TF32 switch off: the kernel's fp32 default
+            prec = K.FP32_PRECISION
         family, fmeta, bmeta = K._plan(d, dtype, normalize, prec)
         ty, acc = tys[dtype], tys[K._acc_dtype(dtype)]
         DIV16.clear()
@@ -426,8 +471,6 @@ def main():
     for line in plan_lines():
         print("  " + line)
     if ARGS.dry_run:
-        import importlib
-
         k = importlib.import_module("sslkernels.kernels.contrastive")
         print(f"kernel module {k.__file__}: autotune={k.AUTOTUNE}, interpret={k.INTERPRET}")
         sk = importlib.import_module("sslkernels.kernels.spectral")
@@ -476,7 +519,10 @@ def main():
     log("timings")
     for dt in TIME_DTYPES:
         for d in TIME_D:
-            for n in [n for n in TIME_N if not ARGS.quick or n <= 8192]:
+            for n in timed_sizes():
+                if time_left() < 240:  # keep time for the other families
+                    log(f"NT-Xent timing N={n} D={d} {dt}: skipped (deadline)")
+                    continue
                 dtype = DTYPES[dt]
                 z1, z2 = make_inputs(n, d, dtype, True, seed=1)
                 if n <= CHECK_TIMED_MAX_N:
@@ -509,12 +555,47 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
 
-    # -- spectral
-    log("svdvals (spectral) checks and timings")
-    try:
-        spectral_section(rows, failed)
-    except Exception:  # noqa: BLE001
-        failed.append("svdvals section: EXCEPTION " + traceback.format_exc(limit=3))
+    # -- fp32 products on the FMA units ("ieee") against the default (tf32x3 when TF32 is off)
+    from sslkernels.kernels import contrastive as K
+
+    for d in TIME_D:
+        if time_left() < 200:
+            break
+        z1, z2 = make_inputs(8192, d, torch.float32, True, seed=1)
+        default = K.FP32_PRECISION
+        for prec in ("ieee", "tf32x3"):
+            K.FP32_PRECISION = prec
+            r = row(f"fwd+bwd [{prec}]", 8192, d, "fp32")
+            try:
+                ok, msg = check_case(257, d, torch.float32, TIME_T, True)
+                r["pass"] = "PASS" if ok else "FAIL"
+                if not ok:
+                    failed.append(f"fp32 {prec} D={d}: {msg}")
+                r["fused_ms"], r["fused_mb"] = time_case(sslkernels.nt_xent, "fwd+bwd", z1, z2, TIME_T)
+                r["eager_ms"] = rows.get(("fwd+bwd", 8192, d, "fp32"), {}).get("eager_ms")
+            except Exception:  # noqa: BLE001
+                r["pass"] = "FAIL"
+                failed.append(f"fp32 {prec} D={d}: " + traceback.format_exc(limit=3))
+            log(f"fp32 products {prec} N=8192 D={d}: {r['pass']} {r['fused_ms']} ms")
+        K.FP32_PRECISION = default
+        del z1, z2
+
+    # -- the other families: each section adds its rows and failures
+    sections = [("svdvals", lambda: spectral_section(rows, failed))]
+    for mod, fn in (("gpu_contrastive", "contrastive_section"), ("gpu_attention", "attention_section")):
+        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), mod + ".py")):
+            sections.append((mod, lambda mod=mod, fn=fn: getattr(importlib.import_module(mod), fn)(rows, failed, log)))
+        else:
+            failed.append(f"{mod}.py missing: its family was not checked")
+    for name, section in sections:
+        if time_left() < 30:
+            failed.append(f"{name}: skipped, deadline reached")
+            continue
+        log(f"section {name}")
+        try:
+            section()
+        except Exception:  # noqa: BLE001
+            failed.append(f"{name} section: EXCEPTION " + traceback.format_exc(limit=5))
 
     # -- autotune choices (for the record)
     try:
@@ -540,7 +621,7 @@ def main():
         return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) and b > 0 else "-"
 
     dev = torch.cuda.get_device_name()
-    print(f"\nNT-Xent, Triton path vs eager PyTorch on {dev} (torch {torch.__version__}, triton "
+    print(f"\nTriton path vs eager PyTorch on {dev} (torch {torch.__version__}, triton "
           f"{triton.__version__}); ms = median of do_bench, MB = peak above inputs; "
           f"speedup = eager/fused, mem ratio = eager/fused")
     hdr = ["op", "N", "D", "dtype", "pass", "eager ms", "fused ms", "speedup", "eager MB", "fused MB", "mem ratio"]

@@ -220,7 +220,7 @@ def _logit_tile(
         kcols = tl.arange(0, BLOCK_K)
         kt = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, cview, col0, lcols, kcols),
                      mask=col_ok[:, None] & (kcols < D)[None, :], other=0.0)
-        acc = tl.dot(q, tl.trans(kt), acc, input_precision=PRECISION)
+        acc = tl.dot(q, tl.trans(kt), acc, input_precision=PRECISION, out_dtype=ACC)
     else:
         kt = tl.zeros([BLOCK_N, BLOCK_K], dtype=z1_ptr.dtype.element_ty)
         for k0 in range(0, D, BLOCK_K):
@@ -230,7 +230,7 @@ def _logit_tile(
                         mask=row_ok[:, None] & kmask, other=0.0)
             b = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, cview, col0, lcols, kcols),
                         mask=col_ok[:, None] & kmask, other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
     return acc, kt
 
 
@@ -362,7 +362,7 @@ def _nt_xent_bwd_kernel(
             # runs on fp32 operands (tf32: fp16's mantissa with fp32's range)
             acc = tl.dot(w.to(tl.float32), vt.to(tl.float32), acc, input_precision="tf32")
         else:
-            acc = tl.dot(w.to(vt.dtype), vt, acc, input_precision=PRECISION)
+            acc = tl.dot(w.to(vt.dtype), vt, acc, input_precision=PRECISION, out_dtype=ACC)
 
     g = tl.load(g_ptr).to(ACC)
     c = g * (tl.zeros([BLOCK_M], dtype=ACC) + c_hi + c_lo)  # g / (t M); dZhat = c * acc
@@ -428,11 +428,27 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# fp32 products when torch's TF32 switch is off: "tf32x3" (three TF32 tensor-core
+# products with split operands, ~fp32 accuracy) or "ieee" (FMA units). On an H200
+# IEEE ran NT-Xent fwd+bwd (N = 8192, D = 128) 2.7x slower than eager cuBLAS.
+FP32_PRECISION = os.environ.get("SSLKERNELS_FP32_DOT", "tf32x3")
+if FP32_PRECISION not in ("tf32x3", "ieee"):
+    raise ValueError(f"SSLKERNELS_FP32_DOT must be 'tf32x3' or 'ieee', got {FP32_PRECISION!r}")
+
+
+def _tf32_allowed() -> bool:
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9; reading allow_tf32
+    if precision in ("tf32", "ieee"):                        # after setting it raises
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def _precision(dtype: torch.dtype) -> str:
     """fp32 follows torch's TF32 switch for matmuls (as eager's Z @ Z.T does)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if _tf32_allowed() else FP32_PRECISION
 
 
 def _split(x: float):

@@ -137,9 +137,10 @@ def _blocks(m, n):
     return max(2, triton.next_power_of_2(m)), max(2, triton.next_power_of_2(n))
 
 
-def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30):
+def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30, num_warps: int | None = None):
     """-> (S [B, min(m, n)] descending, float32 (float64 for float64 input); info [B] int32:
-    0 converged, 1 not converged within max_sweeps). A: [B, m, n], m, n <= 128."""
+    0 converged, 1 not converged within max_sweeps). A: [B, m, n], m, n <= 128.
+    ``num_warps`` overrides the launch's warp count (tuning and GPU checks)."""
     if A.dim() != 3:
         raise ValueError(f"jacobi_svdvals expects a [B, m, n] tensor, got shape {tuple(A.shape)}")
     if A.dtype not in _TL:
@@ -167,6 +168,6 @@ def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30):
             m, n, sb, sm, sn, S.stride(0),
             int(max_sweeps), max(m, 1) * _EPS[dtype],
             ACC=_TL[dtype], BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=_num_warps(block_m, block_n, dtype),
+            num_warps=num_warps or _num_warps(block_m, block_n, dtype), num_stages=1,
         )
     return S, info
