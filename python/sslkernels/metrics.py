@@ -169,6 +169,12 @@ def lidar(views: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> torch.
     ``L^-1 Sigma_b L^-T`` (those of ``Sigma_w^-1/2 Sigma_b Sigma_w^-1/2``; symmetric
     PSD, so they are its singular values) give ``p = (lambda + eps) / sum(lambda + eps)``
     and LiDAR = ``exp(-sum p log p)``. Computed in float64. Needs N >= 2, Q >= 2.
+
+    The normalisers (N - 1, N (Q - 1)), ``delta I`` on Sigma_w and ``eps`` inside p are
+    those of the paper and of stable-ssl's ``LiDAR`` callback (read 2026-11-28; it whitens
+    through ``eigh`` rather than Cholesky, which gives the same eigenvalues; the test
+    builds it that way). Some re-implementations put ``eps`` after the division
+    (``p = lambda / sum(lambda) + eps``) or use ``delta = 1e-6``: pass ``delta`` to match.
     """
     if not isinstance(views, torch.Tensor):
         raise TypeError(f"`views` must be a torch.Tensor, got {type(views).__name__}")
