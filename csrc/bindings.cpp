@@ -9,6 +9,7 @@
 #include "sslkernels/spectral.hpp"
 
 extern "C" void scipy_openblas_set_num_threads(int num_threads);
+void register_attention(pybind11::module_& m);  // bindings_attention.cpp
 
 namespace py = pybind11;
 using namespace sslkernels;
@@ -171,6 +172,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gram_float64", &gram_float64_binding,
         "Float64 Gram matrices A^T A of a batch of (rows x cols) matrices: writes g[B, cols, cols]; "
         "returns a status code.");
+  register_attention(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

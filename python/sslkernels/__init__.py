@@ -14,11 +14,13 @@ from sslkernels import metrics  # noqa: F401
 from sslkernels._config import debug_enabled, set_debug
 from sslkernels.functional import info_nce, nt_xent, sup_con
 from sslkernels.functional import svdvals, svdvals_ex
+from sslkernels.functional import masked_patch_attention, varlen_attention
 from sslkernels.metrics import alpha_req, effective_rank, lidar, nesum, rankme
 from sslkernels.monitor import RankMeMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "masked_patch_attention", "varlen_attention",
     "svdvals", "svdvals_ex", "RankMeMonitor", "rankme", "effective_rank", "lidar", "alpha_req", "nesum", "metrics",
     "info_nce", "nt_xent", "sup_con", "nn", "reference", "set_debug", "debug_enabled", "__version__"]

@@ -118,3 +118,107 @@ def check_negatives(negatives, query: torch.Tensor):
     if negatives.numel() == 0:
         return None, False
     return negatives, negatives.requires_grad
+
+
+# ---------------------------------------------------------------- attention
+# Head dims the kernels take: any 1..256 on the CPU core, 16..128 on the Triton path.
+HEAD_DIM_RANGE = {"cpu": (1, 256), "cuda": (16, 128), "meta": (1, 256)}
+
+
+def check_attention_qkv(q, k, v, ndim: int) -> None:
+    """q, k, v: float tensors of `ndim` dims ([B, L, H, Dh] or packed [T, H, Dh]) with
+    one dtype and device; k and v alike; H and Dh (and B) shared with q."""
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_float_tensor(x, name, ndim)
+    check_same(k, v, "k", "v")
+    if q.dtype != k.dtype:
+        raise TypeError(f"`q` and `k` must share a dtype, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"`q` and `k` must be on the same device, got {q.device} and {k.device}")
+    shared = (0, -2, -1) if ndim == 4 else (-2, -1)
+    if any(q.shape[d] != k.shape[d] for d in shared):
+        what = "batch size, heads and head dim" if ndim == 4 else "heads and head dim"
+        raise ValueError(
+            f"`q` and `k` must agree in {what}, got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    low, high = HEAD_DIM_RANGE.get(q.device.type, (1, 256))
+    if not low <= q.shape[-1] <= high:
+        raise ValueError(
+            f"`q` head dim {q.shape[-1]} is out of range: {q.device.type} kernels take {low}..{high}"
+        )
+    if q.shape[-2] < 1:
+        raise ValueError(f"`q` has no heads (shape {tuple(q.shape)})")
+
+
+def attention_scale(scale, head_dim: int) -> float:
+    """Softmax scale: head_dim ** -0.5 by default, else a finite real number."""
+    if scale is None:
+        return float(head_dim) ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"`scale` must be a real number or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"`scale` must be finite, got {value}")
+    return value
+
+
+def check_patch_index(index, name: str, batch: int, device: torch.device) -> None:
+    """Structure of kept-patch positions: int64 [B, K] on `device`."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"`{name}` must be int64 patch positions, got {index.dtype}")
+    if index.dim() != 2 or index.shape[0] != batch:
+        raise ValueError(f"`{name}` must have shape [B={batch}, K], got {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"`{name}` is on {index.device} but `q` is on {device}")
+
+
+def check_patch_index_values(index: torch.Tensor, name: str, length: int) -> None:
+    """Values (a pass over the index; a host sync on CUDA): every entry in [0, length)
+    or -1, the -1 entries only after a row's own positions, no position twice in a row."""
+    if index.numel() == 0:
+        return
+    if bool(((index < -1) | (index >= length)).any()):
+        bad = index[(index < -1) | (index >= length)][0].item()
+        raise ValueError(f"`{name}` holds {bad}, out of range: positions must be in [0, {length}) or -1 (padding)")
+    kept = index >= 0
+    if bool((kept[:, 1:] & ~kept[:, :-1]).any()):
+        raise ValueError(f"`{name}`: -1 may only pad the end of a row (found a position after a -1)")
+    ordered = index.sort(dim=1).values
+    if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+        raise ValueError(f"`{name}` holds a position twice in one row; positions must be unique per sample")
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen) -> int:
+    """Structure of packed-sequence offsets: int32/int64 [B + 1] on `device`; returns
+    max_seqlen as an int (>= 0)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"`cu_seqlens` must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"`cu_seqlens` must have shape [B + 1] with B >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but `q` is on {device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise TypeError(f"`max_seqlen` must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"`max_seqlen` must be >= 0, got {max_seqlen}")
+    return max_seqlen
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Values (a host sync on CUDA): starts at 0, never decreases, ends at T, and no
+    sequence is longer than max_seqlen."""
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0:
+        raise ValueError(f"`cu_seqlens` must start at 0, got {first}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError("`cu_seqlens` must be non-decreasing (sequence offsets)")
+    if last != total:
+        raise ValueError(f"`cu_seqlens` must end at the number of tokens T = {total}, got {last}")
+    longest = int(lengths.max())
+    if longest > max_seqlen:
+        raise ValueError(f"`max_seqlen` = {max_seqlen} is shorter than the longest sequence ({longest})")

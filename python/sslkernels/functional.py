@@ -5,6 +5,8 @@ import torch
 
 from sslkernels import _validation as v
 from sslkernels import ops  # noqa: F401  (registers torch.ops.sslkernels.*)
+from sslkernels.ops import attention as _attention_ops  # noqa: F401  (registers the attention ops)
+from sslkernels import _validation as _checks  # attention arguments shadow `v`
 
 
 def nt_xent(
@@ -174,3 +176,84 @@ def svdvals(A: torch.Tensor) -> torch.Tensor:
     float64 in -> float64 out; float32 / float16 / bfloat16 in -> float32 out.
     """
     return svdvals_ex(A)[0]
+
+
+# ---------------------------------------------------------------- attention
+
+
+def masked_patch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    kv_index: torch.Tensor = None,
+    scale: float = None,
+) -> torch.Tensor:
+    """Attention among each sample's own kept patches, gathered inside the kernel.
+
+    ``out[b, i] = sum_j softmax_j(scale * q[b, index[b, i]] . k[b, kv_index[b, j]]) v[b, kv_index[b, j]]``
+    over the valid ``j``, per head; rows where ``index`` is -1 are zero, and so are
+    the rows of a sample without keys. No gathered or padded copy of q, k, v is made,
+    and each sample costs work proportional to its own counts. The backward
+    scatter-adds into ``[B, L, H, Dh]`` gradients (zero at patches nobody keeps),
+    deterministically.
+
+    Args:
+        q, k, v: ``[B, L, H, Dh]`` (k and v may have another L), float32 / float16 /
+            bfloat16 / float64, one device. Dh: 1..256 on the CPU, 16..128 on CUDA.
+        index: int64 ``[B, K]`` kept positions of each sample, unique within a row,
+            in ``[0, L)``, padded with -1 after the sample's own count.
+        kv_index: int64 ``[B, Kv]`` likewise for keys / values; default ``index``.
+        scale: softmax scale, default ``Dh ** -0.5``.
+
+    Returns ``[B, K, H, Dh]`` in q's dtype.
+
+    Under ``torch.compile`` mark the kept count dynamic so new counts do not
+    recompile: ``torch._dynamo.mark_dynamic(index, 1)`` (and ``kv_index``).
+    Index values and NaN/Inf in q, k, v are checked always on the CPU, on CUDA under
+    ``sslkernels.set_debug(True)``.
+    """
+    _checks.check_attention_qkv(q, k, v, 4)
+    _checks.check_patch_index(index, "index", q.shape[0], q.device)
+    if kv_index is None:
+        kv_index = index
+    else:
+        _checks.check_patch_index(kv_index, "kv_index", q.shape[0], q.device)
+    scale = _checks.attention_scale(scale, q.shape[-1])
+    out, _ = torch.ops.sslkernels.masked_patch_attention_forward(q, k, v, index, kv_index, scale)
+    return out
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float = None,
+) -> torch.Tensor:
+    """Attention within each of several sequences packed into one ``[T, H, Dh]`` tensor
+    (the FlashAttention varlen contract, one ``cu_seqlens`` for queries and keys).
+
+    Sequence ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``; each token attends to
+    the tokens of its own sequence only. Runs on the CPU (any head dim 1..256) and on
+    CUDA (16..128); forward and backward, deterministic.
+
+    Args:
+        q, k, v: ``[T, H, Dh]``, float32 / float16 / bfloat16 / float64, one device.
+        cu_seqlens: int32 or int64 ``[B + 1]``: 0, then non-decreasing, ending at T.
+        max_seqlen: an int >= the longest sequence (the CPU kernel does not need it;
+            the CUDA grid does).
+        scale: softmax scale, default ``Dh ** -0.5``.
+
+    Returns ``[T, H, Dh]`` in q's dtype. Under ``torch.compile`` mark T dynamic
+    (``torch._dynamo.mark_dynamic(x, 0)`` on q, k, v and on ``cu_seqlens`` for a
+    changing batch size); ``max_seqlen`` is traced as a symbolic int.
+    """
+    _checks.check_attention_qkv(q, k, v, 3)
+    if q.shape != k.shape:
+        raise ValueError(f"`q` and `k` must have the same shape [T, H, Dh], got {tuple(q.shape)} and {tuple(k.shape)}")
+    max_seqlen = _checks.check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    scale = _checks.attention_scale(scale, q.shape[-1])
+    out, _ = torch.ops.sslkernels.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
+    return out
