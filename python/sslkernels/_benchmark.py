@@ -217,6 +217,93 @@ register_op(
 
 
 
+# ---- attention over kept patches / packed sequences
+
+
+def _kept_patches(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """q, k, v [B, L, H, Dh] and each sample's kept positions, in raster order as the
+    I-JEPA collator's nonzero() gives them, padded with -1 to the longest: counts drawn
+    uniformly from [lo, hi] with a fixed seed."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, length, h, dh = sizes["b"], sizes["l"], sizes["h"], sizes["dh"]
+    lo, hi = min(sizes["lo"], length), min(sizes["hi"], length)
+    counts = torch.randint(lo, hi + 1, (b,), generator=g).tolist()
+    index = torch.full((b, max(counts)), -1, dtype=torch.int64)
+    for i, c in enumerate(counts):
+        index[i, :c] = torch.randperm(length, generator=g)[:c].sort().values
+    q, k, v = (torch.randn(b, length, h, dh, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+               for _ in range(3))
+    return q, k, v, index.to(device)
+
+
+def _masked_patch_attention_eager(q, k, v, index):
+    from sslkernels.reference import masked_patch_attention_reference
+
+    return masked_patch_attention_reference(q, k, v, index)
+
+
+def _masked_patch_attention_fused(q, k, v, index):
+    import sslkernels
+
+    return sslkernels.masked_patch_attention(q, k, v, index)
+
+
+register_op(
+    BenchOp(
+        name="masked_patch_attention",
+        params=("b", "l", "h", "dh", "lo", "hi"),
+        default_sizes={"b": (32,), "l": (196,), "h": (12,), "dh": (64,), "lo": (78,), "hi": (196,)},
+        quick_sizes={"b": (8,), "l": (196,), "h": (12,), "dh": (64,), "lo": (78,), "hi": (196,)},
+        make_inputs=_kept_patches,
+        eager=_masked_patch_attention_eager,
+        fused=_masked_patch_attention_fused,
+        warmup_sizes=lambda s: {**s, "b": 2, "l": 8, "lo": 3, "hi": 8},
+        shape_label=lambda s: f"B={s['b']} L={s['l']} H={s['h']} Dh={s['dh']} kept~U[{s['lo']},{s['hi']}]",
+        description="attention among each sample's kept patches (I-JEPA context: ViT-B/16 heads, "
+                    "kept counts uniform in [lo, hi]); eager = gather, pad to the longest, bool key "
+                    "mask, F.scaled_dot_product_attention",
+    )
+)
+
+
+def _packed_equal(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, n, h, dh = sizes["b"], sizes["tokens"], sizes["h"], sizes["dh"]
+    q, k, v = (torch.randn(b * n, h, dh, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+               for _ in range(3))
+    cu_seqlens = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
+    return q, k, v, cu_seqlens
+
+
+def _varlen_attention_eager(q, k, v, cu_seqlens):
+    from sslkernels.reference import dense_attention_reference
+
+    return dense_attention_reference(q, k, v, cu_seqlens.shape[0] - 1)
+
+
+def _varlen_attention_fused(q, k, v, cu_seqlens):
+    import sslkernels
+
+    return sslkernels.varlen_attention(q, k, v, cu_seqlens, q.shape[0] // (cu_seqlens.shape[0] - 1))
+
+
+register_op(
+    BenchOp(
+        name="varlen_attention",
+        params=("b", "tokens", "h", "dh"),   # not "n": --n means rows per view of the losses
+        default_sizes={"b": (32,), "tokens": (147,), "h": (12,), "dh": (64,)},
+        quick_sizes={"b": (8,), "tokens": (147,), "h": (12,), "dh": (64,)},
+        make_inputs=_packed_equal,
+        eager=_varlen_attention_eager,
+        fused=_varlen_attention_fused,
+        warmup_sizes=lambda s: {**s, "b": 2, "tokens": 5},
+        shape_label=lambda s: f"B={s['b']} n={s['tokens']} H={s['h']} Dh={s['dh']}",
+        description="packed equal-length sequences; eager = F.scaled_dot_product_attention on the "
+                    "dense [B, H, n, Dh] views of the same tensors",
+    )
+)
+
+
 # ---- singular values (forward only: sslkernels.svdvals has no backward)
 
 
