@@ -172,6 +172,22 @@ def test_non_contiguous_and_thread_count_independent():
     assert _rel_err(outs[0], A.double()) <= 1e-5
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gram_route_is_thread_count_independent(batch):
+    # 300 columns: the float64 Gram route, split over threads in fixed column blocks
+    A = torch.randn(batch, 1201, 300)
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(sslkernels.svdvals(A))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0], outs[1])
+    assert _rel_err(outs[0], A.double()) <= 1e-5
+
+
 def test_backward_raises_a_clear_error():
     A = torch.randn(3, 5, 4, requires_grad=True)
     S = sslkernels.svdvals(A)

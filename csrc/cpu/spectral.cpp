@@ -35,6 +35,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <cblas.h>
@@ -44,18 +45,13 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#else
+inline int omp_get_thread_num() { return 0; }
+inline int omp_get_num_threads() { return 1; }
 #endif
 
 namespace sslkernels {
 namespace {
-
-int omp_thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // Load W matrices (batch indices b0 .. b0 + W - 1; missing ones are zero) into the
 // interleaved buffer, each scaled by a power of two. Returns false on NaN/Inf.
@@ -297,6 +293,9 @@ namespace {
 // Rows per float64 tile of the Gram accumulation: about 2 MiB per tile; dsyrk stays
 // efficient down to a few dozen rows.
 int64_t gram_tile_rows(int64_t cols) { return std::max<int64_t>(32, std::min<int64_t>(512, (1 << 18) / cols)); }
+// Column block of G in the few-matrices path: a function of K alone (determinism);
+// 2048 columns give 8 x 8 blocks, 36 in the upper triangle, for any thread count.
+int64_t gram_block_cols(int64_t cols) { return cols <= 256 ? 64 : (cols <= 1024 ? 128 : 256); }
 }  // namespace
 
 Status svdvals_gram(const BatchView& a, void* s, int32_t* info, int num_threads) {
@@ -360,31 +359,42 @@ Status gram_float64(const BatchView& a, double* g, int num_threads) {
     }
     return bad ? Status::NonFiniteFirstInput : Status::Ok;
   }
-  // Few matrices: row tiles split over threads, one float64 accumulator per thread.
+  // Few matrices: G's upper triangle is cut into column blocks whose size depends on K
+  // only, and each block G[I, J] += A_t[:, I]^T A_t[:, J] is owned by one thread, which
+  // adds the row tiles in order: the same operations on the same operands whatever the
+  // thread count, so G is bitwise the same for 1 or many threads (per-thread partial
+  // sums would not be). Each thread converts the tiles it reads itself: no barrier, so
+  // a descheduled thread (a busy machine) never stalls the others.
+  const int64_t cb = gram_block_cols(K);
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (int64_t i0 = 0; i0 < K; i0 += cb)
+    for (int64_t j0 = i0; j0 < K; j0 += cb) blocks.emplace_back(i0, j0);
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads, static_cast<int64_t>(blocks.size())));
   for (int64_t b = 0; b < a.batch && !bad; ++b) {
     double* gb = g + b * K * K;
-    const int nt = static_cast<int>(std::min<int64_t>(num_threads, tiles));
-    std::vector<std::vector<double>> acc(static_cast<size_t>(nt));
+    std::fill(gb, gb + K * K, 0.0);
 #pragma omp parallel num_threads(nt) reduction(| : bad)
     {
-      const int tid = omp_thread_id();
-      std::vector<double>& mine = acc[static_cast<size_t>(tid)];
-      mine.assign(static_cast<size_t>(K * K), 0.0);
-      std::vector<double> buf(static_cast<size_t>(tile * K));
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < tiles; ++t) {
+      const int tid = omp_get_thread_num(), nthreads = omp_get_num_threads();
+      std::vector<double> buf(static_cast<size_t>(std::min(tile, L) * K));
+      for (int64_t t = 0; t < tiles && !bad; ++t) {
         const int64_t r0 = t * tile, rows = std::min(tile, L - r0);
-        if (!tile_to_float64(a, b, r0, rows, buf.data())) bad = 1;
-        else syrk_accumulate(K, rows, buf.data(), mine.data());
-      }
-#pragma omp barrier
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < K; ++i) {
-        double* row = gb + i * K;
-        for (int64_t j = 0; j < K; ++j) row[j] = 0.0;
-        for (int u = 0; u < nt; ++u) {
-          const double* src = acc[static_cast<size_t>(u)].data() + i * K;
-          for (int64_t j = i; j < K; ++j) row[j] += src[j];
+        if (!tile_to_float64(a, b, r0, rows, buf.data())) {
+          bad = 1;
+          break;
+        }
+        for (size_t k = static_cast<size_t>(tid); k < blocks.size(); k += static_cast<size_t>(nthreads)) {
+          const int64_t i0 = blocks[k].first, j0 = blocks[k].second;
+          const int64_t ni = std::min(cb, K - i0), nj = std::min(cb, K - j0);
+          if (i0 == j0)
+            scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<blasint>(ni),
+                              static_cast<blasint>(rows), 1.0, buf.data() + i0, static_cast<blasint>(K), 1.0,
+                              gb + i0 * K + i0, static_cast<blasint>(K));
+          else
+            scipy_cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<blasint>(ni),
+                              static_cast<blasint>(nj), static_cast<blasint>(rows), 1.0, buf.data() + i0,
+                              static_cast<blasint>(K), buf.data() + j0, static_cast<blasint>(K), 1.0,
+                              gb + i0 * K + j0, static_cast<blasint>(K));
         }
       }
     }

@@ -42,6 +42,10 @@ JACOBI_MAX_ASPECT = 4
 # Below this many matrices per thread, a big Gram's eigenvalues come from
 # torch.linalg.eigvalsh (multithreaded) rather than one dsyevd per thread.
 EIGVALSH_MIN_COLS = 256
+# From this many matrices on, one matrix per thread (C++ dsyrk + dsyevd); below it, each
+# Gram is split over threads in fixed blocks and torch's eigvalsh takes the eigenvalues.
+# The route depends on the shape only, so results do not change with the thread count.
+GRAM_PER_MATRIX_MIN_BATCH = 8
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,7 +96,7 @@ def _(A, max_sweeps):
     if jacobi:
         _status(_ext._C.svdvals_jacobi(A.data_ptr(), code, b, rows, cols, bs, rs, cs,
                                        S.data_ptr(), info.data_ptr(), int(max_sweeps), threads))
-    elif cols < EIGVALSH_MIN_COLS or b >= threads:
+    elif cols < EIGVALSH_MIN_COLS or b >= GRAM_PER_MATRIX_MIN_BATCH:  # shapes alone: thread-count independent
         _status(_ext._C.svdvals_gram(A.data_ptr(), code, b, rows, cols, bs, rs, cs,
                                      S.data_ptr(), info.data_ptr(), threads))
     else:
