@@ -156,10 +156,7 @@ def test_sweep_budget_reports_info_without_raising():
     assert bool((info == 0).all())
 
 
-def test_non_contiguous_and_thread_count_independent():
-    base = torch.randn(40, 2 * 12, 10)
-    A = base[:, ::2, :]
-    assert not A.is_contiguous()
+def _svdvals_with_1_and_2_threads(A):
     previous = torch.get_num_threads()
     try:
         outs = []
@@ -168,6 +165,14 @@ def test_non_contiguous_and_thread_count_independent():
             outs.append(sslkernels.svdvals(A))
     finally:
         torch.set_num_threads(previous)
+    return outs
+
+
+def test_non_contiguous_and_thread_count_independent():
+    base = torch.randn(40, 2 * 12, 10)
+    A = base[:, ::2, :]
+    assert not A.is_contiguous()
+    outs = _svdvals_with_1_and_2_threads(A)
     assert torch.equal(outs[0], outs[1])
     assert _rel_err(outs[0], A.double()) <= 1e-5
 
@@ -176,14 +181,7 @@ def test_non_contiguous_and_thread_count_independent():
 def test_gram_route_is_thread_count_independent(batch):
     # 300 columns: the float64 Gram route, split over threads in fixed column blocks
     A = torch.randn(batch, 1201, 300)
-    previous = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            outs.append(sslkernels.svdvals(A))
-    finally:
-        torch.set_num_threads(previous)
+    outs = _svdvals_with_1_and_2_threads(A)
     assert torch.equal(outs[0], outs[1])
     assert _rel_err(outs[0], A.double()) <= 1e-5
 
