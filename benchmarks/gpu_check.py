@@ -305,6 +305,19 @@ def spectral_section(rows, failed):
             except Exception:  # noqa: BLE001
                 r["eager_ms"] = "ERR"
             log(f"svdvals {b}x{m}x{n} {dt}: {r['pass']} {msg}; {r['fused_ms']} ms vs torch {r['eager_ms']} ms")
+            other = not SK.USE_GATHER  # the variant the op does not use by default
+            rg = rows.setdefault((f"svdvals [gather={other}]", b, f"{m}x{n}", dt),
+                                 {"pass": "-", "eager_ms": r["eager_ms"], "fused_ms": None, "eager_mb": None,
+                                  "fused_mb": None})
+            try:
+                S, info = SK.jacobi_svdvals(A, gather=other)
+                err = float(_spec_error(S, ref).max())
+                rg["pass"] = "PASS" if err <= tol and bool((info == 0).all()) else "FAIL"
+                rg["fused_ms"] = _median_ms(lambda: SK.jacobi_svdvals(A, gather=other))
+                log(f"svdvals gather={other} {b}x{m}x{n} {dt}: {rg['pass']} err {err:.1e}; {rg['fused_ms']} ms")
+            except Exception:  # noqa: BLE001  (an unproven variant: recorded, not a failure of the op)
+                rg["pass"] = "ERR"
+                log(f"svdvals gather={other} {b}x{m}x{n} {dt}: " + traceback.format_exc(limit=3))
             slow = isinstance(r["eager_ms"], float) and r["eager_ms"] > SPEC_DRIVER_MAX_MS
             for drv in ([] if slow else SPEC_DRIVERS[1:]):
                 rd = rows.setdefault((f"svdvals torch[{drv}]", b, f"{m}x{n}", dt),
@@ -336,15 +349,16 @@ def compile_spectral(build):
         sig = {"a_ptr": f"*{ty}", "s_ptr": f"*{ty}", "info_ptr": "*i32", "scratch_ptr": f"*{ty}",
                "M": "i32", "N": "i32", "stride_b": "i64", "stride_m": "i32", "stride_n": "i32",
                "stride_sb": "i32", "max_sweeps": "i32", "tol": "fp32"}
-        consts = {"ACC": SK._TL[dtype], "BLOCK_M": bm, "BLOCK_N": bn}
         cfg = triton.Config({}, num_warps=SK._num_warps(bm, bn, dtype), num_stages=1)
-        tag = f"jacobi_svdvals {dt} BLOCK {bm}x{bn} w{cfg.num_warps}"
-        DIV16.clear()
-        try:
-            build(SK._jacobi_svdvals_kernel, sig, consts, cfg, tag)
-        except Exception as exc:  # noqa: BLE001
-            failures += 1
-            print(f"  {tag}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
+        for gather in (False, True):
+            consts = {"ACC": SK._TL[dtype], "BLOCK_M": bm, "BLOCK_N": bn, "USE_GATHER": gather}
+            tag = f"jacobi_svdvals {dt} BLOCK {bm}x{bn} w{cfg.num_warps} gather={gather}"
+            DIV16.clear()
+            try:
+                build(SK._jacobi_svdvals_kernel, sig, consts, cfg, tag)
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                print(f"  {tag}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
     return failures
 
 

@@ -46,6 +46,9 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_DIM = 128
+# Partner columns through tl.gather (registers) instead of the scratch tile; off until
+# a GPU run shows it correct and faster (benchmarks/gpu_check.py times both).
+USE_GATHER = os.environ.get("SSLKERNELS_JACOBI_GATHER", "0") == "1"
 
 __all__ = ["jacobi_svdvals", "MAX_DIM"]
 
@@ -58,7 +61,7 @@ def _jacobi_svdvals_kernel(
     a_ptr, s_ptr, info_ptr, scratch_ptr,
     M, N, stride_b, stride_m, stride_n, stride_sb,
     max_sweeps, tol,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_GATHER: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
@@ -88,11 +91,14 @@ def _jacobi_svdvals_kernel(
             jstar = (r * half) % R
             k = tl.where(cols == jstar, R, k)
             k = tl.where(cols >= NP, cols, k)
-            # gather P[:, j] = A[:, k[j]] through the scratch tile
-            tl.store(scr + scr_rows + cols[None, :], A)
-            tl.debug_barrier()
-            P = tl.load(scr + scr_rows + k[None, :])
-            tl.debug_barrier()
+            # P[:, j] = A[:, k[j]]: a register gather, or through the scratch tile
+            if USE_GATHER:
+                P = tl.gather(A, tl.broadcast_to(k[None, :], (BLOCK_M, BLOCK_N)), axis=1)
+            else:
+                tl.store(scr + scr_rows + cols[None, :], A)
+                tl.debug_barrier()
+                P = tl.load(scr + scr_rows + k[None, :])
+                tl.debug_barrier()
             own = tl.sum(A * A, axis=0)
             oth = tl.sum(P * P, axis=0)
             gamma = tl.sum(A * P, axis=0)
@@ -137,10 +143,13 @@ def _blocks(m, n):
     return max(2, triton.next_power_of_2(m)), max(2, triton.next_power_of_2(n))
 
 
-def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30, num_warps: int | None = None):
+def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30, num_warps: int | None = None,
+                   gather: bool | None = None):
     """-> (S [B, min(m, n)] descending, float32 (float64 for float64 input); info [B] int32:
     0 converged, 1 not converged within max_sweeps). A: [B, m, n], m, n <= 128.
-    ``num_warps`` overrides the launch's warp count (tuning and GPU checks)."""
+    ``num_warps`` overrides the launch's warp count and ``gather`` the partner-column
+    gather (True: ``tl.gather`` in registers, False: the scratch tile; default
+    ``USE_GATHER``), for tuning and the GPU checks."""
     if A.dim() != 3:
         raise ValueError(f"jacobi_svdvals expects a [B, m, n] tensor, got shape {tuple(A.shape)}")
     if A.dtype not in _TL:
@@ -162,12 +171,13 @@ def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30, num_warps: int | None 
     block_m, block_n = _blocks(m, n)
     ctx = torch.cuda.device(A.device) if A.is_cuda else contextlib.nullcontext()
     with ctx:
-        scratch = torch.empty((b * block_m * block_n,), dtype=dtype, device=A.device)
+        use_gather = USE_GATHER if gather is None else bool(gather)
+        scratch = torch.empty((0 if use_gather else b * block_m * block_n,), dtype=dtype, device=A.device)
         _jacobi_svdvals_kernel[(b,)](
             A, S, info, scratch,
             m, n, sb, sm, sn, S.stride(0),
             int(max_sweeps), max(m, 1) * _EPS[dtype],
-            ACC=_TL[dtype], BLOCK_M=block_m, BLOCK_N=block_n,
+            ACC=_TL[dtype], BLOCK_M=block_m, BLOCK_N=block_n, USE_GATHER=use_gather,
             num_warps=num_warps or _num_warps(block_m, block_n, dtype), num_stages=1,
         )
     return S, info
