@@ -102,12 +102,15 @@ def _all_configs(families):
     return [c for fam in families.values() for c in fam]
 
 
-def _pruner(families):
+def _pruner(families, width=None):
+    """The configs of the call's family (the first `width` of them; only the first
+    without autotuning). NT-Xent tunes over its whole family; the generic row-block
+    kernels (SupCon, InfoNCE: several variants per call) over the first two."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        dtype = args["z1_ptr"].dtype
+        dtype = (args["z1_ptr"] if "z1_ptr" in args else args["a_ptr"]).dtype
         fam = families[_family(args["D"], dtype, args.get("PRECISION") or _precision(dtype))]
-        return fam if AUTOTUNE else fam[:1]
+        return fam[:width] if AUTOTUNE else fam[:1]
 
     return prune
 
@@ -234,6 +237,71 @@ def _logit_tile(
     return acc, kt
 
 
+@triton.jit
+def _online_lse(m_i, l_i, s):
+    """Fold a tile of base-2 logits s [BLOCK_M, BLOCK_N] (masked entries -inf) into the
+    running row max m_i and sum l_i of exp2(s - m_i); a row masked so far keeps -inf."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(p, axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _row_dot(z1_ptr, z2_ptr, stride1, stride2, view_a, view_b, row0, lrows, row_ok, D, ACC: tl.constexpr):
+    """Row-wise x_a[i] . x_b[i] for the rows of one tile (the positive pair), in narrow
+    chunks (a [BLOCK_M, BLOCK_K] fp32 pair here would dominate the registers)."""
+    pdot = (lrows * 0).to(ACC)
+    for p0 in range(0, D, 32):
+        pcols = p0 + tl.arange(0, 32)
+        pmask = row_ok[:, None] & (pcols < D)[None, :]
+        a = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view_a, row0, lrows, pcols),
+                    mask=pmask, other=0.0)
+        b = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view_b, row0, lrows, pcols),
+                    mask=pmask, other=0.0)
+        pdot += tl.sum(a.to(ACC) * b.to(ACC), axis=1)
+    return pdot
+
+
+@triton.jit
+def _weighted_rows(w, vt, acc, PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, ACC: tl.constexpr):
+    """acc += W @ V, the second product of a backward pass."""
+    if DOT2_F32:
+        # float16 inputs: W r_j in fp16 underflows (it is ~1/M), so this product
+        # runs on fp32 operands (tf32: fp16's mantissa with fp32's range)
+        acc = tl.dot(w.to(tl.float32), vt.to(tl.float32), acc, input_precision="tf32")
+    else:
+        acc = tl.dot(w.to(vt.dtype), vt, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _grad_epilogue(acc, c, q, x_ptrs, n_i, r_i, out_base, sc_base, lrows, dcols, omask, D,
+                   NORMALIZE: tl.constexpr, SAME_TILE: tl.constexpr, FUSED_OUT: tl.constexpr,
+                   ACC: tl.constexpr, EPS: tl.constexpr):
+    """dZhat = c * acc for the program's rows; when the program holds whole rows (or there is
+    no normalisation) dx is finished here and written in the inputs' dtype (out_base: the
+    tile's first output row, contiguous [., D]); otherwise dZhat goes to the fp32 scratch
+    for _norm_bwd_kernel. x_ptrs: the rows' inputs at dcols (read unless SAME_TILE, q)."""
+    out_off = lrows[:, None] * D + dcols[None, :]  # int32 inside the block
+    if FUSED_OUT:
+        if NORMALIZE:
+            # dx = r (dZhat - zhat (zhat . dZhat)) = c r acc - c r^3 (x . acc) x
+            if SAME_TILE:
+                x_i = q.to(ACC)
+            else:
+                x_i = tl.load(x_ptrs, mask=omask, other=0.0).to(ACC)
+            a1 = c * r_i
+            a2 = tl.where(n_i > EPS, a1 * r_i * r_i * tl.sum(x_i * acc, axis=1), 0.0)
+            dx = acc * a1[:, None] - x_i * a2[:, None]
+        else:
+            dx = acc * c[:, None]
+        tl.store(out_base + out_off, dx.to(out_base.dtype.element_ty), mask=omask)
+    else:
+        tl.store(sc_base + out_off, acc * c[:, None], mask=omask)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -274,24 +342,10 @@ def _nt_xent_fwd_kernel(
             s = s * _rnorm(norm_ptr, N, cview * N + cols, col_ok).to(ACC)[None, :]
         keep = col_ok[None, :] & ((cols[None, :] != rows[:, None]) | (cview != view))
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(p, axis=1)
-        m_i = m_new
+        m_i, l_i = _online_lse(m_i, l_i, s)
 
-    # positive logit: row-wise dot of x_i with its other view, in narrow chunks
-    # (a [BLOCK_M, BLOCK_K] fp32 pair here would dominate the registers)
-    pdot = tl.zeros([BLOCK_M], dtype=ACC)
-    for p0 in range(0, D, 32):
-        pcols = p0 + tl.arange(0, 32)
-        pmask = row_ok[:, None] & (pcols < D)[None, :]
-        a = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, pcols),
-                    mask=pmask, other=0.0)
-        b = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, 1 - view, row0, lrows, pcols),
-                    mask=pmask, other=0.0)
-        pdot += tl.sum(a.to(ACC) * b.to(ACC), axis=1)
-    spos = pdot * row_scale
+    # positive logit: row-wise dot of x_i with its other view
+    spos = _row_dot(z1_ptr, z2_ptr, stride1, stride2, view, 1 - view, row0, lrows, row_ok, D, ACC) * row_scale
     if NORMALIZE:
         spos = spos * _rnorm(norm_ptr, N, (1 - view) * N + rows, row_ok).to(ACC)
 
@@ -357,37 +411,19 @@ def _nt_xent_bwd_kernel(
         else:
             vt = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, cview, col0, lcols, dcols),
                          mask=col_ok[:, None] & dcol_ok[None, :], other=0.0)
-        if DOT2_F32:
-            # float16 inputs: W r_j in fp16 underflows (it is ~1/M), so this product
-            # runs on fp32 operands (tf32: fp16's mantissa with fp32's range)
-            acc = tl.dot(w.to(tl.float32), vt.to(tl.float32), acc, input_precision="tf32")
-        else:
-            acc = tl.dot(w.to(vt.dtype), vt, acc, input_precision=PRECISION, out_dtype=ACC)
+        acc = _weighted_rows(w, vt, acc, PRECISION, DOT2_F32, ACC)
 
     g = tl.load(g_ptr).to(ACC)
     c = g * (tl.zeros([BLOCK_M], dtype=ACC) + c_hi + c_lo)  # g / (t M); dZhat = c * acc
     omask = row_ok[:, None] & dcol_ok[None, :]
-    out_off = lrows[:, None] * D + dcols[None, :]  # int32 inside the block
-    if FUSED_OUT:
-        if NORMALIZE:
-            # this program holds whole rows: the normalisation backward in place,
-            # dx = r (dZhat - zhat (zhat . dZhat)) = c r acc - c r^3 (x . acc) x
-            n_i = tl.load(norm_ptr + view * N + rows, mask=row_ok, other=1.0)
-            if SAME_TILE:
-                x_i = q.to(ACC)
-            else:
-                x_i = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, dcols),
-                              mask=omask, other=0.0).to(ACC)
-            a1 = c * r_i
-            a2 = tl.where(n_i > EPS, a1 * r_i * r_i * tl.sum(x_i * acc, axis=1), 0.0)
-            dx = acc * a1[:, None] - x_i * a2[:, None]
-        else:
-            dx = acc * c[:, None]
-        out_ptr = tl.where(view == 0, out1_ptr, out2_ptr) + row0.to(tl.int64) * D
-        tl.store(out_ptr + out_off, dx.to(out1_ptr.dtype.element_ty), mask=omask)
+    if NORMALIZE:
+        n_i = tl.load(norm_ptr + view * N + rows, mask=row_ok, other=1.0)
     else:
-        sc_ptr = scratch_ptr + (view * N + row0).to(tl.int64) * D
-        tl.store(sc_ptr + out_off, acc * c[:, None], mask=omask)
+        n_i, r_i = c, c  # unread
+    _grad_epilogue(acc, c, q, _tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, dcols),
+                   n_i, r_i, tl.where(view == 0, out1_ptr, out2_ptr) + row0.to(tl.int64) * D,
+                   scratch_ptr + (view * N + row0).to(tl.int64) * D, lrows, dcols, omask, D,
+                   NORMALIZE, SAME_TILE, FUSED_OUT, ACC, EPS)
 
 
 @triton.jit
@@ -417,6 +453,251 @@ def _norm_bwd_kernel(
         zh = x.to(ACC) * r[:, None]
         dx = tl.where(big, (gz - zh * proj[:, None]) * r[:, None], gz * r[:, None])
         tl.store(out_ptr + lrows[:, None] * D + cols[None, :], dx.to(out1_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- generic row-block passes
+#
+# SupCon and InfoNCE / CLIP run on two generic kernels built from the helpers above.
+# A program owns BLOCK_M rows of a matrix A [NA, D]; its candidates are
+#   B [NB, D]  B_MODE 1: every row of B, in BLOCK_N tiles ("in-batch"); row i of B is
+#              row i's partner (InfoNCE's positive; SupCon: B = A and the partner is
+#              itself, masked out); B_MODE 2: only the partner (MoCo without in-batch
+#              negatives); B_MODE 0: none
+#   C [NC, D]  (HAS_C) a shared queue, every row, row term only.
+# LABELS (SupCon): positives are the other rows of B with A's label.
+# Norm buffers (normalize) hold [3 R]: ||x|| at [0, R), 1 / max(||x||, eps) at [2R, 3R)
+# (the one-view layout of _row_norm_kernel). par_ptr holds [log2(e) / t, 1 / (t denom)]
+# in ACC on the device, so a learnable temperature and the SupCon anchor count never
+# leave the GPU.
+
+
+@triton.jit
+def _candidate_tile(q, a_ptr, x_ptr, stride_a, stride_x, nx_ptr, NX, row0, lrows, row_ok, t, row_scale, D,
+                    NORMALIZE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, HOIST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column tile t of the candidates X [NX, D] against the program's rows of A: base-2
+    logits s = (a_i . x_j) r_i r_j log2(e) / t (row_scale = r_i log2(e) / t), the column
+    tile kt (HOIST), the columns' 1 / ||x_j|| (1 without normalisation) and indices."""
+    col0 = t * BLOCK_N
+    lcols = tl.arange(0, BLOCK_N)
+    cols = col0 + lcols
+    col_ok = cols < NX
+    sacc, kt = _logit_tile(q, a_ptr, x_ptr, stride_a, stride_x, 0, row0, lrows, row_ok, 1, col0,
+                           lcols, col_ok, D, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
+    s = sacc * row_scale[:, None]
+    if NORMALIZE:
+        r_j = _rnorm(nx_ptr, NX, cols, col_ok).to(ACC)
+        s = s * r_j[None, :]
+    else:
+        r_j = tl.full([BLOCK_N], 1.0, ACC)
+    return s, kt, r_j, col0, lcols, cols, col_ok
+
+
+@triton.jit
+def _value_tile(kt, a_ptr, x_ptr, stride_a, stride_x, col0, lcols, col_ok, dcols, dcol_ok, SAME_TILE: tl.constexpr):
+    """X[cols, dcols], the value tile of a backward product (the logits' tile when it is the same)."""
+    if SAME_TILE:
+        vt = kt
+    else:
+        vt = tl.load(_tile_ptrs(a_ptr, x_ptr, stride_a, stride_x, 1, col0, lcols, dcols),
+                     mask=col_ok[:, None] & dcol_ok[None, :], other=0.0)
+    return vt
+
+
+@triton.autotune(configs=_all_configs(_FWD_FAMILIES),
+                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "LABELS"],
+                 prune_configs_by={"early_config_prune": _pruner(_FWD_FAMILIES, 2)})
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "TUNE_M"])
+def _lse_fwd_kernel(
+    a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, par_ptr,
+    lse_ptr, term_ptr, cnt_ptr, NA, NB, NC, D, TUNE_M,
+    NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, LABELS: tl.constexpr,
+    HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """lse_i over the candidates of row i, and term_i: InfoNCE lse_i - s_ii; SupCon
+    lse_i - mean_{p in P(i)} s_ip for anchors (0 for rows without positives) and
+    cnt_i = |P(i)| (compared in-tile, float)."""
+    _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
+    scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
+    ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
+    if NORMALIZE:
+        row_scale = _rnorm(na_ptr, NA, rows, row_ok).to(ACC) * scale
+    else:
+        row_scale = scale
+    q = _hoisted_row_tile(a_ptr, a_ptr, stride_a, stride_a, 0, row0, lrows, row_ok, D, HOIST, BLOCK_M, BLOCK_K)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    spos = tl.zeros([BLOCK_M], dtype=ACC)
+    if B_MODE != 0:
+        if not LABELS:  # the partner's logit (base 2)
+            spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * row_scale
+            if NORMALIZE:
+                spos = spos * _rnorm(nb_ptr, NB, rows, row_ok).to(ACC)
+        if B_MODE == 2:  # the own key only: the statistics start from it
+            m_i = spos
+            l_i = tl.full([BLOCK_M], 1.0, ACC)
+    if LABELS:
+        lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
+        psum = tl.zeros([BLOCK_M], dtype=ACC)
+        pcnt = tl.zeros([BLOCK_M], dtype=ACC)
+    if B_MODE == 1:
+        for t in range(0, tl.cdiv(NB, BLOCK_N)):
+            s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
+                q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, row_scale, D,
+                NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
+            keep = col_ok[None, :] & (rows[:, None] >= 0)
+            if LABELS:  # SupCon: B = A, self-pairs out; positives: same label
+                keep = keep & (cols[None, :] != rows[:, None])
+                lab_j = tl.load(lab_ptr + cols, mask=col_ok, other=0)
+                pos = keep & (lab_j[None, :] == lab_i[:, None])
+                psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
+                pcnt += tl.sum(pos.to(ACC), axis=1)
+            s = tl.where(keep, s, float("-inf"))
+            m_i, l_i = _online_lse(m_i, l_i, s)
+    if HAS_C:
+        for t in range(0, tl.cdiv(NC, BLOCK_N)):
+            s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
+                q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, row_scale, D,
+                NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
+            s = tl.where(col_ok[None, :] & (rows[:, None] >= 0), s, float("-inf"))
+            m_i, l_i = _online_lse(m_i, l_i, s)
+
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(lse_ptr + rows, lse2 * ln2, mask=row_ok)
+    if LABELS:
+        term = tl.where(pcnt > 0, (lse2 - psum / tl.maximum(pcnt, 1.0)) * ln2, 0.0)
+        tl.store(cnt_ptr + rows, pcnt, mask=row_ok)
+    else:
+        term = (lse2 - spos) * ln2
+    tl.store(term_ptr + rows, term, mask=row_ok)
+
+
+@triton.autotune(configs=_all_configs(_BWD_FAMILIES),
+                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "LABELS", "ROW_TERM",
+                      "COL_TERM"],
+                 prune_configs_by={"early_config_prune": _pruner(_BWD_FAMILIES, 2)})
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "TUNE_M"])
+def _lse_bwd_kernel(
+    a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, cnt_ptr, par_ptr,
+    g_ptr, lse_r_ptr, lse_c_ptr, out_ptr, scratch_ptr, tterm_ptr, NA, NB, NC, D, TUNE_M,
+    NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, LABELS: tl.constexpr,
+    ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, DIAG_W: tl.constexpr, EXPECT: tl.constexpr,
+    HOIST: tl.constexpr, SAME_TILE: tl.constexpr, FUSED_OUT: tl.constexpr,
+    PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """dA = c (W B^ + W_C C^) back through the normalisation, row-parallel and atomic-free,
+    with c = g / (t denom) and, on B (s_ij = a^_i . b^_j / t recomputed per tile),
+      W_ij = ROW_TERM w_i exp(s_ij - lse_r_i) + COL_TERM w_j exp(s_ij - lse_c_j)
+             - DIAG_W [j == i]                         (InfoNCE: the partner)
+             - 2 / |P(i)| [j in P(i)], W_ii = 0         (LABELS: SupCon, w = has positives)
+    and on the queue W_C = exp(s - lse_r_i). A column pass (dkey, dqueue) is this kernel with
+    A and B swapped and the row / column terms exchanged. EXPECT writes
+    tterm_i = sum_j p_ij (s_ij - s_ii) (= E_i[s] - s_ii, the row term's softmax expectation
+    minus the partner's logit: d loss / d t = -c sum_i tterm_i)."""
+    _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
+    dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dcol_ok = dcols < D
+    scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
+    log2e = tl.max(1.0 / tl.log(tl.full([2], 2.0, ACC)), axis=0)
+    ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
+    if ROW_TERM:
+        lse2_i = tl.load(lse_r_ptr + rows, mask=row_ok, other=0.0).to(ACC) * log2e
+    if NORMALIZE:
+        r_i = _rnorm(na_ptr, NA, rows, row_ok).to(ACC)
+        row_scale = r_i * scale
+    else:
+        row_scale = scale
+    if LABELS:
+        lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
+        cnt_i = tl.load(cnt_ptr + rows, mask=row_ok, other=0).to(ACC)
+        anchor_i = cnt_i > 0
+        pos_w = 2.0 / tl.maximum(cnt_i, 1.0)
+    q = _hoisted_row_tile(a_ptr, a_ptr, stride_a, stride_a, 0, row0, lrows, row_ok, D, HOIST, BLOCK_M, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC)
+    # sum_j p_ij (s_ij - s_ii), base 2: = E_i[s] - s_ii, without the cancellation of
+    # the difference (sum_j p_ij = 1 only up to the rounding of the saved lse)
+    expect = tl.zeros([BLOCK_M], dtype=ACC)
+    spos = tl.zeros([BLOCK_M], dtype=ACC)
+    if (EXPECT or B_MODE == 2) and not LABELS:  # the partner's logit (rows of A and B pair up)
+        spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * row_scale
+        if NORMALIZE:
+            rb_i = _rnorm(nb_ptr, NB, rows, row_ok).to(ACC)
+            spos = spos * rb_i
+    if B_MODE == 1:
+        for t in range(0, tl.cdiv(NB, BLOCK_N)):
+            s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
+                q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, row_scale, D,
+                NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
+            w = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            if LABELS:
+                cnt_j = tl.load(cnt_ptr + cols, mask=col_ok, other=0)
+            if ROW_TERM:
+                e = tl.exp2(s - lse2_i[:, None])
+                if LABELS:
+                    e = tl.where(anchor_i[:, None], e, 0.0)
+                e = tl.where(col_ok[None, :], e, 0.0)
+                if EXPECT:
+                    expect += tl.sum(e * (s - spos[:, None]), axis=1)
+                w += e
+            if COL_TERM:
+                lse2_j = tl.load(lse_c_ptr + cols, mask=col_ok, other=0.0).to(ACC) * log2e
+                e = tl.exp2(s - lse2_j[None, :])
+                if LABELS:
+                    e = tl.where((cnt_j > 0)[None, :], e, 0.0)
+                w += e
+            eq = cols[None, :] == rows[:, None]
+            if LABELS:
+                lab_j = tl.load(lab_ptr + cols, mask=col_ok, other=0)
+                pos = (lab_j[None, :] == lab_i[:, None]) & (~eq)
+                w = tl.where(eq, 0.0, w - tl.where(pos, pos_w[:, None], 0.0))
+            elif DIAG_W != 0:
+                w = tl.where(eq, w - DIAG_W, w)
+            w = tl.where(col_ok[None, :], w, 0.0)
+            if NORMALIZE:
+                w = w * r_j[None, :]  # multiplied onto the raw b_j: no normalised copy
+            vt = _value_tile(kt, a_ptr, b_ptr, stride_a, stride_b, col0, lcols, col_ok, dcols, dcol_ok, SAME_TILE)
+            acc = _weighted_rows(w, vt, acc, PRECISION, DOT2_F32, ACC)
+    if B_MODE == 2:  # the partner only (MoCo): W_ii b^_i
+        wd = tl.zeros([BLOCK_M], dtype=ACC) - DIAG_W
+        if ROW_TERM:
+            e = tl.exp2(spos - lse2_i)
+            # (its expectation term p_ii (s_ii - s_ii) is 0)
+            wd += e
+        if COL_TERM:
+            wd += tl.exp2(spos - tl.load(lse_c_ptr + rows, mask=row_ok, other=0.0).to(ACC) * log2e)
+        if NORMALIZE:
+            wd = wd * rb_i
+        xb = tl.load(_tile_ptrs(a_ptr, b_ptr, stride_a, stride_b, 1, row0, lrows, dcols),
+                     mask=row_ok[:, None] & dcol_ok[None, :], other=0.0).to(ACC)
+        acc += wd[:, None] * xb
+    if HAS_C:
+        for t in range(0, tl.cdiv(NC, BLOCK_N)):
+            s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
+                q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, row_scale, D,
+                NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
+            w = tl.where(col_ok[None, :], tl.exp2(s - lse2_i[:, None]), 0.0)
+            if EXPECT:
+                expect += tl.sum(w * (s - spos[:, None]), axis=1)
+            if NORMALIZE:
+                w = w * r_j[None, :]
+            vt = _value_tile(kt, a_ptr, c_ptr, stride_a, stride_c, col0, lcols, col_ok, dcols, dcol_ok, SAME_TILE)
+            acc = _weighted_rows(w, vt, acc, PRECISION, DOT2_F32, ACC)
+    if EXPECT:
+        if tl.program_id(1) == 0:
+            tl.store(tterm_ptr + rows, expect * ln2, mask=row_ok)
+
+    c = tl.load(g_ptr).to(ACC) * (tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr + 1).to(ACC))
+    omask = row_ok[:, None] & dcol_ok[None, :]
+    if NORMALIZE:
+        n_i = tl.load(na_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        n_i, r_i = c, c  # unread
+    _grad_epilogue(acc, c, q, _tile_ptrs(a_ptr, a_ptr, stride_a, stride_a, 0, row0, lrows, dcols),
+                   n_i, r_i, out_ptr + row0.to(tl.int64) * D, scratch_ptr + row0.to(tl.int64) * D,
+                   lrows, dcols, omask, D, NORMALIZE, SAME_TILE, FUSED_OUT, ACC, EPS)
+
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -571,3 +852,232 @@ def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool
                 ACC=_TL_DTYPES[acc_dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
             )
     return dz1, dz2
+
+
+# ----------------------------------------------------------------------------- SupCon / InfoNCE launchers
+
+_LOG2E = math.log2(math.e)
+
+
+def _single_norms(x, acc_dtype):
+    """[3 R] norms of the rows of one matrix (the one-view layout of _row_norm_kernel)."""
+    r, d = x.shape
+    norms = torch.empty(3 * r, dtype=acc_dtype, device=x.device)
+    block_r, block_d = _small_blocks(d)
+    _row_norm_kernel[(triton.cdiv(r, block_r),)](
+        x, x, x.stride(0), x.stride(0), norms, r, d,
+        ACC=_TL_DTYPES[acc_dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+    return norms
+
+
+def _single_norm_bwd(scratch, x, norms, out):
+    r, d = x.shape
+    block_r, block_d = _small_blocks(d)
+    _norm_bwd_kernel[(triton.cdiv(r, block_r),)](
+        scratch, x, x, x.stride(0), x.stride(0), norms, out, out, r, d,
+        ACC=_TL_DTYPES[scratch.dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+
+
+def _temperature64(temperature, device):
+    """The temperature as a float64 0-dim tensor on `device`, without a host sync: a CUDA
+    tensor stays where it is; a CPU tensor or float is read on the host (free) and filled."""
+    if isinstance(temperature, torch.Tensor) and temperature.device == device:
+        return temperature.detach().to(torch.float64)
+    return torch.full((), float(temperature), dtype=torch.float64, device=device)
+
+
+def _params(t64, denom, acc_dtype):
+    """[log2(e) / t, 1 / (t denom)] in the accumulator dtype (denom: float or 0-dim tensor)."""
+    return torch.stack([_LOG2E / t64, 1.0 / (t64 * denom)]).to(acc_dtype)
+
+
+def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize):
+    """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c."""
+    na_rows, d = a.shape
+    _, meta, _ = _plan(d, a.dtype, normalize, _precision(a.dtype))
+    dummy = lse
+    bb = b if b is not None else a
+    cc = c if c is not None else a
+
+    def grid(cfg):
+        return (triton.cdiv(na_rows, cfg["BLOCK_M"]),)
+
+    _lse_fwd_kernel[grid](
+        a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
+        na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
+        labels if labels is not None else dummy, par, lse, term, cnt if cnt is not None else dummy,
+        na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, d,
+        _tune_m(na_rows), B_MODE=b_mode, HAS_C=c is not None, LABELS=labels is not None, **meta,
+    )
+
+
+def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tterm, *,
+                b_mode, row_term, col_term, diag_w, normalize):
+    """One _lse_bwd_kernel launch writing out = d loss / d a (and tterm when given)."""
+    na_rows, d = a.shape
+    acc_dtype = _acc_dtype(a.dtype)
+    _, _, meta = _plan(d, a.dtype, normalize, _precision(a.dtype))
+    block_do = meta["BLOCK_DO"]
+    dummy = par
+    bb = b if b is not None else a
+    cc = c if c is not None else a
+    fused_out = meta["FUSED_OUT"]
+    scratch = dummy if fused_out else torch.empty((na_rows, d), dtype=acc_dtype, device=a.device)
+
+    def grid(cfg):
+        return (triton.cdiv(na_rows, cfg["BLOCK_M"]), triton.cdiv(d, block_do))
+
+    _lse_bwd_kernel[grid](
+        a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
+        na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
+        labels if labels is not None else dummy, cnt if cnt is not None else dummy, par, g,
+        lse_r if lse_r is not None else dummy, lse_c if lse_c is not None else dummy, out, scratch,
+        tterm if tterm is not None else dummy,
+        na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, d, _tune_m(na_rows),
+        B_MODE=b_mode, HAS_C=c is not None, LABELS=labels is not None, ROW_TERM=bool(row_term),
+        COL_TERM=bool(col_term), DIAG_W=float(diag_w), EXPECT=tterm is not None, **meta,
+    )
+    if not fused_out:
+        _single_norm_bwd(scratch, a, na, out)
+
+
+def _class_counts(labels):
+    """|P(i)| = (size of i's class) - 1 per row, sort-based (no host sync)."""
+    sorted_labels = torch.sort(labels).values
+    hi = torch.searchsorted(sorted_labels, labels, right=True)
+    lo = torch.searchsorted(sorted_labels, labels, right=False)
+    return (hi - lo - 1).to(torch.int32)
+
+
+def sup_con_forward(features: torch.Tensor, labels: torch.Tensor, temperature: float, normalize: bool):
+    """-> (loss: 0-dim features.dtype, lse: [N] float32 (float64 for float64 inputs)).
+
+    lse_i = log sum_{a != i} exp(s_ia), every row (as the CPU op); the loss is the mean
+    over anchors (rows with a positive) of lse_i - mean_{p in P(i)} s_ip, 0 without any
+    anchor, reduced on the device (no host sync)."""
+    x = _unit_stride(features)
+    n, _ = x.shape
+    acc_dtype = _acc_dtype(x.dtype)
+    with _device_ctx(x):
+        labels = labels.to(device=x.device, dtype=torch.int64).contiguous()
+        lse = torch.empty(n, dtype=acc_dtype, device=x.device)
+        term = torch.empty(n, dtype=acc_dtype, device=x.device)
+        cnt = torch.empty(n, dtype=acc_dtype, device=x.device)
+        par = _params(_temperature64(temperature, x.device), 1.0, acc_dtype)
+        (norms,) = _norms_of(normalize, acc_dtype, x)
+        _fwd_launch(x, x, None, norms, norms, None, labels, par, lse, term, cnt, 1, normalize)
+        anchors = (cnt > 0).sum().clamp_min(1).to(acc_dtype)
+        loss = (term.sum() / anchors).to(x.dtype)
+    return loss, lse
+
+
+def sup_con_backward(grad_loss, features, labels, lse, temperature: float, normalize: bool):
+    """-> dfeatures: contiguous [N, D] of features.dtype; consumes the forward's lse."""
+    x = _unit_stride(features)
+    n, d = x.shape
+    acc_dtype = _acc_dtype(x.dtype)
+    with _device_ctx(x):
+        if grad_loss.device != x.device:
+            grad_loss = grad_loss.to(x.device)
+        labels = labels.to(device=x.device, dtype=torch.int64).contiguous()
+        lse = lse.contiguous()
+        cnt = _class_counts(labels)
+        anchors = (cnt > 0).sum().clamp_min(1).to(torch.float64)
+        par = _params(_temperature64(temperature, x.device), anchors, acc_dtype)
+        out = torch.empty((n, d), dtype=x.dtype, device=x.device)
+        (norms,) = _norms_of(normalize, acc_dtype, x)
+        _bwd_launch(x, x, None, norms, norms, None, labels, cnt, par, grad_loss, lse, lse, out, None,
+                    b_mode=1, row_term=True, col_term=True, diag_w=0.0, normalize=normalize)
+    return out
+
+
+_PER_QUERY_MSG = "info_nce with per-query negatives [N, M, D] has no CUDA kernel yet"
+
+
+def _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives):
+    """(query, key, queue or None) read in place where possible, after the checks the
+    kernels rely on."""
+    if negatives is not None and negatives.dim() == 3:
+        raise NotImplementedError(_PER_QUERY_MSG)
+    if symmetric and not in_batch_negatives:
+        raise ValueError("symmetric=True needs in_batch_negatives=True (the key -> query candidates are the queries)")
+    neg = _unit_stride(negatives) if negatives is not None and negatives.shape[0] > 0 else None
+    return _unit_stride(query), _unit_stride(key), neg
+
+
+def _norms_of(normalize, acc_dtype, *xs):
+    """[3 R] norm buffers of each matrix (None for a missing one or without normalisation)."""
+    return [_single_norms(x, acc_dtype) if normalize and x is not None else None for x in xs]
+
+
+def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmetric: bool,
+                     in_batch_negatives: bool, negatives_grad: bool = False):
+    """-> (loss: 0-dim query.dtype, lse: [N] (query direction), then [N] (key direction)
+    when symmetric; float32, float64 for float64 inputs).
+
+    Query i's candidates: every key (in_batch_negatives) or its own key only, plus the
+    shared queue `negatives` [K, D]; CLIP's key direction (symmetric) is a second pass
+    with the roles swapped (candidates: the queries). `temperature`: float or 0-dim tensor,
+    read on the device."""
+    q, k, neg = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
+    n, _ = q.shape
+    acc_dtype = _acc_dtype(q.dtype)
+    rows = 2 * n if symmetric else n
+    with _device_ctx(q):
+        lse = torch.empty(rows, dtype=acc_dtype, device=q.device)
+        term = torch.empty(rows, dtype=acc_dtype, device=q.device)
+        par = _params(_temperature64(temperature, q.device), 1.0, acc_dtype)
+        nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)
+        b_mode = 1 if in_batch_negatives else 2
+        _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize)
+        if symmetric:
+            _fwd_launch(k, q, None, nk, nq, None, None, par, lse[n:], term[n:], None, 1, normalize)
+        loss = (term.sum() / rows).to(q.dtype)
+    return loss, lse
+
+
+def info_nce_backward(grad_loss, query, key, negatives, temperature, lse, normalize: bool, symmetric: bool,
+                      in_batch_negatives: bool, negatives_grad: bool):
+    """-> (dquery, dkey, dnegatives ([K, D] when the queue wants a gradient, else an empty
+    [0] tensor), dtemperature (0-dim, temperature's dtype and device)).
+
+    Row-parallel passes, atomic-free: dquery (rows: queries; columns: keys and the queue),
+    dkey (rows: keys; columns: queries), dnegatives (rows: the queue; columns: queries).
+    dtemperature = -(g / (t N dirs)) sum_i (E_i[s] - s_ii) over the directions, summed by torch."""
+    q, k, neg = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
+    has_neg = neg is not None
+    n, d = q.shape
+    acc_dtype = _acc_dtype(q.dtype)
+    dirs = 2 if symmetric else 1
+    with _device_ctx(q):
+        if grad_loss.device != q.device:
+            grad_loss = grad_loss.to(q.device)
+        lse = lse.contiguous()
+        lse_q = lse[:n]
+        lse_k = lse[n:] if symmetric else None
+        t64 = _temperature64(temperature, q.device)
+        par = _params(t64, float(n * dirs), acc_dtype)
+        nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)
+        b_mode = 1 if in_batch_negatives else 2
+        dq = torch.empty((n, d), dtype=q.dtype, device=q.device)
+        dk = torch.empty((n, d), dtype=k.dtype, device=q.device)
+        tterm = torch.empty(2 * n if symmetric else n, dtype=acc_dtype, device=q.device)
+        _bwd_launch(q, k, neg, nq, nk, nn, None, None, par, grad_loss, lse_q, lse_k, dq, tterm[:n],
+                    b_mode=b_mode, row_term=True, col_term=symmetric, diag_w=dirs, normalize=normalize)
+        _bwd_launch(k, q, None, nk, nq, None, None, None, par, grad_loss, lse_k, lse_q, dk,
+                    tterm[n:] if symmetric else None,
+                    b_mode=b_mode, row_term=symmetric, col_term=True, diag_w=dirs, normalize=normalize)
+        if has_neg and negatives_grad:
+            dneg = torch.empty(neg.shape, dtype=neg.dtype, device=q.device)
+            _bwd_launch(neg, q, None, nn, nq, None, None, None, par, grad_loss, None, lse_q, dneg, None,
+                        b_mode=1, row_term=False, col_term=True, diag_w=0.0, normalize=normalize)
+        else:
+            dneg = q.new_empty((0,))
+        coef = grad_loss.to(torch.float64) / (t64 * (n * dirs))
+        dtemp = -coef * tterm.sum().to(torch.float64)
+        if isinstance(temperature, torch.Tensor):
+            # a CPU temperature (a float given by the user) costs one scalar copy back
+            dtemp = dtemp.to(device=temperature.device, dtype=temperature.dtype)
+    return dq, dk, dneg, dtemp

@@ -142,7 +142,9 @@ def _(features, labels, temperature, normalize):
 
 @sup_con_forward.register_kernel("cuda")
 def _(features, labels, temperature, normalize):
-    raise NotImplementedError("sslkernels.sup_con: the CUDA (Triton) kernel is not built yet; CPU only for now")
+    if debug_enabled():
+        check_finite(features, "features")
+    return launchers("contrastive").sup_con_forward(features, labels, temperature, normalize)
 
 
 @torch.library.custom_op("sslkernels::sup_con_backward", mutates_args=())
@@ -170,6 +172,11 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
     )
     _ext.raise_for_status(status, "sup_con backward", "features", "labels")
     return dfeatures
+
+
+@sup_con_backward.register_kernel("cuda")
+def _(grad_loss, features, labels, lse, temperature, normalize):
+    return launchers("contrastive").sup_con_backward(grad_loss, features, labels, lse, temperature, normalize)
 
 
 # ---------------------------------------------------------------- InfoNCE / CLIP
@@ -231,7 +238,14 @@ def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negativ
 
 @info_nce_forward.register_kernel("cuda")
 def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
-    raise NotImplementedError("sslkernels.info_nce: the CUDA (Triton) kernel is not built yet; CPU only for now")
+    if debug_enabled():
+        check_finite(query, "query")
+        check_finite(key, "key")
+        if negatives is not None:
+            check_finite(negatives, "negatives")
+    return launchers("contrastive").info_nce_forward(
+        query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad
+    )
 
 
 @torch.library.custom_op("sslkernels::info_nce_backward", mutates_args=())
@@ -272,7 +286,9 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
 
 @info_nce_backward.register_kernel("cuda")
 def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
-    raise NotImplementedError("sslkernels.info_nce: the CUDA (Triton) kernel is not built yet; CPU only for now")
+    return launchers("contrastive").info_nce_backward(
+        grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad
+    )
 
 
 # ---------------------------------------------------------------- autograd

@@ -1,0 +1,160 @@
+"""The Triton SupCon kernels (the CUDA path of `sslkernels::sup_con_*`) run by the
+Triton interpreter on CPU tensors, through their launchers `sup_con_forward` /
+`sup_con_backward`.
+
+Oracle: `sup_con_reference` in float64 with autograd. A result passes when its error
+against the oracle is at most twice eager PyTorch's own error in the same dtype plus a
+small floor relative to the larger of max |oracle| and the quantity's natural scale.
+bfloat16 is checked on a GPU only (`benchmarks/gpu_contrastive.py`): the interpreter's
+bf16 `tl.dot` is wrong (triton issue 11584).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton interpreter tests need triton")
+
+from sslkernels.reference import nt_xent_reference, sup_con_reference  # noqa: E402
+
+pytestmark = pytest.mark.interpret
+
+REL_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2}
+# (N, D, classes): N = 1 (no anchor at all), one masked tile, several tiles with a tail
+# (interpreter tiles are 32 x 32); D = 3 / 16 hoisted rows, 65 the chunked path and, with
+# normalize, the dZhat scratch + normalisation-backward kernel.
+CASES = [(1, 3, 1), (7, 65, 3), (33, 16, 4), (33, 65, 12)]
+
+
+def _inputs(n, d, classes, dtype, normalize, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g) * 5 - 2  # arbitrary, non-compact ids
+    # rows of a class share a direction, so positives are neither random nor trivial
+    centers = torch.randn(classes, d, generator=g, dtype=torch.float64)
+    x = centers[(labels + 2) // 5] + 0.9 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    scale = 3.0 if normalize else 1.0 / math.sqrt(d)
+    return (x * scale).to(dtype), labels
+
+
+def _reference(x, labels, temperature, normalize, grad=1.0):
+    a = x.detach().clone().requires_grad_(True)
+    loss = sup_con_reference(a, labels, temperature=temperature, normalize=normalize)
+    (ga,) = torch.autograd.grad(loss * grad, (a,))
+    return loss.detach(), ga
+
+
+def _fused(k, x, labels, temperature, normalize, grad=1.0):
+    loss, lse = k.sup_con_forward(x, labels, temperature, normalize)
+    dx = k.sup_con_backward(torch.tensor(grad, dtype=x.dtype), x, labels, lse, temperature, normalize)
+    return loss, dx, lse
+
+
+def _err(x, ref):
+    return float((x.double() - ref.double()).abs().max())
+
+
+def _grad_scale(x, temperature, normalize):
+    norm = float(x.double().norm(dim=1).mean())
+    n = x.shape[0]
+    return 1.0 / (temperature * n * norm) if normalize else norm / (temperature * n)
+
+
+def _check(fused, eager, ref64, dtype, what, scale):
+    assert torch.isfinite(fused.double()).all(), f"{what}: NaN/Inf (an output element left unwritten?)"
+    bound = 2 * _err(eager, ref64) + REL_FLOOR[dtype] * max(float(ref64.abs().max()), scale)
+    err = _err(fused, ref64)
+    assert err <= bound, f"{what} ({dtype}): error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("n,d,classes", CASES, ids=[f"{n}x{d}c{c}" for n, d, c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_matches_float64_reference(contrastive_kernels, poisoned_outputs, dtype, n, d, classes, normalize):
+    temperature = 0.1 if normalize else 0.5
+    x, labels = _inputs(n, d, classes, dtype, normalize)
+    loss, dx, lse = _fused(contrastive_kernels, x, labels, temperature, normalize)
+    assert loss.dtype == dtype and loss.dim() == 0
+    assert lse.shape == (n,) and lse.dtype == torch.float32
+    assert dx.dtype == dtype and dx.shape == (n, d) and dx.is_contiguous()
+    eager = _reference(x, labels, temperature, normalize)
+    ref = _reference(x.double(), labels, temperature, normalize)
+    _check(loss, eager[0], ref[0], dtype, "loss", 1.0)
+    _check(dx, eager[1], ref[1], dtype, "dx", _grad_scale(x, temperature, normalize))
+
+
+def test_float64_is_exact_and_lse_is_the_full_log_sum_exp(contrastive_kernels, poisoned_outputs):
+    x, labels = _inputs(33, 65, 5, torch.float64, True)
+    labels[3] = 1000  # a class of one: not an anchor, but still a candidate of the others
+    loss, dx, lse = _fused(contrastive_kernels, x, labels, 0.2, True)
+    ref = _reference(x, labels, 0.2, True)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, ref[1], rtol=1e-10, atol=1e-13)
+    z = torch.nn.functional.normalize(x, dim=1)
+    logits = z @ z.T / 0.2
+    logits.fill_diagonal_(float("-inf"))
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_all_unique_labels_give_zero_loss_and_zero_grad(contrastive_kernels, poisoned_outputs, dtype):
+    x, _ = _inputs(33, 16, 3, dtype, True)
+    labels = torch.arange(33) * 3
+    loss, dx, lse = _fused(contrastive_kernels, x, labels, 0.1, True)
+    assert float(loss) == 0.0 and loss.dtype == dtype
+    assert torch.equal(dx, torch.zeros_like(dx))
+    assert torch.isfinite(lse).all()  # the log-sum-exp is still every row's
+
+
+def test_singletons_are_left_out(contrastive_kernels, poisoned_outputs):
+    x = torch.randn(12, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 6, 7])
+    got = _fused(contrastive_kernels, x, labels, 0.3, True)
+    ref = _reference(x, labels, 0.3, True)
+    for what, f, r in zip(("loss", "dx"), got, ref):
+        torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-13, msg=lambda m: f"{what}: {m}")
+
+
+def test_instance_labels_equal_nt_xent(contrastive_kernels, poisoned_outputs):
+    """Two views with one label per instance: SupCon is NT-Xent (and the launchers agree)."""
+    z1, z2 = torch.randn(20, 16, dtype=torch.float64), torch.randn(20, 16, dtype=torch.float64)
+    labels = torch.arange(20).repeat(2)
+    loss, dx, _ = _fused(contrastive_kernels, torch.cat([z1, z2]), labels, 0.3, True)
+    nt_loss, _ = contrastive_kernels.nt_xent_forward(z1, z2, 0.3, True)
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    ref = nt_xent_reference(a, b, 0.3)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nt_loss, loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, torch.cat([a.grad, b.grad]), rtol=1e-10, atol=1e-14)
+
+
+def test_upstream_gradient_and_strided_input(contrastive_kernels, poisoned_outputs):
+    base = torch.randn(33, 80, dtype=torch.float64)
+    x = base[:, 5:70]  # row stride 80, read in place
+    labels = torch.randint(0, 4, (33,), generator=torch.Generator().manual_seed(1))
+    assert not x.is_contiguous()
+    _, dx1, _ = _fused(contrastive_kernels, x, labels, 0.5, True, grad=1.0)
+    loss, dx2, _ = _fused(contrastive_kernels, x, labels, 0.5, True, grad=0.37)
+    ref = _reference(x.contiguous(), labels, 0.5, True, grad=0.37)
+    torch.testing.assert_close(dx2, 0.37 * dx1, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx2, ref[1], rtol=1e-10, atol=1e-14)
+    xt = torch.randn(65, 33, dtype=torch.float64).T  # feature stride 33: copied by the launcher
+    got = _fused(contrastive_kernels, xt, labels, 0.5, False)
+    ref = _reference(xt.contiguous(), labels, 0.5, False)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-14)
+
+
+def test_the_rule_rejects_a_wrong_result(contrastive_kernels):
+    """The tolerance is tight enough to see a temperature off by 2%."""
+    x, labels = _inputs(33, 65, 4, torch.float32, True)
+    wrong = _fused(contrastive_kernels, x, labels, 0.102, True)
+    eager = _reference(x, labels, 0.1, True)
+    ref = _reference(x.double(), labels, 0.1, True)
+    for what, f, e, r, sc in zip(("loss", "dx"), wrong, eager, ref, (1.0, _grad_scale(x, 0.1, True))):
+        with pytest.raises(AssertionError):
+            _check(f, e, r, torch.float32, what, sc)
