@@ -1,14 +1,18 @@
 // Attention over gathered rows (masked patches, packed sequences) on the CPU,
 // FlashAttention-style: tiles of the rows a sequence reads are loaded into small
 // cache-resident buffers (the gather is the tile load), tile products go through
-// OpenBLAS, and our own epilogue does the online softmax.
+// OpenBLAS, and our own epilogue does the online softmax. Every product is laid out
+// as a plain (NN) row-major product: OpenBLAS' small-matrix kernels take those
+// without packing, and they are what these short sequences need.
 //
-// forward : one task per (sequence, head, query tile); online max / sum-exp over the
-//           key tiles, O = sum_j P_j V_j / l, lse = m + log l.
+// forward : one task per (sequence, head, chunk of query rows); per key tile, K^T and
+//           V are loaded once for the chunk, then per query tile S = Q K^T, online
+//           max / sum-exp, O += P V; at the end O /= l, lse = m + log l.
 // backward: one task per (sequence, head) in a fixed order (FA2 recurrence from the
-//           saved lse and D_i = rowsum(dO_i * O_i)): for each key tile, for each query
-//           tile, P = exp(S - lse), dV += P^T dO, dS = P (dO V^T - D), dK += c dS^T Q,
-//           dQ += c dS K. Every row's gradient is summed in one thread in one order.
+//           saved lse and D_i = rowsum(dO_i * O_i)), computed transposed so that every
+//           product is NN: S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
+//           dS^T = P^T (dP^T - D), dV += P^T dO, dK += c dS^T Q, dQ^T += c K^T dS^T.
+//           Every row's gradient is summed in one thread in one order.
 #include "sslkernels/attention.hpp"
 
 #include <algorithm>
@@ -24,11 +28,13 @@ namespace {
 
 using detail::exp_vec;
 
-// Largest tiles. A forward task covers at most kForwardQueryTile query rows (so short
-// sequences still give every thread work); key tiles and the backward's query tiles
-// go up to kTile, so a ViT-length sequence is one tile: no rescaling, few BLAS calls.
-constexpr int64_t kForwardQueryTile = 64;
-constexpr int64_t kTile = 256;
+// Tile sizes. Query tiles of at most kQueryTile rows keep the products in OpenBLAS'
+// small-matrix range; key tiles go up to kKeyTile, so a ViT-length sequence is one
+// key tile (no rescaling); a forward task covers at most kChunk query rows, so that
+// K^T and V are loaded once for many query tiles yet long sequences still split.
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyTile = 256;
+constexpr int64_t kChunk = 256;
 
 // Tiles of at most `most` rows that cut n rows as evenly as possible (a 137-row
 // sequence becomes 3 x 46, not 64 + 64 + 9). Depends on sizes only.
@@ -119,20 +125,33 @@ constexpr DType acc_dtype() {
   return std::is_same_v<Acc, double> ? DType::Float64 : DType::Float32;
 }
 
-// A tile of `rows` rows (rows r0.. of sequence s on one side, head h) as an Acc matrix
-// with leading dimension *ld. Packed rows already in the accumulator type are used in
-// place (leading dimension: the token stride); anything else is gathered into `buffer`.
+// A tile of `rows` rows (rows r0.. of sequence s on one side, head h) gathered into
+// `buffer` as a contiguous Acc matrix [rows x dh]. Always a copy, even for packed
+// float32 rows: BLAS reading rows H * Dh apart straight from the input is slower
+// than this one streaming pass.
 template <typename Acc>
 const Acc* load_tile(const AttentionOperand& x, DType dtype, const AttentionRows& side, int64_t s,
                      int64_t r0, int64_t rows, int64_t h, int64_t dh, Acc* buffer, int64_t* ld) {
-  if (side.index == nullptr && dtype == acc_dtype<Acc>()) {
-    *ld = x.token_stride;
-    return static_cast<const Acc*>(x.data) + row_offset(x, side, s, r0, h);
-  }
   for (int64_t i = 0; i < rows; ++i)
     load_row<Acc>(x.data, dtype, row_offset(x, side, s, r0 + i, h), dh, buffer + i * dh);
   *ld = dh;
   return buffer;
+}
+
+// Rows r0.. of sequence s (head h) transposed: dst[c * ld + i] = row i, element c.
+template <typename Acc>
+void load_tile_transposed(const AttentionOperand& x, DType dtype, const AttentionRows& side, int64_t s,
+                          int64_t r0, int64_t rows, int64_t h, int64_t dh, Acc* row_buffer, Acc* dst,
+                          int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const Acc* row = row_buffer;
+    if (dtype == acc_dtype<Acc>()) {
+      row = static_cast<const Acc*>(x.data) + row_offset(x, side, s, r0 + i, h);
+    } else {
+      load_row<Acc>(x.data, dtype, row_offset(x, side, s, r0 + i, h), dh, row_buffer);
+    }
+    for (int64_t c = 0; c < dh; ++c) dst[c * ld + i] = row[c];
+  }
 }
 
 template <typename Acc>
@@ -140,6 +159,22 @@ bool tile_finite(const Acc* tile, int64_t ld, int64_t rows, int64_t dh) {
   for (int64_t i = 0; i < rows; ++i)
     if (!all_finite(tile + i * ld, dh)) return false;
   return true;
+}
+
+// Largest of x[0..n): 16 independent lanes, which GCC turns into vector max
+// instructions (a plain max reduction stays scalar without -ffast-math).
+template <typename Acc>
+inline Acc max_of(const Acc* x, int64_t n) {
+  constexpr int kLanes = 16;
+  Acc lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<Acc>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+  for (; j < n; ++j) lane[0] = x[j] > lane[0] ? x[j] : lane[0];
+  Acc mx = lane[0];
+  for (int l = 1; l < kLanes; ++l) mx = lane[l] > mx ? lane[l] : mx;
+  return mx;
 }
 
 // Online-softmax step on a logit tile S [m x n] (already scaled): updates the running
@@ -151,10 +186,7 @@ SSLK_MULTIVERSION void softmax_step(Acc* s, int64_t m, int64_t n, Acc* row_max, 
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   for (int64_t i = 0; i < m; ++i) {
     Acc* si = s + i * n;
-    Acc mx = neg_inf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, si[j]);
-    const Acc new_max = std::max(row_max[i], mx);
+    const Acc new_max = std::max(row_max[i], max_of(si, n));
     Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
@@ -168,19 +200,19 @@ SSLK_MULTIVERSION void softmax_step(Acc* s, int64_t m, int64_t n, Acc* row_max, 
   }
 }
 
-// dS = P * (dP - D) in place of dP, P = exp(S - lse) in place of S.
+// Transposed tiles S^T, dP^T [n x m] (key rows, query columns): P^T = exp(S^T - lse)
+// in place of S^T and dS^T = P^T (dP^T - D) in place of dP^T.
 template <typename Acc>
-SSLK_MULTIVERSION void softmax_grad(Acc* s, Acc* dp, int64_t m, int64_t n, const Acc* lse,
-                                    const Acc* delta) {
-  for (int64_t i = 0; i < m; ++i) {
-    Acc* si = s + i * n;
-    Acc* di = dp + i * n;
-    const Acc l = lse[i], d = delta[i];
+SSLK_MULTIVERSION void softmax_grad_transposed(Acc* st, Acc* dpt, int64_t n, int64_t m,
+                                               const Acc* lse, const Acc* delta) {
+  for (int64_t r = 0; r < n; ++r) {
+    Acc* sr = st + r * m;
+    Acc* dr = dpt + r * m;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const Acc p = exp_vec(si[j] - l);
-      si[j] = p;
-      di[j] = p * (di[j] - d);
+    for (int64_t i = 0; i < m; ++i) {
+      const Acc pr = exp_vec(sr[i] - lse[i]);
+      sr[i] = pr;
+      dr[i] = pr * (dr[i] - delta[i]);
     }
   }
 }
@@ -190,67 +222,97 @@ Acc* lse_at(void* lse, const AttentionProblem& p, int64_t s, int64_t h) {
   return static_cast<Acc*>(lse) + h * p.lse_head_stride + p.lse_base[s];
 }
 
+// Key tile j of sequence s, head h: V row-major (in place when it can be), K^T
+// gathered into `kt` [dh x n]; with `kept_rows` also K row-major.
+template <typename Acc>
+struct KeyTile {
+  int64_t c0 = 0, n = 0, ldk = 0, ldv = 0;
+  const Acc* k = nullptr;
+  const Acc* v = nullptr;
+  Acc* kt = nullptr;
+
+  void load(const AttentionProblem& p, int64_t s, int64_t h, const Tiling& tiling, int64_t j,
+            Acc* kbuf, Acc* vbuf, Acc* ktbuf, Acc* row_buffer, bool row_major_k) {
+    const int64_t dh = p.head_dim, nk = p.key.count[s];
+    c0 = tiling.begin(j);
+    n = tiling.rows(j, nk);
+    v = load_tile<Acc>(p.v, p.dtype, p.key, s, c0, n, h, dh, vbuf, &ldv);
+    if (row_major_k) {
+      k = load_tile<Acc>(p.k, p.dtype, p.key, s, c0, n, h, dh, kbuf, &ldk);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < dh; ++c) ktbuf[c * n + r] = k[r * ldk + c];
+    } else {
+      load_tile_transposed<Acc>(p.k, p.dtype, p.key, s, c0, n, h, dh, row_buffer, ktbuf, n);
+    }
+    kt = ktbuf;
+  }
+};
+
 template <typename Acc>
 Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_threads) {
   const int64_t heads = p.heads, dh = p.head_dim;
   const Acc scale = static_cast<Acc>(p.scale);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
-  // Tasks: (sequence, head, query tile), only the tiles a sequence's own count needs.
+  // Tasks: (sequence, head, chunk of query rows), only the chunks a sequence's own
+  // count needs.
   struct Task {
-    int64_t s, h, t;
+    int64_t s, h, chunk;
   };
   std::vector<Task> tasks;
-  int64_t max_rows = 1, max_keys = 1;
+  int64_t max_chunk = 1, max_keys = 1;
   for (int64_t s = 0; s < p.num_seq; ++s) {
-    const Tiling qt(p.query.count[s], kForwardQueryTile);
-    const Tiling kt(p.key.count[s], kTile);
-    max_rows = std::max(max_rows, qt.size);
-    max_keys = std::max(max_keys, kt.size);
+    const Tiling chunks(p.query.count[s], kChunk);
+    max_chunk = std::max(max_chunk, chunks.size);
+    max_keys = std::max(max_keys, Tiling(p.key.count[s], kKeyTile).size);
     for (int64_t h = 0; h < heads; ++h)
-      for (int64_t t = 0; t < qt.count; ++t) tasks.push_back({s, h, t});
+      for (int64_t c = 0; c < chunks.count; ++c) tasks.push_back({s, h, c});
   }
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   int bad_q = 0, bad_k = 0, bad_v = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : bad_q, bad_k, bad_v)
   {
-    std::vector<Acc> qbuf(max_rows * dh), kbuf(max_keys * dh), vbuf(max_keys * dh);
-    std::vector<Acc> sbuf(max_rows * max_keys), obuf(max_rows * dh);
-    std::vector<Acc> row_max(max_rows), row_sum(max_rows), rescale(max_rows);
+    std::vector<Acc> qbuf(max_chunk * dh), vbuf(max_keys * dh), ktbuf(max_keys * dh), row_buffer(dh);
+    std::vector<Acc> sbuf(kQueryTile * max_keys), obuf(max_chunk * dh);
+    std::vector<Acc> row_max(max_chunk), row_sum(max_chunk), rescale(kQueryTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_tasks; ++task) {
-      const auto [s, h, t] = tasks[task];
+      const auto [s, h, chunk] = tasks[task];
       const int64_t nq = p.query.count[s], nk = p.key.count[s];
-      const Tiling qt(nq, kForwardQueryTile), kt(nk, kTile);
-      const int64_t r0 = qt.begin(t), m = qt.rows(t, nq);
-      Acc* lse_row = lse_at<Acc>(lse, p, s, h) + r0;
+      const Tiling chunks(nq, kChunk), kt(nk, kKeyTile);
+      const int64_t q0 = chunks.begin(chunk), mc = chunks.rows(chunk, nq);
+      const Tiling qt(mc, kQueryTile);
       int64_t ldq;
-      const Acc* q = load_tile<Acc>(p.q, p.dtype, p.query, s, r0, m, h, dh, qbuf.data(), &ldq);
-      if (!tile_finite(q, ldq, m, dh)) bad_q = 1;
-      std::fill(row_max.begin(), row_max.begin() + m, neg_inf);
-      std::fill(row_sum.begin(), row_sum.begin() + m, Acc(0));
-      std::fill(obuf.begin(), obuf.begin() + m * dh, Acc(0));
+      const Acc* q = load_tile<Acc>(p.q, p.dtype, p.query, s, q0, mc, h, dh, qbuf.data(), &ldq);
+      if (!tile_finite(q, ldq, mc, dh)) bad_q = 1;
+      std::fill(row_max.begin(), row_max.begin() + mc, neg_inf);
+      std::fill(row_sum.begin(), row_sum.begin() + mc, Acc(0));
+      std::fill(obuf.begin(), obuf.begin() + mc * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
-        const int64_t c0 = kt.begin(j), n = kt.rows(j, nk);
-        int64_t ldk, ldv;
-        const Acc* k = load_tile<Acc>(p.k, p.dtype, p.key, s, c0, n, h, dh, kbuf.data(), &ldk);
-        const Acc* v = load_tile<Acc>(p.v, p.dtype, p.key, s, c0, n, h, dh, vbuf.data(), &ldv);
-        if (t == 0) {  // every key row of (s, h) passes through tile 0 once
-          if (!tile_finite(k, ldk, n, dh)) bad_k = 1;
-          if (!tile_finite(v, ldv, n, dh)) bad_v = 1;
+        KeyTile<Acc> key;
+        key.load(p, s, h, kt, j, nullptr, vbuf.data(), ktbuf.data(), row_buffer.data(), false);
+        if (chunk == 0) {  // every key row of (s, h) passes through chunk 0 once
+          if (!all_finite(key.kt, key.n * dh)) bad_k = 1;
+          if (!tile_finite(key.v, key.ldv, key.n, dh)) bad_v = 1;
         }
-        Acc* sc = sbuf.data();
-        detail::gemm<Acc>(false, true, m, n, dh, scale, q, ldq, k, ldk, Acc(0), sc, n);
-        softmax_step<Acc>(sc, m, n, row_max.data(), row_sum.data(), rescale.data());
-        if (j > 0)
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t c = 0; c < dh; ++c) obuf[i * dh + c] *= rescale[i];
-        detail::gemm<Acc>(false, false, m, dh, n, Acc(1), sc, n, v, ldv, Acc(1), obuf.data(), dh);
+        const int64_t n = key.n;
+        for (int64_t i = 0; i < qt.count; ++i) {
+          const int64_t r0 = qt.begin(i), m = qt.rows(i, mc);
+          Acc* sc = sbuf.data();
+          Acc* o = obuf.data() + r0 * dh;
+          detail::gemm<Acc>(false, false, m, n, dh, scale, q + r0 * ldq, ldq, key.kt, n, Acc(0), sc, n);
+          softmax_step<Acc>(sc, m, n, row_max.data() + r0, row_sum.data() + r0, rescale.data());
+          if (j > 0)
+            for (int64_t r = 0; r < m; ++r)
+              for (int64_t c = 0; c < dh; ++c) o[r * dh + c] *= rescale[r];
+          detail::gemm<Acc>(false, false, m, dh, n, Acc(1), sc, n, key.v, key.ldv, Acc(1), o, dh);
+        }
       }
-      for (int64_t i = 0; i < m; ++i) {
+      Acc* lse_row = lse_at<Acc>(lse, p, s, h) + q0;
+      for (int64_t i = 0; i < mc; ++i) {
         Acc* o = obuf.data() + i * dh;
         const Acc inv = row_sum[i] > 0 ? Acc(1) / row_sum[i] : Acc(0);  // no keys: zero row
         for (int64_t c = 0; c < dh; ++c) o[c] *= inv;
-        store_row<Acc>(out, p.dtype, ((p.out_base[s] + r0 + i) * heads + h) * dh, dh, o);
+        store_row<Acc>(out, p.dtype, ((p.out_base[s] + q0 + i) * heads + h) * dh, dh, o);
         lse_row[i] = row_sum[i] > 0 ? row_max[i] + std::log(row_sum[i]) : neg_inf;
       }
     }
@@ -267,11 +329,10 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
                      const AttentionOperand& dv, int num_threads) {
   const int64_t heads = p.heads, dh = p.head_dim;
   const Acc scale = static_cast<Acc>(p.scale);
-  int64_t max_rows = 1, max_q_tile = 1, max_keys = 1;
+  int64_t max_rows = 1, max_keys = 1;
   for (int64_t s = 0; s < p.num_seq; ++s) {
     max_rows = std::max(max_rows, p.query.count[s]);
-    max_q_tile = std::max(max_q_tile, Tiling(p.query.count[s], kTile).size);
-    max_keys = std::max(max_keys, Tiling(p.key.count[s], kTile).size);
+    max_keys = std::max(max_keys, Tiling(p.key.count[s], kKeyTile).size);
   }
   const int64_t num_tasks = p.num_seq * heads;
   // Query-side rows of the output (out, grad_out): contiguous [rows, H, Dh].
@@ -279,58 +340,68 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
   const AttentionOperand grad_out_x{grad_out, 0, heads * dh, dh};
 #pragma omp parallel num_threads(num_threads)
   {
-    // Whole-sequence query side (Q, dO, dQ, lse, D); one key tile (K, V, dK, dV).
-    std::vector<Acc> qbuf(max_rows * dh), dobuf(max_rows * dh), dqbuf(max_rows * dh);
-    std::vector<Acc> obuf(dh), lse_buf(max_rows), delta(max_rows);
-    std::vector<Acc> kbuf(max_keys * dh), vbuf(max_keys * dh), dkbuf(max_keys * dh), dvbuf(max_keys * dh);
-    std::vector<Acc> sbuf(max_q_tile * max_keys), dpbuf(max_q_tile * max_keys);
+    // Whole-sequence query side (Q, Q^T, dO, dO^T, dQ^T, lse, D); one key tile
+    // (K, K^T, V, dK, dV); one query tile of S^T and dP^T.
+    std::vector<Acc> qbuf(max_rows * dh), qtbuf(max_rows * dh), dobuf(max_rows * dh);
+    std::vector<Acc> dotbuf(max_rows * dh), dqtbuf(max_rows * dh), row_buffer(dh);
+    std::vector<Acc> lse_buf(max_rows), delta(max_rows);
+    std::vector<Acc> kbuf(max_keys * dh), ktbuf(max_keys * dh), vbuf(max_keys * dh);
+    std::vector<Acc> dkbuf(max_keys * dh), dvbuf(max_keys * dh);
+    std::vector<Acc> stbuf(max_keys * kQueryTile), dptbuf(max_keys * kQueryTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_tasks; ++task) {
       const int64_t s = task / heads, h = task % heads;
       const int64_t nq = p.query.count[s], nk = p.key.count[s];
       if (nq == 0 || nk == 0) continue;  // the caller's zeros are the gradient
-      const Tiling qt(nq, kTile), kt(nk, kTile);
+      const Tiling qt(nq, kQueryTile), kt(nk, kKeyTile);
       int64_t ldq, lddo;
       const Acc* q = load_tile<Acc>(p.q, p.dtype, p.query, s, 0, nq, h, dh, qbuf.data(), &ldq);
       const Acc* d_o = load_tile<Acc>(grad_out_x, p.dtype, out_rows, s, 0, nq, h, dh, dobuf.data(), &lddo);
+      Acc* qt_all = qtbuf.data();
+      Acc* dot_all = dotbuf.data();
+      Acc* dqt = dqtbuf.data();
       const Acc* saved_lse = lse_at<Acc>(const_cast<void*>(lse), p, s, h);
       for (int64_t i = 0; i < nq; ++i) {
-        load_row<Acc>(out, p.dtype, ((p.out_base[s] + i) * heads + h) * dh, dh, obuf.data());
+        const Acc* qi = q + i * ldq;
         const Acc* g = d_o + i * lddo;
+        load_row<Acc>(out, p.dtype, ((p.out_base[s] + i) * heads + h) * dh, dh, row_buffer.data());
         Acc acc = 0;
-        for (int64_t c = 0; c < dh; ++c) acc += g[c] * obuf[c];
+        for (int64_t c = 0; c < dh; ++c) {
+          acc += g[c] * row_buffer[c];
+          qt_all[c * nq + i] = qi[c];
+          dot_all[c * nq + i] = g[c];
+        }
         delta[i] = acc;
         lse_buf[i] = saved_lse[i];
       }
-      std::fill(dqbuf.begin(), dqbuf.begin() + nq * dh, Acc(0));
+      std::fill(dqt, dqt + nq * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
-        const int64_t c0 = kt.begin(j), n = kt.rows(j, nk);
-        int64_t ldk, ldv;
-        const Acc* k = load_tile<Acc>(p.k, p.dtype, p.key, s, c0, n, h, dh, kbuf.data(), &ldk);
-        const Acc* v = load_tile<Acc>(p.v, p.dtype, p.key, s, c0, n, h, dh, vbuf.data(), &ldv);
+        KeyTile<Acc> key;
+        key.load(p, s, h, kt, j, kbuf.data(), vbuf.data(), ktbuf.data(), row_buffer.data(), true);
+        const int64_t n = key.n;
         Acc* dkt = dkbuf.data();
         Acc* dvt = dvbuf.data();
         for (int64_t i = 0; i < qt.count; ++i) {
           const int64_t r0 = qt.begin(i), m = qt.rows(i, nq);
-          const Acc* qi = q + r0 * ldq;
-          const Acc* doi = d_o + r0 * lddo;
-          Acc* sc = sbuf.data();
-          Acc* dps = dpbuf.data();
+          Acc* st = stbuf.data();
+          Acc* dpt = dptbuf.data();
           const Acc first = i == 0 ? Acc(0) : Acc(1);  // beta: the first q tile overwrites
-          detail::gemm<Acc>(false, true, m, n, dh, scale, qi, ldq, k, ldk, Acc(0), sc, n);
-          detail::gemm<Acc>(false, true, m, n, dh, Acc(1), doi, lddo, v, ldv, Acc(0), dps, n);
-          softmax_grad<Acc>(sc, dps, m, n, lse_buf.data() + r0, delta.data() + r0);
-          detail::gemm<Acc>(true, false, n, dh, m, Acc(1), sc, n, doi, lddo, first, dvt, dh);
-          detail::gemm<Acc>(true, false, n, dh, m, scale, dps, n, qi, ldq, first, dkt, dh);
-          detail::gemm<Acc>(false, false, m, dh, n, scale, dps, n, k, ldk, Acc(1), dqbuf.data() + r0 * dh, dh);
+          detail::gemm<Acc>(false, false, n, m, dh, scale, key.k, key.ldk, qt_all + r0, nq, Acc(0), st, m);
+          detail::gemm<Acc>(false, false, n, m, dh, Acc(1), key.v, key.ldv, dot_all + r0, nq, Acc(0), dpt, m);
+          softmax_grad_transposed<Acc>(st, dpt, n, m, lse_buf.data() + r0, delta.data() + r0);
+          detail::gemm<Acc>(false, false, n, dh, m, Acc(1), st, m, d_o + r0 * lddo, lddo, first, dvt, dh);
+          detail::gemm<Acc>(false, false, n, dh, m, scale, dpt, m, q + r0 * ldq, ldq, first, dkt, dh);
+          detail::gemm<Acc>(false, false, dh, m, n, scale, key.kt, n, dpt, m, Acc(1), dqt + r0, nq);
         }
         for (int64_t r = 0; r < n; ++r) {
-          store_row<Acc>(mutable_data(dk), p.dtype, row_offset(dk, p.key, s, c0 + r, h), dh, dkt + r * dh);
-          store_row<Acc>(mutable_data(dv), p.dtype, row_offset(dv, p.key, s, c0 + r, h), dh, dvt + r * dh);
+          store_row<Acc>(mutable_data(dk), p.dtype, row_offset(dk, p.key, s, key.c0 + r, h), dh, dkt + r * dh);
+          store_row<Acc>(mutable_data(dv), p.dtype, row_offset(dv, p.key, s, key.c0 + r, h), dh, dvt + r * dh);
         }
       }
-      for (int64_t i = 0; i < nq; ++i)
-        store_row<Acc>(mutable_data(dq), p.dtype, row_offset(dq, p.query, s, i, h), dh, dqbuf.data() + i * dh);
+      for (int64_t i = 0; i < nq; ++i) {
+        for (int64_t c = 0; c < dh; ++c) row_buffer[c] = dqt[c * nq + i];
+        store_row<Acc>(mutable_data(dq), p.dtype, row_offset(dq, p.query, s, i, h), dh, row_buffer.data());
+      }
     }
   }
   return Status::Ok;

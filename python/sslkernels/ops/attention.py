@@ -119,10 +119,10 @@ def _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale, check: bool) -> _Pro
     )
 
 
-def _masked_grads_like(q: Tensor, k: Tensor, v: Tensor):
-    # Zeros: positions no row reads keep a zero gradient.
-    return (torch.zeros(q.shape, dtype=q.dtype), torch.zeros(k.shape, dtype=k.dtype),
-            torch.zeros(v.shape, dtype=v.dtype))
+def _grads_like(q: Tensor, k: Tensor, v: Tensor, alloc=torch.empty):
+    """Contiguous gradient buffers shaped like q, k, v (the fake kernels' answer too).
+    Masked attention asks for zeros: positions no row reads keep a zero gradient."""
+    return tuple(alloc(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
 # ---------------------------------------------------------------- masked-patch attention
@@ -180,13 +180,13 @@ def masked_patch_attention_backward(
 
 @masked_patch_attention_backward.register_fake
 def _(grad_out, q, k, v, index, kv_index, out, lse, scale):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    return _grads_like(q, k, v)
 
 
 @masked_patch_attention_backward.register_kernel("cpu")
 def _(grad_out, q, k, v, index, kv_index, out, lse, scale):
     problem = _masked_problem(q, k, v, index, kv_index, scale, check=False)
-    dq, dk, dv = _masked_grads_like(q, k, v)
+    dq, dk, dv = _grads_like(q, k, v, alloc=torch.zeros)
     problem.backward(grad_out.contiguous(), out.contiguous(), lse.contiguous(), dq, dk, dv,
                      "masked_patch_attention backward")
     return dq, dk, dv
@@ -249,14 +249,14 @@ def varlen_attention_backward(
 
 @varlen_attention_backward.register_fake
 def _(grad_out, q, k, v, cu_seqlens, max_seqlen, out, lse, scale):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    return _grads_like(q, k, v)
 
 
 @varlen_attention_backward.register_kernel("cpu")
 def _(grad_out, q, k, v, cu_seqlens, max_seqlen, out, lse, scale):
     problem = _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale, check=False)
     # Every token is read by its sequence, so every gradient row is written.
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
+    dq, dk, dv = _grads_like(q, k, v)
     problem.backward(grad_out.contiguous(), out.contiguous(), lse.contiguous(), dq, dk, dv,
                      "varlen_attention backward")
     return dq, dk, dv
