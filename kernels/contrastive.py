@@ -87,6 +87,24 @@ _BWD_FAMILIES = {
     "mmawide": [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2)],
     "fma": [_cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 4, 2)],
 }
+# The generic row-block kernels (SupCon, InfoNCE) carry more live state than NT-Xent's
+# (labels, two softmax terms, the expectation), and fp32 products default to tf32x3,
+# whose split operands need ~2x the shared memory: their first config per family is one
+# that fits sm_90's 227 KiB for every dtype of the family (fp32 included: ptxas-checked
+# with benchmarks/gpu_contrastive.py --compile-only); the second, tried when autotuning,
+# is the larger tile that bf16 / fp16 can afford.
+_LSE_FWD_FAMILIES = {
+    "mma128": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
+    "mma256": [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 3)],
+    "mmawide": _FWD_FAMILIES["mmawide"],
+    "fma": _FWD_FAMILIES["fma"],
+}
+_LSE_BWD_FAMILIES = {
+    "mma128": [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2)],
+    "mma256": [_cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2)],
+    "mmawide": _BWD_FAMILIES["mmawide"],
+    "fma": _BWD_FAMILIES["fma"],
+}
 _INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
 
 
@@ -504,9 +522,9 @@ def _value_tile(kt, a_ptr, x_ptr, stride_a, stride_x, col0, lcols, col_ok, dcols
     return vt
 
 
-@triton.autotune(configs=_all_configs(_FWD_FAMILIES),
+@triton.autotune(configs=_all_configs(_LSE_FWD_FAMILIES),
                  key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "LABELS"],
-                 prune_configs_by={"early_config_prune": _pruner(_FWD_FAMILIES, 2)})
+                 prune_configs_by={"early_config_prune": _pruner(_LSE_FWD_FAMILIES, 2)})
 @triton.jit(do_not_specialize=["NA", "NB", "NC", "TUNE_M"])
 def _lse_fwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, par_ptr,
@@ -573,10 +591,10 @@ def _lse_fwd_kernel(
     tl.store(term_ptr + rows, term, mask=row_ok)
 
 
-@triton.autotune(configs=_all_configs(_BWD_FAMILIES),
+@triton.autotune(configs=_all_configs(_LSE_BWD_FAMILIES),
                  key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "LABELS", "ROW_TERM",
                       "COL_TERM"],
-                 prune_configs_by={"early_config_prune": _pruner(_BWD_FAMILIES, 2)})
+                 prune_configs_by={"early_config_prune": _pruner(_LSE_BWD_FAMILIES, 2)})
 @triton.jit(do_not_specialize=["NA", "NB", "NC", "TUNE_M"])
 def _lse_bwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, cnt_ptr, par_ptr,
@@ -893,6 +911,18 @@ def _params(t64, denom, acc_dtype):
     return torch.stack([_LOG2E / t64, 1.0 / (t64 * denom)]).to(acc_dtype)
 
 
+def _fwd_flags(b_mode: int, has_c: bool, labels: bool) -> dict:
+    """The mode constexprs of one _lse_fwd_kernel launch (also used by --compile-only)."""
+    return dict(B_MODE=b_mode, HAS_C=bool(has_c), LABELS=bool(labels))
+
+
+def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term: bool, diag_w: float,
+               expect: bool) -> dict:
+    """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only)."""
+    return dict(_fwd_flags(b_mode, has_c, labels), ROW_TERM=bool(row_term), COL_TERM=bool(col_term),
+                DIAG_W=float(diag_w), EXPECT=bool(expect))
+
+
 def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize):
     """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c."""
     na_rows, d = a.shape
@@ -909,7 +939,7 @@ def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normal
         na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
         labels if labels is not None else dummy, par, lse, term, cnt if cnt is not None else dummy,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, d,
-        _tune_m(na_rows), B_MODE=b_mode, HAS_C=c is not None, LABELS=labels is not None, **meta,
+        _tune_m(na_rows), **_fwd_flags(b_mode, c is not None, labels is not None), **meta,
     )
 
 
@@ -936,8 +966,8 @@ def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tte
         lse_r if lse_r is not None else dummy, lse_c if lse_c is not None else dummy, out, scratch,
         tterm if tterm is not None else dummy,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, d, _tune_m(na_rows),
-        B_MODE=b_mode, HAS_C=c is not None, LABELS=labels is not None, ROW_TERM=bool(row_term),
-        COL_TERM=bool(col_term), DIAG_W=float(diag_w), EXPECT=tterm is not None, **meta,
+        **_bwd_flags(b_mode, c is not None, labels is not None, row_term, col_term, diag_w, tterm is not None),
+        **meta,
     )
     if not fused_out:
         _single_norm_bwd(scratch, a, na, out)
