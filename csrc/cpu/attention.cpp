@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -120,6 +121,10 @@ void store_row(void* base, DType dtype, int64_t at, int64_t dh, const Acc* src) 
 // Gradient operands are outputs: the caller hands over writable memory.
 inline void* mutable_data(const AttentionOperand& x) { return const_cast<void*>(x.data); }
 
+inline int64_t element_size(DType dtype) {
+  return dtype == DType::Float64 ? 8 : (dtype == DType::Float32 ? 4 : 2);
+}
+
 template <typename Acc>
 constexpr DType acc_dtype() {
   return std::is_same_v<Acc, double> ? DType::Float64 : DType::Float32;
@@ -132,25 +137,55 @@ constexpr DType acc_dtype() {
 template <typename Acc>
 const Acc* load_tile(const AttentionOperand& x, DType dtype, const AttentionRows& side, int64_t s,
                      int64_t r0, int64_t rows, int64_t h, int64_t dh, Acc* buffer, int64_t* ld) {
-  for (int64_t i = 0; i < rows; ++i)
+  // Rows sit H * Dh elements apart (or anywhere, by index): no hardware prefetcher
+  // guesses that, so fetch a few rows ahead ourselves.
+  constexpr int64_t kAhead = 4;
+  const int64_t size = element_size(dtype), bytes = dh * size;
+  const char* base = static_cast<const char*>(x.data);
+  // The first head also pulls every head's part of the rows towards L2 (when a token's
+  // heads are contiguous), so the tasks of the next heads find them there.
+  const int64_t all_heads = (h == 0 && x.head_stride == dh) ? x.token_stride * size : 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (i + kAhead < rows) {
+      const char* next = base + row_offset(x, side, s, r0 + i + kAhead, h) * size;
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
+      for (int64_t b = bytes; b < all_heads; b += 64) __builtin_prefetch(next + b, 0, 2);
+    }
     load_row<Acc>(x.data, dtype, row_offset(x, side, s, r0 + i, h), dh, buffer + i * dh);
+  }
   *ld = dh;
   return buffer;
 }
 
-// Rows r0.. of sequence s (head h) transposed: dst[c * ld + i] = row i, element c.
+// dst[c * ld + r] = src[r * cols + c] for a contiguous src [rows x cols], in 16 x 16
+// blocks so that both sides stay in L1.
 template <typename Acc>
-void load_tile_transposed(const AttentionOperand& x, DType dtype, const AttentionRows& side, int64_t s,
-                          int64_t r0, int64_t rows, int64_t h, int64_t dh, Acc* row_buffer, Acc* dst,
-                          int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const Acc* row = row_buffer;
-    if (dtype == acc_dtype<Acc>()) {
-      row = static_cast<const Acc*>(x.data) + row_offset(x, side, s, r0 + i, h);
-    } else {
-      load_row<Acc>(x.data, dtype, row_offset(x, side, s, r0 + i, h), dh, row_buffer);
+void transpose(const Acc* src, int64_t rows, int64_t cols, Acc* dst, int64_t ld) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t c1 = std::min(cols, c0 + kBlock);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = src[r * cols + c];
     }
-    for (int64_t c = 0; c < dh; ++c) dst[c * ld + i] = row[c];
+  }
+}
+
+// Rows r0.. of sequence s (head h) of a contiguous Acc tile [rows x dh] stored into x,
+// a few rows' cache lines claimed ahead (the same scattered pattern as load_tile).
+template <typename Acc>
+void store_tile(const AttentionOperand& x, DType dtype, const AttentionRows& side, int64_t s, int64_t r0,
+                int64_t rows, int64_t h, int64_t dh, const Acc* tile) {
+  constexpr int64_t kAhead = 4;
+  const int64_t size = element_size(dtype), bytes = dh * size;
+  char* base = static_cast<char*>(mutable_data(x));
+  for (int64_t i = 0; i < rows; ++i) {
+    if (i + kAhead < rows) {
+      char* next = base + row_offset(x, side, s, r0 + i + kAhead, h) * size;
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b, 1);
+    }
+    store_row<Acc>(mutable_data(x), dtype, row_offset(x, side, s, r0 + i, h), dh, tile + i * dh);
   }
 }
 
@@ -161,19 +196,24 @@ bool tile_finite(const Acc* tile, int64_t ld, int64_t rows, int64_t dh) {
   return true;
 }
 
-// Largest of x[0..n): 16 independent lanes, which GCC turns into vector max
-// instructions (a plain max reduction stays scalar without -ffast-math).
+// Largest of x[0..n), on 64-byte GCC vectors (a max reduction written as a loop stays
+// scalar without -ffast-math); each multiversioned caller lowers them to its ISA.
 template <typename Acc>
 inline Acc max_of(const Acc* x, int64_t n) {
-  constexpr int kLanes = 16;
-  Acc lane[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<Acc>::infinity();
+  constexpr int64_t kLanes = 64 / sizeof(Acc);
+  typedef Acc Vec __attribute__((vector_size(64)));
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  Vec lanes;
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = neg_inf;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
-  for (; j < n; ++j) lane[0] = x[j] > lane[0] ? x[j] : lane[0];
-  Acc mx = lane[0];
-  for (int l = 1; l < kLanes; ++l) mx = lane[l] > mx ? lane[l] : mx;
+  for (; j + kLanes <= n; j += kLanes) {
+    Vec v;
+    std::memcpy(&v, x + j, sizeof v);
+    lanes = v > lanes ? v : lanes;
+  }
+  Acc mx = neg_inf;
+  for (int64_t l = 0; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+  for (; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
   return mx;
 }
 
@@ -194,7 +234,7 @@ SSLK_MULTIVERSION void softmax_step(Acc* s, int64_t m, int64_t n, Acc* row_max, 
       si[j] = e;
       sum += e;
     }
-    rescale[i] = exp_vec(row_max[i] - new_max);  // 0 on the first tile (-inf - finite)
+    rescale[i] = row_max[i] == neg_inf ? Acc(0) : exp_vec(row_max[i] - new_max);  // first tile: 0
     row_sum[i] = row_sum[i] * rescale[i] + sum;
     row_max[i] = new_max;
   }
@@ -222,8 +262,7 @@ Acc* lse_at(void* lse, const AttentionProblem& p, int64_t s, int64_t h) {
   return static_cast<Acc*>(lse) + h * p.lse_head_stride + p.lse_base[s];
 }
 
-// Key tile j of sequence s, head h: V row-major (in place when it can be), K^T
-// gathered into `kt` [dh x n]; with `kept_rows` also K row-major.
+// Key tile j of sequence s, head h: K and V gathered row-major, K^T [dh x n] beside.
 template <typename Acc>
 struct KeyTile {
   int64_t c0 = 0, n = 0, ldk = 0, ldv = 0;
@@ -232,18 +271,13 @@ struct KeyTile {
   Acc* kt = nullptr;
 
   void load(const AttentionProblem& p, int64_t s, int64_t h, const Tiling& tiling, int64_t j,
-            Acc* kbuf, Acc* vbuf, Acc* ktbuf, Acc* row_buffer, bool row_major_k) {
+            Acc* kbuf, Acc* vbuf, Acc* ktbuf) {
     const int64_t dh = p.head_dim, nk = p.key.count[s];
     c0 = tiling.begin(j);
     n = tiling.rows(j, nk);
+    k = load_tile<Acc>(p.k, p.dtype, p.key, s, c0, n, h, dh, kbuf, &ldk);
     v = load_tile<Acc>(p.v, p.dtype, p.key, s, c0, n, h, dh, vbuf, &ldv);
-    if (row_major_k) {
-      k = load_tile<Acc>(p.k, p.dtype, p.key, s, c0, n, h, dh, kbuf, &ldk);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < dh; ++c) ktbuf[c * n + r] = k[r * ldk + c];
-    } else {
-      load_tile_transposed<Acc>(p.k, p.dtype, p.key, s, c0, n, h, dh, row_buffer, ktbuf, n);
-    }
+    transpose(k, n, dh, ktbuf, n);
     kt = ktbuf;
   }
 };
@@ -268,10 +302,12 @@ Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_thr
       for (int64_t c = 0; c < chunks.count; ++c) tasks.push_back({s, h, c});
   }
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const AttentionRows out_rows{p.out_base, p.query.count, nullptr, 0};
+  const AttentionOperand out_x{out, 0, heads * dh, dh};
   int bad_q = 0, bad_k = 0, bad_v = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : bad_q, bad_k, bad_v)
   {
-    std::vector<Acc> qbuf(max_chunk * dh), vbuf(max_keys * dh), ktbuf(max_keys * dh), row_buffer(dh);
+    std::vector<Acc> qbuf(max_chunk * dh), kbuf(max_keys * dh), vbuf(max_keys * dh), ktbuf(max_keys * dh);
     std::vector<Acc> sbuf(kQueryTile * max_keys), obuf(max_chunk * dh);
     std::vector<Acc> row_max(max_chunk), row_sum(max_chunk), rescale(kQueryTile);
 #pragma omp for schedule(dynamic, 1)
@@ -289,9 +325,9 @@ Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_thr
       std::fill(obuf.begin(), obuf.begin() + mc * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
         KeyTile<Acc> key;
-        key.load(p, s, h, kt, j, nullptr, vbuf.data(), ktbuf.data(), row_buffer.data(), false);
+        key.load(p, s, h, kt, j, kbuf.data(), vbuf.data(), ktbuf.data());
         if (chunk == 0) {  // every key row of (s, h) passes through chunk 0 once
-          if (!all_finite(key.kt, key.n * dh)) bad_k = 1;
+          if (!all_finite(key.k, key.n * dh)) bad_k = 1;
           if (!tile_finite(key.v, key.ldv, key.n, dh)) bad_v = 1;
         }
         const int64_t n = key.n;
@@ -312,9 +348,9 @@ Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_thr
         Acc* o = obuf.data() + i * dh;
         const Acc inv = row_sum[i] > 0 ? Acc(1) / row_sum[i] : Acc(0);  // no keys: zero row
         for (int64_t c = 0; c < dh; ++c) o[c] *= inv;
-        store_row<Acc>(out, p.dtype, ((p.out_base[s] + q0 + i) * heads + h) * dh, dh, o);
         lse_row[i] = row_sum[i] > 0 ? row_max[i] + std::log(row_sum[i]) : neg_inf;
       }
+      store_tile<Acc>(out_x, p.dtype, out_rows, s, q0, mc, h, dh, obuf.data());
     }
   }
   if (bad_q) return Status::NonFiniteFirstInput;
@@ -338,12 +374,13 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
   // Query-side rows of the output (out, grad_out): contiguous [rows, H, Dh].
   const AttentionRows out_rows{p.out_base, p.query.count, nullptr, 0};
   const AttentionOperand grad_out_x{grad_out, 0, heads * dh, dh};
+  const AttentionOperand out_x{out, 0, heads * dh, dh};
 #pragma omp parallel num_threads(num_threads)
   {
     // Whole-sequence query side (Q, Q^T, dO, dO^T, dQ^T, lse, D); one key tile
     // (K, K^T, V, dK, dV); one query tile of S^T and dP^T.
     std::vector<Acc> qbuf(max_rows * dh), qtbuf(max_rows * dh), dobuf(max_rows * dh);
-    std::vector<Acc> dotbuf(max_rows * dh), dqtbuf(max_rows * dh), row_buffer(dh);
+    std::vector<Acc> dotbuf(max_rows * dh), dqtbuf(max_rows * dh);
     std::vector<Acc> lse_buf(max_rows), delta(max_rows);
     std::vector<Acc> kbuf(max_keys * dh), ktbuf(max_keys * dh), vbuf(max_keys * dh);
     std::vector<Acc> dkbuf(max_keys * dh), dvbuf(max_keys * dh);
@@ -361,23 +398,22 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
       Acc* dot_all = dotbuf.data();
       Acc* dqt = dqtbuf.data();
       const Acc* saved_lse = lse_at<Acc>(const_cast<void*>(lse), p, s, h);
+      transpose(q, nq, dh, qt_all, nq);
+      transpose(d_o, nq, dh, dot_all, nq);
+      int64_t ldo;
+      const Acc* o = load_tile<Acc>(out_x, p.dtype, out_rows, s, 0, nq, h, dh, dqt, &ldo);  // dQ^T's buffer, free until now
       for (int64_t i = 0; i < nq; ++i) {
-        const Acc* qi = q + i * ldq;
         const Acc* g = d_o + i * lddo;
-        load_row<Acc>(out, p.dtype, ((p.out_base[s] + i) * heads + h) * dh, dh, row_buffer.data());
+        const Acc* oi = o + i * ldo;
         Acc acc = 0;
-        for (int64_t c = 0; c < dh; ++c) {
-          acc += g[c] * row_buffer[c];
-          qt_all[c * nq + i] = qi[c];
-          dot_all[c * nq + i] = g[c];
-        }
+        for (int64_t c = 0; c < dh; ++c) acc += g[c] * oi[c];
         delta[i] = acc;
         lse_buf[i] = saved_lse[i];
       }
       std::fill(dqt, dqt + nq * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
         KeyTile<Acc> key;
-        key.load(p, s, h, kt, j, kbuf.data(), vbuf.data(), ktbuf.data(), row_buffer.data(), true);
+        key.load(p, s, h, kt, j, kbuf.data(), vbuf.data(), ktbuf.data());
         const int64_t n = key.n;
         Acc* dkt = dkbuf.data();
         Acc* dvt = dvbuf.data();
@@ -393,15 +429,11 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
           detail::gemm<Acc>(false, false, n, dh, m, scale, dpt, m, q + r0 * ldq, ldq, first, dkt, dh);
           detail::gemm<Acc>(false, false, dh, m, n, scale, key.kt, n, dpt, m, Acc(1), dqt + r0, nq);
         }
-        for (int64_t r = 0; r < n; ++r) {
-          store_row<Acc>(mutable_data(dk), p.dtype, row_offset(dk, p.key, s, key.c0 + r, h), dh, dkt + r * dh);
-          store_row<Acc>(mutable_data(dv), p.dtype, row_offset(dv, p.key, s, key.c0 + r, h), dh, dvt + r * dh);
-        }
+        store_tile<Acc>(dk, p.dtype, p.key, s, key.c0, n, h, dh, dkt);
+        store_tile<Acc>(dv, p.dtype, p.key, s, key.c0, n, h, dh, dvt);
       }
-      for (int64_t i = 0; i < nq; ++i) {
-        for (int64_t c = 0; c < dh; ++c) row_buffer[c] = dqt[c * nq + i];
-        store_row<Acc>(mutable_data(dq), p.dtype, row_offset(dq, p.query, s, i, h), dh, row_buffer.data());
-      }
+      transpose(dqt, dh, nq, qbuf.data(), dh);  // Q is no longer needed: its buffer takes dQ
+      store_tile<Acc>(dq, p.dtype, p.query, s, 0, nq, h, dh, qbuf.data());
     }
   }
   return Status::Ok;
