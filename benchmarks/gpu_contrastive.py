@@ -14,7 +14,8 @@
 2. Timings with `triton.testing.do_bench` against the eager references, fwd and fwd+bwd,
    bf16 and fp32, and peak memory above the inputs (torch.cuda.max_memory_allocated):
    sup_con N=8192 D=128 C=100; info_nce N=8192 D=256 K=16384 (MoCo queue, detached);
-   CLIP symmetric N=8192 D=256 (no queue, learnable temperature).
+   CLIP symmetric N=8192 D=256 (no queue, learnable temperature). Per-query hard
+   negatives [N, M, D] are checked, not timed.
 
 Correctness runs on single launch configs (autotuning off: each op compiles several
 kernel variants per dtype, ~1 s each); timings autotune. Rows are keyed (op, N, D, dtype)
@@ -40,6 +41,8 @@ CHECKS = [
     ("moco odd", "info_nce", 257, 130, 300, ["fp32", "bf16"], {"in_batch": False, "queue_grad": True}),
     ("clip+queue raw", "info_nce", 257, 130, 300, ["fp32"], {"symmetric": True, "normalize": False,
                                                             "queue_grad": True}),
+    # per-query hard negatives [N, M, D] (here M = 7)
+    ("hard negatives", "info_nce", 257, 130, 7, ["fp32", "bf16"], {"per_query": True, "queue_grad": True}),
 ]
 # (op label, kind, N, D, classes or K, options)
 TIMINGS = [
@@ -48,6 +51,7 @@ TIMINGS = [
     ("clip symmetric", "info_nce", 8192, 256, 0, {"symmetric": True}),
 ]
 TIME_DTYPES = ["fp32", "bf16"]
+CHECK_WIDTH = 1  # configs compiled per kernel variant of a check (--compile-only); timings autotune over 2
 SUP_CON_T = 0.1
 INFO_NCE_T = 0.07
 DEVICE = "cuda"  # the checks' logic runs on "cpu" too (then through the C++ ops), for a dry test
@@ -82,7 +86,8 @@ def _inputs(kind, n, d, extra, dtype, opts, seed=0):
         return (x * scale).to(dtype), labels
     q = torch.randn(n, d, generator=g, device=DEVICE)
     k = q + 0.8 * torch.randn(n, d, generator=g, device=DEVICE)
-    neg = torch.randn(extra, d, generator=g, device=DEVICE) * scale if extra else None
+    shape = (n, extra, d) if opts.get("per_query") else (extra, d)
+    neg = torch.randn(*shape, generator=g, device=DEVICE) * scale if extra else None
     return (q * scale).to(dtype), (k * scale).to(dtype), None if neg is None else neg.to(dtype)
 
 
@@ -285,14 +290,16 @@ def _launch_plan(kind, d, dtype, opts):
         return [("fwd", K._fwd_flags(1, False, True), "i64", None),
                 ("bwd", K._bwd_flags(1, False, True, True, True, 0.0, False), "i64", "i32")]
     sym, ib, has_c = opts.get("symmetric", False), opts.get("in_batch", True), opts.get("K", 0) > 0
+    per_q = has_c and opts.get("per_query", False)
     b_mode, dirs = (1 if ib else 2), (2 if sym else 1)
-    out = [("fwd", K._fwd_flags(b_mode, has_c, False), None, None)]
+    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q), None, None)]
     if sym:
         out.append(("fwd", K._fwd_flags(1, False, False), None, None))
-    out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True), None, None))
+    out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True, per_q), None, None))
     out.append(("bwd", K._bwd_flags(b_mode, False, False, sym, True, dirs, sym), None, None))
     if has_c and opts.get("queue_grad", False):
-        out.append(("bwd", K._bwd_flags(1, False, False, False, True, 0.0, False), None, None))
+        out.append(("pq_bwd", {}, None, None) if per_q else
+                   ("bwd", K._bwd_flags(1, False, False, False, True, 0.0, False), None, None))
     return out
 
 
@@ -313,7 +320,8 @@ def compile_contrastive(build):
     calls = set()
     for _, kind, n, d, extra, dts, opts in CHECKS:
         for dt in dts:
-            calls.add((kind, d, dt, tuple(sorted({**opts, "K": extra if kind == "info_nce" else 0}.items())), 1))
+            calls.add((kind, d, dt, tuple(sorted({**opts, "K": extra if kind == "info_nce" else 0}.items())),
+                       CHECK_WIDTH))
     for _, kind, n, d, extra, opts in TIMINGS:
         for dt in TIME_DTYPES:
             calls.add((kind, d, dt, tuple(sorted({**opts, "K": extra if kind == "info_nce" else 0,
@@ -338,7 +346,21 @@ def compile_contrastive(build):
         common = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "c_ptr": f"*{ty}", "stride_a": "i32", "stride_b": "i32",
                   "stride_c": "i32", "na_ptr": f"*{acc}", "nb_ptr": f"*{acc}", "nc_ptr": f"*{acc}",
                   "lab_ptr": f"*{lab_ty or acc}"}
-        sizes = {"NA": "i32", "NB": "i32", "NC": "i32", "D": "i32", "TUNE_M": "i32"}
+        sizes = {"NA": "i32", "NB": "i32", "NC": "i32", "M": "i32", "D": "i32", "TUNE_M": "i32"}
+        if which == "pq_bwd":  # per-query negatives' gradient: element-wise, one launch shape
+            br, bd = K._small_blocks(d)
+            sig = {"q_ptr": f"*{ty}", "c_ptr": f"*{ty}", "stride_q": "i32", "stride_c": "i32", "nq_ptr": f"*{acc}",
+                   "nc_ptr": f"*{acc}", "par_ptr": f"*{acc}", "g_ptr": f"*{ty}", "lse_ptr": f"*{acc}",
+                   "out_ptr": f"*{ty}", "N": "i32", "M": "i32", "D": "i32"}
+            host.DIV16.update({"stride_q": d % 16 == 0, "stride_c": d % 16 == 0})
+            consts = {"NORMALIZE": normalize, "ACC": bmeta["ACC"], "EPS": K._EPS, "BLOCK_R": br, "BLOCK_D": bd}
+            tag = f"per_query_neg_bwd D={d} {dt}"
+            try:
+                build(K._per_query_neg_bwd_kernel, sig, consts, K.triton.Config({}, num_warps=4, num_stages=2), tag)
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                print(f"  {tag}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
+            continue
         if which == "fwd":
             kernel, families, meta = K._lse_fwd_kernel, K._LSE_FWD_FAMILIES, fmeta
             sig = dict(common, par_ptr=f"*{acc}", lse_ptr=f"*{acc}", term_ptr=f"*{acc}", cnt_ptr=f"*{acc}", **sizes)
@@ -349,7 +371,7 @@ def compile_contrastive(build):
                        tterm_ptr=f"*{acc}", **sizes)
         consts = {**dict(flags), **meta}
         print(f"{which} D={d} {dt} normalize={normalize} {prec}: family {family}, {dict(flags)}")
-        for cfg in families[family][:width]:
+        for cfg in K._family_configs(families, d, dtype, prec)[:width]:
             tag = f"lse_{which} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
             try:
                 build(kernel, sig, consts, cfg, tag)

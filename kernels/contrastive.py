@@ -1,4 +1,5 @@
-"""Triton kernels for the contrastive losses (the CUDA path of `sslkernels::nt_xent_*`).
+"""Triton kernels for the contrastive losses (the CUDA path of `sslkernels::nt_xent_*`,
+`sup_con_*` and `info_nce_*`).
 
 NT-Xent over the M = 2N rows of Z = cat(z1, z2), never materialising anything of
 size M x M, forward or backward. Rows are read from z1 / z2 in place (a program's
@@ -26,6 +27,22 @@ two launchers at the bottom are what `python/sslkernels/ops/contrastive.py` call
   dtype; otherwise dZhat goes to an fp32 [M, D] scratch and
 * ``_norm_bwd_kernel``    applies dx = (dZhat - zhat (zhat . dZhat)) / ||x||, O(M D).
 
+SupCon and InfoNCE / CLIP share NT-Xent's jitted helpers (tile pointers, hoisted row
+tile, logit tile, online LSE, row-wise positive dot, second product, normalisation
+epilogue) in two generic kernels (see "generic row-block passes" below):
+
+* ``_lse_fwd_kernel``  a program owns BLOCK_M rows of A and sweeps the candidates (the
+  in-batch rows of B, a shared queue C, or per-query negatives) with an online LSE;
+  SupCon also sums the logits of its positives (labels compared in-tile) and counts
+  them. Writes lse and a per-row loss term, reduced by torch on the device (no sync).
+* ``_lse_bwd_kernel``  row-parallel, atomic-free: recomputes S from the saved lse and
+  accumulates W B^ (+ W_C C^). The column passes (InfoNCE's dkey and dqueue) are the
+  same kernel with A and B swapped, so nothing is accumulated across programs.
+  InfoNCE also writes per-row sum_j p_ij (s_ij - s_ii) for the exact d loss / d t.
+* ``_per_query_neg_bwd_kernel``  per-query negatives' gradient, element-wise.
+CLIP's key direction is a second forward pass (roles swapped): 2x the S work of one
+direction, against N floats of extra state; the backward has no extra cost.
+
 Addressing: explicit row strides (the launchers copy only a tensor whose last
 dimension is not unit-stride), int64 block offsets plus int32 in-tile offsets,
 every size masked. Scalars that must be exact in float64 (log2(e)/t, 1/(tM)) are
@@ -50,7 +67,10 @@ AUTOTUNE = (not INTERPRET) and os.environ.get("SSLKERNELS_AUTOTUNE", "1") != "0"
 _EPS = 1e-12  # F.normalize's eps
 _MAX_ROW_STRIDE = 2**31 // 512  # in-tile offsets (< 256 rows) stay int32
 
-__all__ = ["nt_xent_forward", "nt_xent_backward"]
+__all__ = [
+    "nt_xent_forward", "nt_xent_backward", "sup_con_forward", "sup_con_backward", "info_nce_forward",
+    "info_nce_backward",
+]
 
 
 # ----------------------------------------------------------------------------- configs
@@ -102,6 +122,9 @@ _LSE_FWD_FAMILIES = {
 _LSE_BWD_FAMILIES = {
     "mma128": [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2)],
     "mma256": [_cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2)],
+    # fp32 (tf32 / tf32x3) at 128 < D <= 256: ptxas spills 10-24 KB per thread at 32-row
+    # tiles (it falls back to 32 registers); 16 rows hold 255 registers and ~1.3 KB
+    "mma256_f32": [_cfg(16, 64, 4, 2), _cfg(64, 32, 8, 2)],
     "mmawide": _BWD_FAMILIES["mmawide"],
     "fma": _BWD_FAMILIES["fma"],
 }
@@ -112,6 +135,15 @@ def _family(d: int, dtype: torch.dtype, precision: str) -> str:
     if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
         return "fma"
     return "mma128" if d <= 128 else ("mma256" if d <= 256 else "mmawide")
+
+
+def _family_configs(families, d: int, dtype: torch.dtype, precision: str):
+    """The configs of a call: its family's, or the family's fp32 variant ("<family>_f32")
+    where a table has one (fp32 tensor-core products split their operands)."""
+    family = _family(d, dtype, precision)
+    if dtype == torch.float32 and f"{family}_f32" in families:
+        return families[f"{family}_f32"]
+    return families[family]
 
 
 def _all_configs(families):
@@ -127,7 +159,7 @@ def _pruner(families, width=None):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         dtype = (args["z1_ptr"] if "z1_ptr" in args else args["a_ptr"]).dtype
-        fam = families[_family(args["D"], dtype, args.get("PRECISION") or _precision(dtype))]
+        fam = _family_configs(families, args["D"], dtype, args.get("PRECISION") or _precision(dtype))
         return fam[:width] if AUTOTUNE else fam[:1]
 
     return prune
@@ -481,7 +513,8 @@ def _norm_bwd_kernel(
 #              row i's partner (InfoNCE's positive; SupCon: B = A and the partner is
 #              itself, masked out); B_MODE 2: only the partner (MoCo without in-batch
 #              negatives); B_MODE 0: none
-#   C [NC, D]  (HAS_C) a shared queue, every row, row term only.
+#   C [NC, D]  (HAS_C) a shared queue, every row, row term only; or (PER_Q) per-query
+#              negatives, rows [i M, (i + 1) M) of C [N M, D] for row i only (row-wise dots).
 # LABELS (SupCon): positives are the other rows of B with A's label.
 # Norm buffers (normalize) hold [3 R]: ||x|| at [0, R), 1 / max(||x||, eps) at [2R, 3R)
 # (the one-view layout of _row_norm_kernel). par_ptr holds [log2(e) / t, 1 / (t denom)]
@@ -522,14 +555,63 @@ def _value_tile(kt, a_ptr, x_ptr, stride_a, stride_x, col0, lcols, col_ok, dcols
     return vt
 
 
+@triton.jit
+def _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows, row_ok, row_scale, D,
+                     NORMALIZE: tl.constexpr, ACC: tl.constexpr):
+    """Base-2 logit of row i of A with its mm-th own negative, row i M + mm of C [N M, D]
+    (a view of rows stride_c * M apart, starting mm rows in)."""
+    s_m = _row_dot(a_ptr, c_ptr + mm * stride_c, stride_a, stride_c * M, 0, 1, row0, lrows, row_ok, D, ACC)
+    s_m = s_m * row_scale
+    if NORMALIZE:
+        s_m = s_m * _rnorm(nc_ptr, NC, rows * M + mm, row_ok).to(ACC)
+    return s_m
+
+
+@triton.jit
+def _per_query_neg_bwd_kernel(
+    q_ptr, c_ptr, stride_q, stride_c, nq_ptr, nc_ptr, par_ptr, g_ptr, lse_ptr, out_ptr, N, M, D,
+    NORMALIZE: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d loss / d n_im = c p_im (q^_i back through n_im's normalisation), grid (row blocks, M):
+    with cos = n^ . q^, dn = c p r_n (q^ - n^ cos) (c p r_n q^ where ||n|| <= eps), O(N M D)."""
+    _, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_R)
+    mm = tl.program_id(1)
+    scale = tl.load(par_ptr).to(ACC)
+    log2e = tl.max(1.0 / tl.log(tl.full([2], 2.0, ACC)), axis=0)
+    dot = _row_dot(q_ptr, c_ptr + mm * stride_c, stride_q, stride_c * M, 0, 1, row0, lrows, row_ok, D, ACC)
+    if NORMALIZE:
+        r_q = _rnorm(nq_ptr, N, rows, row_ok).to(ACC)
+        r_n = _rnorm(nc_ptr, N * M, rows * M + mm, row_ok).to(ACC)
+        big = tl.load(nc_ptr + rows * M + mm, mask=row_ok, other=1.0) > EPS
+        cos = dot * r_q * r_n
+        s2 = cos * scale
+    else:
+        s2 = dot * scale
+    p = tl.exp2(s2 - tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC) * log2e)
+    coef = p * tl.load(g_ptr).to(ACC) * tl.load(par_ptr + 1).to(ACC)
+    out_base = out_ptr + (row0 * M + mm).to(tl.int64) * D
+    for k0 in range(0, D, BLOCK_D):
+        cols = k0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        qv = tl.load(_tile_ptrs(q_ptr, q_ptr, stride_q, stride_q, 0, row0, lrows, cols), mask=mask, other=0.0)
+        qv = qv.to(ACC)
+        if NORMALIZE:
+            nv = tl.load(_tile_ptrs(c_ptr + mm * stride_c, c_ptr, stride_c * M, stride_c, 0, row0, lrows, cols),
+                         mask=mask, other=0.0).to(ACC)
+            dn = (coef * r_n * r_q)[:, None] * qv - tl.where(big, coef * r_n * r_n * cos, 0.0)[:, None] * nv
+        else:
+            dn = coef[:, None] * qv
+        tl.store(out_base + lrows[:, None] * (M * D) + cols[None, :], dn.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=_all_configs(_LSE_FWD_FAMILIES),
-                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "LABELS"],
+                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_FWD_FAMILIES, 2)})
-@triton.jit(do_not_specialize=["NA", "NB", "NC", "TUNE_M"])
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M"])
 def _lse_fwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, par_ptr,
-    lse_ptr, term_ptr, cnt_ptr, NA, NB, NC, D, TUNE_M,
-    NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, LABELS: tl.constexpr,
+    lse_ptr, term_ptr, cnt_ptr, NA, NB, NC, M, D, TUNE_M,
+    NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
     HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -580,6 +662,11 @@ def _lse_fwd_kernel(
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
             s = tl.where(col_ok[None, :] & (rows[:, None] >= 0), s, float("-inf"))
             m_i, l_i = _online_lse(m_i, l_i, s)
+    if PER_Q:
+        for mm in range(0, M):
+            s_m = _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows,
+                                   row_ok, row_scale, D, NORMALIZE, ACC)
+            m_i, l_i = _online_lse(m_i, l_i, s_m[:, None])
 
     lse2 = m_i + tl.log2(l_i)
     tl.store(lse_ptr + rows, lse2 * ln2, mask=row_ok)
@@ -592,14 +679,14 @@ def _lse_fwd_kernel(
 
 
 @triton.autotune(configs=_all_configs(_LSE_BWD_FAMILIES),
-                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "LABELS", "ROW_TERM",
-                      "COL_TERM"],
+                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS",
+                      "ROW_TERM", "COL_TERM"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_BWD_FAMILIES, 2)})
-@triton.jit(do_not_specialize=["NA", "NB", "NC", "TUNE_M"])
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M"])
 def _lse_bwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, cnt_ptr, par_ptr,
-    g_ptr, lse_r_ptr, lse_c_ptr, out_ptr, scratch_ptr, tterm_ptr, NA, NB, NC, D, TUNE_M,
-    NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, LABELS: tl.constexpr,
+    g_ptr, lse_r_ptr, lse_c_ptr, out_ptr, scratch_ptr, tterm_ptr, NA, NB, NC, M, D, TUNE_M,
+    NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
     ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, DIAG_W: tl.constexpr, EXPECT: tl.constexpr,
     HOIST: tl.constexpr, SAME_TILE: tl.constexpr, FUSED_OUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
@@ -702,6 +789,18 @@ def _lse_bwd_kernel(
                 w = w * r_j[None, :]
             vt = _value_tile(kt, a_ptr, c_ptr, stride_a, stride_c, col0, lcols, col_ok, dcols, dcol_ok, SAME_TILE)
             acc = _weighted_rows(w, vt, acc, PRECISION, DOT2_F32, ACC)
+    if PER_Q:  # row i's own negatives: p_im n^_im, row by row
+        for mm in range(0, M):
+            s_m = _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows,
+                                   row_ok, row_scale, D, NORMALIZE, ACC)
+            p = tl.exp2(s_m - lse2_i)
+            if EXPECT:
+                expect += p * (s_m - spos)
+            if NORMALIZE:
+                p = p * _rnorm(nc_ptr, NC, rows * M + mm, row_ok).to(ACC)
+            xn = tl.load(_tile_ptrs(a_ptr, c_ptr + mm * stride_c, stride_a, stride_c * M, 1, row0, lrows, dcols),
+                         mask=row_ok[:, None] & dcol_ok[None, :], other=0.0).to(ACC)
+            acc += p[:, None] * xn
     if EXPECT:
         if tl.program_id(1) == 0:
             tl.store(tterm_ptr + rows, expect * ln2, mask=row_ok)
@@ -911,20 +1010,22 @@ def _params(t64, denom, acc_dtype):
     return torch.stack([_LOG2E / t64, 1.0 / (t64 * denom)]).to(acc_dtype)
 
 
-def _fwd_flags(b_mode: int, has_c: bool, labels: bool) -> dict:
-    """The mode constexprs of one _lse_fwd_kernel launch (also used by --compile-only)."""
-    return dict(B_MODE=b_mode, HAS_C=bool(has_c), LABELS=bool(labels))
+def _fwd_flags(b_mode: int, has_c: bool, labels: bool, per_q: bool = False) -> dict:
+    """The mode constexprs of one _lse_fwd_kernel launch (also used by --compile-only);
+    has_c: a shared queue, per_q: per-query negatives (C holds [N M, D] rows)."""
+    return dict(B_MODE=b_mode, HAS_C=bool(has_c) and not per_q, PER_Q=bool(per_q), LABELS=bool(labels))
 
 
 def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term: bool, diag_w: float,
-               expect: bool) -> dict:
+               expect: bool, per_q: bool = False) -> dict:
     """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only)."""
-    return dict(_fwd_flags(b_mode, has_c, labels), ROW_TERM=bool(row_term), COL_TERM=bool(col_term),
+    return dict(_fwd_flags(b_mode, has_c, labels, per_q), ROW_TERM=bool(row_term), COL_TERM=bool(col_term),
                 DIAG_W=float(diag_w), EXPECT=bool(expect))
 
 
-def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize):
-    """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c."""
+def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize, per_q=0):
+    """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c (per_q > 0:
+    c holds per_q negatives per row of a)."""
     na_rows, d = a.shape
     _, meta, _ = _plan(d, a.dtype, normalize, _precision(a.dtype))
     dummy = lse
@@ -938,13 +1039,13 @@ def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normal
         a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
         na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
         labels if labels is not None else dummy, par, lse, term, cnt if cnt is not None else dummy,
-        na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, d,
-        _tune_m(na_rows), **_fwd_flags(b_mode, c is not None, labels is not None), **meta,
+        na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
+        _tune_m(na_rows), **_fwd_flags(b_mode, c is not None, labels is not None, per_q > 0), **meta,
     )
 
 
 def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tterm, *,
-                b_mode, row_term, col_term, diag_w, normalize):
+                b_mode, row_term, col_term, diag_w, normalize, per_q=0):
     """One _lse_bwd_kernel launch writing out = d loss / d a (and tterm when given)."""
     na_rows, d = a.shape
     acc_dtype = _acc_dtype(a.dtype)
@@ -965,8 +1066,10 @@ def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tte
         labels if labels is not None else dummy, cnt if cnt is not None else dummy, par, g,
         lse_r if lse_r is not None else dummy, lse_c if lse_c is not None else dummy, out, scratch,
         tterm if tterm is not None else dummy,
-        na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, d, _tune_m(na_rows),
-        **_bwd_flags(b_mode, c is not None, labels is not None, row_term, col_term, diag_w, tterm is not None),
+        na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
+        _tune_m(na_rows),
+        **_bwd_flags(b_mode, c is not None, labels is not None, row_term, col_term, diag_w, tterm is not None,
+                     per_q > 0),
         **meta,
     )
     if not fused_out:
@@ -1023,18 +1126,25 @@ def sup_con_backward(grad_loss, features, labels, lse, temperature: float, norma
     return out
 
 
-_PER_QUERY_MSG = "info_nce with per-query negatives [N, M, D] has no CUDA kernel yet"
+_MAX_PER_QUERY_SPAN = 2**22  # M * row stride of per-query negatives: in-tile offsets stay int32
 
 
 def _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives):
-    """(query, key, queue or None) read in place where possible, after the checks the
-    kernels rely on."""
-    if negatives is not None and negatives.dim() == 3:
-        raise NotImplementedError(_PER_QUERY_MSG)
+    """(query, key, negatives rows or None, M) after the checks the kernels rely on; read in
+    place where possible. A shared queue [K, D] gives M = 0; per-query negatives [N, M, D]
+    their [N M, D] rows (a view when the layout allows, else a copy) and M."""
     if symmetric and not in_batch_negatives:
         raise ValueError("symmetric=True needs in_batch_negatives=True (the key -> query candidates are the queries)")
+    per_q = 0
+    if negatives is not None and negatives.dim() == 3:
+        per_q = negatives.shape[1]
+        negatives = negatives.reshape(-1, negatives.shape[2])
     neg = _unit_stride(negatives) if negatives is not None and negatives.shape[0] > 0 else None
-    return _unit_stride(query), _unit_stride(key), neg
+    if neg is not None and per_q and (per_q * neg.stride(0) >= _MAX_PER_QUERY_SPAN or per_q > 65535):
+        raise NotImplementedError(
+            f"info_nce on CUDA: per-query negatives with M * D = {per_q * neg.stride(0)} >= "
+            f"{_MAX_PER_QUERY_SPAN} (or M > 65535) are not supported by the Triton kernel")
+    return _unit_stride(query), _unit_stride(key), neg, (per_q if neg is not None else 0)
 
 
 def _norms_of(normalize, acc_dtype, *xs):
@@ -1048,10 +1158,10 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
     when symmetric; float32, float64 for float64 inputs).
 
     Query i's candidates: every key (in_batch_negatives) or its own key only, plus the
-    shared queue `negatives` [K, D]; CLIP's key direction (symmetric) is a second pass
-    with the roles swapped (candidates: the queries). `temperature`: float or 0-dim tensor,
-    read on the device."""
-    q, k, neg = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
+    shared queue `negatives` [K, D] or its own M negatives of `negatives` [N, M, D]; CLIP's
+    key direction (symmetric) is a second pass with the roles swapped (candidates: the
+    queries). `temperature`: float or 0-dim tensor, read on the device."""
+    q, k, neg, per_q = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
     n, _ = q.shape
     acc_dtype = _acc_dtype(q.dtype)
     rows = 2 * n if symmetric else n
@@ -1061,7 +1171,7 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
         par = _params(_temperature64(temperature, q.device), 1.0, acc_dtype)
         nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)
         b_mode = 1 if in_batch_negatives else 2
-        _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize)
+        _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q)
         if symmetric:
             _fwd_launch(k, q, None, nk, nq, None, None, par, lse[n:], term[n:], None, 1, normalize)
         loss = (term.sum() / rows).to(q.dtype)
@@ -1070,13 +1180,14 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
 
 def info_nce_backward(grad_loss, query, key, negatives, temperature, lse, normalize: bool, symmetric: bool,
                       in_batch_negatives: bool, negatives_grad: bool):
-    """-> (dquery, dkey, dnegatives ([K, D] when the queue wants a gradient, else an empty
-    [0] tensor), dtemperature (0-dim, temperature's dtype and device)).
+    """-> (dquery, dkey, dnegatives (negatives' shape when they want a gradient, else an
+    empty [0] tensor), dtemperature (0-dim, temperature's dtype and device)).
 
-    Row-parallel passes, atomic-free: dquery (rows: queries; columns: keys and the queue),
-    dkey (rows: keys; columns: queries), dnegatives (rows: the queue; columns: queries).
+    Row-parallel passes, atomic-free: dquery (rows: queries; columns: keys and the queue or
+    the own negatives), dkey (rows: keys; columns: queries), dnegatives (a queue: rows of the
+    queue, columns: queries; per-query: one element-wise pass).
     dtemperature = -(g / (t N dirs)) sum_i (E_i[s] - s_ii) over the directions, summed by torch."""
-    q, k, neg = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
+    q, k, neg, per_q = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
     has_neg = neg is not None
     n, d = q.shape
     acc_dtype = _acc_dtype(q.dtype)
@@ -1095,11 +1206,21 @@ def info_nce_backward(grad_loss, query, key, negatives, temperature, lse, normal
         dk = torch.empty((n, d), dtype=k.dtype, device=q.device)
         tterm = torch.empty(2 * n if symmetric else n, dtype=acc_dtype, device=q.device)
         _bwd_launch(q, k, neg, nq, nk, nn, None, None, par, grad_loss, lse_q, lse_k, dq, tterm[:n],
-                    b_mode=b_mode, row_term=True, col_term=symmetric, diag_w=dirs, normalize=normalize)
+                    b_mode=b_mode, row_term=True, col_term=symmetric, diag_w=dirs, normalize=normalize,
+                    per_q=per_q)
         _bwd_launch(k, q, None, nk, nq, None, None, None, par, grad_loss, lse_k, lse_q, dk,
                     tterm[n:] if symmetric else None,
                     b_mode=b_mode, row_term=symmetric, col_term=True, diag_w=dirs, normalize=normalize)
-        if has_neg and negatives_grad:
+        if has_neg and negatives_grad and per_q:
+            dneg = torch.empty(neg.shape, dtype=neg.dtype, device=q.device)
+            block_r, block_d = _small_blocks(d)
+            _per_query_neg_bwd_kernel[(triton.cdiv(n, block_r), per_q)](
+                q, neg, q.stride(0), neg.stride(0), nq if normalize else par, nn if normalize else par, par,
+                grad_loss, lse_q, dneg, n, per_q, d,
+                NORMALIZE=bool(normalize), ACC=_TL_DTYPES[acc_dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+            )
+            dneg = dneg.view(negatives.shape)
+        elif has_neg and negatives_grad:
             dneg = torch.empty(neg.shape, dtype=neg.dtype, device=q.device)
             _bwd_launch(neg, q, None, nn, nq, None, None, None, par, grad_loss, None, lse_q, dneg, None,
                         b_mode=1, row_term=False, col_term=True, diag_w=0.0, normalize=normalize)

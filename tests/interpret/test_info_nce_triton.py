@@ -72,16 +72,30 @@ def _scales(q, t, normalize):
     return 1.0, grad, grad, 1.0 / t, grad
 
 
+def _ids(cases, letter):
+    return [f"{n}x{d}{letter}{k}{'-sym' if s else ''}{'' if b else '-moco'}" for n, d, k, s, b in cases]
+
+
+def _check_all(kernels, q, key, neg, tval, symmetric, in_batch, normalize):
+    """Fused (loss, dq, dk, dt[, dneg]) against eager and float64 under the rule; -> (fused, lse, dneg).
+    The temperature is a 0-dim float64 tensor, as a learnable one: dt is checked."""
+    t = torch.tensor(tval, dtype=torch.float64)
+    fused, lse, dneg = _fused(kernels, q, key, neg, t, symmetric, in_batch, normalize)
+    eager = _reference(q, key, neg, t, symmetric, in_batch, normalize)
+    ref = _reference(*(None if x is None else x.double() for x in (q, key, neg)), t, symmetric, in_batch, normalize)
+    for what, f, e, r, sc in zip(NAMES, fused, eager, ref, _scales(q, tval, normalize)):
+        _check(f, e, r, q.dtype, what, sc)
+    return fused, lse, dneg
+
+
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("case", CASES, ids=[f"{n}x{d}k{k}{'-sym' if s else ''}{'' if b else '-moco'}"
-                                            for n, d, k, s, b in CASES])
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES, "k"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_matches_float64_reference(contrastive_kernels, poisoned_outputs, dtype, case, normalize):
     n, d, k, symmetric, in_batch = case
-    tval = 0.07 if normalize else 0.5
     q, key, neg = _inputs(n, d, k, dtype, normalize)
-    t = torch.tensor(tval, dtype=torch.float64)  # a learnable temperature: dt checked
-    fused, lse, dneg = _fused(contrastive_kernels, q, key, neg, t, symmetric, in_batch, normalize)
+    fused, lse, dneg = _check_all(contrastive_kernels, q, key, neg, 0.07 if normalize else 0.5, symmetric, in_batch,
+                                  normalize)
     assert fused[0].dtype == dtype and fused[0].dim() == 0
     assert lse.shape == ((2 * n) if symmetric else n,) and lse.dtype == torch.float32
     for g, x in zip(fused[1:3], (q, key)):
@@ -89,10 +103,6 @@ def test_matches_float64_reference(contrastive_kernels, poisoned_outputs, dtype,
     assert fused[3].dtype == torch.float64 and fused[3].dim() == 0
     if neg is not None:
         assert dneg.shape == neg.shape and dneg.dtype == dtype
-    eager = _reference(q, key, neg, t, symmetric, in_batch, normalize)
-    ref = _reference(*(None if x is None else x.double() for x in (q, key, neg)), t, symmetric, in_batch, normalize)
-    for what, f, e, r, sc in zip(NAMES, fused, eager, ref, _scales(q, tval, normalize)):
-        _check(f, e, r, dtype, what, sc)
 
 
 def test_float64_exact_lse_layout_and_queue_without_grad(contrastive_kernels, poisoned_outputs):
@@ -140,15 +150,44 @@ def test_upstream_gradient_and_strided_inputs(contrastive_kernels, poisoned_outp
         torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-13, msg=lambda m: f"{what}: {m}")
 
 
-def test_per_query_negatives_raise_not_implemented(contrastive_kernels):
-    q, key, _ = _inputs(4, 8, 0, torch.float32, True)
-    hard = torch.randn(4, 3, 8)
-    t = torch.tensor(0.1)
-    with pytest.raises(NotImplementedError, match=r"per-query negatives \[N, M, D\] has no CUDA kernel yet"):
-        contrastive_kernels.info_nce_forward(q, key, hard, t, True, False, True, False)
-    with pytest.raises(NotImplementedError, match=r"per-query negatives \[N, M, D\] has no CUDA kernel yet"):
-        contrastive_kernels.info_nce_backward(torch.tensor(1.0), q, key, hard, t, torch.zeros(4), True, False, True,
-                                              False)
+PER_QUERY = [  # (N, D, M, symmetric, in_batch_negatives)
+    (7, 16, 5, False, True),
+    (33, 65, 3, True, True),    # chunked rows, the dZhat scratch; key direction without them
+    (7, 65, 1, False, False),   # MoCo with one hard negative per query
+    (1, 3, 4, False, True),
+]
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("case", PER_QUERY, ids=_ids(PER_QUERY, "m"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_per_query_negatives(contrastive_kernels, poisoned_outputs, dtype, case, normalize):
+    n, d, m, symmetric, in_batch = case
+    q, key, _ = _inputs(n, d, 0, dtype, normalize)
+    g = torch.Generator().manual_seed(3)
+    # near-duplicates of the query: hard negatives
+    hard = (q.double()[:, None, :] + 1.2 * torch.randn(n, m, d, generator=g, dtype=torch.float64)
+            * float(q.double().norm(dim=1).mean()) / math.sqrt(d)).to(dtype)
+    _, lse, dneg = _check_all(contrastive_kernels, q, key, hard, 0.1 if normalize else 0.5, symmetric, in_batch,
+                              normalize)
+    assert dneg.shape == hard.shape and dneg.dtype == dtype and dneg.is_contiguous()
+    assert lse.shape == ((2 * n) if symmetric else n,)
+
+
+def test_per_query_negatives_strided_and_zero_rows(contrastive_kernels, poisoned_outputs):
+    q, key, _ = _inputs(7, 16, 0, torch.float64, True)
+    hard = torch.randn(3, 7, 16, dtype=torch.float64).transpose(0, 1)  # not viewable as rows: copied
+    hard[2, 1] = 0.0  # a zero negative: its gradient goes through the eps clamp, as F.normalize's
+    t = torch.tensor(0.2, dtype=torch.float64)
+    fused, _, dneg = _fused(contrastive_kernels, q, key, hard, t, False, True, True)
+    ref = _reference(q, key, hard, t, False, True, True)
+    assert dneg.shape == hard.shape
+    for what, f, r in zip(NAMES, fused, ref):
+        torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-13, msg=lambda m: f"{what}: {m}")
+    fused, _, dneg = _fused(contrastive_kernels, q, key, hard, t, False, True, True, negatives_grad=False)
+    assert dneg.shape == (0,)
+    for what, f, r in zip(NAMES, fused, ref[:4]):
+        torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-13, msg=lambda m: f"{what}: {m}")
 
 
 def test_the_rule_rejects_a_wrong_result(contrastive_kernels):

@@ -158,3 +158,34 @@ def test_the_rule_rejects_a_wrong_result(contrastive_kernels):
     for what, f, e, r, sc in zip(("loss", "dx"), wrong, eager, ref, (1.0, _grad_scale(x, 0.1, True))):
         with pytest.raises(AssertionError):
             _check(f, e, r, torch.float32, what, sc)
+
+
+def test_gpu_config_pruning_of_the_generic_kernels(monkeypatch):
+    """The GPU-only plumbing the interpreter never runs: the generic kernels' autotune
+    pruning (first two configs of the family, the fp32 table where there is one, only the
+    first without autotuning), on a copy of the module imported without the interpreter."""
+    import importlib.util
+
+    import triton
+
+    import sslkernels.kernels.contrastive as interp
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    spec = importlib.util.spec_from_file_location("_sslk_contrastive_gpu2", interp.__file__)
+    k = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(k)
+    assert isinstance(k._lse_bwd_kernel, triton.runtime.autotuner.Autotuner)
+    cases = [  # (D, dtype, precision, kernel, families key)
+        (128, torch.bfloat16, "ieee", k._lse_fwd_kernel, k._LSE_FWD_FAMILIES, "mma128"),
+        (256, torch.bfloat16, "ieee", k._lse_bwd_kernel, k._LSE_BWD_FAMILIES, "mma256"),
+        (256, torch.float32, "tf32x3", k._lse_bwd_kernel, k._LSE_BWD_FAMILIES, "mma256_f32"),
+        (130, torch.float32, "tf32", k._lse_fwd_kernel, k._LSE_FWD_FAMILIES, "mma256"),
+        (128, torch.float64, "ieee", k._lse_bwd_kernel, k._LSE_BWD_FAMILIES, "fma"),
+    ]
+    for d, dtype, prec, kernel, families, key in cases:
+        prune = kernel.early_config_prune
+        args = {"a_ptr": torch.empty(2, d, dtype=dtype), "D": d}
+        assert prune(kernel.configs, args, PRECISION=prec) == families[key][:2], (d, dtype, prec)
+        monkeypatch.setattr(k, "AUTOTUNE", False)
+        assert prune(kernel.configs, args, PRECISION=prec) == families[key][:1]
+        monkeypatch.setattr(k, "AUTOTUNE", True)
