@@ -139,7 +139,7 @@ const Acc* load_tile(const AttentionOperand& x, DType dtype, const AttentionRows
                      int64_t r0, int64_t rows, int64_t h, int64_t dh, Acc* buffer, int64_t* ld) {
   // Rows sit H * Dh elements apart (or anywhere, by index): no hardware prefetcher
   // guesses that, so fetch a few rows ahead ourselves.
-  constexpr int64_t kAhead = 4;
+  constexpr int64_t kAhead = 8;
   const int64_t size = element_size(dtype), bytes = dh * size;
   const char* base = static_cast<const char*>(x.data);
   // The first head also pulls every head's part of the rows towards L2 (when a token's
@@ -177,7 +177,7 @@ void transpose(const Acc* src, int64_t rows, int64_t cols, Acc* dst, int64_t ld)
 template <typename Acc>
 void store_tile(const AttentionOperand& x, DType dtype, const AttentionRows& side, int64_t s, int64_t r0,
                 int64_t rows, int64_t h, int64_t dh, const Acc* tile) {
-  constexpr int64_t kAhead = 4;
+  constexpr int64_t kAhead = 8;
   const int64_t size = element_size(dtype), bytes = dh * size;
   char* base = static_cast<char*>(mutable_data(x));
   for (int64_t i = 0; i < rows; ++i) {

@@ -210,8 +210,10 @@ def masked_patch_attention(
 
     Under ``torch.compile`` mark the kept count dynamic so new counts do not
     recompile: ``torch._dynamo.mark_dynamic(index, 1)`` (and ``kv_index``).
-    Index values and NaN/Inf in q, k, v are checked always on the CPU, on CUDA under
-    ``sslkernels.set_debug(True)``.
+    Value checks (ValueError naming the argument): index ranges, duplicates and
+    -1 only as trailing padding; NaN/Inf in the rows of q, k, v that are read (the
+    kept patches). Always on the CPU; on CUDA under ``sslkernels.set_debug(True)``
+    (there over the whole tensors).
     """
     _checks.check_attention_qkv(q, k, v, 4)
     _checks.check_patch_index(index, "index", q.shape[0], q.device)
@@ -248,7 +250,13 @@ def varlen_attention(
 
     Returns ``[T, H, Dh]`` in q's dtype. Under ``torch.compile`` mark T dynamic
     (``torch._dynamo.mark_dynamic(x, 0)`` on q, k, v and on ``cu_seqlens`` for a
-    changing batch size); ``max_seqlen`` is traced as a symbolic int.
+    changing batch size) and pass a fixed upper bound as ``max_seqlen`` (e.g. the
+    patch count): one compile serves every batch. A ``max_seqlen`` that changes per
+    batch costs one recompile, after which dynamo treats it as a symbolic int.
+
+    Value checks (ValueError naming the argument): ``cu_seqlens`` starts at 0, never
+    decreases, ends at T; no sequence longer than ``max_seqlen``; NaN/Inf in q, k, v.
+    Always on the CPU; on CUDA under ``sslkernels.set_debug(True)``.
     """
     _checks.check_attention_qkv(q, k, v, 3)
     if q.shape != k.shape:
