@@ -38,8 +38,12 @@ def test_clip_loss_output_dict_and_unbuilt_options():
     img, txt = F.normalize(torch.randn(4, 3), dim=1), F.normalize(torch.randn(4, 3), dim=1)
     out = sslkernels.nn.ClipLoss()(img, txt, torch.tensor(10.0), output_dict=True)
     assert set(out) == {"contrastive_loss"}
-    with pytest.raises(NotImplementedError, match="world_size"):
-        sslkernels.nn.ClipLoss(world_size=2, rank=1)
+    with pytest.raises(NotImplementedError, match="use_horovod"):
+        sslkernels.nn.ClipLoss(world_size=2, rank=1, use_horovod=True)
+    with pytest.raises(ValueError, match="not initialised"):  # world_size > 1 needs torch.distributed
+        sslkernels.nn.ClipLoss(world_size=2, rank=1)(img, txt, torch.tensor(10.0))
+    with pytest.raises(ValueError, match="rank"):
+        sslkernels.nn.ClipLoss(world_size=2, rank=2)
     with pytest.raises(NotImplementedError, match="logit_bias"):
         sslkernels.nn.ClipLoss()(img, txt, torch.tensor(10.0), logit_bias=torch.tensor(-10.0))
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 
 from sslkernels import _validation as v
+from sslkernels import distributed as _distributed
 from sslkernels import ops  # noqa: F401  (registers torch.ops.sslkernels.*)
 from sslkernels.ops import attention as _attention_ops  # noqa: F401  (registers the attention ops)
 from sslkernels import _validation as _checks  # attention arguments shadow `v`
 
 
 def nt_xent(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, normalize: bool = True
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, normalize: bool = True,
+    process_group=None, mode: str = "all_gather",
 ) -> torch.Tensor:
     """SimCLR NT-Xent loss over the 2N rows of ``cat(z1, z2)``, fused.
 
@@ -28,18 +30,31 @@ def nt_xent(
             float16, bfloat16 or float64) and device (cpu or cuda). N, D >= 1.
         temperature: finite, > 0.
         normalize: L2-normalise the rows first.
+        process_group: a ``torch.distributed.ProcessGroup`` (e.g. ``dist.group.WORLD``):
+            the loss is NT-Xent over the rows of every rank (each rank passes its own
+            ``[N, D]``, N equal on all ranks), and every rank returns that global
+            loss; it all-gathers the rows with gradient and runs the fused op on all
+            of them (W times redundant work, O(W N D) memory). The DDP average of
+            the ranks' gradients is the single-process gradient. See
+            :mod:`sslkernels.distributed`.
+        mode: ``"all_gather"``; ``"ring"`` raises NotImplementedError (not built).
     """
     v.check_float_tensor(z1, "z1", 2)
     v.check_float_tensor(z2, "z2", 2)
     v.check_same(z1, z2, "z1", "z2")
     v.check_nonempty_rows(z1, "z1")
     temperature = v.check_temperature(temperature)
+    _distributed.check_mode(mode)
+    if process_group is not None:
+        return _distributed.nt_xent(z1, z2, temperature, bool(normalize),
+                                    _distributed.resolve_group(process_group), mode)
     loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
     return loss
 
 
 def sup_con(
-    features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, normalize: bool = True
+    features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, normalize: bool = True,
+    process_group=None, mode: str = "all_gather",
 ) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, the "L_out" form), fused.
 
@@ -56,11 +71,21 @@ def sup_con(
         features: ``[N, D]`` (all views stacked), float32/float16/bfloat16/float64.
         labels: integer ``[N]`` class ids (any values), same device.
         temperature: finite, > 0.
+        process_group: a ``torch.distributed.ProcessGroup``: the loss over the rows and
+            labels of every rank (same N on all ranks; positives found across ranks),
+            returned by every rank; computed on the all-gathered batch with the fused
+            op (W times redundant work). DDP-averaged gradients are the
+            single-process ones. See :mod:`sslkernels.distributed`.
+        mode: ``"all_gather"``; ``"ring"`` raises NotImplementedError (not built).
     """
     v.check_float_tensor(features, "features", 2)
     v.check_nonempty_rows(features, "features")
     labels = v.check_labels(labels, "labels", features.shape[0], features.device)
     temperature = v.check_temperature(temperature)
+    _distributed.check_mode(mode)
+    if process_group is not None:
+        return _distributed.sup_con(features, labels, temperature, bool(normalize),
+                                    _distributed.resolve_group(process_group), mode)
     loss, _ = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, bool(normalize))
     return loss
 
@@ -73,6 +98,8 @@ def info_nce(
     symmetric: bool = False,
     normalize: bool = True,
     in_batch_negatives: bool = True,
+    process_group=None,
+    mode: str = "all_gather",
 ) -> torch.Tensor:
     """InfoNCE (MoCo / CPC) and, with ``symmetric=True``, the CLIP loss, fused.
 
@@ -95,6 +122,19 @@ def info_nce(
 
     ``negatives`` may instead be per-query hard negatives ``[N, M, D]``: row ``i``'s
     ``M`` negatives join query ``i``'s candidates only.
+
+    ``process_group`` (a ``torch.distributed.ProcessGroup``): every rank's keys join
+    the candidates of this rank's queries (and, symmetric, every rank's queries
+    those of its keys); same N on all ranks. Each rank returns the mean over its
+    own queries (open_clip's ``local_loss``), computed by one fused call per
+    direction with the other ranks' keys (all-gathered with gradient) as extra
+    negatives; the DDP average of the ranks' gradients (temperature included) is
+    the single-process gradient on the concatenated batch. A shared queue must be
+    the same on every rank. Per-query hard negatives take the global path instead
+    (every rank computes and returns the loss on the whole gathered batch).
+    ``in_batch_negatives=False`` has no cross-rank term (local loss). ``mode``:
+    ``"all_gather"``; ``"ring"`` raises NotImplementedError (not built). See
+    :mod:`sslkernels.distributed`.
     """
     v.check_float_tensor(query, "query", 2)
     v.check_float_tensor(key, "key", 2)
@@ -104,6 +144,12 @@ def info_nce(
     negatives, negatives_grad = v.check_negatives(negatives, query)
     if symmetric and not in_batch_negatives:
         raise ValueError("`symmetric=True` needs `in_batch_negatives=True` (the key -> query candidates are the queries)")
+    _distributed.check_mode(mode)
+    if process_group is not None:
+        return _distributed.info_nce(
+            query, key, temperature, negatives, bool(symmetric), bool(normalize), bool(in_batch_negatives),
+            _distributed.resolve_group(process_group), mode,
+        )
     loss, _ = torch.ops.sslkernels.info_nce_forward(
         query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
         negatives_grad,
@@ -126,6 +172,7 @@ def _check_matrices(A, name: str, min_dim: int = 2, max_dim: int = None) -> None
         raise ValueError(f"`{name}` must be {want}, got shape {tuple(A.shape)}")
     if A.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"`{name}` is on {A.device}; sslkernels supports cpu and cuda tensors")
+    v.check_dims(A, name)
     if A.shape[-2] < 1 or A.shape[-1] < 1:
         raise ValueError(f"`{name}` has a zero-size matrix dimension (shape {tuple(A.shape)})")
     if A.numel() == 0:
@@ -135,8 +182,8 @@ def _check_matrices(A, name: str, min_dim: int = 2, max_dim: int = None) -> None
 def _check_max_sweeps(max_sweeps) -> int:
     if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
         raise TypeError(f"`max_sweeps` must be an int, got {type(max_sweeps).__name__}")
-    if max_sweeps < 1:
-        raise ValueError(f"`max_sweeps` must be >= 1, got {max_sweeps}")
+    if not 1 <= max_sweeps <= v.MAX_CPU_DIM:
+        raise ValueError(f"`max_sweeps` must be in [1, 2**31 - 1], got {max_sweeps}")
     return max_sweeps
 
 

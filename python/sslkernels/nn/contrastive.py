@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sslkernels import _validation as v
+from sslkernels import distributed as _distributed
 from sslkernels import functional
 
 
@@ -15,8 +16,9 @@ class MemoryBank(nn.Module):
     past the end fills the tail and wraps the pointer to 0 (dropping its rest), as
     lightly does."""
 
-    def __init__(self, size):
+    def __init__(self, size, gather_distributed: bool = False):
         super().__init__()
+        self.gather_distributed = bool(gather_distributed)
         if isinstance(size, int) or len(tuple(size)) != 2 or any(int(x) <= 0 for x in size):
             raise ValueError(
                 f"`memory_bank_size` must be 0 or a (num_features, dim) tuple of positive ints, got {size!r}"
@@ -30,6 +32,10 @@ class MemoryBank(nn.Module):
     def enqueue(self, batch: torch.Tensor) -> None:
         num = self.size[0]
         ptr = int(self.bank_ptr)
+        group = _distributed.default_group() if self.gather_distributed else None
+        if group is not None:  # every rank enqueues the whole gathered batch (lightly's concat_all_gather)
+            _distributed.check_same_batch_size(batch.shape[0], group, batch.device, "out1")
+            batch = torch.cat(_distributed.gather_no_grad(batch.detach(), group))
         batch = batch.detach().to(self.bank.dtype)
         if ptr + batch.shape[0] >= num:
             self.bank[ptr:] = batch[: num - ptr]
@@ -55,22 +61,33 @@ class NTXentLoss(nn.Module):
     the non-persistent buffers ``memory_bank.bank`` / ``memory_bank.bank_ptr``, as in
     lightly (both state_dicts are empty).
 
-    Not built yet: ``gather_distributed=True`` (raises NotImplementedError).
+    ``gather_distributed=True`` (when torch.distributed is initialised with more than
+    one rank): without a bank, the negatives are every rank's rows, with exact
+    gradients (the DDP average of the ranks' gradients is the single-process
+    gradient on the concatenated batch). Each rank returns the **global** loss (the
+    mean of lightly's per-rank values; lightly returns the mean over the rank's own
+    anchors) and does the whole batch's fused work (W times redundant; see
+    :mod:`sslkernels.distributed`). With a bank, the loss stays local and every
+    rank enqueues the all-gathered ``out1``, as lightly. ``distributed_mode``:
+    ``"all_gather"`` (``"ring"`` is not built and raises NotImplementedError).
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False):
+    def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False,
+                 distributed_mode: str = "all_gather"):
         super().__init__()
         self.temperature = v.check_temperature(temperature)
-        if gather_distributed:
-            raise NotImplementedError(
-                "sslkernels.nn.NTXentLoss: gather_distributed=True is not built yet"
-            )
-        self.gather_distributed = False
-        self.memory_bank = None if memory_bank_size in (0, None, (0,)) else MemoryBank(memory_bank_size)
+        self.gather_distributed = bool(gather_distributed)
+        if self.gather_distributed and not torch.distributed.is_available():
+            raise ValueError("`gather_distributed=True` but torch.distributed is not available in this torch build")
+        self.distributed_mode = _distributed.check_mode(distributed_mode)
+        self.memory_bank = None if memory_bank_size in (0, None, (0,)) else MemoryBank(
+            memory_bank_size, gather_distributed=self.gather_distributed)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         if self.memory_bank is None:
-            return functional.nt_xent(out0, out1, temperature=self.temperature, normalize=True)
+            group = _distributed.default_group() if self.gather_distributed else None
+            return functional.nt_xent(out0, out1, temperature=self.temperature, normalize=True,
+                                      process_group=group, mode=self.distributed_mode)
         bank = self.memory_bank.bank.clone()  # the loss keeps it for backward; enqueue edits the buffer
         loss = functional.info_nce(
             out0, out1, self.temperature, negatives=bank.to(out0.dtype), normalize=True, in_batch_negatives=False
@@ -98,9 +115,10 @@ class SupConLoss(nn.Module):
     ``embedding_regularizer`` arguments.
     """
 
-    def __init__(self, temperature: float = 0.1, **kwargs):
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False, **kwargs):
         super().__init__()
         self.temperature = v.check_temperature(temperature)
+        self.gather_distributed = bool(gather_distributed)
         if kwargs:
             raise NotImplementedError(
                 f"sslkernels.nn.SupConLoss: options {sorted(kwargs)} are not built yet "
@@ -114,7 +132,9 @@ class SupConLoss(nn.Module):
             )
         if labels is None:
             raise ValueError("sslkernels.nn.SupConLoss: `labels` is required")
-        return functional.sup_con(embeddings, labels, temperature=self.temperature, normalize=True)
+        group = _distributed.default_group() if self.gather_distributed else None
+        return functional.sup_con(embeddings, labels, temperature=self.temperature, normalize=True,
+                                  process_group=group)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -127,11 +147,15 @@ class InfoNCELoss(nn.Module):
     the optional shared ``negatives`` (a queue) are its negatives. ``temperature`` is
     a float, or pass ``learnable_temperature=True`` to train it (stored as the
     parameter ``log_temperature``). See :func:`sslkernels.info_nce`.
+    ``gather_distributed=True`` adds every rank's keys (and, symmetric, queries) to the
+    candidates, each rank returning the mean over its own queries (see
+    ``process_group`` in :func:`sslkernels.info_nce`).
     """
 
     def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
-                 learnable_temperature: bool = False):
+                 learnable_temperature: bool = False, gather_distributed: bool = False):
         super().__init__()
+        self.gather_distributed = bool(gather_distributed)
         temperature = v.check_temperature(temperature)
         self.symmetric = bool(symmetric)
         self.normalize = bool(normalize)
@@ -143,7 +167,8 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, query, key, negatives=None):
         t = self.log_temperature.exp() if self.log_temperature is not None else self.temperature
-        return functional.info_nce(query, key, t, negatives, self.symmetric, self.normalize)
+        group = _distributed.default_group() if self.gather_distributed else None
+        return functional.info_nce(query, key, t, negatives, self.symmetric, self.normalize, process_group=group)
 
 
 class ClipLoss(nn.Module):
@@ -158,17 +183,27 @@ class ClipLoss(nn.Module):
     clamps the log-scale parameter in its training loop instead, so the two agree
     whenever ``logit_scale <= 100``.
 
-    Not built yet (they raise NotImplementedError): ``world_size > 1`` (cross-device
-    negatives, with ``local_loss`` / ``gather_with_grad``) and ``logit_bias``.
+    ``world_size > 1`` (torch.distributed initialised, default group) follows open_clip:
+    ``local_loss=True`` returns the mean over this rank's pairs against every rank's
+    candidates (one fused call per direction, the other ranks' features as extra
+    negatives); ``local_loss=False`` returns the global loss, computed on every rank
+    on the gathered batch. ``gather_with_grad=True`` gives exact gradients (the DDP
+    average is the single-process gradient on the concatenated batch); ``False``
+    detaches the other ranks' features, as open_clip does. See
+    :mod:`sslkernels.distributed`.
+
+    Not built yet (they raise NotImplementedError): ``use_horovod`` and ``logit_bias``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, use_horovod: bool = False):
         super().__init__()
-        if world_size != 1 or use_horovod:
-            raise NotImplementedError(
-                "sslkernels.nn.ClipLoss: world_size > 1 (cross-device negatives) is not built yet"
-            )
+        if use_horovod:
+            raise NotImplementedError("sslkernels.nn.ClipLoss: use_horovod is not built (use torch.distributed)")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"`world_size` must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"`rank` must be an int in [0, world_size={world_size}), got {rank!r}")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels  # no labels tensor exists on the fused path
@@ -181,7 +216,27 @@ class ClipLoss(nn.Module):
         if not isinstance(logit_scale, torch.Tensor):
             logit_scale = torch.tensor(float(logit_scale), dtype=torch.float64)
         temperature = 1.0 / logit_scale.clamp(max=100.0)
-        loss = functional.info_nce(
-            image_features, text_features, temperature, symmetric=True, normalize=False
-        )
+        if self.world_size > 1:
+            loss = self._distributed_loss(image_features, text_features, temperature)
+        else:
+            loss = functional.info_nce(
+                image_features, text_features, temperature, symmetric=True, normalize=False
+            )
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed_loss(self, image_features, text_features, temperature):
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"`world_size={self.world_size}` but torch.distributed is not initialised")
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise ValueError(
+                f"`rank={self.rank}, world_size={self.world_size}` disagree with torch.distributed "
+                f"(rank {dist.get_rank()} of {dist.get_world_size()})"
+            )
+        # Same checks as the one-process path, before any collective.
+        v.check_float_tensor(image_features, "image_features", 2)
+        v.check_float_tensor(text_features, "text_features", 2)
+        v.check_same(image_features, text_features, "image_features", "text_features")
+        v.check_nonempty_rows(image_features, "image_features")
+        return _distributed.clip(image_features, text_features, temperature, dist.group.WORLD,
+                                 local_loss=bool(self.local_loss), gather_with_grad_=bool(self.gather_with_grad))

@@ -1,0 +1,233 @@
+"""Negatives from every rank of ``torch.distributed``, with exact gradients.
+
+The contrastive losses take ``process_group=`` (functional) or ``gather_distributed`` /
+``world_size`` (modules). The contract, checked by ``tests/test_distributed.py``
+on 2 and 3 Gloo ranks: under DDP (which averages the ranks' gradients) the
+average of the per-rank gradients equals the single-process gradient of the loss
+on the concatenated batch (``cat`` over ranks in rank order, each view / input
+concatenated separately).
+
+How each loss is computed (``mode="all_gather"``, the only mode built):
+
+* ``info_nce`` / ``InfoNCELoss`` / ``ClipLoss(local_loss=True, gather_with_grad=True)``
+  -- **local anchors against global candidates**, one fused ``info_nce`` call per
+  direction: the local queries are the anchors, the local keys stay the in-batch
+  keys (positives on the diagonal) and the other ranks' keys, all-gathered with
+  gradient, join the shared ``negatives``. Per-rank work O(b B D), memory O(B D).
+  Each rank returns the mean over its own anchors (as open_clip's ``local_loss``);
+  the ranks' sum is W times the global loss, and ``all_gather``'s backward sums
+  the ranks' contributions to each slice, so the DDP average is exact.
+* ``nt_xent`` / ``NTXentLoss(gather_distributed=True)``, ``sup_con`` /
+  ``SupConLoss(gather_distributed=True)``, per-query hard negatives ``[N, M, D]``
+  in ``info_nce`` and ``ClipLoss(local_loss=False)``: **the global loss on every
+  rank**. Every rank all-gathers the batch with gradient and runs the fused op on
+  all of it, so each rank does the whole (B x B) work (W times redundant; memory
+  stays O(B D): the fused op never holds the logits). Each rank returns the
+  global loss; its gradient on a local slice is W x dL/dz (every rank's identical
+  copy contributes), which DDP averages back to dL/dz. Why not local anchors:
+  NT-Xent's anchors need the other rows of their own view *minus themselves* and
+  SupCon's need label-aware positives on every rank; neither is expressible with
+  the existing ops without an extra O(b D) correction term (see ``mode="ring"``).
+* ``info_nce(..., in_batch_negatives=False)`` has no cross-rank term: each rank
+  computes its local loss (after the batch-size check).
+
+``mode="ring"`` (Inf-CL style, O(b D) per rank) raises NotImplementedError: the
+forward is expressible (a block LSE is ``info_nce_forward(anchors, block)``'s lse),
+but every backward op adds the gradient of a positive logit on its diagonal, so
+a remote block's gradient "given the final LSE" would need a hand-written
+correction outside the fused ops. The missing primitive is an op argument that
+drops the positive term (or offsets it out of the block).
+
+Every entry point first all-gathers the ranks' batch sizes (one small collective
+on the features' device); unequal sizes raise the same ValueError on every rank
+instead of hanging in the all-gather. The collectives in the backward need every
+rank to call ``backward`` (as DDP does).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+MODES = ("all_gather", "ring")
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def resolve_group(process_group, name: str = "process_group"):
+    """``process_group`` (a ``torch.distributed.ProcessGroup``, e.g. ``dist.group.WORLD``)
+    checked; raises when torch.distributed is unavailable or not initialised."""
+    dist = _dist()
+    if not dist.is_available():
+        raise ValueError(f"`{name}` was given but torch.distributed is not available in this torch build")
+    if not dist.is_initialized():
+        raise ValueError(f"`{name}` was given but torch.distributed is not initialised (call init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"`{name}` must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
+            f"got {type(process_group).__name__}"
+        )
+    return process_group
+
+
+def default_group():
+    """The world group when torch.distributed is initialised with more than one rank, else None
+    (the modules' ``gather_distributed=True`` then computes the single-process loss, as lightly's)."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def check_mode(mode) -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    if mode == "ring":
+        raise NotImplementedError(
+            "mode='ring' is not built: its exact backward needs a fused per-block gradient of the "
+            "log-sum-exp given the final (merged) lse WITHOUT the positive-logit term that every "
+            "sslkernels backward op adds on its diagonal; use mode='all_gather'"
+        )
+    return mode
+
+
+def check_same_batch_size(rows: int, group, device: torch.device, name: str) -> None:
+    """All-gathers every rank's row count (one int64 per rank, on `device`) and raises the
+    same ValueError on every rank when they differ, so no rank waits in a later collective."""
+    dist = _dist()
+    world = dist.get_world_size(group)
+    mine = torch.tensor([rows], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=group)
+    sizes = [int(s) for s in sizes]
+    if any(s != sizes[0] for s in sizes):
+        raise ValueError(
+            f"`{name}` must have the same number of rows on every rank of the process group, "
+            f"got {sizes} (rank order); pad or drop the last batch (e.g. DataLoader(drop_last=True))"
+        )
+
+
+def gather_with_grad(x: torch.Tensor, group) -> List[torch.Tensor]:
+    """Every rank's `x`, in rank order; the backward sums the ranks' gradients of each slice
+    back to its owner (``torch.distributed.nn.functional.all_gather``)."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # torch >= 2.13 flags it deprecated in favour of private functional collectives whose
+        # names differ between torch releases; it is public, works on Gloo and NCCL, and its
+        # backward is the reduce-scatter (sum) this contract needs.
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return list(all_gather(x, group=group))
+
+
+def gather_no_grad(x: torch.Tensor, group) -> List[torch.Tensor]:
+    """Every rank's `x` without gradient, except this rank's own slot, which is `x` itself
+    (so its local gradient still flows, as open_clip's ``gather_with_grad=False``)."""
+    dist = _dist()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    parts[dist.get_rank(group)] = x
+    return parts
+
+
+def _others(parts: List[torch.Tensor], group) -> List[torch.Tensor]:
+    rank = _dist().get_rank(group)
+    return [p for i, p in enumerate(parts) if i != rank]
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _cat(x: torch.Tensor, group, with_grad: bool = True) -> torch.Tensor:
+    """The concatenated batch: every rank's `x` in rank order."""
+    return torch.cat(gather_with_grad(x, group) if with_grad else gather_no_grad(x, group))
+
+
+def nt_xent(z1, z2, temperature: float, normalize: bool, group, mode: str) -> torch.Tensor:
+    """Global NT-Xent over every rank's rows on every rank (see the module docstring)."""
+    from sslkernels import functional
+
+    check_mode(mode)
+    check_same_batch_size(z1.shape[0], group, z1.device, "z1")
+    return functional.nt_xent(_cat(z1, group), _cat(z2, group), temperature=temperature, normalize=normalize)
+
+
+def sup_con(features, labels, temperature: float, normalize: bool, group, mode: str) -> torch.Tensor:
+    """Global SupCon over every rank's rows and labels on every rank (see the module docstring)."""
+    from sslkernels import functional
+
+    check_mode(mode)
+    check_same_batch_size(features.shape[0], group, features.device, "features")
+    return functional.sup_con(_cat(features, group), _cat(labels, group, with_grad=False),
+                              temperature=temperature, normalize=normalize)
+
+
+def _one_direction(query, key, temperature, remote_keys, shared, normalize):
+    """Local queries against [local keys | remote keys | shared queue], one fused call."""
+    from sslkernels import functional
+
+    extra = list(remote_keys) + ([shared] if shared is not None else [])
+    negatives = torch.cat(extra) if extra else None
+    return functional.info_nce(query, key, temperature, negatives=negatives, normalize=normalize)
+
+
+def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetric: bool, normalize: bool,
+             in_batch_negatives: bool, group, mode: str) -> torch.Tensor:
+    """InfoNCE / CLIP with every rank's keys (and, symmetric, queries) as candidates.
+
+    Local anchors (mean over this rank's queries) unless `negatives` are per-query
+    hard negatives [N, M, D], which take the global path (every rank computes the
+    loss on the gathered batch and returns the global mean). A shared queue
+    [K, D] must be the same on every rank (as MoCo's, filled from gathered keys).
+    """
+    from sslkernels import functional
+
+    check_mode(mode)
+    check_same_batch_size(query.shape[0], group, query.device, "query")
+    if not in_batch_negatives:  # own key + queue: nothing crosses ranks
+        return functional.info_nce(query, key, temperature, negatives=negatives, symmetric=symmetric,
+                                   normalize=normalize, in_batch_negatives=False)
+    if negatives is not None and negatives.dim() == 3:
+        all_n = _cat(negatives, group, with_grad=negatives.requires_grad)
+        return functional.info_nce(_cat(query, group), _cat(key, group), temperature, negatives=all_n,
+                                   symmetric=symmetric, normalize=normalize)
+    remote_k = _others(gather_with_grad(key, group), group)
+    loss = _one_direction(query, key, temperature, remote_k, negatives, normalize)
+    if not symmetric:
+        return loss
+    remote_q = _others(gather_with_grad(query, group), group)
+    return 0.5 * (loss + _one_direction(key, query, temperature, remote_q, None, normalize))
+
+
+def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: bool) -> torch.Tensor:
+    """open_clip's ClipLoss across ranks, all four (local_loss, gather_with_grad) settings.
+
+    ``gather_with_grad=False`` gathers the features without gradient, exactly as
+    open_clip does: with ``local_loss=False`` this rank's own slice keeps its
+    gradient; with ``local_loss=True`` only the anchors (the queries) get one, the
+    candidates (this rank's included) are detached. Either way it is not the
+    gradient of the global loss (the cross-rank terms are dropped).
+    """
+    from sslkernels import functional
+
+    check_same_batch_size(image.shape[0], group, image.device, "image_features")
+    if local_loss:
+        if gather_with_grad_:
+            remote_txt = _others(gather_with_grad(text, group), group)
+            remote_img = _others(gather_with_grad(image, group), group)
+            cand_txt, cand_img = text, image
+        else:
+            remote_txt = _others(gather_no_grad(text.detach(), group), group)
+            remote_img = _others(gather_no_grad(image.detach(), group), group)
+            cand_txt, cand_img = text.detach(), image.detach()
+        i2t = _one_direction(image, cand_txt, temperature, remote_txt, None, False)
+        t2i = _one_direction(text, cand_img, temperature, remote_img, None, False)
+        return 0.5 * (i2t + t2i)
+    return functional.info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_),
+                               temperature, symmetric=True, normalize=False)

@@ -1,0 +1,361 @@
+"""Cross-process negatives: 2 and 3 Gloo ranks on 127.0.0.1 against the one-process loss.
+
+One spawn per world size runs every case (process start-up dominates the time);
+each rank saves its losses and gradients, and the parent compares them with the
+eager float64 reference on the concatenated batch. The contract: the DDP average
+of the ranks' gradients is the single-process gradient, i.e. rank r's gradient of
+its own slice, divided by W, is the single-process gradient of that slice, and the
+ranks' mean gradient of a replicated tensor (temperature, queue, logit scale) is
+the single-process one. lightly and open_clip, run inside the same ranks, are
+second oracles for the drop-in modules.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslkernels.reference.contrastive import info_nce_reference, nt_xent_reference, sup_con_reference
+
+B, D, M, K = 5, 7, 3, 11  # rows per rank, features, hard negatives per query, queue rows
+T_NTX, T_SUP, T_NCE, SCALE = 0.3, 0.2, 0.15, 12.0
+JOIN_TIMEOUT_S = 150
+torch.distributed.is_available() or pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+
+def _data(world: int) -> dict:
+    """The concatenated batch (float64) every rank slices; same in the parent."""
+    g = torch.Generator().manual_seed(1234 + world)
+    n = world * B
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q = r(n, D)
+    img = F.normalize(r(n, D), dim=1)
+    return {
+        "z1": r(n, D), "z2": r(n, D), "feats": r(n, D),
+        "labels": torch.randint(0, 3, (n,), generator=g),
+        "q": q, "k": q + 0.7 * r(n, D), "queue": r(K, D), "hard": r(n, M, D),
+        "img": img, "txt": F.normalize(img + 0.8 * r(n, D), dim=1),
+        "x": r(2 * n, D),
+    }
+
+
+def _local(x: torch.Tensor, rank: int) -> torch.Tensor:
+    return x[rank * B:(rank + 1) * B]
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(True)
+
+
+def _run(fn, named: dict) -> dict:
+    """loss and the gradient of every leaf in `named` that requires grad."""
+    leaves = {k: _leaf(v) if v.is_floating_point() else v for k, v in named.items()}
+    loss = fn(**leaves)
+    wrt = [k for k, v in leaves.items() if v.is_floating_point()]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in wrt])
+    return {"loss": loss.detach(), **{k: g for k, g in zip(wrt, grads)}}
+
+
+def _cases(rank: int, world: int):
+    """(name, fn(**tensors) -> loss, tensors) run identically on every rank."""
+    import sslkernels
+    from sslkernels import functional as sf
+
+    grp = torch.distributed.group.WORLD
+    d = _data(world)
+    loc = {k: _local(d[k], rank) for k in ("z1", "z2", "feats", "labels", "q", "k", "hard", "img", "txt")}
+    temp = torch.tensor(T_NCE, dtype=torch.float64)
+    scale = torch.tensor(SCALE, dtype=torch.float64)
+    yield "nt_xent", lambda z1, z2: sf.nt_xent(z1, z2, T_NTX, process_group=grp), {"z1": loc["z1"], "z2": loc["z2"]}
+    yield "sup_con", lambda feats, labels: sf.sup_con(feats, labels, T_SUP, process_group=grp), {
+        "feats": loc["feats"], "labels": loc["labels"]}
+    yield "info_nce_queue", lambda q, k, queue, temp: sf.info_nce(q, k, temp, queue, process_group=grp), {
+        "q": loc["q"], "k": loc["k"], "queue": d["queue"], "temp": temp}
+    yield "info_nce_symmetric", lambda q, k, temp: sf.info_nce(q, k, temp, symmetric=True, process_group=grp), {
+        "q": loc["q"], "k": loc["k"], "temp": temp}
+    yield "info_nce_hard", lambda q, k, hard: sf.info_nce(q, k, T_NCE, hard, process_group=grp), {
+        "q": loc["q"], "k": loc["k"], "hard": loc["hard"]}
+    yield "info_nce_moco", lambda q, k, queue: sf.info_nce(
+        q, k, T_NCE, queue, in_batch_negatives=False, process_group=grp), {"q": loc["q"], "k": loc["k"],
+                                                                        "queue": d["queue"]}
+    ntx = sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True)
+    yield "NTXentLoss", lambda z1, z2: ntx(z1, z2), {"z1": loc["z1"], "z2": loc["z2"]}
+    sup = sslkernels.nn.SupConLoss(T_SUP, gather_distributed=True)
+    yield "SupConLoss", lambda feats, labels: sup(feats, labels), {"feats": loc["feats"], "labels": loc["labels"]}
+    nce = sslkernels.nn.InfoNCELoss(T_NCE, symmetric=True, gather_distributed=True)
+    yield "InfoNCELoss", lambda q, k: nce(q, k), {"q": loc["q"], "k": loc["k"]}
+    for local_loss in (True, False):
+        for with_grad in (True, False):
+            clip = sslkernels.nn.ClipLoss(local_loss, with_grad, rank=rank, world_size=world)
+            yield f"ClipLoss_{local_loss}_{with_grad}", lambda img, txt, scale, c=clip: c(img, txt, scale), {
+                "img": loc["img"], "txt": loc["txt"], "scale": scale}
+
+
+def _oracle_cases(rank: int, world: int):
+    """lightly's and open_clip's own losses on the same ranks and inputs."""
+    from tests._utils import import_bypassing_init
+
+    d = _data(world)
+    lightly_cls = import_bypassing_init(
+        "lightly.loss.ntx_ent_loss",
+        extra_packages=("lightly.models", "lightly.models.modules", "lightly.utils"),
+        stub_modules=("lightly.models.utils",),
+    ).NTXentLoss
+    theirs = lightly_cls(T_NTX, gather_distributed=True)
+    yield "lightly_NTXentLoss", lambda z1, z2: theirs(z1, z2), {"z1": _local(d["z1"], rank), "z2": _local(d["z2"], rank)}
+    open_clip_loss = import_bypassing_init("open_clip.loss")
+    for local_loss in (True, False):
+        for with_grad in (True, False):
+            clip = open_clip_loss.ClipLoss(local_loss, with_grad, rank=rank, world_size=world)
+            yield f"open_clip_{local_loss}_{with_grad}", lambda img, txt, scale, c=clip: c(img, txt, scale), {
+                "img": _local(d["img"], rank), "txt": _local(d["txt"], rank),
+                "scale": torch.tensor(SCALE, dtype=torch.float64)}
+
+
+def _error_cases(rank: int, world: int):
+    """Each returns the error text (every rank must raise)."""
+    import sslkernels
+    from sslkernels import functional as sf
+
+    grp = torch.distributed.group.WORLD
+    rows = B + (rank == world - 1)  # the last rank has one more row
+    x = torch.randn(rows, D, dtype=torch.float64)
+    labels = torch.zeros(rows, dtype=torch.int64)
+    yield "size_nt_xent", lambda: sf.nt_xent(x, x, process_group=grp)
+    yield "size_sup_con", lambda: sf.sup_con(x, labels, process_group=grp)
+    yield "size_info_nce", lambda: sf.info_nce(x, x, process_group=grp)
+    yield "size_clip", lambda: sslkernels.nn.ClipLoss(True, True, rank=rank, world_size=world)(
+        x, x, torch.tensor(SCALE))
+    yield "ring", lambda: sf.nt_xent(x[:B], x[:B], process_group=grp, mode="ring")
+    yield "bad_group", lambda: sf.nt_xent(x[:B], x[:B], process_group="world")
+
+
+def _ddp_case(rank: int, world: int) -> dict:
+    """A Linear layer under DDP with NTXentLoss(gather_distributed=True): DDP's averaged
+    parameter gradient must be the one-process gradient."""
+    import sslkernels
+
+    torch.manual_seed(7)
+    model = torch.nn.Linear(D, D, dtype=torch.float64)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x = _data(world)["x"]
+    n = world * B
+    x0, x1 = _local(x[:n], rank), _local(x[n:], rank)
+    y0, y1 = ddp(torch.cat([x0, x1])).chunk(2)
+    sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True)(y0, y1).backward()
+    return {"weight": model.weight.grad.clone(), "bias": model.bias.grad.clone()}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    result = {}
+    try:
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=timedelta(seconds=60),
+        )
+        for name, fn, tensors in _cases(rank, world):
+            result[name] = _run(fn, tensors)
+        try:
+            for name, fn, tensors in _oracle_cases(rank, world):
+                result[name] = _run(fn, tensors)
+        except BaseException as exc:  # pytest.skip when a package is missing
+            if type(exc).__name__ != "Skipped":
+                raise
+            result["oracle_skipped"] = str(exc)
+        for name, fn in _error_cases(rank, world):
+            try:
+                fn()
+                result[name] = None
+            except Exception as exc:  # noqa: BLE001 (the type is checked by the parent)
+                result[name] = (type(exc).__name__, str(exc))
+        torch.distributed.barrier()  # the group still works after the errors: nobody hangs
+        result["ddp"] = _ddp_case(rank, world)
+        torch.distributed.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        result = {"error": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RESULTS = {}
+
+
+def _results(world: int, tmp_path_factory) -> list:
+    """Every rank's result dict, from one spawn per world size (cached)."""
+    if world not in _RESULTS:
+        # forkserver: `import sslkernels` (seconds) runs once in the server, not in every rank,
+        # and the ranks are forked from a process that has run no OpenMP region.
+        ctx = torch.multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "sslkernels", "tests.test_distributed"])
+        out = str(tmp_path_factory.mktemp(f"world{world}"))
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, port, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(JOIN_TIMEOUT_S)
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join()
+        assert not hung, f"{len(hung)} of {world} ranks still running after {JOIN_TIMEOUT_S} s (hang)"
+        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+        for r, res in enumerate(results):
+            assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+        _RESULTS[world] = results
+    return _RESULTS[world]
+
+
+# ---------------------------------------------------------------- the one-process oracles
+
+
+def _global(world: int):
+    """name -> (reference loss fn on the concatenated batch, its tensors, local-value fn or None).
+
+    The local-value fn gives rank r's expected value for the losses that return the
+    mean over the rank's own anchors; None means every rank returns the global loss.
+    """
+    d = _data(world)
+    temp = torch.tensor(T_NCE, dtype=torch.float64)
+    scale = torch.tensor(SCALE, dtype=torch.float64)
+
+    def nce_local(r, q, k, temp, queue=None, symmetric=False):
+        qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        cand = torch.cat([kn] + ([F.normalize(queue, dim=1)] if queue is not None else []))
+        tgt = torch.arange(r * B, (r + 1) * B)
+        loss = F.cross_entropy(_local(qn, r) @ cand.T / temp, tgt)
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy(_local(kn, r) @ qn.T / temp, tgt))
+        return loss
+
+    def clip_ref(img, txt, scale):
+        return info_nce_reference(img, txt, 1.0 / scale, symmetric=True, normalize=False)
+
+    def clip_local(r, img, txt, scale):
+        tgt = torch.arange(r * B, (r + 1) * B)
+        return 0.5 * (F.cross_entropy(scale * _local(img, r) @ txt.T, tgt)
+                      + F.cross_entropy(scale * _local(txt, r) @ img.T, tgt))
+
+    ntx = (lambda z1, z2: nt_xent_reference(z1, z2, T_NTX), {"z1": d["z1"], "z2": d["z2"]}, None)
+    sup = (lambda feats, labels: sup_con_reference(feats, labels, T_SUP),
+           {"feats": d["feats"], "labels": d["labels"]}, None)
+    sym = (lambda q, k, temp: info_nce_reference(q, k, temp, symmetric=True), {"q": d["q"], "k": d["k"], "temp": temp},
+           lambda r, q, k, temp: nce_local(r, q, k, temp, symmetric=True))
+    clip_g = (clip_ref, {"img": d["img"], "txt": d["txt"], "scale": scale}, None)
+    clip_l = (clip_ref, clip_g[1], clip_local)
+    moco_value = lambda r, q, k, queue: info_nce_reference(  # noqa: E731
+        _local(q, r), _local(k, r), T_NCE, queue, in_batch_negatives=False)
+    return {
+        "nt_xent": ntx, "NTXentLoss": ntx, "sup_con": sup, "SupConLoss": sup,
+        "info_nce_queue": (lambda q, k, queue, temp: info_nce_reference(q, k, temp, queue),
+                           {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp},
+                           lambda r, q, k, queue, temp: nce_local(r, q, k, temp, queue)),
+        "info_nce_symmetric": sym,
+        "InfoNCELoss": (lambda q, k: info_nce_reference(q, k, T_NCE, symmetric=True), {"q": d["q"], "k": d["k"]},
+                        lambda r, q, k: nce_local(r, q, k, T_NCE, symmetric=True)),
+        "info_nce_hard": (lambda q, k, hard: info_nce_reference(q, k, T_NCE, hard),
+                          {"q": d["q"], "k": d["k"], "hard": d["hard"]}, None),
+        "info_nce_moco": (lambda q, k, queue: info_nce_reference(q, k, T_NCE, queue, in_batch_negatives=False),
+                          {"q": d["q"], "k": d["k"], "queue": d["queue"]}, moco_value),
+        "ClipLoss_True_True": clip_l, "ClipLoss_False_True": clip_g,
+    }
+
+
+REPLICATED = {"queue", "temp", "scale"}  # the same tensor on every rank (DDP averages its gradient)
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", list(_global(2)))
+def test_matches_one_process(world, case, tmp_path_factory):
+    ranks = _results(world, tmp_path_factory)
+    fn, tensors, local_value = _global(world)[case]
+    expected = _run(fn, tensors)
+    for r, res in enumerate(ranks):
+        got = res[case]
+        want = local_value(r, **tensors) if local_value else expected["loss"]
+        torch.testing.assert_close(got["loss"], want, **TOL, msg=f"{case} rank {r} loss")
+    mean_loss = sum(res[case]["loss"] for res in ranks) / world
+    torch.testing.assert_close(mean_loss, expected["loss"], **TOL, msg=f"{case}: mean of the ranks' losses")
+    for name, grad in expected.items():
+        if name == "loss":
+            continue
+        if name in REPLICATED:
+            got = sum(res[case][name] for res in ranks) / world
+        else:  # rank r's gradient of its own slice / W (what DDP's average of parameter gradients sees)
+            got = torch.cat([res[case][name] / world for res in ranks])
+        torch.testing.assert_close(got, grad, **TOL, msg=f"{case}: gradient of {name}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_linear_layer_matches_one_process(world, tmp_path_factory):
+    ranks = _results(world, tmp_path_factory)
+    torch.manual_seed(7)
+    model = torch.nn.Linear(D, D, dtype=torch.float64)
+    x = _data(world)["x"]
+    y0, y1 = model(x).chunk(2)
+    nt_xent_reference(y0, y1, T_NTX).backward()
+    for r, res in enumerate(ranks):
+        torch.testing.assert_close(res["ddp"]["weight"], model.weight.grad, **TOL, msg=f"rank {r} weight")
+        torch.testing.assert_close(res["ddp"]["bias"], model.bias.grad, **TOL, msg=f"rank {r} bias")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_drop_ins_match_lightly_and_open_clip_per_rank(world, tmp_path_factory):
+    ranks = _results(world, tmp_path_factory)
+    if "oracle_skipped" in ranks[0]:
+        pytest.skip(ranks[0]["oracle_skipped"])
+    for r, res in enumerate(ranks):
+        # lightly returns the mean over the rank's own anchors, ours the global loss (their mean);
+        # the gradients of each rank are the same.
+        for name in ("z1", "z2"):
+            torch.testing.assert_close(res["NTXentLoss"][name], res["lightly_NTXentLoss"][name], **TOL)
+        for local_loss in (True, False):
+            for with_grad in (True, False):
+                ours, theirs = res[f"ClipLoss_{local_loss}_{with_grad}"], res[f"open_clip_{local_loss}_{with_grad}"]
+                for key in ("loss", "img", "txt", "scale"):
+                    torch.testing.assert_close(ours[key], theirs[key], **TOL,
+                                               msg=f"rank {r} ClipLoss({local_loss}, {with_grad}) {key}")
+    torch.testing.assert_close(sum(res["lightly_NTXentLoss"]["loss"] for res in ranks) / world,
+                               ranks[0]["NTXentLoss"]["loss"], **TOL)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_unequal_batch_sizes_raise_on_every_rank(world, tmp_path_factory):
+    ranks = _results(world, tmp_path_factory)
+    for r, res in enumerate(ranks):
+        for case in ("size_nt_xent", "size_sup_con", "size_info_nce", "size_clip"):
+            assert res[case] is not None, f"rank {r}: {case} did not raise"
+            kind, text = res[case]
+            assert kind == "ValueError" and "same number of rows on every rank" in text, (r, case, text)
+            assert str([B] * (world - 1) + [B + 1]) in text, text
+        assert res["ring"] is not None and res["ring"][0] == "NotImplementedError" and "ring" in res["ring"][1]
+        assert res["bad_group"] is not None and res["bad_group"][0] == "TypeError" and "process_group" in res["bad_group"][1]
+
+
+def test_process_group_without_init_process_group_raises():
+    if torch.distributed.is_initialized():
+        pytest.skip("this process already has a process group")
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="process_group.*not initialised"):
+        from sslkernels import functional as sf
+
+        sf.nt_xent(x, x, process_group=object())
+    with pytest.raises(ValueError, match="mode"):
+        sf.info_nce(x, x, mode="ring_buffer")
+    # gather_distributed without a process group computes the one-process loss, as lightly's
+    import sslkernels
+
+    torch.testing.assert_close(sslkernels.nn.NTXentLoss(0.3, gather_distributed=True)(x, x + 1),
+                               sf.nt_xent(x, x + 1, 0.3))
