@@ -31,18 +31,18 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (name, kind, N, D, classes or K, dtypes, options)
+# (name, kind, N, D, classes or K, dtypes, options). The interpreter tests cover fp32 / fp16
+# semantics on small shapes (no normalisation, symmetric + queue, ...); here the GPU-only
+# risks: real tensor-core numerics, bf16, compiled layouts, odd D at realistic N. Checks
+# share D with the timings so that their compiled variants are reused (~40 variants).
 CHECKS = [
     ("sup_con", "sup_con", 1000, 128, 100, ["fp32", "fp16", "bf16"], {}),
     ("sup_con odd", "sup_con", 257, 130, 7, ["bf16"], {}),
-    ("sup_con raw", "sup_con", 257, 128, 7, ["fp32"], {"normalize": False}),
     ("info_nce queue", "info_nce", 1000, 256, 3000, ["fp32", "fp16", "bf16"], {"queue_grad": True}),
     ("clip", "info_nce", 1000, 256, 0, ["fp32", "fp16", "bf16"], {"symmetric": True}),
-    ("moco odd", "info_nce", 257, 130, 300, ["fp32", "bf16"], {"in_batch": False, "queue_grad": True}),
-    ("clip+queue raw", "info_nce", 257, 130, 300, ["fp32"], {"symmetric": True, "normalize": False,
-                                                            "queue_grad": True}),
+    ("moco odd", "info_nce", 257, 130, 300, ["bf16"], {"in_batch": False, "queue_grad": True}),
     # per-query hard negatives [N, M, D] (here M = 7)
-    ("hard negatives", "info_nce", 257, 130, 7, ["fp32", "bf16"], {"per_query": True, "queue_grad": True}),
+    ("hard negatives", "info_nce", 257, 130, 7, ["bf16"], {"per_query": True, "queue_grad": True}),
 ]
 # (op label, kind, N, D, classes or K, options)
 TIMINGS = [

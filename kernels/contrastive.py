@@ -116,6 +116,9 @@ _BWD_FAMILIES = {
 _LSE_FWD_FAMILIES = {
     "mma128": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
     "mma256": [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 3)],
+    # fp32: the 128-row tiles need 256 / 512 KiB of shared memory (do not fit)
+    "mma128_f32": [_cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+    "mma256_f32": [_cfg(64, 32, 4, 2)],
     "mmawide": _FWD_FAMILIES["mmawide"],
     "fma": _FWD_FAMILIES["fma"],
 }

@@ -179,7 +179,9 @@ def test_gpu_config_pruning_of_the_generic_kernels(monkeypatch):
         (128, torch.bfloat16, "ieee", k._lse_fwd_kernel, k._LSE_FWD_FAMILIES, "mma128"),
         (256, torch.bfloat16, "ieee", k._lse_bwd_kernel, k._LSE_BWD_FAMILIES, "mma256"),
         (256, torch.float32, "tf32x3", k._lse_bwd_kernel, k._LSE_BWD_FAMILIES, "mma256_f32"),
-        (130, torch.float32, "tf32", k._lse_fwd_kernel, k._LSE_FWD_FAMILIES, "mma256"),
+        (130, torch.float32, "tf32", k._lse_fwd_kernel, k._LSE_FWD_FAMILIES, "mma256_f32"),
+        (130, torch.float16, "ieee", k._lse_fwd_kernel, k._LSE_FWD_FAMILIES, "mma256"),
+        (64, torch.float32, "tf32x3", k._lse_bwd_kernel, k._LSE_BWD_FAMILIES, "mma128"),
         (128, torch.float64, "ieee", k._lse_bwd_kernel, k._LSE_BWD_FAMILIES, "fma"),
     ]
     for d, dtype, prec, kernel, families, key in cases:
