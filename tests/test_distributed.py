@@ -11,6 +11,7 @@ second oracles for the drop-in modules.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import traceback
@@ -96,6 +97,12 @@ def _cases(rank: int, world: int):
                 "img": loc["img"], "txt": loc["txt"], "scale": scale}
 
 
+def _concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def _oracle_cases(rank: int, world: int):
     """lightly's and open_clip's own losses on the same ranks and inputs."""
     from tests._utils import import_bypassing_init
@@ -108,6 +115,24 @@ def _oracle_cases(rank: int, world: int):
     ).NTXentLoss
     theirs = lightly_cls(T_NTX, gather_distributed=True)
     yield "lightly_NTXentLoss", lambda z1, z2: theirs(z1, z2), {"z1": _local(d["z1"], rank), "z2": _local(d["z2"], rank)}
+    # lightly's memory bank with gather_distributed: every rank enqueues the gathered out1
+    theirs_bank = lightly_cls(T_NTX, memory_bank_size=(2 * world * B + 1, D), gather_distributed=True)
+    # lightly.models.utils (stubbed: it needs torchvision) holds the bank's all-gather without grad
+    stub = inspect.unwrap(type(theirs_bank.memory_bank)._dequeue_and_enqueue).__globals__["utils"]
+    stub.concat_all_gather = _concat_all_gather
+    import sslkernels
+
+    ours_bank = sslkernels.nn.NTXentLoss(T_NTX, memory_bank_size=(2 * world * B + 1, D), gather_distributed=True)
+    start = F.normalize(theirs_bank.memory_bank.bank.to(torch.float64), dim=1)  # unit rows in float64:
+    theirs_bank.memory_bank.bank = start.clone()  # the fused loss normalises the bank rows, lightly does not
+    ours_bank.memory_bank.bank = start.clone()
+    for step, (z1, z2) in enumerate([(d["z1"], d["z2"]), (d["z2"], d["feats"])]):
+        for who, loss in (("lightly", theirs_bank), ("ours", ours_bank)):
+            yield f"bank_{who}_{step}", lambda z1, z2, m=loss: m(z1, z2), {"z1": _local(z1, rank), "z2": _local(z2, rank)}
+    yield "bank_state", None, {"lightly": theirs_bank.memory_bank.bank.clone(),
+                               "ours": ours_bank.memory_bank.bank.clone(),
+                               "lightly_ptr": theirs_bank.memory_bank.bank_ptr.clone(),
+                               "ours_ptr": ours_bank.memory_bank.bank_ptr.clone()}
     open_clip_loss = import_bypassing_init("open_clip.loss")
     for local_loss in (True, False):
         for with_grad in (True, False):
@@ -163,7 +188,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             result[name] = _run(fn, tensors)
         try:
             for name, fn, tensors in _oracle_cases(rank, world):
-                result[name] = _run(fn, tensors)
+                result[name] = _run(fn, tensors) if fn is not None else tensors
         except BaseException as exc:  # pytest.skip when a package is missing
             if type(exc).__name__ != "Skipped":
                 raise
@@ -329,6 +354,25 @@ def test_drop_ins_match_lightly_and_open_clip_per_rank(world, tmp_path_factory):
                                                msg=f"rank {r} ClipLoss({local_loss}, {with_grad}) {key}")
     torch.testing.assert_close(sum(res["lightly_NTXentLoss"]["loss"] for res in ranks) / world,
                                ranks[0]["NTXentLoss"]["loss"], **TOL)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_memory_bank_gathers_like_lightly(world, tmp_path_factory):
+    ranks = _results(world, tmp_path_factory)
+    if "oracle_skipped" in ranks[0]:
+        pytest.skip(ranks[0]["oracle_skipped"])
+    d = _data(world)
+    for r, res in enumerate(ranks):
+        for step in range(2):
+            for key in ("loss", "z1", "z2"):
+                torch.testing.assert_close(res[f"bank_ours_{step}"][key], res[f"bank_lightly_{step}"][key], **TOL,
+                                           msg=f"rank {r} step {step} {key}")
+        state = res["bank_state"]
+        torch.testing.assert_close(state["ours"], state["lightly"], **TOL)
+        assert int(state["ours_ptr"]) == int(state["lightly_ptr"]) == 2 * world * B
+        # both steps' gathered out1 rows, normalised, in rank order, the same on every rank
+        torch.testing.assert_close(state["ours"][: 2 * world * B],
+                                   F.normalize(torch.cat([d["z2"], d["feats"]]), dim=1), **TOL)
 
 
 @pytest.mark.parametrize("world", [2, 3])
