@@ -142,14 +142,10 @@ const Acc* load_tile(const AttentionOperand& x, DType dtype, const AttentionRows
   constexpr int64_t kAhead = 8;
   const int64_t size = element_size(dtype), bytes = dh * size;
   const char* base = static_cast<const char*>(x.data);
-  // The first head also pulls every head's part of the rows towards L2 (when a token's
-  // heads are contiguous), so the tasks of the next heads find them there.
-  const int64_t all_heads = (h == 0 && x.head_stride == dh) ? x.token_stride * size : 0;
   for (int64_t i = 0; i < rows; ++i) {
     if (i + kAhead < rows) {
       const char* next = base + row_offset(x, side, s, r0 + i + kAhead, h) * size;
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
-      for (int64_t b = bytes; b < all_heads; b += 64) __builtin_prefetch(next + b, 0, 2);
     }
     load_row<Acc>(x.data, dtype, row_offset(x, side, s, r0 + i, h), dh, buffer + i * dh);
   }
