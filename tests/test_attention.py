@@ -161,6 +161,32 @@ def test_varlen_equals_masked_on_contiguous_patches():
     torch.testing.assert_close(torch.cat([masked[i, :n] for i, n in enumerate(lengths)]), packed)
 
 
+def test_varlen_strided_inputs_and_broadcast_grad():
+    """q, k, v as views of one packed qkv projection [T, 3, H, Dh], and the stride-0
+    gradient that out.sum().backward() sends."""
+    lengths, h, dh = [6, 1, 9], 2, 24
+    qkv = torch.randn(sum(lengths), 3, h, dh, dtype=torch.float64, requires_grad=True)
+    cu = _cu(lengths, torch.int64)
+    sslkernels.varlen_attention(*qkv.unbind(1), cu, 9).sum().backward()
+    ours = qkv.grad.clone()
+    qkv.grad = None
+    varlen_attention_reference(*qkv.unbind(1), cu, 9).sum().backward()
+    torch.testing.assert_close(ours, qkv.grad)
+
+
+def test_masked_padding_columns_are_free_of_effect():
+    """The same kept sets with far more -1 columns than patches: same result."""
+    q, k, v = _qkv(2, 10, 2, 16, torch.float64)
+    index = _index([3, 7], 10)
+    wide = torch.cat([index, torch.full((2, 40), -1)], dim=1)
+    narrow = _out_and_grads(sslkernels.masked_patch_attention, q, k, v, index)
+    padded = _out_and_grads(sslkernels.masked_patch_attention, q, k, v, wide)
+    torch.testing.assert_close(padded[0][:, :7], narrow[0])
+    assert torch.all(padded[0][:, 7:] == 0)
+    for a, b in zip(narrow[1:], padded[1:]):
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------ autograd, ops, compile
 
 
