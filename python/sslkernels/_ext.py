@@ -5,10 +5,35 @@ sslkernels fails here and says how to rebuild it.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+
+def _load_override(path: str):
+    """Load `_C` from SSLKERNELS_EXT_PATH (the module file, or a folder holding it): how
+    scripts/sanitize.sh runs the tests on an ASan/UBSan build made outside the install."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    files = [path] if os.path.isfile(path) else [
+        os.path.join(path, "_C" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    found = [f for f in files if os.path.isfile(f)]
+    if not found:
+        raise ImportError(f"SSLKERNELS_EXT_PATH={path!r} holds no _C extension module for this Python")
+    spec = importlib.util.spec_from_file_location("sslkernels._C", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["sslkernels._C"] = module
+    return module
+
+
 try:
-    from sslkernels import _C  # noqa: F401  (built by scikit-build-core from csrc/)
+    if os.environ.get("SSLKERNELS_EXT_PATH"):
+        _C = _load_override(os.environ["SSLKERNELS_EXT_PATH"])
+    else:
+        from sslkernels import _C  # noqa: F401  (built by scikit-build-core from csrc/)
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "sslkernels._C (the C++ CPU core) is not importable: the package was not built or "

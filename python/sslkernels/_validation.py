@@ -20,6 +20,20 @@ def check_float_tensor(x, name: str, ndim: int) -> None:
         raise ValueError(f"`{name}` must be {ndim}-D, got shape {tuple(x.shape)}")
     if x.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"`{name}` is on {x.device}; sslkernels supports cpu and cuda tensors")
+    check_dims(x, name)
+
+
+# The CPU core hands tile sizes to OpenBLAS as 32-bit ints: no dimension may reach 2**31.
+MAX_CPU_DIM = 2**31 - 1
+
+
+def check_dims(x: torch.Tensor, name: str) -> None:
+    """Every dimension of a CPU tensor below 2**31 (an expanded, stride-0 tensor can claim
+    more without the memory): a ValueError naming the argument, not a bad_alloc or a hang."""
+    if x.device.type == "cpu" and any(size > MAX_CPU_DIM for size in x.shape):
+        raise ValueError(
+            f"`{name}` has shape {tuple(x.shape)}: the CPU kernels take dimensions up to 2**31 - 1"
+        )
 
 
 def check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:

@@ -21,6 +21,8 @@ from typing import Tuple
 
 import torch
 
+from sslkernels._config import debug_enabled
+from sslkernels._validation import check_finite
 from sslkernels.functional import _check_matrices, svdvals
 
 __all__ = ["rankme", "effective_rank", "lidar", "alpha_req", "nesum"]
@@ -188,6 +190,8 @@ def lidar(views: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> torch.
     if delta <= 0:
         raise ValueError(f"`delta` must be > 0 (it makes Sigma_w positive definite), got {delta}")
     eps = _check_eps(eps)
+    if views.device.type == "cpu" or debug_enabled():  # before Cholesky turns NaN into a LinAlgError
+        check_finite(views, "views")
     x = views.double()
     mu_i = x.mean(dim=1)                                   # [N, D]
     between = mu_i - mu_i.mean(dim=0, keepdim=True)
