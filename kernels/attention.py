@@ -148,10 +148,13 @@ def _positions(idx_ptr, b, width, start, rows, n, L, INDEXED: tl.constexpr):
 
 
 @triton.jit
-def _rows_ptrs(ptr, b, sb, pos, st, h, sh, dcols, sd):
-    """ptr[b, pos, h, dcols] through explicit strides (int64 offsets)."""
-    base = ptr + b.to(tl.int64) * sb + h.to(tl.int64) * sh
-    return base + (pos * st)[:, None] + dcols[None, :] * sd
+def _rows_ptrs(ptr, b, sb, pos, st, h, sh, dcols, sd, ALIGN: tl.constexpr):
+    """ptr[b, pos, h, dcols] through explicit strides (int64 offsets). The batch, token
+    and head strides arrive divided by ALIGN (a power of two dividing all of them):
+    multiplied back here, they tell the compiler rows start on ALIGN-element boundaries,
+    so head dims like 40 or 88 still get vector loads."""
+    base = ptr + b.to(tl.int64) * sb * ALIGN + h.to(tl.int64) * sh * ALIGN
+    return base + (pos * st * ALIGN)[:, None] + dcols[None, :] * sd
 
 
 @triton.jit
@@ -165,11 +168,12 @@ def _program(H, cnt_ptr, kv_cnt_ptr, cu_ptr, KQ, KKV, T, INDEXED: tl.constexpr):
 
 
 @triton.jit
-def _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd):
+def _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd,
+              ALIGN: tl.constexpr):
     """The key and value rows at kpos (zeros where not kok), [BLOCK_N, BLOCK_D] each."""
     kmask = kok[:, None] & dok[None, :]
-    kt = tl.load(_rows_ptrs(k_ptr, b, skb, kpos, skt, h, skh, dcols, skd), mask=kmask, other=0.0)
-    vt = tl.load(_rows_ptrs(v_ptr, b, svb, kpos, svt, h, svh, dcols, svd), mask=kmask, other=0.0)
+    kt = tl.load(_rows_ptrs(k_ptr, b, skb, kpos, skt, h, skh, dcols, skd, ALIGN), mask=kmask, other=0.0)
+    vt = tl.load(_rows_ptrs(v_ptr, b, svb, kpos, svt, h, svh, dcols, svd, ALIGN), mask=kmask, other=0.0)
     return kt, vt
 
 
@@ -190,14 +194,14 @@ def _scale2(scale_hi, scale_lo, BLOCK: tl.constexpr, ACC: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=_all(_FWD), key=["Dh", "TUNE", "PRECISION"], prune_configs_by=_pruner(_FWD))
+@triton.autotune(configs=_all(_FWD), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_FWD))
 @triton.jit(do_not_specialize=["KQ", "KKV", "T", "TUNE"])
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
     sob, sot, soh, sod, slb, slh,
-    H, LQ, LK, KQ, KKV, T, Dh, TUNE, scale_hi, scale_lo,
-    INDEXED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    H, LQ, LK, KQ, KKV, T, TUNE, scale_hi, scale_lo,
+    INDEXED: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -205,9 +209,9 @@ def _attn_fwd_kernel(
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, BLOCK_D)
-    dok = dcols < Dh
+    dok = dcols < HEAD_DIM
     qpos, qok = _positions(idx_ptr, b, KQ, start, rows, n_q, LQ, INDEXED)
-    q = tl.load(_rows_ptrs(q_ptr, b, sqb, qpos, sqt, h, sqh, dcols, sqd),
+    q = tl.load(_rows_ptrs(q_ptr, b, sqb, qpos, sqt, h, sqh, dcols, sqd, ALIGN),
                 mask=qok[:, None] & dok[None, :], other=0.0)
     scale2 = _scale2(scale_hi, scale_lo, BLOCK_M, ACC)
 
@@ -218,7 +222,8 @@ def _attn_fwd_kernel(
     hi = tl.where(m0 < n_q, n_kv, 0)  # a tile past the count does no work
     for n0 in range(0, hi, BLOCK_N):
         kpos, kok = _positions(kv_idx_ptr, b, KKV, start, n0 + lcols, n_kv, LK, INDEXED)
-        kt, vt = _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd)
+        kt, vt = _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd,
+                        ALIGN)
         s = tl.dot(q, tl.trans(kt), input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
         s = tl.where(kok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -242,7 +247,7 @@ def _attn_fwd_kernel(
     else:
         wrow = rows < n_q
     orow = (start + rows).to(tl.int64)
-    o_ptrs = _rows_ptrs(o_ptr, b, sob, orow, sot, h, soh, dcols, sod)
+    o_ptrs = _rows_ptrs(o_ptr, b, sob, orow, sot, h, soh, dcols, sod, ALIGN)
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=wrow[:, None] & dok[None, :])
     tl.store(lse_ptr + _stat_offsets(b, h, start, rows, slb, slh), lse, mask=wrow)
 
@@ -254,8 +259,8 @@ def _attn_fwd_kernel(
 def _attn_delta_kernel(
     o_ptr, do_ptr, delta_ptr, cnt_ptr, cu_ptr,
     sob, sot, soh, sod, sgb, sgt, sgh, sgd, slb, slh,
-    H, KQ, T, Dh,
-    INDEXED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, KQ, T,
+    INDEXED: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) in fp32 (fp64), for the rows below the count."""
     pid_m = tl.program_id(0)
@@ -264,9 +269,9 @@ def _attn_delta_kernel(
     ok = rows < n_q
     orow = (start + rows).to(tl.int64)
     dcols = tl.arange(0, BLOCK_D)
-    mask = ok[:, None] & (dcols < Dh)[None, :]
-    o = tl.load(_rows_ptrs(o_ptr, b, sob, orow, sot, h, soh, dcols, sod), mask=mask, other=0.0)
-    g = tl.load(_rows_ptrs(do_ptr, b, sgb, orow, sgt, h, sgh, dcols, sgd), mask=mask, other=0.0)
+    mask = ok[:, None] & (dcols < HEAD_DIM)[None, :]
+    o = tl.load(_rows_ptrs(o_ptr, b, sob, orow, sot, h, soh, dcols, sod, ALIGN), mask=mask, other=0.0)
+    g = tl.load(_rows_ptrs(do_ptr, b, sgb, orow, sgt, h, sgh, dcols, sgd, ALIGN), mask=mask, other=0.0)
     acc_ty = delta_ptr.dtype.element_ty
     d = tl.sum(o.to(acc_ty) * g.to(acc_ty), axis=1)
     tl.store(delta_ptr + _stat_offsets(b, h, start, rows, slb, slh), d, mask=ok)
@@ -275,7 +280,7 @@ def _attn_delta_kernel(
 @triton.jit
 def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_ptr, KQ, LQ,
                 sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok,
-                INDEXED: tl.constexpr, ACC: tl.constexpr):
+                INDEXED: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr):
     """A query tile's (positions, valid, q, dO, lse in base 2, delta). A row whose lse
     is -inf (no keys) counts as invalid."""
     qpos, qok = _positions(idx_ptr, b, KQ, start, rows, n_q, LQ, INDEXED)
@@ -283,34 +288,35 @@ def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_p
     lse = tl.load(lse_ptr + soff, mask=qok, other=0.0).to(ACC)
     qok = qok & (lse > float("-inf"))
     mask = qok[:, None] & dok[None, :]
-    q = tl.load(_rows_ptrs(q_ptr, b, sqb, qpos, sqt, h, sqh, dcols, sqd), mask=mask, other=0.0)
+    q = tl.load(_rows_ptrs(q_ptr, b, sqb, qpos, sqt, h, sqh, dcols, sqd, ALIGN), mask=mask, other=0.0)
     orow = (start + rows).to(tl.int64)
-    do = tl.load(_rows_ptrs(do_ptr, b, sgb, orow, sgt, h, sgh, dcols, sgd), mask=mask, other=0.0)
+    do = tl.load(_rows_ptrs(do_ptr, b, sgb, orow, sgt, h, sgh, dcols, sgd, ALIGN), mask=mask, other=0.0)
     delta = tl.load(delta_ptr + soff, mask=qok, other=0.0).to(ACC)
     log2e = 1.0 / tl.log(tl.full(lse.shape, 2.0, ACC))
     lse2 = tl.where(qok, lse * log2e, 0.0)
     return qpos, qok, q, do, lse2, delta
 
 
-@triton.autotune(configs=_all(_BWD_KV), key=["Dh", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_KV))
+@triton.autotune(configs=_all(_BWD_KV), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_KV))
 @triton.jit(do_not_specialize=["KQ", "KKV", "T", "TUNE"])
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
     sgb, sgt, sgh, sgd, slb, slh, sdb, sdt, sdh,
-    H, LQ, LK, KQ, KKV, T, Dh, TUNE, scale_hi, scale_lo,
-    INDEXED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    H, LQ, LK, KQ, KKV, T, TUNE, scale_hi, scale_lo,
+    INDEXED: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b, h, start, n_q, n_kv = _program(H, cnt_ptr, kv_cnt_ptr, cu_ptr, KQ, KKV, T, INDEXED)
     n0 = pid_n * BLOCK_N
     dcols = tl.arange(0, BLOCK_D)
-    dok = dcols < Dh
+    dok = dcols < HEAD_DIM
     kpos, kok = _positions(kv_idx_ptr, b, KKV, start, n0 + tl.arange(0, BLOCK_N), n_kv, LK, INDEXED)
     kmask = kok[:, None] & dok[None, :]
-    kt, vt = _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd)
+    kt, vt = _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd,
+                        ALIGN)
     scale2 = _scale2(scale_hi, scale_lo, BLOCK_N, ACC)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
@@ -320,7 +326,7 @@ def _attn_bwd_dkdv_kernel(
     for m0 in range(0, hi, BLOCK_M):
         _, qok, q, do, lse2, delta = _query_side(
             q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, m0 + lrows, n_q, idx_ptr, KQ, LQ,
-            sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC)
+            sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC, ALIGN)
         st = tl.dot(kt, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
         pt = tl.where(kok[:, None] & qok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
@@ -329,30 +335,31 @@ def _attn_bwd_dkdv_kernel(
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
 
     dk = dk * (tl.zeros([BLOCK_N], dtype=ACC) + scale_hi + scale_lo)[:, None]
-    doff = b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + (kpos * sdt)[:, None] + dcols[None, :]
-    tl.store(dk_ptr + doff, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-    tl.store(dv_ptr + doff, dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+    tl.store(_rows_ptrs(dk_ptr, b, sdb, kpos, sdt, h, sdh, dcols, 1, ALIGN), dk.to(dk_ptr.dtype.element_ty),
+             mask=kmask)
+    tl.store(_rows_ptrs(dv_ptr, b, sdb, kpos, sdt, h, sdh, dcols, 1, ALIGN), dv.to(dv_ptr.dtype.element_ty),
+             mask=kmask)
 
 
-@triton.autotune(configs=_all(_BWD_Q), key=["Dh", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_Q))
+@triton.autotune(configs=_all(_BWD_Q), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_Q))
 @triton.jit(do_not_specialize=["KQ", "KKV", "T", "TUNE"])
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
     sgb, sgt, sgh, sgd, slb, slh, sdb, sdt, sdh,
-    H, LQ, LK, KQ, KKV, T, Dh, TUNE, scale_hi, scale_lo,
-    INDEXED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    H, LQ, LK, KQ, KKV, T, TUNE, scale_hi, scale_lo,
+    INDEXED: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b, h, start, n_q, n_kv = _program(H, cnt_ptr, kv_cnt_ptr, cu_ptr, KQ, KKV, T, INDEXED)
     m0 = pid_m * BLOCK_M
     dcols = tl.arange(0, BLOCK_D)
-    dok = dcols < Dh
+    dok = dcols < HEAD_DIM
     qpos, qok, q, do, lse2, delta = _query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, m0 + tl.arange(0, BLOCK_M), n_q, idx_ptr, KQ, LQ,
-        sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC)
+        sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC, ALIGN)
     scale2 = _scale2(scale_hi, scale_lo, BLOCK_M, ACC)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
@@ -360,7 +367,8 @@ def _attn_bwd_dq_kernel(
     hi = tl.where(m0 < n_q, n_kv, 0)
     for n0 in range(0, hi, BLOCK_N):
         kpos, kok = _positions(kv_idx_ptr, b, KKV, start, n0 + lcols, n_kv, LK, INDEXED)
-        kt, vt = _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd)
+        kt, vt = _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd,
+                        ALIGN)
         s = tl.dot(q, tl.trans(kt), input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
         p = tl.where(qok[:, None] & kok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION, out_dtype=ACC)
@@ -368,8 +376,8 @@ def _attn_bwd_dq_kernel(
         dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PRECISION, out_dtype=ACC)
 
     dq = dq * (tl.zeros([BLOCK_M], dtype=ACC) + scale_hi + scale_lo)[:, None]
-    doff = b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + (qpos * sdt)[:, None] + dcols[None, :]
-    tl.store(dq_ptr + doff, dq.to(dq_ptr.dtype.element_ty), mask=qok[:, None] & dok[None, :])
+    tl.store(_rows_ptrs(dq_ptr, b, sdb, qpos, sdt, h, sdh, dcols, 1, ALIGN), dq.to(dq_ptr.dtype.element_ty),
+             mask=qok[:, None] & dok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -395,11 +403,24 @@ def _block_d(dh: int) -> int:
     return max(16, triton.next_power_of_2(int(dh)))
 
 
-def _strides4(x: torch.Tensor):
-    """(batch, token, head, feature) strides of [B, L, H, Dh] or packed [T, H, Dh] (batch 0)."""
-    if x.dim() == 4:
-        return tuple(x.stride())
-    return (0,) + tuple(x.stride())
+def _strides4(x: torch.Tensor, align: int = 1):
+    """(batch, token, head, feature) strides of [B, L, H, Dh] or packed [T, H, Dh] (batch
+    0), the first three divided by `align` (the kernels multiply them back)."""
+    s = tuple(x.stride()) if x.dim() == 4 else (0,) + tuple(x.stride())
+    return tuple(v // align for v in s[:3]) + (s[3],)
+
+
+def _align(*tensors) -> int:
+    """The largest power of two <= 16 dividing every batch, token and head stride of the
+    tensors (1 if a feature stride is not 1): the kernels' ALIGN."""
+    g = 16
+    for x in tensors:
+        s = _strides4(x)
+        if s[3] != 1:
+            return 1
+        for v in s[:3]:
+            g = math.gcd(g, v)
+    return g
 
 
 def _device_ctx(x: torch.Tensor):
@@ -407,7 +428,7 @@ def _device_ctx(x: torch.Tensor):
 
 
 def _meta(dtype: torch.dtype, dh: int, indexed: bool) -> dict:
-    return dict(INDEXED=indexed, PRECISION=_precision(dtype), ACC=_acc(dtype), BLOCK_D=_block_d(dh))
+    return dict(INDEXED=indexed, HEAD_DIM=int(dh), PRECISION=_precision(dtype), ACC=_acc(dtype), BLOCK_D=_block_d(dh))
 
 
 class _Call:
@@ -443,7 +464,7 @@ class _Call:
         self.tune = _tune_rows(max(self.rows_q, self.rows_kv))
 
     def sizes(self):
-        return (self.h, self.lq, self.lk, self.kq, self.kkv, self.t, self.dh, self.tune) + self.scale
+        return (self.h, self.lq, self.lk, self.kq, self.kkv, self.t, self.tune) + self.scale
 
 
 def _forward(q, k, v, call: _Call):
@@ -460,10 +481,11 @@ def _forward(q, k, v, call: _Call):
         def grid(cfg):
             return (triton.cdiv(call.rows_q, cfg["BLOCK_M"]), call.b * call.h)
 
+        a = _align(q, k, v, out)
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, idx, kv_idx, cnt, kv_cnt, cu,
-            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *call.stat,
-            *call.sizes(), **meta,
+            *_strides4(q, a), *_strides4(k, a), *_strides4(v, a), *_strides4(out, a), *call.stat,
+            *call.sizes(), ALIGN=a, **meta,
         )
     return out, lse
 
@@ -480,20 +502,21 @@ def _backward(grad_out, q, k, v, out, lse, call: _Call):
             return dq.zero_(), dk.zero_(), dv.zero_()
         lse = lse.contiguous()
         delta = torch.empty(call.lse_shape, dtype=_stats_dtype(q.dtype), device=q.device)
+        a = _align(q, k, v, grad_out, out, dq, dk)
+        meta["ALIGN"] = a
         _attn_delta_kernel[(triton.cdiv(call.rows_q, _DELTA_ROWS), call.b * call.h)](
-            out, grad_out, delta, cnt, cu, *_strides4(out), *_strides4(grad_out), *call.stat,
-            call.h, call.kq, call.t, call.dh,
-            INDEXED=call.indexed, BLOCK_M=_DELTA_ROWS, BLOCK_D=meta["BLOCK_D"],
+            out, grad_out, delta, cnt, cu, *_strides4(out, a), *_strides4(grad_out, a), *call.stat,
+            call.h, call.kq, call.t,
+            INDEXED=call.indexed, HEAD_DIM=call.dh, ALIGN=a, BLOCK_M=_DELTA_ROWS, BLOCK_D=meta["BLOCK_D"],
         )
-        common = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out), *call.stat)
-        assert dk.stride() == dv.stride()
+        common = (*_strides4(q, a), *_strides4(k, a), *_strides4(v, a), *_strides4(grad_out, a), *call.stat)
 
         def grid_kv(cfg):
             return (triton.cdiv(call.rows_kv, cfg["BLOCK_N"]), call.b * call.h)
 
         _attn_bwd_dkdv_kernel[grid_kv](
             q, k, v, grad_out, lse, delta, dk, dv, idx, kv_idx, cnt, kv_cnt, cu,
-            *common, *_strides4(dk)[:3], *call.sizes(), **meta,
+            *common, *_strides4(dk, a)[:3], *call.sizes(), **meta,
         )
 
         def grid_q(cfg):
@@ -501,7 +524,7 @@ def _backward(grad_out, q, k, v, out, lse, call: _Call):
 
         _attn_bwd_dq_kernel[grid_q](
             q, k, v, grad_out, lse, delta, dq, idx, kv_idx, cnt, kv_cnt, cu,
-            *common, *_strides4(dq)[:3], *call.sizes(), **meta,
+            *common, *_strides4(dq, a)[:3], *call.sizes(), **meta,
         )
     return dq, dk, dv
 
