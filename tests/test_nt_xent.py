@@ -143,8 +143,9 @@ def test_module_is_drop_in():
     loss = sslkernels.nn.NTXentLoss(temperature=0.2)
     assert loss.temperature == 0.2
     assert dict(loss.state_dict()) == {}
-    with pytest.raises(NotImplementedError, match="gather_distributed"):
-        sslkernels.nn.NTXentLoss(gather_distributed=True)
+    assert sslkernels.nn.NTXentLoss(gather_distributed=True).gather_distributed  # tests/test_distributed.py
+    with pytest.raises(NotImplementedError, match="ring"):
+        sslkernels.nn.NTXentLoss(gather_distributed=True, distributed_mode="ring")
     with pytest.raises(ValueError, match="temperature"):
         sslkernels.nn.NTXentLoss(temperature=0.0)
 
