@@ -83,12 +83,16 @@ class _Problem:
         status = _ext._C.attention_forward(*self.args(), out.data_ptr(), lse.data_ptr(), _ext.num_threads())
         _ext.raise_for_status(status, op, "q", "k", "v")
 
-    def backward(self, grad_out: Tensor, out: Tensor, lse: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, op: str):
+    def backward(self, grad_out: Tensor, out: Tensor, lse: Tensor, alloc, op: str):
+        """(dq, dk, dv) in buffers from `alloc` (zeros where some tokens are never read)."""
+        grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+        dq, dk, dv = _grads_like(self.q, self.k, self.v, alloc)
         status = _ext._C.attention_backward(
             *self.args(), grad_out.data_ptr(), out.data_ptr(), lse.data_ptr(),
             _operand(dq, self.packed), _operand(dk, self.packed), _operand(dv, self.packed), _ext.num_threads(),
         )
         _ext.raise_for_status(status, op, "q", "k", "v")
+        return dq, dk, dv
 
 
 def _masked_problem(q, k, v, index, kv_index, scale, check: bool) -> _Problem:
@@ -186,10 +190,7 @@ def _(grad_out, q, k, v, index, kv_index, out, lse, scale):
 @masked_patch_attention_backward.register_kernel("cpu")
 def _(grad_out, q, k, v, index, kv_index, out, lse, scale):
     problem = _masked_problem(q, k, v, index, kv_index, scale, check=False)
-    dq, dk, dv = _grads_like(q, k, v, alloc=torch.zeros)
-    problem.backward(grad_out.contiguous(), out.contiguous(), lse.contiguous(), dq, dk, dv,
-                     "masked_patch_attention backward")
-    return dq, dk, dv
+    return problem.backward(grad_out, out, lse, torch.zeros, "masked_patch_attention backward")
 
 
 @masked_patch_attention_backward.register_kernel("cuda")
@@ -256,10 +257,7 @@ def _(grad_out, q, k, v, cu_seqlens, max_seqlen, out, lse, scale):
 def _(grad_out, q, k, v, cu_seqlens, max_seqlen, out, lse, scale):
     problem = _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale, check=False)
     # Every token is read by its sequence, so every gradient row is written.
-    dq, dk, dv = _grads_like(q, k, v)
-    problem.backward(grad_out.contiguous(), out.contiguous(), lse.contiguous(), dq, dk, dv,
-                     "varlen_attention backward")
-    return dq, dk, dv
+    return problem.backward(grad_out, out, lse, torch.empty, "varlen_attention backward")
 
 
 @varlen_attention_backward.register_kernel("cuda")
