@@ -413,3 +413,20 @@ def test_head_dims_across_the_cpu_range():
         for f, r in zip(_out_and_grads(sslkernels.masked_patch_attention, q, k, v, index),
                         _out_and_grads(masked_patch_attention_reference, q, k, v, index)):
             torch.testing.assert_close(f, r)
+
+
+def test_ops_called_directly_check_their_index():
+    """The C++ core trusts its rows: every op, backward included, checks them first."""
+    q, k, v = _qkv(2, 6, 2, 16, torch.float32)
+    good = _index([4, 2], 6)
+    out, lse = torch.ops.sslkernels.masked_patch_attention_forward(q, k, v, good, good, 0.25)
+    bad = good.clone()
+    bad[1, 0] = 6
+    with pytest.raises(ValueError, match="`index` holds 6"):
+        torch.ops.sslkernels.masked_patch_attention_backward(out, q, k, v, bad, good, out, lse, 0.25)
+    with pytest.raises(ValueError, match="`kv_index` holds 6"):
+        torch.ops.sslkernels.masked_patch_attention_backward(out, q, k, v, good, bad, out, lse, 0.25)
+    qv, kv, vv = (torch.randn(10, 2, 16) for _ in range(3))
+    out, lse = torch.ops.sslkernels.varlen_attention_forward(qv, kv, vv, _cu([4, 6]), 6, 0.25)
+    with pytest.raises(ValueError, match="must end at the number of tokens"):
+        torch.ops.sslkernels.varlen_attention_backward(out, qv, kv, vv, _cu([4, 7]), 7, out, lse, 0.25)

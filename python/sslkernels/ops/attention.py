@@ -95,11 +95,12 @@ class _Problem:
         return dq, dk, dv
 
 
-def _masked_problem(q, k, v, index, kv_index, scale, check: bool) -> _Problem:
-    if check:
-        check_patch_index_values(index, "index", q.shape[1])
-        if kv_index is not index:
-            check_patch_index_values(kv_index, "kv_index", k.shape[1])
+def _masked_problem(q, k, v, index, kv_index, scale) -> _Problem:
+    # The index is checked on every call (forward, and backward called directly): the
+    # core trusts it. A [B, K] pass, nothing next to the attention itself.
+    check_patch_index_values(index, "index", q.shape[1])
+    if kv_index is not index:
+        check_patch_index_values(kv_index, "kv_index", k.shape[1])
     b, kq, h = index.shape[0], index.shape[1], q.shape[2]
     index, kv_index = index.contiguous(), kv_index.contiguous()
     count = _row_counts(index, torch.int64)
@@ -111,9 +112,8 @@ def _masked_problem(q, k, v, index, kv_index, scale, check: bool) -> _Problem:
     )
 
 
-def _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale, check: bool) -> _Problem:
-    if check:
-        check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+def _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale) -> _Problem:
+    check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     cu = cu_seqlens.to(torch.int64)
     base = cu[:-1].contiguous()
     count = (cu[1:] - cu[:-1]).contiguous()
@@ -150,7 +150,7 @@ def _(q, k, v, index, kv_index, scale):
 def _(q, k, v, index, kv_index, scale):
     same = kv_index is index or (kv_index.data_ptr() == index.data_ptr() and kv_index.shape == index.shape
                                  and kv_index.stride() == index.stride())
-    problem = _masked_problem(q, k, v, index, index if same else kv_index, scale, check=True)
+    problem = _masked_problem(q, k, v, index, index if same else kv_index, scale)
     b, kq = index.shape
     h, dh = q.shape[2], q.shape[3]
     out = torch.zeros((b, kq, h, dh), dtype=q.dtype)  # padding rows stay zero
@@ -189,7 +189,7 @@ def _(grad_out, q, k, v, index, kv_index, out, lse, scale):
 
 @masked_patch_attention_backward.register_kernel("cpu")
 def _(grad_out, q, k, v, index, kv_index, out, lse, scale):
-    problem = _masked_problem(q, k, v, index, kv_index, scale, check=False)
+    problem = _masked_problem(q, k, v, index, kv_index, scale)
     return problem.backward(grad_out, out, lse, torch.zeros, "masked_patch_attention backward")
 
 
@@ -221,7 +221,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
 
 @varlen_attention_forward.register_kernel("cpu")
 def _(q, k, v, cu_seqlens, max_seqlen, scale):
-    problem = _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale, check=True)
+    problem = _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale)
     t, h, dh = q.shape
     out = torch.empty((t, h, dh), dtype=q.dtype)  # every token belongs to a sequence
     lse = torch.empty((h, t), dtype=_stats_dtype(q.dtype))
@@ -255,7 +255,7 @@ def _(grad_out, q, k, v, cu_seqlens, max_seqlen, out, lse, scale):
 
 @varlen_attention_backward.register_kernel("cpu")
 def _(grad_out, q, k, v, cu_seqlens, max_seqlen, out, lse, scale):
-    problem = _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale, check=False)
+    problem = _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale)
     # Every token is read by its sequence, so every gradient row is written.
     return problem.backward(grad_out, out, lse, torch.empty, "varlen_attention backward")
 
