@@ -441,8 +441,10 @@ def compile_only():
             for sig in (fsig, bsig):
                 sig.pop("stride1"), sig.pop("stride2")
         one = {"stride1": 1, "stride2": 1} if d == 1 else {}
-        jobs = [(K._nt_xent_fwd_kernel, fsig, {**one, **fmeta}, c, "fwd") for c in K._FWD_FAMILIES[family]]
-        jobs += [(K._nt_xent_bwd_kernel, bsig, {**one, **bmeta}, c, "bwd") for c in K._BWD_FAMILIES[family]]
+        jobs = [(K._nt_xent_fwd_kernel, fsig, {**one, **fmeta}, c, "fwd")
+                for c in K._family_configs(K._FWD_FAMILIES, d, dtype, prec)]
+        jobs += [(K._nt_xent_bwd_kernel, bsig, {**one, **bmeta}, c, "bwd")
+                 for c in K._family_configs(K._BWD_FAMILIES, d, dtype, prec)]
         br, bd = K._small_blocks(d)
         small = triton.Config({}, num_warps=4, num_stages=2)
         if normalize:
@@ -464,6 +466,8 @@ def compile_only():
                 failures += 1
                 print(f"  {tag}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
     failures += compile_spectral(build)
+    for mod, fn in (("gpu_contrastive", "compile_contrastive"), ("gpu_attention", "compile_attention")):
+        failures += getattr(importlib.import_module(mod), fn)(build)
     print(f"compile-only: {failures} failure(s)")
     return 1 if failures else 0
 

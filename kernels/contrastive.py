@@ -100,12 +100,17 @@ _FWD_FAMILIES = {
     "mma256": [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)],
     "mmawide": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
     "fma": [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
+    # fp32 (tf32 / tf32x3: split operands) -- only the tiles that fit sm_90's 227 KiB of
+    # shared memory (ptxas: 128-row tiles need 256-640 KiB)
+    "mma128_f32": [_cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+    "mma256_f32": [_cfg(64, 32, 4, 2)],
 }
 _BWD_FAMILIES = {
     "mma128": [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
     "mma256": [_cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(64, 64, 8, 2)],
     "mmawide": [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2)],
     "fma": [_cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 4, 2)],
+    "mma256_f32": [_cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)],  # (64, 64): 328 KiB
 }
 # The generic row-block kernels (SupCon, InfoNCE) carry more live state than NT-Xent's
 # (labels, two softmax terms, the expectation), and fp32 products default to tf32x3,

@@ -85,12 +85,13 @@ def check_labels(labels, name: str, length: int, device: torch.device) -> torch.
 def temperature_tensor(temperature, device: torch.device, name: str = "temperature") -> torch.Tensor:
     """A float or a 0-dim floating tensor (learnable when it requires grad), as a 0-dim tensor.
 
-    A Python float becomes a float64 CPU scalar. A tensor must be 0-dim, on the CPU
+    A Python float becomes a float64 scalar on `device` (filled by a kernel: no host
+    sync, and its gradient, if computed, stays there). A tensor must be 0-dim, on the CPU
     or on `device`; its value (finite, > 0) is checked on the CPU always and on CUDA
     in debug mode only (the check is a host sync).
     """
     if not isinstance(temperature, torch.Tensor):
-        return torch.tensor(check_temperature(temperature, name), dtype=torch.float64)
+        return torch.full((), check_temperature(temperature, name), dtype=torch.float64, device=device)
     if not temperature.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got {temperature.dtype}")
     if temperature.dim() != 0:
