@@ -251,7 +251,7 @@ def spectral_section(rows, failed):
     op = getattr(sslkernels, "svdvals", None)
     for (b, m, n) in SPEC_SHAPES:
         for dt in SPEC_DTYPES:
-            if time_left() < 20:
+            if time_left() < 90:
                 log(f"svdvals {b}x{m}x{n} {dt}: skipped (deadline)")
                 continue
             dtype = DTYPES[dt]
@@ -533,12 +533,31 @@ def main():
                 failed.append(f"{name}: {msg}")
             log(f"extra {name}: {'PASS' if ok else 'FAIL'}  {msg}")
 
+    # -- the other families: each section adds its rows and failures
+    # (first the families no GPU has run yet, svdvals after them)
+    sections = []
+    for mod, fn in (("gpu_contrastive", "contrastive_section"), ("gpu_attention", "attention_section")):
+        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), mod + ".py")):
+            sections.append((mod, lambda mod=mod, fn=fn: getattr(importlib.import_module(mod), fn)(rows, failed, log)))
+        else:
+            failed.append(f"{mod}.py missing: its family was not checked")
+    sections.append(("svdvals", lambda: spectral_section(rows, failed)))
+    for name, section in sections:
+        if time_left() < 30:
+            failed.append(f"{name}: skipped, deadline reached")
+            continue
+        log(f"section {name}")
+        try:
+            section()
+        except Exception:  # noqa: BLE001
+            failed.append(f"{name} section: EXCEPTION " + traceback.format_exc(limit=5))
+
     # -- 3. timings
     log("timings")
     for dt in TIME_DTYPES:
         for d in TIME_D:
             for n in timed_sizes():
-                if time_left() < 240:  # keep time for the other families
+                if time_left() < 25:
                     log(f"NT-Xent timing N={n} D={d} {dt}: skipped (deadline)")
                     continue
                 dtype = DTYPES[dt]
@@ -577,7 +596,7 @@ def main():
     from sslkernels.kernels import contrastive as K
 
     for d in TIME_D:
-        if time_left() < 200:
+        if time_left() < 20:
             break
         z1, z2 = make_inputs(8192, d, torch.float32, True, seed=1)
         default = K.FP32_PRECISION
@@ -597,23 +616,6 @@ def main():
             log(f"fp32 products {prec} N=8192 D={d}: {r['pass']} {r['fused_ms']} ms")
         K.FP32_PRECISION = default
         del z1, z2
-
-    # -- the other families: each section adds its rows and failures
-    sections = [("svdvals", lambda: spectral_section(rows, failed))]
-    for mod, fn in (("gpu_contrastive", "contrastive_section"), ("gpu_attention", "attention_section")):
-        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), mod + ".py")):
-            sections.append((mod, lambda mod=mod, fn=fn: getattr(importlib.import_module(mod), fn)(rows, failed, log)))
-        else:
-            failed.append(f"{mod}.py missing: its family was not checked")
-    for name, section in sections:
-        if time_left() < 30:
-            failed.append(f"{name}: skipped, deadline reached")
-            continue
-        log(f"section {name}")
-        try:
-            section()
-        except Exception:  # noqa: BLE001
-            failed.append(f"{name} section: EXCEPTION " + traceback.format_exc(limit=5))
 
     # -- autotune choices (for the record)
     try:
