@@ -127,7 +127,9 @@ inline float exp_vec(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  // NaN x leaves k NaN: converting that to int is undefined (UBSan), so the exponent
+  // takes 0 instead; p is NaN already, so NaN still comes out.
+  const int32_t bits = (static_cast<int32_t>(k == k ? k : 0.0f) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale * underflow;
