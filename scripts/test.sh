@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${SSLK_VENV:-.venv}/bin/python" -m pytest tests "$@"
+"${SSLK_VENV:-.venv}/bin/python" -m pytest tests "$@"
+# SSLK_SANITIZE=1: also build _C and the C++ driver with ASan/UBSan (build/asan) and rerun the
+# C++-path tests on it (scripts/sanitize.sh; ~15 min on 2 cores, so not part of .ci/run).
+if [ "${SSLK_SANITIZE:-0}" = "1" ]; then
+  bash scripts/sanitize.sh -q
+fi

@@ -1,0 +1,340 @@
+"""One table of the public functions for the reliability tests (properties, hostile
+input, threads, determinism, leaks, environment).
+
+A new public function joins every one of those tests with one `OpSpec` entry in
+`OPS`: how to build valid inputs of given sizes, an eager reference (run in the
+inputs' dtype it is the "eager" baseline, on float64 copies the oracle), a
+hypothesis strategy of sizes and options, and what each tensor argument accepts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+import sslkernels
+from sslkernels.reference import info_nce_reference, nt_xent_reference, sup_con_reference
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A tensor argument, as the hostile-input table sees it."""
+
+    ranks: Tuple[int, ...]      # ranks the function accepts
+    kind: str = "float"         # "float" (any of FLOATS) or "int" (integer ids)
+    empty_ok: bool = False      # a zero-size tensor is a valid value (e.g. an empty queue)
+    values_checked: bool = True  # NaN / Inf in it raise ValueError naming it
+    more_dims_ok: bool = False   # any rank above max(ranks) is accepted too (batch dims)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    call: Callable[..., torch.Tensor]                  # the public function, keyword arguments
+    build: Callable[[dict, torch.dtype, float, int], dict]  # (sizes, dtype, scale, seed) -> tensors
+    reference: Callable[..., torch.Tensor]             # eager formula, same keyword arguments
+    sizes: st.SearchStrategy                           # dict of sizes for build
+    options: st.SearchStrategy                         # dict of non-tensor keyword arguments
+    small: dict                                        # sizes for the table-driven tests
+    large: dict                                        # sizes that span several tiles / threads
+    args: Dict[str, Arg]
+    grads: Tuple[str, ...] = ()                        # float tensors that get a gradient
+    # (label, argument, transform of its valid value) -> ValueError naming the argument
+    mismatches: Tuple[Tuple[str, str, Callable], ...] = ()
+    # (keyword overrides, exception type, argument the message names) for non-tensor arguments
+    bad_scalars: Tuple[Tuple[dict, type, str], ...] = ()
+    defaults: dict = field(default_factory=dict)       # options of the table-driven tests
+    thread_bitwise: bool = False  # documented: bitwise identical for any thread count
+    dtypes: Tuple[torch.dtype, ...] = FLOATS
+
+    def inputs(self, dtype=torch.float32, seed=0, scale=1.0, sizes=None) -> dict:
+        return self.build(dict(self.small if sizes is None else sizes), dtype, scale, seed)
+
+    def run(self, tensors: dict, options: Optional[dict] = None):
+        return self.call(**tensors, **(self.defaults if options is None else options))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen, *shape, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+# Row counts at and just above the C++ tile heights (64 / 128 / 256) and 1; odd widths.
+ROWS = st.one_of(st.sampled_from([1, 2, 3, 63, 64, 65, 129, 257]), st.integers(1, 40))
+COLS = st.one_of(st.sampled_from([1, 3, 65, 130]), st.integers(1, 24))
+TEMPERATURE = st.floats(0.05, 2.0)
+
+
+# ---------------------------------------------------------------- contrastive losses
+
+
+def _build_nt_xent(s, dtype, scale, seed):
+    g = _gen(seed)
+    z1 = _randn(g, s["n"], s["d"], scale=scale, dtype=torch.float64)
+    z2 = 0.6 * z1 + 0.8 * _randn(g, s["n"], s["d"], scale=scale, dtype=torch.float64)
+    return {"z1": z1.to(dtype), "z2": z2.to(dtype)}
+
+
+def _build_sup_con(s, dtype, scale, seed):
+    g = _gen(seed)
+    labels = torch.randint(0, s["classes"], (s["n"],), generator=g)
+    return {"features": _randn(g, s["n"], s["d"], scale=scale, dtype=dtype), "labels": labels}
+
+
+def _build_info_nce(s, dtype, scale, seed):
+    g = _gen(seed)
+    q = _randn(g, s["n"], s["d"], scale=scale, dtype=torch.float64)
+    out = {"query": q.to(dtype), "key": (0.6 * q + 0.8 * _randn(g, s["n"], s["d"], scale=scale,
+                                                              dtype=torch.float64)).to(dtype)}
+    if s.get("per_query"):
+        out["negatives"] = _randn(g, s["n"], s["per_query"], s["d"], scale=scale, dtype=dtype)
+    elif s.get("k"):
+        out["negatives"] = _randn(g, s["k"], s["d"], scale=scale, dtype=dtype)
+    return out
+
+
+def _contrastive_options(extra=None):
+    base = {"temperature": TEMPERATURE, "normalize": st.booleans()}
+    base.update(extra or {})
+    return st.fixed_dictionaries(base)
+
+
+def _info_nce_options():
+    def fix(o):  # symmetric needs the in-batch negatives
+        if o["symmetric"]:
+            o["in_batch_negatives"] = True
+        return o
+    return _contrastive_options({"symmetric": st.booleans(), "in_batch_negatives": st.booleans()}).map(fix)
+
+
+def _bad(name, *cases):
+    """Bad values of one keyword argument: ((value, exception type), ...) -> table rows."""
+    return tuple(({name: value}, exc, name) for value, exc in cases)
+
+
+_TEMPERATURE_CASES = _bad(
+    "temperature", (0.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
+    (float("inf"), ValueError), ("0.5", TypeError), (None, TypeError), (True, TypeError))
+
+
+def _extra_row(x):
+    return torch.cat([x, x[:1]])
+
+
+def _extra_col(x):
+    return torch.cat([x, x[..., :1]], dim=-1)
+
+
+NT_XENT = OpSpec(
+    name="nt_xent", call=sslkernels.nt_xent, build=_build_nt_xent, reference=nt_xent_reference,
+    sizes=st.fixed_dictionaries({"n": ROWS, "d": COLS}), options=_contrastive_options(),
+    small={"n": 7, "d": 5}, large={"n": 300, "d": 33}, defaults={"temperature": 0.5},
+    args={"z1": Arg((2,)), "z2": Arg((2,))}, grads=("z1", "z2"),
+    mismatches=(("one more row", "z2", _extra_row), ("one more column", "z2", _extra_col)),
+    bad_scalars=_TEMPERATURE_CASES, thread_bitwise=True,
+)
+
+SUP_CON = OpSpec(
+    name="sup_con", call=sslkernels.sup_con, build=_build_sup_con, reference=sup_con_reference,
+    sizes=st.fixed_dictionaries({"n": ROWS, "d": COLS, "classes": st.integers(1, 9)}),
+    options=_contrastive_options(), small={"n": 9, "d": 5, "classes": 3},
+    large={"n": 301, "d": 20, "classes": 12}, defaults={"temperature": 0.1},
+    args={"features": Arg((2,)), "labels": Arg((1,), kind="int", values_checked=False)}, grads=("features",),
+    mismatches=(("one more label", "labels", _extra_row),),
+    bad_scalars=_TEMPERATURE_CASES, thread_bitwise=True,
+)
+
+INFO_NCE = OpSpec(
+    name="info_nce", call=sslkernels.info_nce, build=_build_info_nce, reference=info_nce_reference,
+    sizes=st.fixed_dictionaries({"n": ROWS, "d": COLS, "k": st.sampled_from([0, 1, 5, 65]),
+                                 "per_query": st.sampled_from([0, 0, 1, 3])}),
+    options=_info_nce_options(), small={"n": 6, "d": 5, "k": 4},
+    large={"n": 290, "d": 24, "k": 129}, defaults={"temperature": 0.1},
+    args={"query": Arg((2,)), "key": Arg((2,)), "negatives": Arg((2, 3), empty_ok=True)},
+    grads=("query", "key", "negatives"),
+    mismatches=(("one more row", "key", _extra_row), ("one more column", "negatives", _extra_col),
+                ("per-query negatives of another batch", "negatives", lambda x: x.expand(2, *x.shape))),
+    bad_scalars=_TEMPERATURE_CASES + _bad(
+        "temperature", (torch.tensor([0.1]), ValueError), (torch.tensor(1), TypeError),
+        (torch.tensor(float("nan")), ValueError), (torch.tensor(-1.0), ValueError),
+        (torch.tensor(0.1, device="meta"), ValueError)) + (
+        ({"symmetric": True, "in_batch_negatives": False}, ValueError, "symmetric"),),
+    thread_bitwise=True,
+)
+
+
+# ---------------------------------------------------------------- singular values and metrics
+
+
+def _build_matrix(name):
+    def build(s, dtype, scale, seed):
+        g = _gen(seed)
+        shape = ((s["b"],) if s.get("b") else ()) + (s["m"], s["n"])
+        # singular values spread over two decades, so small ones matter
+        decay = torch.logspace(0, -2, s["n"], dtype=torch.float64)
+        return {name: (_randn(g, *shape, scale=scale, dtype=torch.float64) * decay).to(dtype)}
+    return build
+
+
+def _eager_dtype(x):  # torch.linalg has no float16 / bfloat16 kernels on the CPU
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _svdvals_eager(A):
+    return torch.linalg.svdvals(A.to(_eager_dtype(A)))
+
+
+def _svdvals_ex_eager(A, max_sweeps=30):
+    return _svdvals_eager(A)
+
+
+def _entropy_exp(w, eps):
+    total = w.sum(dim=-1, keepdim=True)
+    p = torch.where(total > 0, w / total.clamp_min(1e-300), torch.zeros_like(w)) + eps
+    h = -torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p)).sum(dim=-1)
+    return h, total.squeeze(-1)
+
+
+def _rankme_eager(Z, eps=1e-7, center=False, squared=False, normalized=False):
+    x = Z.to(_eager_dtype(Z))
+    if center:
+        x = x - x.mean(dim=-2, keepdim=True)
+    s = torch.linalg.svdvals(x)
+    h, total = _entropy_exp(s * s if squared else s, eps)
+    k = min(Z.shape[-2:])
+    value = (h / math.log(k) if k > 1 else torch.zeros_like(h)) if normalized else torch.exp(h)
+    return torch.where(total > 0, value, torch.zeros_like(value))
+
+
+def _effective_rank_eager(Z):
+    h, total = _entropy_exp(torch.linalg.svdvals(Z.to(_eager_dtype(Z))), 0.0)
+    return torch.where(total > 0, torch.exp(h), torch.zeros_like(h))
+
+
+def _cov_eigs(Z):
+    x = Z.to(_eager_dtype(Z))
+    x = x - x.mean(dim=-2, keepdim=True)
+    s = torch.linalg.svdvals(x)
+    return s * s / max(Z.shape[-2] - 1, 1)
+
+
+def _nesum_eager(Z):
+    lam = _cov_eigs(Z)
+    top = lam[..., 0]
+    return torch.where(top > 0, lam.sum(-1) / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
+
+
+def _alpha_req_eager(Z, fit_range=(10, 100)):
+    lo, hi = fit_range
+    hi = min(hi, min(Z.shape[-2:]) + 1)
+    lam = _cov_eigs(Z)[..., lo - 1:hi - 1]
+    i = torch.arange(lo, hi, dtype=lam.dtype)
+    w = (1.0 / i) / (1.0 / i).sum()
+    x, y = torch.log(i), torch.log(lam.clamp_min(1e-30))
+    xm, ym = (w * x).sum(), (w * y).sum(-1, keepdim=True)
+    return -(w * (x - xm) * (y - ym)).sum(-1) / (w * (x - xm) ** 2).sum()
+
+
+def _lidar_eager(views, delta=1e-4, eps=1e-7):
+    # Whitening through eigh (as stable-ssl's callback), not the Cholesky of the fused path.
+    x = views.to(_eager_dtype(views))
+    n, q, d = x.shape
+    mu_i = x.mean(1)
+    b = mu_i - mu_i.mean(0, keepdim=True)
+    sigma_b = b.T @ b / (n - 1)
+    w = (x - mu_i[:, None]).reshape(n * q, d)
+    sigma_w = w.T @ w / (n * (q - 1)) + delta * torch.eye(d, dtype=x.dtype)
+    evals, evecs = torch.linalg.eigh(sigma_w)
+    inv_sqrt = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    lam = torch.linalg.eigvalsh(inv_sqrt @ sigma_b @ inv_sqrt).clamp_min(0)
+    p = (lam + eps) / (lam + eps).sum()
+    return torch.exp(-(p * torch.log(p)).sum())
+
+
+def _build_views(s, dtype, scale, seed):
+    g = _gen(seed)
+    centres = _randn(g, s["n"], 1, s["d"], scale=scale, dtype=torch.float64)
+    views = centres + 0.5 * _randn(g, s["n"], s["q"], s["d"], scale=scale, dtype=torch.float64)
+    return {"views": views.to(dtype)}
+
+
+MATRIX_SIZES = st.fixed_dictionaries({
+    "b": st.sampled_from([0, 0, 1, 3, 17]),
+    # widths at the Jacobi / Gram route limits (48 float32, 128 float64) and 1
+    "m": st.one_of(st.sampled_from([1, 2, 48, 49, 129, 200]), st.integers(1, 30)),
+    "n": st.one_of(st.sampled_from([1, 2, 47, 48, 49, 128, 129]), st.integers(1, 30)),
+})
+EMBEDDING_SIZES = st.fixed_dictionaries({
+    "b": st.sampled_from([0, 0, 2]),
+    "m": st.one_of(st.sampled_from([1, 2, 49, 257]), st.integers(1, 60)),
+    "n": st.one_of(st.sampled_from([1, 3, 48, 49]), st.integers(1, 30)),
+})
+# alpha-ReQ fits ranks 10..min(N, D): at least 11 columns, and N >= D + 2 so the
+# centred embedding keeps full rank (log of a zero eigenvalue is noise in any dtype).
+ALPHA_SIZES = st.integers(11, 40).flatmap(lambda d: st.fixed_dictionaries({
+    "b": st.sampled_from([0, 2]), "n": st.just(d), "m": st.integers(d + 2, d + 120)}))
+
+_MATRIX_ARG = {"A": Arg((2, 3, 4), more_dims_ok=True)}  # [..., m, n]
+_Z_ARG = {"Z": Arg((2, 3))}
+
+SVDVALS = OpSpec(
+    name="svdvals", call=sslkernels.svdvals, build=_build_matrix("A"), reference=_svdvals_eager,
+    sizes=MATRIX_SIZES, options=st.just({}), small={"b": 3, "m": 9, "n": 5}, args=_MATRIX_ARG,
+    large={"b": 37, "m": 20, "n": 17},
+    thread_bitwise=True,
+)
+SVDVALS_EX = OpSpec(
+    name="svdvals_ex", call=lambda **kw: sslkernels.svdvals_ex(**kw)[0], build=_build_matrix("A"),
+    reference=_svdvals_ex_eager, sizes=MATRIX_SIZES, options=st.fixed_dictionaries({"max_sweeps": st.just(30)}),
+    small={"b": 2, "m": 6, "n": 7}, large={"b": 2, "m": 500, "n": 200}, args=_MATRIX_ARG,
+    thread_bitwise=True,
+    bad_scalars=_bad("max_sweeps", (0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError),
+                     (2 ** 70, ValueError)),
+)
+_EPS_CASES = _bad("eps", (-1e-3, ValueError), (float("nan"), ValueError), ("1e-7", TypeError))
+RANKME = OpSpec(
+    name="rankme", call=sslkernels.rankme, build=_build_matrix("Z"), reference=_rankme_eager,
+    sizes=EMBEDDING_SIZES,
+    options=st.fixed_dictionaries({"eps": st.sampled_from([1e-7, 0.0, 1e-5]), "center": st.booleans(),
+                                   "squared": st.booleans(), "normalized": st.booleans()}),
+    small={"b": 2, "m": 20, "n": 6}, large={"b": 0, "m": 700, "n": 64}, args=_Z_ARG,
+    bad_scalars=_EPS_CASES,
+)
+EFFECTIVE_RANK = OpSpec(
+    name="effective_rank", call=sslkernels.effective_rank, build=_build_matrix("Z"),
+    reference=_effective_rank_eager, sizes=EMBEDDING_SIZES, options=st.just({}),
+    small={"b": 0, "m": 20, "n": 6}, large={"b": 9, "m": 100, "n": 60}, args=_Z_ARG,
+)
+NESUM = OpSpec(
+    name="nesum", call=sslkernels.nesum, build=_build_matrix("Z"), reference=_nesum_eager,
+    sizes=EMBEDDING_SIZES, options=st.just({}), small={"b": 2, "m": 20, "n": 6}, large={"b": 0, "m": 600, "n": 130},
+    args=_Z_ARG,
+)
+ALPHA_REQ = OpSpec(
+    name="alpha_req", call=sslkernels.alpha_req, build=_build_matrix("Z"), reference=_alpha_req_eager,
+    sizes=ALPHA_SIZES, options=st.just({}), small={"b": 0, "m": 40, "n": 16}, large={"b": 0, "m": 800, "n": 200},
+    args=_Z_ARG,
+    bad_scalars=_bad("fit_range", ((0, 5), ValueError), ((-5, 100), ValueError), ((1,), TypeError),
+                     ((1.5, 9), TypeError), ((12, 13), ValueError), ("10:100", TypeError)),
+)
+LIDAR = OpSpec(
+    name="lidar", call=sslkernels.lidar, build=_build_views, reference=_lidar_eager,
+    sizes=st.fixed_dictionaries({"n": st.integers(2, 30), "q": st.integers(2, 5), "d": st.integers(1, 12)}),
+    options=st.fixed_dictionaries({"delta": st.sampled_from([1e-4, 1e-2]), "eps": st.sampled_from([1e-7, 0.0])}),
+    small={"n": 8, "q": 3, "d": 4}, large={"n": 60, "q": 4, "d": 40}, args={"views": Arg((3,))},
+    mismatches=(("one sample", "views", lambda x: x[:1]), ("one view each", "views", lambda x: x[:, :1])),
+    bad_scalars=_bad("delta", (0.0, ValueError), (-1.0, ValueError), ("x", TypeError)) + _EPS_CASES,
+)
+
+# Every public function of sslkernels that the reliability tests cover.
+OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR]
+BY_NAME = {spec.name: spec for spec in OPS}

@@ -1,0 +1,91 @@
+"""Property-based tests of every public function in tests/_reliability.py: random shapes
+(1, odd sizes and sizes just above the tile / route boundaries), dtypes, options
+(temperatures 0.05..2, normalize, symmetric, ...) and input scales 1e-3..1e3.
+
+The design's rule: |fused - ref64| <= 2 |eager - ref64| + floor, where ref64 is the eager
+formula on float64 copies of the very same inputs, eager the formula in the inputs'
+dtype, floor = RESOLUTION[output dtype] * max(1, |ref64|). Gradients too, where the
+function has them. Profiles (tests/conftest.py): "ci" by default, HYPOTHESIS_PROFILE=long
+or --hypothesis-profile=long for a longer local run.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests._reliability import OPS
+from tests._utils import RESOLUTION
+
+EXAMPLES = {"count": 0}
+
+
+def _scales(dtype, options):
+    """Input scales 1e-3..1e3 (log-uniform). float16 keeps its results representable:
+    1e-2..1e2, and at most 0.5 for unnormalised contrastive logits (they grow as scale^2)."""
+    lo, hi = -3.0, 3.0
+    if dtype == torch.float16:
+        lo, hi = -2.0, (math.log10(0.5) if options.get("normalize") is False else 2.0)
+    return st.floats(lo, hi).map(lambda e: 10.0 ** e)
+
+
+def _outputs_and_grads(fn, tensors, options, grads):
+    leaves = {k: (v.detach().clone().requires_grad_(True) if k in grads and v.is_floating_point() else v)
+              for k, v in tensors.items()}
+    out = fn(**leaves, **options)
+    wanted = [leaves[k] for k in grads if k in leaves]
+    if not wanted:
+        return [out.detach()]
+    # a fixed upstream gradient that is not 1, so a dropped grad_loss factor shows
+    upstream = torch.full_like(out, 0.75)
+    return [out.detach(), *torch.autograd.grad(out, wanted, upstream)]
+
+
+def _error(x, ref):
+    return float((x.double() - ref.double()).abs().max()) if x.numel() else 0.0
+
+
+def assert_rule(fused, eager, ref, what):
+    assert fused.shape == ref.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(fused.double()).all(), f"{what}: fused result has NaN/Inf"
+    err_fused = _error(fused, ref)
+    err_eager = _error(eager, ref)
+    if not math.isfinite(err_eager):  # eager overflowed (float16): no bound but finiteness
+        err_eager = math.inf
+    floor = RESOLUTION[fused.dtype] * max(1.0, float(ref.double().abs().max()) if ref.numel() else 1.0)
+    bound = 2 * err_eager + floor
+    assert err_fused <= bound, (
+        f"{what} ({fused.dtype}): fused error {err_fused:.3e} > bound {bound:.3e} "
+        f"(eager error {err_eager:.3e}, floor {floor:.3e})")
+
+
+@pytest.mark.parametrize("spec", OPS, ids=lambda s: s.name)
+@given(data=st.data())
+def test_fused_matches_float64_reference(spec, data):
+    sizes = data.draw(spec.sizes, label="sizes")
+    options = data.draw(spec.options, label="options")
+    dtype = data.draw(st.sampled_from(spec.dtypes), label="dtype")
+    scale = data.draw(_scales(dtype, options), label="scale")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    tensors = spec.build(sizes, dtype, scale, seed)
+    as64 = {k: (v.double() if v.is_floating_point() else v) for k, v in tensors.items()}
+    fused = _outputs_and_grads(spec.call, tensors, options, spec.grads)
+    eager = _outputs_and_grads(spec.reference, tensors, options, spec.grads)
+    ref = _outputs_and_grads(spec.reference, as64, options, spec.grads)
+    names = ["output"] + [f"grad {k}" for k in spec.grads if k in tensors]
+    for name, f, e, r in zip(names, fused, eager, ref):
+        assert_rule(f, e, r, f"{spec.name} {name} sizes={sizes} options={options} scale={scale:.3g}")
+    EXAMPLES["count"] += 1
+
+
+def test_the_rule_rejects_a_wrong_result():
+    ref = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    eager = ref.float() + 1e-6
+    assert_rule(ref.float(), eager, ref, "exact")
+    with pytest.raises(AssertionError, match="fused error"):
+        assert_rule(ref.float() + 1e-3, eager, ref, "off by 1e-3")
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_rule(torch.tensor([float("nan"), 2.0]), eager, ref, "nan")
