@@ -59,10 +59,14 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- configs
 #
-# Families by operand width: "mma" (fp16 / bf16 / fp32 with tensor-core products) and
-# "fma" (fp64: operands in registers, small tiles). The first config of a family is the
-# one used without autotuning and must fit every head dim up to 128; autotuning (key:
-# Dh, a bucket of the row count, the precision, the dtypes) picks among the family.
+# Families by operand kind and head-dim class (BLOCK_D 64 or 128): "half" (fp16 / bf16),
+# "tf32" (fp32, TF32 allowed), "x3" (fp32 by default: tf32x3, three TF32 products on split
+# operands, ~2x the shared memory and registers), "fma" (fp64, or fp32 with
+# SSLKERNELS_FP32_DOT=ieee). Chosen from ptxas -v for sm_90 (`python
+# benchmarks/gpu_attention.py --compile-only`): the first config of each family, the one
+# used without autotuning, fits shared memory and spills nothing (x3 at Dh > 64: the
+# least spill found, 40-240 B); autotuning (key: head dim, a bucket of the row count,
+# the precision, the dtypes) picks among the family.
 
 
 def _cfg(bm, bn, warps, stages):
@@ -70,26 +74,49 @@ def _cfg(bm, bn, warps, stages):
 
 
 _FWD = {
-    "mma": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 2), _cfg(128, 32, 4, 3),
-            _cfg(32, 64, 4, 2)],
-    "fma": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)],
+    "half64": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 2)],
+    "half128": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 2)],
+    "tf3264": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 2)],
+    "tf32128": [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2)],
+    "x364": [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
+    "x3128": [_cfg(32, 32, 4, 2), _cfg(32, 64, 8, 2)],
+    "fma64": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)],
+    "fma128": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)],
 }
 # dk/dv: BLOCK_N key rows held, BLOCK_M query rows streamed
 _BWD_KV = {
-    "mma": [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 32, 4, 2)],
-    "fma": [_cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2)],
+    "half64": [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)],
+    "half128": [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2)],
+    "tf3264": [_cfg(64, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2)],
+    "tf32128": [_cfg(32, 32, 8, 2), _cfg(16, 32, 4, 2), _cfg(16, 64, 4, 2)],
+    "x364": [_cfg(16, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(16, 32, 4, 2)],
+    "x3128": [_cfg(32, 32, 8, 2), _cfg(16, 32, 4, 2)],
+    "fma64": [_cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2)],
+    "fma128": [_cfg(16, 32, 4, 2), _cfg(32, 32, 4, 2)],
 }
 # dq: BLOCK_M query rows held, BLOCK_N key rows streamed
 _BWD_Q = {
-    "mma": [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(32, 32, 4, 2)],
-    "fma": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
+    "half64": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+    "half128": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+    "tf3264": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+    "tf32128": [_cfg(64, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(128, 32, 8, 2)],
+    "x364": [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2), _cfg(64, 16, 4, 2)],
+    "x3128": [_cfg(32, 32, 8, 2), _cfg(32, 16, 4, 2)],
+    "fma64": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
+    "fma128": [_cfg(32, 16, 4, 2), _cfg(32, 32, 4, 2)],
 }
 _INTERPRET_CONFIG = _cfg(16, 16, 4, 1)
 _DELTA_ROWS = 16 if INTERPRET else 64
 
 
-def _family_of(dtype) -> str:
-    return "fma" if dtype in (torch.float64, tl.float64) else "mma"
+def _family(dtype, precision: str, head_dim: int) -> str:
+    """Config family of a call: operand kind + BLOCK_D class (64 or 128)."""
+    width = "64" if head_dim <= 64 else "128"
+    if dtype in (torch.float64, tl.float64) or (dtype in (torch.float32, tl.float32) and precision == "ieee"):
+        return "fma" + width
+    if dtype in (torch.float32, tl.float32):
+        return ("tf32" if precision == "tf32" else "x3") + width
+    return "half" + width
 
 
 def _all(families):
@@ -100,7 +127,8 @@ def _all(families):
 
 def _pruner(families):
     def prune(configs, named_args, **kwargs):
-        fam = families[_family_of(named_args["q_ptr"].dtype)]
+        args = {**named_args, **kwargs}
+        fam = families[_family(args["q_ptr"].dtype, args["PRECISION"], args["HEAD_DIM"])]
         return fam if AUTOTUNE else fam[:1]
 
     if INTERPRET:
@@ -187,8 +215,12 @@ def _stat_offsets(b, h, start, rows, slb, slh):
 @triton.jit
 def _scale2(scale_hi, scale_lo, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """scale * log2(e) in ACC (a float64 scale arrives as a float32 hi/lo pair)."""
-    log2e = 1.0 / tl.log(tl.full([BLOCK], 2.0, ACC))
-    return (tl.zeros([BLOCK], dtype=ACC) + scale_hi + scale_lo) * log2e
+    return (tl.zeros([BLOCK], dtype=ACC) + scale_hi + scale_lo) * _log2e(BLOCK, ACC)
+
+
+@triton.jit
+def _log2e(BLOCK: tl.constexpr, ACC: tl.constexpr):
+    return 1.0 / tl.log(tl.full([BLOCK], 2.0, ACC))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -278,11 +310,11 @@ def _attn_delta_kernel(
 
 
 @triton.jit
-def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_ptr, KQ, LQ,
+def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_ptr, KQ, LQ, log2e,
                 sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok,
                 INDEXED: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr):
-    """A query tile's (positions, valid, q, dO, lse in base 2, delta). A row whose lse
-    is -inf (no keys) counts as invalid."""
+    """A query tile's (positions, valid, q, dO, lse in base 2, delta); log2e: log2(e) in
+    ACC, [BLOCK_M]. A row whose lse is -inf (no keys) counts as invalid."""
     qpos, qok = _positions(idx_ptr, b, KQ, start, rows, n_q, LQ, INDEXED)
     soff = _stat_offsets(b, h, start, rows, slb, slh)
     lse = tl.load(lse_ptr + soff, mask=qok, other=0.0).to(ACC)
@@ -292,7 +324,6 @@ def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_p
     orow = (start + rows).to(tl.int64)
     do = tl.load(_rows_ptrs(do_ptr, b, sgb, orow, sgt, h, sgh, dcols, sgd, ALIGN), mask=mask, other=0.0)
     delta = tl.load(delta_ptr + soff, mask=qok, other=0.0).to(ACC)
-    log2e = 1.0 / tl.log(tl.full(lse.shape, 2.0, ACC))
     lse2 = tl.where(qok, lse * log2e, 0.0)
     return qpos, qok, q, do, lse2, delta
 
@@ -322,10 +353,11 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     lrows = tl.arange(0, BLOCK_M)
+    log2e = _log2e(BLOCK_M, ACC)
     hi = tl.where(n0 < n_kv, n_q, 0)
     for m0 in range(0, hi, BLOCK_M):
         _, qok, q, do, lse2, delta = _query_side(
-            q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, m0 + lrows, n_q, idx_ptr, KQ, LQ,
+            q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, m0 + lrows, n_q, idx_ptr, KQ, LQ, log2e,
             sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC, ALIGN)
         st = tl.dot(kt, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
         pt = tl.where(kok[:, None] & qok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
@@ -359,6 +391,7 @@ def _attn_bwd_dq_kernel(
     dok = dcols < HEAD_DIM
     qpos, qok, q, do, lse2, delta = _query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, m0 + tl.arange(0, BLOCK_M), n_q, idx_ptr, KQ, LQ,
+        _log2e(BLOCK_M, ACC),
         sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC, ALIGN)
     scale2 = _scale2(scale_hi, scale_lo, BLOCK_M, ACC)
 

@@ -304,7 +304,8 @@ def test_varlen_strided_packed_qkv_and_wide_max_seqlen(K, poisoned_outputs):
 def test_gpu_configs_and_pruning(monkeypatch):
     """The autotune families on a copy of the module imported without the interpreter
     (the interpreter never runs them): every config has tiles >= 16, the pruner hands
-    each dtype its family (only its first config when autotuning is off)."""
+    each (dtype, precision, head dim) its family (only its first config when autotuning
+    is off)."""
     import importlib.util
 
     import triton
@@ -320,8 +321,11 @@ def test_gpu_configs_and_pruning(monkeypatch):
     for kernel, fams in ((m._attn_fwd_kernel, m._FWD), (m._attn_bwd_dkdv_kernel, m._BWD_KV),
                          (m._attn_bwd_dq_kernel, m._BWD_Q)):
         assert isinstance(kernel, triton.runtime.autotuner.Autotuner)
-        for dtype, fam in ((torch.bfloat16, "mma"), (torch.float32, "mma"), (torch.float64, "fma")):
-            got = kernel.early_config_prune(kernel.configs, {"q_ptr": torch.empty(1, dtype=dtype)})
+        for dtype, prec, dh, fam in ((torch.bfloat16, "ieee", 64, "half64"), (torch.float16, "ieee", 88, "half128"),
+                                     (torch.float32, "tf32", 40, "tf3264"), (torch.float32, "tf32x3", 128, "x3128"),
+                                     (torch.float32, "ieee", 16, "fma64"), (torch.float64, "ieee", 96, "fma128")):
+            got = kernel.early_config_prune(kernel.configs, {"q_ptr": torch.empty(1, dtype=dtype)},
+                                            PRECISION=prec, HEAD_DIM=dh)
             assert got == (fams[fam] if m.AUTOTUNE else fams[fam][:1])
         for c in kernel.configs:
             assert c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16
