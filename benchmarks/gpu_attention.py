@@ -46,6 +46,7 @@ TIME_MASKED = {"b": 32, "l": 196, "h": 12, "dh": 64, "lo": 78, "hi": 196}
 TIME_VARLEN = {"b": 32, "tokens": 147, "h": 12, "dh": 64}
 TIME_DTYPES = ["bf16", "fp32"]
 SECTION_BUDGET_S = 90.0  # past it, FlexAttention (its compiles) and the remaining timings are skipped
+CHECK_BUDGET_S = 40.0  # the checks' share of it (first-config compiles of ~9 kernel variants)
 DEVICE = "cuda"
 
 
@@ -272,7 +273,10 @@ def _timed(rows, failed, log, key, impl, thunk):
         torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         r[f"{impl}_ms"] = r[f"{impl}_mb"] = "ERR"
-        log(f"{key[0]} {impl}: " + traceback.format_exc(limit=4))
+        msg = f"timing {impl} {key[0]} {key[3]}: " + traceback.format_exc(limit=4)
+        log(msg)
+        if impl == "fused":  # a baseline that fails is a note; the fused path failing is a failure
+            failed.append(msg)
     return r
 
 
@@ -281,16 +285,84 @@ def _row(rows, op, n, d, dt):
                                             "eager_mb": None, "fused_mb": None})
 
 
+def _time_masked(host, rows, failed, log, dt, masked, left):
+    """I-JEPA context shape: fused vs eager gather+pad+mask SDPA vs FlexAttention."""
+    import torch
+
+    from sslkernels._benchmark import _kept_patches
+    from sslkernels.reference import masked_patch_attention_reference
+
+    s = TIME_MASKED
+    n_label = f"B={s['b']} L={s['l']} H={s['h']} U[{s['lo']},{s['hi']}]"
+    dtype = host.DTYPES[dt]
+    q, k, v, index = _kept_patches(s, dtype, torch.device(DEVICE))
+    leaves = [q, k, v]
+    grad = torch.randn(index.shape[0], index.shape[1], s["h"], s["dh"], device=DEVICE, dtype=dtype)
+    flex = None
+    for mode in ("fwd", "fwd+bwd"):
+        if left() < 10:
+            log(f"time masked_patch_attention {mode} {dt}: skipped (section budget)")
+            continue
+        key = (f"masked_patch_attention {mode}", n_label, s["dh"], dt)
+        _timed(rows, failed, log, key, "fused", lambda: _time(host, masked, (q, k, v, index), leaves, mode, grad))
+        _timed(rows, failed, log, key, "eager", lambda: _time(host, masked_patch_attention_reference,
+                                                              (q, k, v, index), leaves, mode, grad))
+        r = _row(rows, *key)
+        log(f"time {key[0]} {n_label} {dt}: eager {r['eager_ms']} ms {r['eager_mb']} MB, "
+            f"fused {r['fused_ms']} ms {r['fused_mb']} MB")
+        fkey = (f"masked_patch_attention {mode} [eager=flex]", n_label, s["dh"], dt)
+        rf = _row(rows, *fkey)
+        rf["fused_ms"], rf["fused_mb"] = r["fused_ms"], r["fused_mb"]
+        if left() < 30:
+            rf["eager_ms"] = rf["eager_mb"] = "SKIP"
+            log(f"flex {mode} {dt}: skipped (section budget)")
+            continue
+        try:
+            flex = flex or _flex_masked(index, dtype)
+            _timed(rows, failed, log, fkey, "eager", lambda: _time(host, flex, (q, k, v, index), leaves, mode, grad))
+        except Exception:  # noqa: BLE001
+            rf["eager_ms"] = rf["eager_mb"] = "ERR"
+            log(f"flex {mode} {dt}: " + traceback.format_exc(limit=4))
+        log(f"time {fkey[0]} {dt}: flex {rf['eager_ms']} ms {rf['eager_mb']} MB")
+    del q, k, v, index, leaves, grad, flex
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _time_varlen(host, rows, failed, log, dt, varlen, left):
+    """32 equal sequences of 147 tokens: fused varlen vs SDPA on the dense [B, H, n, Dh] views."""
+    import torch
+
+    from sslkernels._benchmark import _packed_equal
+    from sslkernels.reference import dense_attention_reference
+
+    s = TIME_VARLEN
+    n_label = f"B={s['b']}x{s['tokens']} H={s['h']}"
+    q, k, v, cu = _packed_equal(s, host.DTYPES[dt], torch.device(DEVICE))
+    grad = torch.randn_like(q)
+    for mode in ("fwd", "fwd+bwd"):
+        if left() < 5:
+            log(f"time varlen_attention {mode} {dt}: skipped (section budget)")
+            continue
+        key = (f"varlen_attention {mode} [eager=dense sdpa]", n_label, s["dh"], dt)
+        _timed(rows, failed, log, key, "fused",
+               lambda: _time(host, varlen, (q, k, v, cu, s["tokens"]), [q, k, v], mode, grad))
+        _timed(rows, failed, log, key, "eager",
+               lambda: _time(host, dense_attention_reference, (q, k, v, s["b"]), [q, k, v], mode, grad))
+        r = _row(rows, *key)
+        log(f"time {key[0]} {n_label} {dt}: dense {r['eager_ms']} ms {r['eager_mb']} MB, "
+            f"fused {r['fused_ms']} ms {r['fused_mb']} MB")
+    del q, k, v, cu, grad
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------- section
 
 
 def attention_section(rows, failed, log):
     """Adds the rows and failures of masked-patch and varlen attention (see the docstring)."""
-    import torch
-
-    from sslkernels._benchmark import _kept_patches, _packed_equal
     from sslkernels.kernels import attention as A
-    from sslkernels.reference import dense_attention_reference, masked_patch_attention_reference
 
     host = _host()
     t0 = time.time()
@@ -307,8 +379,8 @@ def attention_section(rows, failed, log):
         for name, kind, b, lq, lk, h, dh, counts, kv_counts, dts in CHECKS:
             for dt in dts:
                 n_label = f"B={b} L={lq}" if kind == "masked" else f"lens={counts}"
-                if left() < 45:
-                    failed.append(f"{name} {dt}: skipped (deadline)")
+                if left() < SECTION_BUDGET_S - CHECK_BUDGET_S:
+                    failed.append(f"{name} {dt}: skipped (check budget)")
                     continue
                 try:
                     ok, msg = check_case(host, kind, b, lq, lk, h, dh, counts, kv_counts, dt, (masked, varlen))
@@ -321,65 +393,9 @@ def attention_section(rows, failed, log):
     finally:
         A.AUTOTUNE = autotune
 
-    s = TIME_MASKED
-    n_label = f"B={s['b']} L={s['l']} H={s['h']} U[{s['lo']},{s['hi']}]"
-    for dt in TIME_DTYPES:
-        dtype = host.DTYPES[dt]
-        q, k, v, index = _kept_patches(s, dtype, torch.device(DEVICE))
-        leaves = [q, k, v]
-        grad = torch.randn(index.shape[0], index.shape[1], s["h"], s["dh"], device=DEVICE, dtype=dtype)
-        flex = None
-        for mode in ("fwd", "fwd+bwd"):
-            if left() < 10:
-                log(f"time masked_patch_attention {mode} {dt}: skipped (section budget)")
-                continue
-            key = (f"masked_patch_attention {mode}", n_label, s["dh"], dt)
-            _timed(rows, failed, log, key, "fused", lambda: _time(host, masked, (q, k, v, index), leaves, mode, grad))
-            _timed(rows, failed, log, key, "eager", lambda: _time(host, masked_patch_attention_reference,
-                                                                  (q, k, v, index), leaves, mode, grad))
-            r = _row(rows, *key)
-            log(f"time {key[0]} {n_label} {dt}: eager {r['eager_ms']} ms {r['eager_mb']} MB, "
-                f"fused {r['fused_ms']} ms {r['fused_mb']} MB")
-            fkey = (f"masked_patch_attention {mode} [eager=flex]", n_label, s["dh"], dt)
-            rf = _row(rows, *fkey)
-            rf["fused_ms"], rf["fused_mb"] = r["fused_ms"], r["fused_mb"]
-            if left() < 40:
-                rf["eager_ms"] = rf["eager_mb"] = "SKIP"
-                log(f"flex {mode} {dt}: skipped (section budget)")
-                continue
-            try:
-                flex = flex or _flex_masked(index, dtype)
-                _timed(rows, failed, log, fkey, "eager", lambda: _time(host, flex, (q, k, v, index), leaves, mode,
-                                                                       grad))
-            except Exception:  # noqa: BLE001
-                rf["eager_ms"] = rf["eager_mb"] = "ERR"
-                log(f"flex {mode} {dt}: " + traceback.format_exc(limit=4))
-            log(f"time {fkey[0]} {dt}: flex {rf['eager_ms']} ms {rf['eager_mb']} MB")
-        del q, k, v, index, leaves, grad, flex
-        gc.collect()
-        torch.cuda.empty_cache()
-
-    s = TIME_VARLEN
-    n_label = f"B={s['b']}x{s['tokens']} H={s['h']}"
-    for dt in TIME_DTYPES:
-        dtype = host.DTYPES[dt]
-        q, k, v, cu = _packed_equal(s, dtype, torch.device(DEVICE))
-        grad = torch.randn_like(q)
-        for mode in ("fwd", "fwd+bwd"):
-            if left() < 5:
-                log(f"time varlen_attention {mode} {dt}: skipped (section budget)")
-                continue
-            key = (f"varlen_attention {mode} [eager=dense sdpa]", n_label, s["dh"], dt)
-            _timed(rows, failed, log, key, "fused",
-                   lambda: _time(host, varlen, (q, k, v, cu, s["tokens"]), [q, k, v], mode, grad))
-            _timed(rows, failed, log, key, "eager",
-                   lambda: _time(host, dense_attention_reference, (q, k, v, s["b"]), [q, k, v], mode, grad))
-            r = _row(rows, *key)
-            log(f"time {key[0]} {n_label} {dt}: dense {r['eager_ms']} ms {r['eager_mb']} MB, "
-                f"fused {r['fused_ms']} ms {r['fused_mb']} MB")
-        del q, k, v, cu, grad
-        gc.collect()
-        torch.cuda.empty_cache()
+    for dt in TIME_DTYPES:  # bf16 first: the headline rows, if the budget runs short
+        _time_masked(host, rows, failed, log, dt, masked, left)
+        _time_varlen(host, rows, failed, log, dt, varlen, left)
 
     for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
         for key, cfg in getattr(getattr(A, name), "cache", {}).items():
