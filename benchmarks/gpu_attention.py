@@ -428,7 +428,7 @@ def _arg_values(dh, indexed, b=32, length=196, h=12):
     vals = {"H": h, "LQ": length, "LK": length, "KQ": length, "KKV": length, "T": 0,
             "TUNE": 256, "slb": h * length, "slh": length}
     if not indexed:
-        vals.update({"LQ": t, "LK": t, "KQ": 0, "KKV": 0, "T": t, "slb": 0, "slh": t})
+        vals.update({"LQ": 0, "LK": 0, "KQ": 0, "KKV": 0, "T": t, "slb": 0, "slh": t})
     align = math.gcd(16, length * tok, tok, head)  # as kernels.attention._align
     for p in ("q", "k", "v", "g", "o", "d"):
         vals.update({f"s{p}b": length * tok // align if indexed else 0, f"s{p}t": tok // align,
@@ -468,13 +468,17 @@ def compile_attention(build, plan=None, everything=None):
                              (A._attn_bwd_dq_kernel, A._BWD_Q), (A._attn_delta_kernel, None)):
             sig, consts = {}, {}
             host.DIV16.clear()
-            for name in _jit(kernel).arg_names:
+            fn = _jit(kernel)
+            plain = {p.name for p in fn.params if p.do_not_specialize}  # neither constant nor aligned
+            for name in fn.arg_names:
                 if name.isupper() and name not in vals:  # constexpr
                     continue
                 if name.endswith("_ptr"):
                     sig[name] = ptr_types.get(name, f"*{ty}")
                 elif name in ("scale_hi", "scale_lo"):
                     sig[name] = "fp32"
+                elif name in plain:
+                    sig[name] = "i32"
                 elif vals[name] == 1:
                     consts[name] = 1
                 else:

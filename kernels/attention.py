@@ -106,6 +106,10 @@ _BWD_Q = {
     "fma128": [_cfg(32, 16, 4, 2), _cfg(32, 32, 4, 2)],
 }
 _INTERPRET_CONFIG = _cfg(16, 16, 4, 1)
+# Arguments that change from batch to batch (index widths, token counts, the lse / output
+# layouts that follow them): not specialised, so a new batch never recompiles.
+_PER_BATCH = ["KQ", "KKV", "T", "TUNE", "slb", "slh", "sob", "sgb"]
+_PER_BATCH_DELTA = ["KQ", "T", "slb", "slh", "sob", "sgb"]
 _DELTA_ROWS = 16 if INTERPRET else 64
 
 
@@ -227,7 +231,7 @@ def _log2e(BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.autotune(configs=_all(_FWD), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_FWD))
-@triton.jit(do_not_specialize=["KQ", "KKV", "T", "TUNE"])
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
@@ -287,7 +291,7 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit(do_not_specialize=["KQ", "T"])
+@triton.jit(do_not_specialize=_PER_BATCH_DELTA)
 def _attn_delta_kernel(
     o_ptr, do_ptr, delta_ptr, cnt_ptr, cu_ptr,
     sob, sot, soh, sod, sgb, sgt, sgh, sgd, slb, slh,
@@ -329,7 +333,7 @@ def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_p
 
 
 @triton.autotune(configs=_all(_BWD_KV), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_KV))
-@triton.jit(do_not_specialize=["KQ", "KKV", "T", "TUNE"])
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
@@ -374,7 +378,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_all(_BWD_Q), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_Q))
-@triton.jit(do_not_specialize=["KQ", "KKV", "T", "TUNE"])
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
@@ -486,7 +490,7 @@ class _Call:
         else:
             self.b, self.h = cu_seqlens.shape[0] - 1, q.shape[1]
             self.t = q.shape[0]
-            self.lq = self.lk = self.t
+            self.lq = self.lk = 0  # unused: rows are the sequence's own tokens
             self.kq = self.kkv = 0
             self.rows_q = self.rows_kv = max(int(max_seqlen), 0)
             cu = cu_seqlens.contiguous()
