@@ -47,6 +47,7 @@ import triton.language as tl
 from .contrastive import _precision
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HEAD_DIM = 128  # BLOCK_D = next power of two of the head dim, at most 128
 # SSLKERNELS_AUTOTUNE=0: the first config of each family (quick compile, no tuning).
 AUTOTUNE = (not INTERPRET) and os.environ.get("SSLKERNELS_AUTOTUNE", "1") != "0"
 
@@ -475,6 +476,8 @@ class _Call:
     def __init__(self, q, k, index, count, kv_index, kv_count, cu_seqlens, max_seqlen, scale):
         self.indexed = cu_seqlens is None
         self.dh = q.shape[-1]
+        if not 1 <= self.dh <= MAX_HEAD_DIM:
+            raise ValueError(f"`q` head dim {self.dh} is out of range: the Triton kernels take 1..{MAX_HEAD_DIM}")
         self.scale = _split(float(scale))
         if self.indexed:
             self.b, self.lq, self.h = q.shape[0], q.shape[1], q.shape[2]

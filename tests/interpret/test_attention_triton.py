@@ -236,6 +236,16 @@ def test_strided_inputs_are_read_in_place(K, poisoned_outputs):
         torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
+def test_head_dim_above_128_is_refused(K):
+    q = torch.zeros(1, 4, 1, 130)
+    index = torch.zeros(1, 1, dtype=torch.int64)
+    count = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="head dim 130"):
+        K.masked_patch_attention_forward(q, q, q, index, count, index, count, 0.1)
+    with pytest.raises(ValueError, match="head dim 130"):
+        K.varlen_attention_forward(q[0], q[0], q[0], torch.tensor([0, 4], dtype=torch.int32), 4, 0.1)
+
+
 def test_the_rule_rejects_a_wrong_result(K):
     """The tolerance sees a scale off by 2% in float32."""
     q, k, v = _qkv(2, 30, 30, 1, 40, seed=12)
