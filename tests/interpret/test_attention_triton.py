@@ -218,13 +218,15 @@ def test_all_samples_empty_gives_zeros(K, poisoned_outputs):
 
 
 def test_strided_inputs_are_read_in_place(K, poisoned_outputs):
-    """q as a [B, H, L, Dh] buffer seen as [B, L, H, Dh], k / v slices of a fused qkv
-    projection [B, L, 3, H, Dh] (k with another L via a slice), a strided grad_out."""
+    """q as a [B, H, L, Dh] buffer seen as [B, L, H, Dh], k a slice of a fused qkv
+    projection [B, L, 3, H, Dh] (another L via a slice), v with feature stride 2, a
+    strided grad_out."""
     b, l, h, dh = 2, 27, 2, 40
     g = torch.Generator().manual_seed(9)
     q = torch.randn(b, h, l, dh, generator=g, dtype=torch.float64).transpose(1, 2)
     qkv = torch.randn(b, l + 4, 3, h, dh, generator=g, dtype=torch.float64)
-    k, v = qkv[:, 2:, 1], qkv[:, 2:, 2]
+    k = qkv[:, 2:, 1]
+    v = torch.randn(b, l + 2, h, 2 * dh, generator=g, dtype=torch.float64)[..., ::2]
     index = _index([27, 13], 27, l, seed=10)
     kv_index = _index([20, 25], 25, l + 2, seed=11)
     grad = torch.randn(b, h, 27, dh, generator=g, dtype=torch.float64).transpose(1, 2)
