@@ -35,12 +35,13 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (name, kind, B, Lq, Lk, H, Dh, query counts (masked) or lengths (varlen), key counts or None, dtypes)
+# in order of importance: the checks stop at their budget (CHECK_BUDGET_S)
 CHECKS = [
-    ("mpa self", "masked", 4, 196, 196, 3, 64, [150, 0, 1, 196], None, ["fp32", "fp16", "bf16"]),
-    ("mpa cross", "masked", 3, 150, 170, 2, 88, [77, 150, 9], [170, 3, 0], ["fp32", "bf16"]),
+    ("mpa self", "masked", 4, 196, 196, 3, 64, [150, 0, 1, 196], None, ["bf16", "fp32", "fp16"]),
+    ("varlen", "varlen", 0, 0, 0, 4, 64, [1, 147, 0, 300, 65], None, ["bf16", "fp16"]),
+    ("mpa cross", "masked", 3, 150, 170, 2, 88, [77, 150, 9], [170, 3, 0], ["bf16", "fp32"]),
+    ("mpa Dh=128", "masked", 2, 257, 257, 2, 128, [257, 130], None, ["bf16", "fp32"]),
     ("mpa Dh=40", "masked", 2, 100, 100, 2, 40, [99, 37], None, ["bf16"]),
-    ("mpa Dh=128", "masked", 2, 257, 257, 2, 128, [257, 130], None, ["fp32", "bf16"]),
-    ("varlen", "varlen", 0, 0, 0, 4, 64, [1, 147, 0, 300, 65], None, ["fp16", "bf16"]),
 ]
 TIME_MASKED = {"b": 32, "l": 196, "h": 12, "dh": 64, "lo": 78, "hi": 196}
 TIME_VARLEN = {"b": 32, "tokens": 147, "h": 12, "dh": 64}
