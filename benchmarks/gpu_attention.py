@@ -14,7 +14,8 @@
    + floor * max |ref64|; a second fused run must be bitwise equal (no atomics). Cases:
    head dims 40 / 64 / 88 / 128, a zero-count sample, a single kept patch, kv_index !=
    index with another L, varlen with a length-1 and an empty sequence.
-2. Timings (do_bench medians, peak memory above the inputs) at the I-JEPA context shape
+2. Timings (do_bench medians, peak memory above the inputs; the rule of 1. checked first on
+   the timed inputs themselves, which also autotunes) at the I-JEPA context shape
    B=32 L=196 H=12 Dh=64, kept counts ~U[78, 196] (fixed seed), bf16 and fp32, fwd and
    fwd+bwd, against (a) eager gather + pad + bool mask + SDPA and (b) FlexAttention on the
    gathered, padded tensors with a block mask from the counts (compiled once per dtype;
@@ -165,19 +166,25 @@ def _out_and_grads(fn, q, k, v, grad, extra):
 
 def check_case(host, kind, b, lq, lk, h, dh, counts, kv_counts, dt, fused_fns):
     """-> (passed, message)."""
+    (q, k, v, grad), extra = _case_inputs(kind, b, lq, lk, h, dh, counts, kv_counts)
+    return _judge(host, kind, fused_fns[0] if kind == "masked" else fused_fns[1], (q, k, v, grad), extra,
+                  host.DTYPES[dt])
+
+
+def _judge(host, kind, fused_fn, tensors, extra, dtype):
+    """The rule on out, dq, dk, dv of fused_fn at `tensors` (q, k, v, grad; cast to dtype)
+    against the eager reference in dtype and in float64; a second fused run must be
+    bitwise equal. -> (passed, message)."""
     import torch
 
     from sslkernels.reference import masked_patch_attention_reference, varlen_attention_reference
 
-    dtype = host.DTYPES[dt]
-    (q, k, v, grad), extra = _case_inputs(kind, b, lq, lk, h, dh, counts, kv_counts)
-    fused_fn = fused_fns[0] if kind == "masked" else fused_fns[1]
     ref_fn = masked_patch_attention_reference if kind == "masked" else varlen_attention_reference
-    cast = [x.to(dtype) for x in (q, k, v, grad)]
+    cast = [x.to(dtype) for x in tensors]
     fused = _out_and_grads(fused_fn, *cast, extra)
     again = _out_and_grads(fused_fn, *cast, extra)
     eager = _out_and_grads(ref_fn, *cast, extra)
-    ref = _out_and_grads(ref_fn, q, k, v, grad, extra)
+    ref = _out_and_grads(ref_fn, *[x.double() for x in cast], extra)
     ok, msgs = True, []
     for what, f, f2, e, r in zip(("out", "dq", "dk", "dv"), fused, again, eager, ref):
         if f.shape != r.shape or f.dtype != dtype:
@@ -287,6 +294,18 @@ def _row(rows, op, n, d, dt):
                                             "eager_mb": None, "fused_mb": None})
 
 
+def _timed_check(host, failed, log, kind, fn, tensors, extra, dtype, label):
+    """The rule at the timed shape itself (it also autotunes before the timings). -> PASS / FAIL."""
+    try:
+        ok, msg = _judge(host, kind, fn, tensors, extra, dtype)
+    except Exception:  # noqa: BLE001
+        ok, msg = False, "EXCEPTION " + traceback.format_exc(limit=4)
+    if not ok:
+        failed.append(f"timed {kind} {label} {dtype}: {msg}")
+    log(f"check timed {kind} {label} {str(dtype).replace('torch.', '')}: {'PASS' if ok else 'FAIL'}  {msg}")
+    return "PASS" if ok else "FAIL"
+
+
 def _time_masked(host, rows, failed, log, dt, masked, left):
     """I-JEPA context shape: fused vs eager gather+pad+mask SDPA vs FlexAttention."""
     import torch
@@ -300,6 +319,7 @@ def _time_masked(host, rows, failed, log, dt, masked, left):
     q, k, v, index = _kept_patches(s, dtype, torch.device(DEVICE))
     leaves = [q, k, v]
     grad = torch.randn(index.shape[0], index.shape[1], s["h"], s["dh"], device=DEVICE, dtype=dtype)
+    verdict = _timed_check(host, failed, log, "masked", masked, (q, k, v, grad), (index,), dtype, n_label)
     flex = None
     for mode in ("fwd", "fwd+bwd"):
         if left() < 10:
@@ -310,11 +330,12 @@ def _time_masked(host, rows, failed, log, dt, masked, left):
         _timed(rows, failed, log, key, "eager", lambda: _time(host, masked_patch_attention_reference,
                                                               (q, k, v, index), leaves, mode, grad))
         r = _row(rows, *key)
+        r["pass"] = verdict
         log(f"time {key[0]} {n_label} {dt}: eager {r['eager_ms']} ms {r['eager_mb']} MB, "
             f"fused {r['fused_ms']} ms {r['fused_mb']} MB")
         fkey = (f"masked_patch_attention {mode} [eager=flex]", n_label, s["dh"], dt)
         rf = _row(rows, *fkey)
-        rf["fused_ms"], rf["fused_mb"] = r["fused_ms"], r["fused_mb"]
+        rf["pass"], rf["fused_ms"], rf["fused_mb"] = verdict, r["fused_ms"], r["fused_mb"]
         if left() < 30:
             rf["eager_ms"] = rf["eager_mb"] = "SKIP"
             log(f"flex {mode} {dt}: skipped (section budget)")
@@ -342,6 +363,8 @@ def _time_varlen(host, rows, failed, log, dt, varlen, left):
     n_label = f"B={s['b']}x{s['tokens']} H={s['h']}"
     q, k, v, cu = _packed_equal(s, host.DTYPES[dt], torch.device(DEVICE))
     grad = torch.randn_like(q)
+    verdict = _timed_check(host, failed, log, "varlen", varlen, (q, k, v, grad), (cu, s["tokens"]),
+                           host.DTYPES[dt], n_label)
     for mode in ("fwd", "fwd+bwd"):
         if left() < 5:
             log(f"time varlen_attention {mode} {dt}: skipped (section budget)")
@@ -352,6 +375,7 @@ def _time_varlen(host, rows, failed, log, dt, varlen, left):
         _timed(rows, failed, log, key, "eager",
                lambda: _time(host, dense_attention_reference, (q, k, v, s["b"]), [q, k, v], mode, grad))
         r = _row(rows, *key)
+        r["pass"] = verdict
         log(f"time {key[0]} {n_label} {dt}: dense {r['eager_ms']} ms {r['eager_mb']} MB, "
             f"fused {r['fused_ms']} ms {r['fused_mb']} MB")
     del q, k, v, cu, grad
