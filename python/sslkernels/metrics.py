@@ -205,5 +205,6 @@ def lidar(views: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> torch.
     m = 0.5 * (m + m.T)
     lam = _svdvals(m, "views")
     p = (lam + eps) / (lam + eps).sum()
-    H = -(p * torch.log(p)).sum()
+    # 0 log 0 = 0: with eps = 0 a rank-deficient Sigma_b (N - 1 < D) has zero eigenvalues
+    H = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum()
     return torch.exp(H).to(_out_dtype(views))
