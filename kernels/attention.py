@@ -109,8 +109,10 @@ _BWD_Q = {
 _INTERPRET_CONFIG = _cfg(16, 16, 4, 1)
 # Arguments that change from batch to batch (index widths, token counts, the lse / output
 # layouts that follow them): not specialised, so a new batch never recompiles.
-_PER_BATCH = ["KQ", "KKV", "T", "TUNE", "slb", "slh", "sob", "sgb"]
+# (Each list names only its kernel's parameters: older Triton looks every name up.)
+_PER_BATCH_FWD = ["KQ", "KKV", "T", "TUNE", "slb", "slh", "sob"]
 _PER_BATCH_DELTA = ["KQ", "T", "slb", "slh", "sob", "sgb"]
+_PER_BATCH_BWD = ["KQ", "KKV", "T", "TUNE", "slb", "slh", "sgb"]
 _DELTA_ROWS = 16 if INTERPRET else 64
 
 
@@ -232,7 +234,7 @@ def _log2e(BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.autotune(configs=_all(_FWD), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_FWD))
-@triton.jit(do_not_specialize=_PER_BATCH)
+@triton.jit(do_not_specialize=_PER_BATCH_FWD)
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
@@ -334,7 +336,7 @@ def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_p
 
 
 @triton.autotune(configs=_all(_BWD_KV), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_KV))
-@triton.jit(do_not_specialize=_PER_BATCH)
+@triton.jit(do_not_specialize=_PER_BATCH_BWD)
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,
@@ -379,7 +381,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_all(_BWD_Q), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_Q))
-@triton.jit(do_not_specialize=_PER_BATCH)
+@triton.jit(do_not_specialize=_PER_BATCH_BWD)
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     idx_ptr, kv_idx_ptr, cnt_ptr, kv_cnt_ptr, cu_ptr,

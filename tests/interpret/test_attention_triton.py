@@ -341,5 +341,10 @@ def test_gpu_configs_and_pruning(monkeypatch):
             assert got == (fams[fam] if m.AUTOTUNE else fams[fam][:1])
         for c in kernel.configs:
             assert c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16
+    # every name left unspecialised is a parameter of its kernel (older Triton looks each one up)
+    for kernel, names in ((m._attn_fwd_kernel, m._PER_BATCH_FWD), (m._attn_delta_kernel, m._PER_BATCH_DELTA),
+                          (m._attn_bwd_dkdv_kernel, m._PER_BATCH_BWD), (m._attn_bwd_dq_kernel, m._PER_BATCH_BWD)):
+        fn = kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel
+        assert set(names) <= set(fn.arg_names), (fn.arg_names, names)
     assert [m._block_d(d) for d in (16, 40, 64, 80, 88, 96, 128)] == [16, 64, 64, 128, 128, 128, 128]
     assert m._tune_rows(1) == 64 and m._tune_rows(196) == 256 and m._tune_rows(10**6) == 4096
