@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import sslkernels
-from sslkernels.reference import info_nce_reference, nt_xent_reference, sup_con_reference
+from sslkernels.reference import (info_nce_reference, masked_patch_attention_reference, nt_xent_reference,
+                                  sup_con_reference, varlen_attention_reference)
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -28,9 +29,10 @@ class Arg:
 
     ranks: Tuple[int, ...]      # ranks the function accepts
     kind: str = "float"         # "float" (any of FLOATS) or "int" (integer ids)
-    empty_ok: bool = False      # a zero-size tensor is a valid value (e.g. an empty queue)
+    empty_dims: Tuple[int, ...] = ()  # dims that may be 0 (an empty queue, no kept patch)
     values_checked: bool = True  # NaN / Inf in it raise ValueError naming it
     more_dims_ok: bool = False   # any rank above max(ranks) is accepted too (batch dims)
+    expand_ok: bool = True       # its rows may all be one row (stride 0): a valid value
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class OpSpec:
     bad_scalars: Tuple[Tuple[dict, type, str], ...] = ()
     defaults: dict = field(default_factory=dict)       # options of the table-driven tests
     thread_bitwise: bool = False  # documented: bitwise identical for any thread count
+    empty_batch_ok: bool = False  # zero rows in every tensor give an empty result, not an error
     dtypes: Tuple[torch.dtype, ...] = FLOATS
     # Size of the intermediates behind a result, (float64 tensors, options, "output" or the
     # argument of a gradient) -> float: the rounding floor of the tolerance rule scales with
@@ -180,7 +183,7 @@ INFO_NCE = OpSpec(
                                  "per_query": st.sampled_from([0, 0, 1, 3])}),
     options=_info_nce_options(), small={"n": 6, "d": 5, "k": 4},
     large={"n": 290, "d": 24, "k": 129}, defaults={"temperature": 0.1},
-    args={"query": Arg((2,)), "key": Arg((2,)), "negatives": Arg((2, 3), empty_ok=True)},
+    args={"query": Arg((2,)), "key": Arg((2,)), "negatives": Arg((2, 3), empty_dims=(0,))},
     grads=("query", "key", "negatives"),
     mismatches=(("one more row", "key", _extra_row), ("one more column", "negatives", _extra_col),
                 ("per-query negatives of another batch", "negatives", lambda x: x.expand(2, *x.shape))),
@@ -373,6 +376,96 @@ LIDAR = OpSpec(
     bad_scalars=_bad("delta", (0.0, ValueError), (-1.0, ValueError), ("x", TypeError)) + _EPS_CASES,
 )
 
+# ---------------------------------------------------------------- attention
+
+
+def _build_masked(s, dtype, scale, seed):
+    g = _gen(seed)
+    b, length, heads, dh, kept = s["b"], s["l"], s["h"], s["dh"], s["k"]
+    index = torch.full((b, kept), -1, dtype=torch.int64)
+    for i in range(b):  # each sample keeps its own count (0..kept) of unique positions
+        count = int(torch.randint(0, kept + 1, (1,), generator=g)) if i else kept
+        index[i, :count] = torch.randperm(length, generator=g)[:count]
+    qkv = {n: _randn(g, b, length, heads, dh, scale=scale, dtype=dtype) for n in ("q", "k", "v")}
+    return {**qkv, "index": index}
+
+
+def _build_varlen(s, dtype, scale, seed):
+    g = _gen(seed)
+    lengths = torch.randint(0, s["max_len"] + 1, (s["b"],), generator=g)
+    lengths[0] = max(int(lengths[0]), 1)  # at least one token
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(s.get("cu_dtype", torch.int32))
+    t = int(cu[-1])
+    qkv = {n: _randn(g, t, s["h"], s["dh"], scale=scale, dtype=dtype) for n in ("q", "k", "v")}
+    return {**qkv, "cu_seqlens": cu}
+
+
+def _varlen_call(fn):
+    def call(q, k, v, cu_seqlens, max_seqlen=None, **options):
+        if max_seqlen is None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 \
+                and cu_seqlens.numel() > 1 and cu_seqlens.device.type == "cpu" \
+                and cu_seqlens.dtype in (torch.int32, torch.int64):
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return fn(q, k, v, cu_seqlens, 0 if max_seqlen is None else max_seqlen, **options)
+    return call
+
+
+def _attention_magnitude(tensors, options, what="output"):
+    """Size of attention's intermediates: |v| for the output. The backward recomputes the
+    probabilities from a float32 log-sum-exp (as FlashAttention does), so they carry the
+    rounding of the logits, |logit| <= L = scale |q| |k|: gradients get L times their
+    natural size, scale |k| |v| (dq), scale |q| |v| (dk), 1 (dv)."""
+    scale = options.get("scale") or tensors["q"].shape[-1] ** -0.5
+    norm = {n: float(tensors[n].double().norm(dim=-1).max()) if tensors[n].numel() else 0.0 for n in ("q", "k", "v")}
+    if what == "output":
+        return norm["v"]
+    logits = max(1.0, abs(scale) * norm["q"] * norm["k"])
+    if what == "v":
+        return logits
+    return logits * abs(scale) * norm["k" if what == "q" else "q"] * norm["v"]
+
+
+_ATTN_OPTIONS = st.fixed_dictionaries({"scale": st.one_of(st.none(), st.floats(0.05, 2.0))})
+_SCALE_CASES = _bad("scale", (float("nan"), ValueError), (float("inf"), ValueError), ("0.1", TypeError))
+# NaN/Inf are checked in the rows a sample reads only (documented): the table's single
+# poked element may sit in a dropped patch, so every element is poked instead (mismatches).
+_QKV = {n: Arg((4,), values_checked=False) for n in ("q", "k", "v")}
+
+
+def _fill(value):
+    return lambda x: torch.full_like(x, value)
+
+MASKED_PATCH_ATTENTION = OpSpec(
+    name="masked_patch_attention", call=sslkernels.masked_patch_attention, build=_build_masked,
+    reference=masked_patch_attention_reference,
+    sizes=st.fixed_dictionaries({"b": st.integers(1, 4), "l": st.integers(1, 70), "h": st.integers(1, 3),
+                                 "dh": st.sampled_from([1, 3, 16, 65])}).flatmap(
+        lambda s: st.integers(1, s["l"]).map(lambda k: {**s, "k": k})),
+    options=_ATTN_OPTIONS, small={"b": 3, "l": 9, "h": 2, "dh": 5, "k": 6},
+    large={"b": 4, "l": 196, "h": 3, "dh": 32, "k": 150},
+    args={**_QKV, "index": Arg((2,), kind="int", values_checked=False, empty_dims=(1,))}, grads=("q", "k", "v"),
+    mismatches=(("other head dim", "k", _extra_col), ("one more sample", "index", _extra_row),
+                ("all nan", "q", _fill(float("nan"))), ("all inf", "k", _fill(float("inf"))),
+                ("all -inf", "v", _fill(-float("inf")))),
+    bad_scalars=_SCALE_CASES, thread_bitwise=True, empty_batch_ok=True, magnitude=_attention_magnitude,
+)
+VARLEN_ATTENTION = OpSpec(
+    name="varlen_attention", call=_varlen_call(sslkernels.varlen_attention), build=_build_varlen,
+    reference=_varlen_call(varlen_attention_reference),
+    sizes=st.fixed_dictionaries({"b": st.integers(1, 5), "max_len": st.sampled_from([1, 7, 64, 65, 130]),
+                                 "h": st.integers(1, 3), "dh": st.sampled_from([1, 3, 16, 65]),
+                                 "cu_dtype": st.sampled_from([torch.int32, torch.int64])}),
+    options=_ATTN_OPTIONS, small={"b": 3, "max_len": 7, "h": 2, "dh": 5},
+    large={"b": 6, "max_len": 200, "h": 2, "dh": 32},
+    args={"q": Arg((3,)), "k": Arg((3,)), "v": Arg((3,)),
+          "cu_seqlens": Arg((1,), kind="int", values_checked=False, expand_ok=False)},
+    grads=("q", "k", "v"),
+    mismatches=(("one more token", "k", _extra_row), ("other head dim", "v", _extra_col)),
+    bad_scalars=_SCALE_CASES + _bad("max_seqlen", (-1, ValueError), (1, ValueError), ("7", TypeError), (2.5, TypeError)),
+    thread_bitwise=True, magnitude=_attention_magnitude,
+)
+
 # Every public function of sslkernels that the reliability tests cover.
-OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR]
+OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR,
+       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION]
 BY_NAME = {spec.name: spec for spec in OPS}

@@ -29,6 +29,8 @@ LEAK_SIZES = {
     "svdvals_ex": {"b": 4, "m": 20, "n": 17}, "rankme": {"b": 0, "m": 64, "n": 16},
     "effective_rank": {"b": 0, "m": 64, "n": 16}, "nesum": {"b": 0, "m": 64, "n": 16},
     "alpha_req": {"b": 0, "m": 64, "n": 16}, "lidar": {"n": 32, "q": 2, "d": 16},
+    "masked_patch_attention": {"b": 4, "l": 16, "h": 2, "dh": 16, "k": 12},
+    "varlen_attention": {"b": 4, "max_len": 40, "h": 2, "dh": 16},
 }
 
 
