@@ -33,6 +33,9 @@ echo "[setup] installing build and test tools"
 # open_clip's loss.py (plain torch) is the ClipLoss parity oracle; its package
 # __init__ needs torchvision, so it comes in without dependencies.
 "${PIP[@]}" --no-deps "open_clip_torch==3.3.0"
+# timm's VisionTransformer is the patch_vit parity oracle; it needs torchvision only for
+# its data pipeline, which the test stubs (tests/_timm.py), so it comes in without deps.
+"${PIP[@]}" --no-deps "timm==1.0.31"
 # Lightning: the RankMeCallback wrapper is tested under a real Trainer.
 "${PIP[@]}" "lightning>=2.0"
 

@@ -17,10 +17,14 @@ from sslkernels.functional import svdvals, svdvals_ex
 from sslkernels.functional import masked_patch_attention, varlen_attention
 from sslkernels.metrics import alpha_req, effective_rank, lidar, nesum, rankme
 from sslkernels.monitor import RankMeMonitor
+from sslkernels import masks  # noqa: F401
+from sslkernels.nn.attention import patch_vit
+from sslkernels.packing import PackedPatches, pack_patches, unpack_patches
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "pack_patches", "unpack_patches", "PackedPatches", "patch_vit", "masks",
     "masked_patch_attention", "varlen_attention",
     "svdvals", "svdvals_ex", "RankMeMonitor", "rankme", "effective_rank", "lidar", "alpha_req", "nesum", "metrics",
     "info_nce", "nt_xent", "sup_con", "nn", "reference", "set_debug", "debug_enabled", "__version__"]

@@ -1,4 +1,7 @@
 """Drop-in modules: same constructor arguments and forward signature as the module they replace."""
+from sslkernels.nn.attention import Attention, patch_vit
 from sslkernels.nn.contrastive import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from sslkernels.nn.jepa import PackedBlock, PackedViTEncoder
 
-__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss", "SupConLoss"]
+__all__ = ["Attention", "ClipLoss", "InfoNCELoss", "NTXentLoss", "PackedBlock", "PackedViTEncoder", "SupConLoss",
+           "patch_vit"]

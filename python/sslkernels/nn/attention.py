@@ -1,0 +1,138 @@
+"""Drop-in ViT attention on the fused varlen kernel, and `patch_vit` to swap it in."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Attention", "patch_vit"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the parameters and state_dict keys of timm's /
+    I-JEPA's ``Attention`` (``qkv``, ``proj``), computed by
+    :func:`sslkernels.varlen_attention` (C++ on the CPU, Triton on CUDA): the N x N
+    attention matrix is never stored.
+
+    * ``forward(x)``: dense ``x [B, N, C]`` -> ``[B, N, C]`` (B sequences of N tokens).
+    * ``forward(x, cu_seqlens=..., max_seqlen=...)``: packed ``x [T, C]`` from
+      :func:`sslkernels.pack_patches`; each token attends to its own sample's tokens
+      only (no truncation, no padding).
+
+    ``return_attention=True`` returns ``(out, None)``, the calling convention of
+    I-JEPA's ``Block`` (``y, attn = self.attn(...)``); the fused kernel has no
+    attention matrix to return. Attention dropout is not implemented: ``attn_drop > 0``
+    raises a ValueError in training mode (it is a no-op in eval, as in timm).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, return_attention: bool = False):
+        super().__init__()
+        if not isinstance(dim, int) or not isinstance(num_heads, int) or dim <= 0 or num_heads <= 0:
+            raise ValueError(f"`dim` and `num_heads` must be positive ints, got {dim!r} and {num_heads!r}")
+        if dim % num_heads:
+            raise ValueError(f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = float(qk_scale) if qk_scale else self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)  # kept for the module tree of timm / I-JEPA
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.return_attention = return_attention
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False):
+        from sslkernels.functional import varlen_attention
+
+        if attn_mask is not None or is_causal:  # timm's Block passes attn_mask=None
+            raise NotImplementedError("sslkernels.nn.Attention: `attn_mask` / `is_causal` are not supported; "
+                                      "ragged samples go through cu_seqlens (sslkernels.pack_patches)")
+
+        if self.training and self.attn_drop.p > 0:
+            raise ValueError(
+                f"sslkernels.nn.Attention: attention dropout (attn_drop={self.attn_drop.p}) is not implemented "
+                "by the fused kernel; set attn_drop=0.0 (timm's and I-JEPA's default) or call .eval()")
+        if cu_seqlens is None:
+            if x.dim() != 3:
+                raise ValueError(f"dense `x` must be [B, N, C], got shape {tuple(x.shape)}; "
+                                 "packed [T, C] input needs `cu_seqlens` and `max_seqlen`")
+            b, n, c = x.shape
+            cu_seqlens = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=x.device)
+            max_seqlen = n
+        else:
+            if x.dim() != 2:
+                raise ValueError(f"packed `x` must be [T, C], got shape {tuple(x.shape)}")
+            if max_seqlen is None:
+                raise ValueError("packed input needs `max_seqlen` (PackedPatches.max_seqlen)")
+        shape = x.shape
+        c = shape[-1]
+        qkv = self.qkv(x).reshape(-1, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)  # strided views of the one projection: no copies
+        out = varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), scale=self.scale)
+        out = self.proj_drop(self.proj(out.reshape(-1, c))).reshape(shape)
+        return (out, None) if self.return_attention else out
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "Attention":
+        """An ``Attention`` carrying ``module``'s weights, scale and dropout rates
+        (a timm or I-JEPA attention: ``qkv`` and ``proj`` Linears, ``num_heads``)."""
+        for name in ("q_norm", "k_norm", "norm"):
+            sub = getattr(module, name, None)
+            if sub is not None and not isinstance(sub, nn.Identity):
+                raise NotImplementedError(
+                    f"patch_vit: {type(module).__name__}.{name} is {type(sub).__name__}; only attention "
+                    "without q/k normalisation (qk_norm=False) or a post-attention norm is supported")
+        qkv, proj = module.qkv, module.proj
+        dim = qkv.in_features
+        attn_drop = getattr(module, "attn_drop", 0.0)
+        proj_drop = getattr(module, "proj_drop", 0.0)
+        new = cls(dim, int(module.num_heads), qkv_bias=qkv.bias is not None,
+                  qk_scale=float(getattr(module, "scale", (dim // int(module.num_heads)) ** -0.5)),
+                  attn_drop=attn_drop.p if isinstance(attn_drop, nn.Dropout) else float(attn_drop),
+                  proj_drop=proj_drop.p if isinstance(proj_drop, nn.Dropout) else float(proj_drop),
+                  return_attention=_returns_tuple(module, dim))
+        new.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+        new.qkv.load_state_dict(qkv.state_dict())
+        new.proj.load_state_dict(proj.state_dict())
+        new.train(module.training)
+        return new
+
+
+def _returns_tuple(module: nn.Module, dim: int) -> bool:
+    """Whether ``module`` returns ``(x, attn)`` (I-JEPA) rather than ``x`` (timm): one
+    tiny forward in eval mode, no gradient."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            w = module.qkv.weight
+            out = module(torch.zeros(1, 2, dim, device=w.device, dtype=w.dtype))
+    finally:
+        module.train(was_training)
+    return isinstance(out, tuple)
+
+
+def _is_vit_attention(module: nn.Module) -> bool:
+    return (not isinstance(module, Attention) and isinstance(getattr(module, "qkv", None), nn.Linear)
+            and isinstance(getattr(module, "proj", None), nn.Linear) and hasattr(module, "num_heads"))
+
+
+def patch_vit(model: nn.Module) -> nn.Module:
+    """Replace, in place, every timm / I-JEPA-style ViT attention module of ``model``
+    (a submodule with ``qkv`` and ``proj`` Linears and ``num_heads``) by
+    :class:`Attention` with the same weights; returns ``model``. Dense outputs match
+    the original to float32 tolerance. Raises ValueError if nothing was replaced."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_vit_attention(child):
+                setattr(parent, name, Attention.from_module(child))
+                replaced += 1
+    if not replaced:
+        raise ValueError("patch_vit: `model` has no ViT attention module (qkv and proj Linears, num_heads)")
+    return model
