@@ -411,15 +411,15 @@ def _varlen_call(fn):
 
 
 def _attention_magnitude(tensors, options, what="output"):
-    """Size of attention's intermediates: |v| for the output. The backward recomputes the
-    probabilities from a float32 log-sum-exp (as FlashAttention does), so they carry the
-    rounding of the logits, |logit| <= L = scale |q| |k|: gradients get L times their
-    natural size, scale |k| |v| (dq), scale |q| |v| (dk), 1 (dv)."""
+    """Size of attention's intermediates. Probabilities carry the rounding of the logits,
+    |logit| <= L = scale |q| |k| (first order: eps L relative; the backward recomputes them
+    from a float32 log-sum-exp, as FlashAttention does), so every result gets L times its
+    natural size: |v| (output), scale |k| |v| (dq), scale |q| |v| (dk), 1 (dv)."""
     scale = options.get("scale") or tensors["q"].shape[-1] ** -0.5
     norm = {n: float(tensors[n].double().norm(dim=-1).max()) if tensors[n].numel() else 0.0 for n in ("q", "k", "v")}
-    if what == "output":
-        return norm["v"]
     logits = max(1.0, abs(scale) * norm["q"] * norm["k"])
+    if what == "output":
+        return logits * norm["v"]
     if what == "v":
         return logits
     return logits * abs(scale) * norm["k" if what == "q" else "q"] * norm["v"]
