@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 "${SSLK_VENV:-.venv}/bin/python" -m pytest tests "$@"
 # SSLK_SANITIZE=1: also build _C and the C++ driver with ASan/UBSan (build/asan) and rerun the
-# C++-path tests on it (scripts/sanitize.sh; ~5 min on 2 cores, too much for .ci/run's budget).
+# C++-path tests on it (scripts/sanitize.sh, ~5 min on 2 cores; .ci/run runs the core files only).
 if [ "${SSLK_SANITIZE:-0}" = "1" ]; then
   bash scripts/sanitize.sh -q
 fi
