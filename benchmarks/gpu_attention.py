@@ -239,35 +239,8 @@ def _flex_masked(index, dtype):
 
 
 def _time(host, fn, args, leaves, mode, grad):
-    """-> (ms, MB) of fn(*args) (fwd) or fn(*args).backward(grad) (fwd+bwd)."""
-    import torch
-
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(*args)
-    else:
-        def step():
-            fn(*args).backward(grad)
-
-    def clear():
-        for leaf in leaves:
-            leaf.grad = None
-
-    def one():
-        clear()
-        step()
-
-    try:
-        step()  # compile / autotune outside the measurements
-        clear()
-        mb = host._peak_mb(one)
-        ms = host._median_ms(step, grad_to_none=leaves)
-        return ms, mb
-    finally:
-        clear()
-        gc.collect()
-        torch.cuda.empty_cache()
+    """-> (ms, MB) of fn(*args) (fwd, no autograd) or fn(*args).backward(grad) (fwd+bwd)."""
+    return host.time_pass(fn, args, leaves, mode, grad, no_grad_fwd=True)
 
 
 def _timed(rows, failed, log, key, impl, thunk):

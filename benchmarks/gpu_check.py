@@ -197,33 +197,44 @@ def _peak_mb(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def time_case(impl, op, z1, z2, t):
-    """-> (ms, MB) or raises torch.cuda.OutOfMemoryError."""
-    a = z1.detach().clone().requires_grad_(True)
-    b = z2.detach().clone().requires_grad_(True)
-
-    if op == "fwd":
+def time_pass(fn, args, leaves, mode, grad=None, no_grad_fwd=False):
+    """-> (ms, MB) of ``fn(*args)`` ("fwd"; under no_grad if ``no_grad_fwd``) or of
+    ``fn(*args).backward(grad)`` ("fwd+bwd"): median do_bench time, and the peak memory of
+    one step above what was allocated before it. Compiles / autotunes outside the
+    measurements; raises torch.cuda.OutOfMemoryError. Shared by every family's section."""
+    if mode == "fwd":
         def step():
-            impl(a, b, temperature=t)
+            with torch.set_grad_enabled(not no_grad_fwd):
+                fn(*args)
     else:
         def step():
-            impl(a, b, temperature=t).backward()
+            fn(*args).backward(grad)
+
+    def clear():
+        for leaf in leaves:
+            leaf.grad = None
 
     def one():  # memory of one step, gradients not yet allocated
-        a.grad = b.grad = None
+        clear()
         step()
 
     try:
-        step()  # compile / autotune outside the measurements
-        a.grad = b.grad = None
+        step()
+        clear()
         mb = _peak_mb(one)
-        ms = _median_ms(step, grad_to_none=[a, b])
+        ms = _median_ms(step, grad_to_none=leaves)
         return ms, mb
     finally:
-        a.grad = b.grad = None
-        del a, b
+        clear()
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def time_case(impl, op, z1, z2, t):
+    """NT-Xent: -> (ms, MB) or raises torch.cuda.OutOfMemoryError."""
+    a = z1.detach().clone().requires_grad_(True)
+    b = z2.detach().clone().requires_grad_(True)
+    return time_pass(lambda x, y: impl(x, y, temperature=t), (a, b), [a, b], op)
 
 
 # ---------------------------------------------------------------------------- spectral (svdvals)
@@ -260,7 +271,7 @@ def spectral_section(rows, failed):
             ref = torch.linalg.svdvals(A.double().cpu())
             eager_err = float(_spec_error(torch.linalg.svdvals(A), ref).max())
             tol = SPEC_TOL_128_FP32 if (dtype == torch.float32 and max(m, n) >= 128) else SPEC_TOL[dtype]
-            r = rows.setdefault((f"svdvals", b, f"{m}x{n}", dt),
+            r = rows.setdefault(("svdvals", b, f"{m}x{n}", dt),
                                 {"pass": "-", "eager_ms": None, "fused_ms": None, "eager_mb": None,
                                  "fused_mb": None})
             msgs, ok = [], True

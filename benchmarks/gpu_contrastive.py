@@ -191,32 +191,10 @@ def time_case(host, kind, impl, mode, n, d, extra, dtype, opts):
         fn = _loss_fn(kind, impl, opts)
         args = [leaves[0], leaves[1], t, neg]
 
-    if mode == "fwd":
-        def step():
-            fn(*args)
-    else:
-        def step():
-            fn(*args).backward()
-
-    def clear():
-        for leaf in leaves:
-            leaf.grad = None
-
-    def one():
-        clear()
-        step()
-
     try:
-        step()  # compile / autotune outside the measurements
-        clear()
-        mb = host._peak_mb(one)
-        ms = host._median_ms(step, grad_to_none=leaves)
-        return ms, mb
+        return host.time_pass(fn, args, leaves, mode)
     finally:
-        clear()
         del leaves, args
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------- section
