@@ -174,3 +174,76 @@ def test_jepa_context_encoder_sees_every_visible_patch():
     assert torch.equal(tokens2[:lo], tokens[:lo]) and torch.equal(tokens2[hi:], tokens[hi:])
     full = sslkernels.unpack_patches(tokens, packed)
     assert full.shape == x.shape and bool((full[~context] == 0).all())
+
+
+class _WrongScaleAttention(IJEPAAttention):
+    """qkv / proj / num_heads like I-JEPA's, but its forward uses another scale than `scale`."""
+
+    def forward(self, x):
+        self.scale, real = 1.7, self.scale
+        try:
+            return eager_attention(self, x), None
+        finally:
+            self.scale = real
+
+
+def test_patch_vit_refuses_a_forward_that_computes_something_else():
+    model = nn.Sequential(_WrongScaleAttention(16, 2))
+    with pytest.raises(NotImplementedError, match="_WrongScaleAttention's output differs"):
+        sslkernels.patch_vit(model)
+    assert isinstance(model[0], _WrongScaleAttention)  # nothing half-swapped
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda t: t.layers.Attention(32, 4, gated=True), "gate"),
+    (lambda t: t.layers.Attention(32, 4, attn_head_dim=16), "attn_head_dim"),
+    (lambda t: t.layers.Attention(32, 4, dim_out=16), "dim_out"),
+    (lambda t: t.layers.Attention(32, 4, scale_norm=True, norm_layer=nn.LayerNorm), r"Attention\.norm is LayerNorm"),
+    (lambda t: t.layers.AttentionRope(32, 4), "forward takes rope"),
+    (lambda t: __import__("timm.models.beit", fromlist=["Attention"]).Attention(32, 4, qkv_bias=True,
+                                                                               window_size=(3, 3)),
+     "q_bias, v_bias, relative_position_bias_table"),
+])
+def test_patch_vit_refuses_timm_variants_it_does_not_compute(timm, make, match):
+    with pytest.raises(NotImplementedError, match=match):
+        sslkernels.patch_vit(nn.Sequential(make(timm)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_patch_vit_timm_attention_without_proj_bias(timm, fused):
+    torch.manual_seed(6)
+    model = nn.Sequential(timm.layers.Attention(40, 5, qkv_bias=True, proj_bias=False)).eval()
+    model[0].fused_attn = fused  # timm's SDPA path and its manual path
+    x = torch.randn(3, 11, 40)
+    before = model(x)
+    sslkernels.patch_vit(model)
+    assert isinstance(model[0], sslkernels.nn.Attention) and model[0].proj.bias is None
+    assert not model[0].return_attention
+    torch.testing.assert_close(model(x), before, **TOL)
+
+
+def test_jepa_context_encoder_equals_an_eager_dense_reference():
+    """Each sample's packed output equals its visible patches run alone through the same
+    blocks written out eagerly (LayerNorm, q k^T softmax, MLP): the packing adds nothing
+    and loses nothing."""
+    torch.manual_seed(7)
+    b, grid, dim = 5, (7, 9), 24
+    context, _ = multiblock_masks(b, grid=grid, generator=torch.Generator().manual_seed(8))
+    enc = sslkernels.nn.PackedViTEncoder(dim, depth=3, num_heads=3).eval()
+    x = torch.randn(b, grid[0] * grid[1], dim)
+    tokens, packed = enc(x, context)
+    for i in range(b):
+        h = x[i][context[i]][None]
+        for blk in enc.blocks:
+            h = h + eager_attention(blk.attn, blk.norm1(h))
+            h = h + blk.mlp(blk.norm2(h))
+        ref = enc.norm(h)[0]
+        torch.testing.assert_close(tokens[packed.cu_seqlens[i]:packed.cu_seqlens[i + 1]], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_vit_is_all_or_nothing():
+    model = nn.Sequential(IJEPABlock(16, 2), IJEPABlock(16, 2))
+    model[1].attn = _WrongScaleAttention(16, 2)
+    with pytest.raises(NotImplementedError, match="_WrongScaleAttention"):
+        sslkernels.patch_vit(model)
+    assert type(model[0].attn) is IJEPAAttention  # the first block was not swapped either

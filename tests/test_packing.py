@@ -46,7 +46,12 @@ def test_pack_index_lists_keep_their_order():
     (torch.ones(2, 4, dtype=torch.bool), ValueError, "`keep` must have shape"),
     ([torch.tensor([0, 5])], ValueError, "index tensors for a batch of 2"),
     ([torch.tensor([0, 5]), torch.tensor([1])], ValueError, r"`keep\[0\]` holds positions outside"),
-    ([torch.tensor([1, 1]), torch.tensor([1])], ValueError, "more than once"),
+    ([torch.tensor([1, 1]), torch.tensor([1])], ValueError, r"`keep\[0\]` holds position 1 more than once"),
+    ([torch.tensor([1]), torch.tensor([4, 0, 4])], ValueError, r"`keep\[1\]` holds position 4 more than once"),
+    ([torch.tensor([1]), torch.tensor([2, -1])], ValueError, r"`keep\[1\]` holds positions outside \[0, 5\): min -1"),
+    ([torch.tensor([1]), torch.tensor([[1]])], ValueError, r"`keep\[1\]` must be a 1-D"),
+    ([torch.tensor([1]), [1]], ValueError, r"`keep\[1\]` must be a 1-D"),
+    (torch.ones(2, 5, 1, dtype=torch.bool), ValueError, "`keep` must have shape"),
     ([torch.tensor([1.0]), torch.tensor([1])], TypeError, r"`keep\[0\]`"),
     ("all", TypeError, "`keep`"),
 ])
@@ -79,3 +84,30 @@ def test_multiblock_masks_keep_every_sample_its_own_count():
     assert bool((sizes == sizes[0, 0]).all())  # one target-block size per batch, as I-JEPA
     with pytest.raises(ValueError, match="`batch_size`"):
         multiblock_masks(0)
+
+
+def test_pack_int32_and_empty_index_lists():
+    x = torch.randn(3, 6, 4, requires_grad=True)
+    idx = [torch.tensor([5, 1], dtype=torch.int32), torch.empty(0, dtype=torch.int64), torch.tensor([0])]
+    p = sslkernels.pack_patches(x, idx)
+    assert p.cu_seqlens.tolist() == [0, 2, 2, 3] and p.max_seqlen == 2 and p.batch_shape == (3, 6)
+    assert torch.equal(p.tokens, torch.stack([x[0, 5], x[0, 1], x[2, 0]]))
+    out = sslkernels.unpack_patches(p.tokens, p, fill=float("nan"))
+    assert bool(out[1].isnan().all()) and torch.equal(out[2, 0], x[2, 0])
+    out[0, 5].sum().backward()
+    assert torch.equal(x.grad[0, 5], torch.ones(4)) and float(x.grad.abs().sum()) == 4.0
+    nothing = sslkernels.pack_patches(x, [torch.empty(0, dtype=torch.int64)] * 3)
+    assert nothing.tokens.shape == (0, 4) and nothing.cu_seqlens.tolist() == [0, 0, 0, 0]
+    assert nothing.max_seqlen == 0
+    assert sslkernels.pack_patches(x, torch.zeros(3, 6, dtype=torch.bool)).max_seqlen == 0
+
+
+def test_pack_mask_and_index_lists_agree_on_masks_from_the_collator():
+    g = torch.Generator().manual_seed(11)
+    context, _ = multiblock_masks(9, grid=(10, 12), generator=g)
+    x = torch.randn(9, 120, 5)
+    a = sslkernels.pack_patches(x, context)
+    b = sslkernels.pack_patches(x, [row.nonzero().reshape(-1) for row in context])
+    for u, v in zip(a, b):
+        assert torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v
+    assert a.tokens.shape[0] == int(context.sum()) and a.max_seqlen == int(context.sum(1).max())

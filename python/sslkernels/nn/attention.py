@@ -1,6 +1,7 @@
 """Drop-in ViT attention on the fused varlen kernel, and `patch_vit` to swap it in."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -24,10 +25,20 @@ class Attention(nn.Module):
     I-JEPA's ``Block`` (``y, attn = self.attn(...)``); the fused kernel has no
     attention matrix to return. Attention dropout is not implemented: ``attn_drop > 0``
     raises a ValueError in training mode (it is a no-op in eval, as in timm).
+    ``proj_bias`` is timm's (default True); ``attn_mask`` / ``is_causal`` exist only
+    because timm's ``Block`` passes them (None / False; anything else raises).
+
+    Usage::
+
+        attn = sslkernels.nn.Attention(384, num_heads=6, qkv_bias=True)
+        y = attn(x)                                        # x [B, N, 384]
+        p = sslkernels.pack_patches(x, keep)               # keep [B, N] bool or index lists
+        y = attn(p.tokens, cu_seqlens=p.cu_seqlens, max_seqlen=p.max_seqlen)   # [T, 384]
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, return_attention: bool = False):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, return_attention: bool = False,
+                 proj_bias: bool = True):
         super().__init__()
         if not isinstance(dim, int) or not isinstance(num_heads, int) or dim <= 0 or num_heads <= 0:
             raise ValueError(f"`dim` and `num_heads` must be positive ints, got {dim!r} and {num_heads!r}")
@@ -38,7 +49,7 @@ class Attention(nn.Module):
         self.scale = float(qk_scale) if qk_scale else self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)  # kept for the module tree of timm / I-JEPA
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.return_attention = return_attention
 
@@ -78,41 +89,87 @@ class Attention(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module) -> "Attention":
         """An ``Attention`` carrying ``module``'s weights, scale and dropout rates
-        (a timm or I-JEPA attention: ``qkv`` and ``proj`` Linears, ``num_heads``)."""
+        (a timm or I-JEPA attention: ``qkv`` and ``proj`` Linears, ``num_heads``).
+
+        Raises NotImplementedError, naming the part, for what this module does not
+        compute: q/k or post-attention norms, timm's ``gated`` output gate, other
+        parameters or buffers (BEiT's ``q_bias`` / relative position table), forward
+        arguments other than ``x`` / ``attn_mask`` / ``is_causal`` (timm's ``rope``,
+        V-JEPA's ``mask``), a head width other than ``dim // num_heads`` or
+        ``dim_out != dim``; and, as a last guard, a module whose output on one small
+        random input differs from the swap's."""
+        kind = type(module).__name__
         for name in ("q_norm", "k_norm", "norm"):
             sub = getattr(module, name, None)
             if sub is not None and not isinstance(sub, nn.Identity):
                 raise NotImplementedError(
-                    f"patch_vit: {type(module).__name__}.{name} is {type(sub).__name__}; only attention "
+                    f"patch_vit: {kind}.{name} is {type(sub).__name__}; only attention "
                     "without q/k normalisation (qk_norm=False) or a post-attention norm is supported")
+        extra = [n for n, _ in module.named_children() if n not in _KNOWN_CHILDREN]
+        extra += [n for n, _ in module.named_parameters(recurse=False)]
+        extra += [n for n, _ in module.named_buffers(recurse=False)]
+        if extra:
+            raise NotImplementedError(f"patch_vit: {kind} has parts sslkernels.nn.Attention does not compute: "
+                                      f"{', '.join(extra)}")
+        extra_args = [n for n in inspect.signature(module.forward).parameters if n not in _KNOWN_ARGS]
+        if extra_args:
+            raise NotImplementedError(f"patch_vit: {kind}.forward takes {', '.join(extra_args)}, which "
+                                      "sslkernels.nn.Attention does not accept")
         qkv, proj = module.qkv, module.proj
-        dim = qkv.in_features
+        dim, heads = qkv.in_features, int(module.num_heads)
+        if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim:
+            raise NotImplementedError(
+                f"patch_vit: {kind} maps dim {dim} -> qkv {qkv.out_features} -> proj {proj.in_features} -> "
+                f"{proj.out_features}; only qkv = 3 * dim and proj dim -> dim are supported "
+                "(no attn_head_dim / dim_out)")
         attn_drop = getattr(module, "attn_drop", 0.0)
         proj_drop = getattr(module, "proj_drop", 0.0)
-        new = cls(dim, int(module.num_heads), qkv_bias=qkv.bias is not None,
-                  qk_scale=float(getattr(module, "scale", (dim // int(module.num_heads)) ** -0.5)),
+        new = cls(dim, heads, qkv_bias=qkv.bias is not None,
+                  qk_scale=float(getattr(module, "scale", (dim // heads) ** -0.5)),
                   attn_drop=attn_drop.p if isinstance(attn_drop, nn.Dropout) else float(attn_drop),
                   proj_drop=proj_drop.p if isinstance(proj_drop, nn.Dropout) else float(proj_drop),
-                  return_attention=_returns_tuple(module, dim))
+                  proj_bias=proj.bias is not None)
         new.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
         new.qkv.load_state_dict(qkv.state_dict())
         new.proj.load_state_dict(proj.state_dict())
+        new.return_attention = _check_same_output(module, new, dim)
         new.train(module.training)
         return new
 
 
-def _returns_tuple(module: nn.Module, dim: int) -> bool:
-    """Whether ``module`` returns ``(x, attn)`` (I-JEPA) rather than ``x`` (timm): one
-    tiny forward in eval mode, no gradient."""
+_KNOWN_CHILDREN = {"qkv", "proj", "attn_drop", "proj_drop", "q_norm", "k_norm", "norm"}
+_KNOWN_ARGS = {"x", "attn_mask", "is_causal"}
+
+
+def _check_same_output(module: nn.Module, new: "Attention", dim: int) -> bool:
+    """Run ``module`` and its swap on one small random input in eval mode, no gradient;
+    NotImplementedError if they differ. Returns whether ``module`` returns ``(x, attn)``
+    (I-JEPA) rather than ``x`` (timm)."""
     was_training = module.training
     module.eval()
+    new.eval()
+    w = module.qkv.weight
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, dim, generator=gen).to(device=w.device, dtype=w.dtype)
     try:
         with torch.no_grad():
-            w = module.qkv.weight
-            out = module(torch.zeros(1, 2, dim, device=w.device, dtype=w.dtype))
+            ref = module(x)
+            out = new(x)
     finally:
         module.train(was_training)
-    return isinstance(out, tuple)
+    returns_tuple = isinstance(ref, tuple)
+    ref = ref[0] if returns_tuple else ref
+    if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
+        raise NotImplementedError(f"patch_vit: {type(module).__name__} returned {type(ref).__name__} "
+                                  f"{tuple(getattr(ref, 'shape', ()))}, not [B, N, C] = {tuple(out.shape)}")
+    tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 3e-2
+    err = float((out.float() - ref.float()).abs().max())
+    scale = float(ref.float().abs().max()) + 1e-6
+    if not err <= tol * scale:
+        raise NotImplementedError(
+            f"patch_vit: {type(module).__name__}'s output differs from sslkernels.nn.Attention with its weights "
+            f"(max error {err:.3g} at output scale {scale:.3g}): its forward computes something else")
+    return returns_tuple
 
 
 def _is_vit_attention(module: nn.Module) -> bool:
@@ -124,15 +181,22 @@ def patch_vit(model: nn.Module) -> nn.Module:
     """Replace, in place, every timm / I-JEPA-style ViT attention module of ``model``
     (a submodule with ``qkv`` and ``proj`` Linears and ``num_heads``) by
     :class:`Attention` with the same weights; returns ``model``. Dense outputs match
-    the original to float32 tolerance. Raises ValueError if nothing was replaced."""
+    the original to float32 tolerance, and the state_dict keys stay the same.
+
+    Every swap is checked first (see :meth:`Attention.from_module`: one tiny forward
+    of each module on a private generator); if any module can not be swapped, the
+    NotImplementedError names it and ``model`` is left untouched. Raises ValueError
+    if ``model`` has no such module. Usage::
+
+        model = timm.create_model("vit_base_patch16_224")   # or an I-JEPA ViT
+        sslkernels.patch_vit(model)
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if _is_vit_attention(child):
-                setattr(parent, name, Attention.from_module(child))
-                replaced += 1
-    if not replaced:
+    swaps = [(parent, name, Attention.from_module(child))
+             for parent in model.modules() for name, child in parent.named_children() if _is_vit_attention(child)]
+    if not swaps:
         raise ValueError("patch_vit: `model` has no ViT attention module (qkv and proj Linears, num_heads)")
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
     return model
