@@ -542,12 +542,7 @@ def main(argv):
         return host.compile_only()
     rows, failed = {}, []
     attention_section(rows, failed, host.log)
-    for (op, n, d, dt), r in rows.items():
-        print(f"{op:48s} {n:28s} D={d:4d} {dt}: {r}")
-    for f in failed:
-        print("FAIL " + f)
-    print(f"{'FAILED' if failed else 'ALL CHECKS PASSED'} ({len(failed)} failure(s))")
-    return 1 if failed else 0
+    return host.report_section(rows, failed)
 
 
 if __name__ == "__main__":

@@ -237,6 +237,17 @@ def time_case(impl, op, z1, z2, t):
     return time_pass(lambda x, y: impl(x, y, temperature=t), (a, b), [a, b], op)
 
 
+def report_section(rows, failed):
+    """A family section run on its own (python benchmarks/gpu_<family>.py): its rows and
+    failures, printed plainly; -> the exit status."""
+    for (op, n, d, dt), r in rows.items():
+        print(f"{op:48s} {str(n):28s} D={d:4d} {dt}: {r}")
+    for f in failed:
+        print("FAIL " + f)
+    print(f"{'FAILED' if failed else 'ALL CHECKS PASSED'} ({len(failed)} failure(s))")
+    return 1 if failed else 0
+
+
 # ---------------------------------------------------------------------------- spectral (svdvals)
 
 SPEC_SHAPES = [(4096, 32, 32), (512, 128, 128), (100, 65, 33)]

@@ -379,12 +379,7 @@ def main(argv):
         return 0
     rows, failed = {}, []
     contrastive_section(rows, failed, host.log)
-    for (op, n, d, dt), r in rows.items():
-        print(f"{op:28s} N={n:5d} D={d:4d} {dt}: {r}")
-    for f in failed:
-        print("FAIL " + f)
-    print(f"{'FAILED' if failed else 'ALL CHECKS PASSED'} ({len(failed)} failure(s))")
-    return 1 if failed else 0
+    return host.report_section(rows, failed)
 
 
 if __name__ == "__main__":
