@@ -6,8 +6,10 @@ eager float64 reference on the concatenated batch. The contract: the DDP average
 of the ranks' gradients is the single-process gradient, i.e. rank r's gradient of
 its own slice, divided by W, is the single-process gradient of that slice, and the
 ranks' mean gradient of a replicated tensor (temperature, queue, logit scale) is
-the single-process one. lightly and open_clip, run inside the same ranks, are
-second oracles for the drop-in modules.
+the single-process one. Every case runs in both modes (``NAME`` for all_gather,
+``NAME@ring``), against the same expectations: the modes return the same values
+and gradients. lightly and open_clip, run inside the same ranks, are second
+oracles for the drop-in modules.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from sslkernels.reference.contrastive import info_nce_reference, nt_xent_reference, sup_con_reference
 
 B, D, M, K = 5, 7, 3, 11  # rows per rank, features, hard negatives per query, queue rows
+EVEN = 4  # rows per rank of the sup_con_even case (B is odd; ring SupCon splits the rows in two)
 T_NTX, T_SUP, T_NCE, SCALE = 0.3, 0.2, 0.15, 12.0
 JOIN_TIMEOUT_S = 150
 torch.distributed.is_available() or pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -39,6 +42,8 @@ def _data(world: int) -> dict:
     return {
         "z1": r(n, D), "z2": r(n, D), "feats": r(n, D),
         "labels": torch.randint(0, 3, (n,), generator=g),
+        # anchors whose positives are all on another rank, and labels seen once (no positive anywhere)
+        "rare": torch.arange(n) % (n // 2 + 1),
         "q": q, "k": q + 0.7 * r(n, D), "queue": r(K, D), "hard": r(n, M, D),
         "img": img, "txt": F.normalize(img + 0.8 * r(n, D), dim=1),
         "x": r(2 * n, D),
@@ -47,6 +52,11 @@ def _data(world: int) -> dict:
 
 def _local(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x[rank * B:(rank + 1) * B]
+
+
+def _even(x: torch.Tensor, world: int) -> torch.Tensor:
+    """The concatenated batch of the sup_con_even case: each rank's first EVEN rows."""
+    return torch.cat([_local(x, r)[:EVEN] for r in range(world)])
 
 
 def _leaf(x: torch.Tensor) -> torch.Tensor:
@@ -62,39 +72,86 @@ def _run(fn, named: dict) -> dict:
     return {"loss": loss.detach(), **{k: g for k, g in zip(wrt, grads)}}
 
 
-def _cases(rank: int, world: int):
+MODES = ("all_gather", "ring")
+
+
+def _name(case: str, mode: str) -> str:
+    return case if mode == "all_gather" else f"{case}@{mode}"
+
+
+def _cases(rank: int, world: int, mode: str):
     """(name, fn(**tensors) -> loss, tensors) run identically on every rank."""
     import sslkernels
     from sslkernels import functional as sf
 
     grp = torch.distributed.group.WORLD
     d = _data(world)
-    loc = {k: _local(d[k], rank) for k in ("z1", "z2", "feats", "labels", "q", "k", "hard", "img", "txt")}
+    loc = {k: _local(d[k], rank) for k in ("z1", "z2", "feats", "labels", "rare", "q", "k", "hard", "img", "txt")}
     temp = torch.tensor(T_NCE, dtype=torch.float64)
     scale = torch.tensor(SCALE, dtype=torch.float64)
-    yield "nt_xent", lambda z1, z2: sf.nt_xent(z1, z2, T_NTX, process_group=grp), {"z1": loc["z1"], "z2": loc["z2"]}
-    yield "sup_con", lambda feats, labels: sf.sup_con(feats, labels, T_SUP, process_group=grp), {
+    yield "nt_xent", lambda z1, z2: sf.nt_xent(z1, z2, T_NTX, process_group=grp, mode=mode), {
+        "z1": loc["z1"], "z2": loc["z2"]}
+    yield "sup_con", lambda feats, labels: sf.sup_con(feats, labels, T_SUP, process_group=grp, mode=mode), {
         "feats": loc["feats"], "labels": loc["labels"]}
-    yield "info_nce_queue", lambda q, k, queue, temp: sf.info_nce(q, k, temp, queue, process_group=grp), {
-        "q": loc["q"], "k": loc["k"], "queue": d["queue"], "temp": temp}
-    yield "info_nce_symmetric", lambda q, k, temp: sf.info_nce(q, k, temp, symmetric=True, process_group=grp), {
-        "q": loc["q"], "k": loc["k"], "temp": temp}
-    yield "info_nce_hard", lambda q, k, hard: sf.info_nce(q, k, T_NCE, hard, process_group=grp), {
+    yield "sup_con_rare", lambda feats, labels: sf.sup_con(feats, labels, T_SUP, process_group=grp, mode=mode), {
+        "feats": loc["feats"], "labels": loc["rare"]}
+    yield "sup_con_even", lambda feats, labels: sf.sup_con(feats, labels, T_SUP, process_group=grp, mode=mode), {
+        "feats": loc["feats"][:EVEN], "labels": loc["rare"][:EVEN]}
+    yield "info_nce_queue", lambda q, k, queue, temp: sf.info_nce(
+        q, k, temp, queue, process_group=grp, mode=mode), {"q": loc["q"], "k": loc["k"], "queue": d["queue"],
+                                                           "temp": temp}
+    yield "info_nce_symmetric", lambda q, k, temp: sf.info_nce(
+        q, k, temp, symmetric=True, process_group=grp, mode=mode), {"q": loc["q"], "k": loc["k"], "temp": temp}
+    yield "info_nce_hard", lambda q, k, hard: sf.info_nce(q, k, T_NCE, hard, process_group=grp, mode=mode), {
         "q": loc["q"], "k": loc["k"], "hard": loc["hard"]}
     yield "info_nce_moco", lambda q, k, queue: sf.info_nce(
-        q, k, T_NCE, queue, in_batch_negatives=False, process_group=grp), {"q": loc["q"], "k": loc["k"],
-                                                                        "queue": d["queue"]}
-    ntx = sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True)
+        q, k, T_NCE, queue, in_batch_negatives=False, process_group=grp, mode=mode), {
+        "q": loc["q"], "k": loc["k"], "queue": d["queue"]}
+    ntx = sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True, distributed_mode=mode)
     yield "NTXentLoss", lambda z1, z2: ntx(z1, z2), {"z1": loc["z1"], "z2": loc["z2"]}
-    sup = sslkernels.nn.SupConLoss(T_SUP, gather_distributed=True)
+    sup = sslkernels.nn.SupConLoss(T_SUP, gather_distributed=True, distributed_mode=mode)
     yield "SupConLoss", lambda feats, labels: sup(feats, labels), {"feats": loc["feats"], "labels": loc["labels"]}
-    nce = sslkernels.nn.InfoNCELoss(T_NCE, symmetric=True, gather_distributed=True)
+    nce = sslkernels.nn.InfoNCELoss(T_NCE, symmetric=True, gather_distributed=True, distributed_mode=mode)
     yield "InfoNCELoss", lambda q, k: nce(q, k), {"q": loc["q"], "k": loc["k"]}
     for local_loss in (True, False):
-        for with_grad in (True, False):
-            clip = sslkernels.nn.ClipLoss(local_loss, with_grad, rank=rank, world_size=world)
+        for with_grad in (True, False) if mode == "all_gather" else (True,):
+            clip = sslkernels.nn.ClipLoss(local_loss, with_grad, rank=rank, world_size=world, distributed_mode=mode)
             yield f"ClipLoss_{local_loss}_{with_grad}", lambda img, txt, scale, c=clip: c(img, txt, scale), {
                 "img": loc["img"], "txt": loc["txt"], "scale": scale}
+
+
+class _CommLog:
+    """In ring mode: no all-gather of features (only the one-int batch-size check) and no
+    point-to-point tensor larger than a rank's own block; records what was sent."""
+
+    def __init__(self):
+        self.p2p_numel, self.p2p_calls, self.all_gather_numel = 0, 0, 0
+
+    def __enter__(self):
+        import torch.distributed.nn.functional as dnf
+
+        dist = torch.distributed
+        self.saved = dist.all_gather, dist.batch_isend_irecv, dnf.all_gather
+
+        def all_gather(parts, x, *args, **kwargs):
+            self.all_gather_numel = max(self.all_gather_numel, x.numel())
+            return self.saved[0](parts, x, *args, **kwargs)
+
+        def batch_isend_irecv(ops):
+            self.p2p_calls += 1
+            self.p2p_numel = max([self.p2p_numel] + [op.tensor.numel() for op in ops])
+            return self.saved[1](ops)
+
+        def gather_with_grad(*args, **kwargs):
+            raise AssertionError("ring mode all-gathered features with gradient")
+
+        dist.all_gather, dist.batch_isend_irecv, dnf.all_gather = all_gather, batch_isend_irecv, gather_with_grad
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed.nn.functional as dnf
+
+        torch.distributed.all_gather, torch.distributed.batch_isend_irecv, dnf.all_gather = self.saved
 
 
 def _concat_all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -156,11 +213,17 @@ def _error_cases(rank: int, world: int):
     yield "size_info_nce", lambda: sf.info_nce(x, x, process_group=grp)
     yield "size_clip", lambda: sslkernels.nn.ClipLoss(True, True, rank=rank, world_size=world)(
         x, x, torch.tensor(SCALE))
-    yield "ring", lambda: sf.nt_xent(x[:B], x[:B], process_group=grp, mode="ring")
+    yield "ring_size_nt_xent", lambda: sf.nt_xent(x, x, process_group=grp, mode="ring")
+    yield "ring_size_sup_con", lambda: sf.sup_con(x, labels, process_group=grp, mode="ring")
+    yield "ring_size_info_nce", lambda: sf.info_nce(x, x, symmetric=True, process_group=grp, mode="ring")
+    yield "ring_size_clip", lambda: sslkernels.nn.ClipLoss(True, True, rank=rank, world_size=world,
+                                                           distributed_mode="ring")(x, x, torch.tensor(SCALE))
+    yield "ring_clip_detached", lambda: sslkernels.nn.ClipLoss(False, False, rank=rank, world_size=world,
+                                                               distributed_mode="ring")
     yield "bad_group", lambda: sf.nt_xent(x[:B], x[:B], process_group="world")
 
 
-def _ddp_case(rank: int, world: int) -> dict:
+def _ddp_case(rank: int, world: int, mode: str) -> dict:
     """A Linear layer under DDP with NTXentLoss(gather_distributed=True): DDP's averaged
     parameter gradient must be the one-process gradient."""
     import sslkernels
@@ -172,7 +235,7 @@ def _ddp_case(rank: int, world: int) -> dict:
     n = world * B
     x0, x1 = _local(x[:n], rank), _local(x[n:], rank)
     y0, y1 = ddp(torch.cat([x0, x1])).chunk(2)
-    sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True)(y0, y1).backward()
+    sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True, distributed_mode=mode)(y0, y1).backward()
     return {"weight": model.weight.grad.clone(), "bias": model.bias.grad.clone()}
 
 
@@ -184,8 +247,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=timedelta(seconds=60),
         )
-        for name, fn, tensors in _cases(rank, world):
+        for name, fn, tensors in _cases(rank, world, "all_gather"):
             result[name] = _run(fn, tensors)
+        with _CommLog() as log:
+            for name, fn, tensors in _cases(rank, world, "ring"):
+                result[_name(name, "ring")] = _run(fn, tensors)
+        result["ring_comm"] = vars(log).copy()
+        result["ring_comm"].pop("saved")
         try:
             for name, fn, tensors in _oracle_cases(rank, world):
                 result[name] = _run(fn, tensors) if fn is not None else tensors
@@ -200,7 +268,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             except Exception as exc:  # noqa: BLE001 (the type is checked by the parent)
                 result[name] = (type(exc).__name__, str(exc))
         torch.distributed.barrier()  # the group still works after the errors: nobody hangs
-        result["ddp"] = _ddp_case(rank, world)
+        result["ddp"] = _ddp_case(rank, world, "all_gather")
+        result["ddp@ring"] = _ddp_case(rank, world, "ring")
         torch.distributed.destroy_process_group()
     except BaseException:  # noqa: BLE001
         result = {"error": traceback.format_exc()}
@@ -281,8 +350,11 @@ def _global(world: int):
     clip_l = (clip_ref, clip_g[1], clip_local)
     moco_value = lambda r, q, k, queue: info_nce_reference(  # noqa: E731
         _local(q, r), _local(k, r), T_NCE, queue, in_batch_negatives=False)
+    sup_rare = (sup[0], {"feats": d["feats"], "labels": d["rare"]}, None)
+    sup_even = (sup[0], {"feats": _even(d["feats"], world), "labels": _even(d["rare"], world)}, None)
     return {
         "nt_xent": ntx, "NTXentLoss": ntx, "sup_con": sup, "SupConLoss": sup,
+        "sup_con_rare": sup_rare, "sup_con_even": sup_even,
         "info_nce_queue": (lambda q, k, queue, temp: info_nce_reference(q, k, temp, queue),
                            {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp},
                            lambda r, q, k, queue, temp: nce_local(r, q, k, temp, queue)),
@@ -301,11 +373,19 @@ REPLICATED = {"queue", "temp", "scale"}  # the same tensor on every rank (DDP av
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
+def _ring_case(case: str) -> bool:
+    return not case.startswith("ClipLoss") or case.endswith("_True")  # open_clip's detached variant: all_gather
+
+
+CASES = [_name(c, m) for m in MODES for c in _global(2) if m == "all_gather" or _ring_case(c)]
+
+
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("case", list(_global(2)))
+@pytest.mark.parametrize("case", CASES)
 def test_matches_one_process(world, case, tmp_path_factory):
+    """Both modes against the same expectations: same values, same gradients."""
     ranks = _results(world, tmp_path_factory)
-    fn, tensors, local_value = _global(world)[case]
+    fn, tensors, local_value = _global(world)[case.split("@")[0]]
     expected = _run(fn, tensors)
     for r, res in enumerate(ranks):
         got = res[case]
@@ -324,7 +404,8 @@ def test_matches_one_process(world, case, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ddp_linear_layer_matches_one_process(world, tmp_path_factory):
+@pytest.mark.parametrize("mode", MODES)
+def test_ddp_linear_layer_matches_one_process(world, mode, tmp_path_factory):
     ranks = _results(world, tmp_path_factory)
     torch.manual_seed(7)
     model = torch.nn.Linear(D, D, dtype=torch.float64)
@@ -332,8 +413,9 @@ def test_ddp_linear_layer_matches_one_process(world, tmp_path_factory):
     y0, y1 = model(x).chunk(2)
     nt_xent_reference(y0, y1, T_NTX).backward()
     for r, res in enumerate(ranks):
-        torch.testing.assert_close(res["ddp"]["weight"], model.weight.grad, **TOL, msg=f"rank {r} weight")
-        torch.testing.assert_close(res["ddp"]["bias"], model.bias.grad, **TOL, msg=f"rank {r} bias")
+        got = res[_name("ddp", mode)]
+        torch.testing.assert_close(got["weight"], model.weight.grad, **TOL, msg=f"rank {r} weight")
+        torch.testing.assert_close(got["bias"], model.bias.grad, **TOL, msg=f"rank {r} bias")
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -379,12 +461,15 @@ def test_memory_bank_gathers_like_lightly(world, tmp_path_factory):
 def test_unequal_batch_sizes_raise_on_every_rank(world, tmp_path_factory):
     ranks = _results(world, tmp_path_factory)
     for r, res in enumerate(ranks):
-        for case in ("size_nt_xent", "size_sup_con", "size_info_nce", "size_clip"):
+        for case in ("size_nt_xent", "size_sup_con", "size_info_nce", "size_clip", "ring_size_nt_xent",
+                     "ring_size_sup_con", "ring_size_info_nce", "ring_size_clip"):
             assert res[case] is not None, f"rank {r}: {case} did not raise"
             kind, text = res[case]
             assert kind == "ValueError" and "same number of rows on every rank" in text, (r, case, text)
             assert str([B] * (world - 1) + [B + 1]) in text, text
-        assert res["ring"] is not None and res["ring"][0] == "NotImplementedError" and "ring" in res["ring"][1]
+        detached = res["ring_clip_detached"]
+        assert detached is not None and detached[0] == "NotImplementedError", (r, detached)
+        assert "gather_with_grad=False" in detached[1] and "ring" in detached[1], detached
         assert res["bad_group"] is not None and res["bad_group"][0] == "TypeError" and "process_group" in res["bad_group"][1]
 
 
@@ -403,3 +488,15 @@ def test_process_group_without_init_process_group_raises():
 
     torch.testing.assert_close(sslkernels.nn.NTXentLoss(0.3, gather_distributed=True)(x, x + 1),
                                sf.nt_xent(x, x + 1, 0.3))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_never_gathers_the_batch(world, tmp_path_factory):
+    """Ring mode moves blocks of a rank's own size, point to point: the only all-gather is
+    the one-int batch-size check, and no all-gather with gradient runs (it would raise)."""
+    ranks = _results(world, tmp_path_factory)
+    for r, res in enumerate(ranks):
+        log = res["ring_comm"]
+        assert log["all_gather_numel"] == 1, (r, log)
+        assert log["p2p_calls"] > 0, (r, log)
+        assert log["p2p_numel"] <= 2 * B * D, (r, log)  # NT-Xent's block: both views of one rank

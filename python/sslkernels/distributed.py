@@ -7,7 +7,9 @@ average of the per-rank gradients equals the single-process gradient of the loss
 on the concatenated batch (``cat`` over ranks in rank order, each view / input
 concatenated separately).
 
-How each loss is computed (``mode="all_gather"``, the only mode built):
+Two modes compute the same values and the same gradients:
+
+``mode="all_gather"`` (default):
 
 * ``info_nce`` / ``InfoNCELoss`` / ``ClipLoss(local_loss=True, gather_with_grad=True)``
   -- **local anchors against global candidates**, one fused ``info_nce`` call per
@@ -22,21 +24,33 @@ How each loss is computed (``mode="all_gather"``, the only mode built):
   in ``info_nce`` and ``ClipLoss(local_loss=False)``: **the global loss on every
   rank**. Every rank all-gathers the batch with gradient and runs the fused op on
   all of it, so each rank does the whole (B x B) work (W times redundant; memory
-  stays O(B D): the fused op never holds the logits). Each rank returns the
-  global loss; its gradient on a local slice is W x dL/dz (every rank's identical
-  copy contributes), which DDP averages back to dL/dz. Why not local anchors:
-  NT-Xent's anchors need the other rows of their own view *minus themselves* and
-  SupCon's need label-aware positives on every rank; neither is expressible with
-  the existing ops without an extra O(b D) correction term (see ``mode="ring"``).
+  O(B D): the fused op never holds the logits). Each rank returns the global
+  loss; its gradient on a local slice is W x dL/dz (every rank's identical copy
+  contributes), which DDP averages back to dL/dz.
 * ``info_nce(..., in_batch_negatives=False)`` has no cross-rank term: each rank
   computes its local loss (after the batch-size check).
 
-``mode="ring"`` (Inf-CL style, O(b D) per rank) raises NotImplementedError: the
-forward is expressible (a block LSE is ``info_nce_forward(anchors, block)``'s lse),
-but every backward op adds the gradient of a positive logit on its diagonal, so
-a remote block's gradient "given the final LSE" would need a hand-written
-correction outside the fused ops. The missing primitive is an op argument that
-drops the positive term (or offsets it out of the block).
+``mode="ring"`` (Inf-CL style; :mod:`sslkernels._ring` has the details): every
+rank keeps its own rows as anchors and the other ranks' blocks pass round the ring
+(``batch_isend_irecv`` to rank + 1, from rank - 1, the next transfer overlapping
+the current block's work). A rank holds its own rows, the block it works on and
+the one in flight -- O(b D) memory, never the gathered batch -- and does only its
+own anchors' share of the work, O(b B D), for every loss (no W-fold redundancy).
+The forward merges per-block log-sum-exps from the fused ops; the backward calls
+the fused backward ops with the final lse, takes each remote block's diagonal
+"positive" term back out with an O(b D) correction, and sends the block's
+gradient on round the ring, so it reaches its owner summed over every rank.
+SupCon's positives are found across ranks from per-class sums of each visiting
+block (labels travel with it). Each loss returns the same value as in
+``all_gather`` mode (the global loss where that mode returns it, through one
+scalar all-reduce; the local mean for InfoNCE / CLIP local loss), with the same
+gradients. Built for ``nt_xent`` / ``NTXentLoss``, ``sup_con`` / ``SupConLoss``,
+``info_nce`` / ``InfoNCELoss`` (queue, per-query hard negatives, symmetric,
+learnable temperature) and ``ClipLoss(gather_with_grad=True)`` (both
+``local_loss`` settings). Not built (NotImplementedError): ``ClipLoss(
+gather_with_grad=False, distributed_mode="ring")``, open_clip's non-exact
+detached-gradient variant. On NCCL call ``torch.cuda.set_device`` first (as for
+any NCCL point-to-point).
 
 Every entry point first all-gathers the ranks' batch sizes (one small collective
 on the features' device); unequal sizes raise the same ValueError on every rank
@@ -49,7 +63,13 @@ from typing import List, Optional
 
 import torch
 
+from sslkernels import _ring
+
 MODES = ("all_gather", "ring")
+RING_DETACHED_CLIP = (
+    "ClipLoss(gather_with_grad=False) with distributed_mode='ring' is not built (open_clip's "
+    "detached-candidates gradient); use gather_with_grad=True (exact) or distributed_mode='all_gather'"
+)
 
 
 def _dist():
@@ -86,12 +106,6 @@ def default_group():
 def check_mode(mode) -> str:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    if mode == "ring":
-        raise NotImplementedError(
-            "mode='ring' is not built: its exact backward needs a fused per-block gradient of the "
-            "log-sum-exp given the final (merged) lse WITHOUT the positive-logit term that every "
-            "sslkernels backward op adds on its diagonal; use mode='all_gather'"
-        )
     return mode
 
 
@@ -155,6 +169,8 @@ def nt_xent(z1, z2, temperature: float, normalize: bool, group, mode: str) -> to
 
     check_mode(mode)
     check_same_batch_size(z1.shape[0], group, z1.device, "z1")
+    if mode == "ring":
+        return _ring.nt_xent(z1, z2, temperature, normalize, group)
     return functional.nt_xent(_cat(z1, group), _cat(z2, group), temperature=temperature, normalize=normalize)
 
 
@@ -164,6 +180,8 @@ def sup_con(features, labels, temperature: float, normalize: bool, group, mode: 
 
     check_mode(mode)
     check_same_batch_size(features.shape[0], group, features.device, "features")
+    if mode == "ring":
+        return _ring.sup_con(features, labels, temperature, normalize, group)
     return functional.sup_con(_cat(features, group), _cat(labels, group, with_grad=False),
                               temperature=temperature, normalize=normalize)
 
@@ -182,8 +200,9 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
     """InfoNCE / CLIP with every rank's keys (and, symmetric, queries) as candidates.
 
     Local anchors (mean over this rank's queries) unless `negatives` are per-query
-    hard negatives [N, M, D], which take the global path (every rank computes the
-    loss on the gathered batch and returns the global mean). A shared queue
+    hard negatives [N, M, D], which take the global path in all_gather mode (every
+    rank computes the loss on the gathered batch and returns the global mean; ring
+    mode keeps local anchors and returns the same global value). A shared queue
     [K, D] must be the same on every rank (as MoCo's, filled from gathered keys).
     """
     from sslkernels import functional
@@ -193,7 +212,11 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
     if not in_batch_negatives:  # own key + queue: nothing crosses ranks
         return functional.info_nce(query, key, temperature, negatives=negatives, symmetric=symmetric,
                                    normalize=normalize, in_batch_negatives=False)
-    if negatives is not None and negatives.dim() == 3:
+    per_query = negatives is not None and negatives.dim() == 3
+    if mode == "ring":
+        return _ring.info_nce(query, key, temperature, negatives, symmetric, normalize, group,
+                              global_value=per_query)
+    if per_query:
         all_n = _cat(negatives, group, with_grad=negatives.requires_grad)
         return functional.info_nce(_cat(query, group), _cat(key, group), temperature, negatives=all_n,
                                    symmetric=symmetric, normalize=normalize)
@@ -205,7 +228,8 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
     return 0.5 * (loss + _one_direction(key, query, temperature, remote_q, None, normalize))
 
 
-def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: bool) -> torch.Tensor:
+def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: bool,
+         mode: str = "all_gather") -> torch.Tensor:
     """open_clip's ClipLoss across ranks, all four (local_loss, gather_with_grad) settings.
 
     ``gather_with_grad=False`` gathers the features without gradient, exactly as
@@ -213,10 +237,16 @@ def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: b
     gradient; with ``local_loss=True`` only the anchors (the queries) get one, the
     candidates (this rank's included) are detached. Either way it is not the
     gradient of the global loss (the cross-rank terms are dropped).
+    ``mode="ring"`` is built for ``gather_with_grad=True`` (symmetric ring InfoNCE).
     """
     from sslkernels import functional
 
+    check_mode(mode)
+    if mode == "ring" and not gather_with_grad_:
+        raise NotImplementedError(RING_DETACHED_CLIP)
     check_same_batch_size(image.shape[0], group, image.device, "image_features")
+    if mode == "ring":
+        return _ring.info_nce(image, text, temperature, None, True, False, group, global_value=not local_loss)
     if local_loss:
         if gather_with_grad_:
             remote_txt = _others(gather_with_grad(text, group), group)

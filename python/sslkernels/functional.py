@@ -33,11 +33,13 @@ def nt_xent(
         process_group: a ``torch.distributed.ProcessGroup`` (e.g. ``dist.group.WORLD``):
             the loss is NT-Xent over the rows of every rank (each rank passes its own
             ``[N, D]``, N equal on all ranks), and every rank returns that global
-            loss; it all-gathers the rows with gradient and runs the fused op on all
-            of them (W times redundant work, O(W N D) memory). The DDP average of
-            the ranks' gradients is the single-process gradient. See
-            :mod:`sslkernels.distributed`.
-        mode: ``"all_gather"``; ``"ring"`` raises NotImplementedError (not built).
+            loss. The DDP average of the ranks' gradients is the single-process
+            gradient. See :mod:`sslkernels.distributed`.
+        mode: ``"all_gather"`` (default): all-gathers the rows with gradient and runs
+            the fused op on all of them (W times redundant work, O(W N D) memory);
+            ``"ring"``: the other ranks' rows pass round the ring one block at a time
+            and each rank computes its own anchors only (O(N D) memory, no
+            redundant work); same value and gradients.
     """
     v.check_float_tensor(z1, "z1", 2)
     v.check_float_tensor(z2, "z2", 2)
@@ -73,10 +75,12 @@ def sup_con(
         temperature: finite, > 0.
         process_group: a ``torch.distributed.ProcessGroup``: the loss over the rows and
             labels of every rank (same N on all ranks; positives found across ranks),
-            returned by every rank; computed on the all-gathered batch with the fused
-            op (W times redundant work). DDP-averaged gradients are the
-            single-process ones. See :mod:`sslkernels.distributed`.
-        mode: ``"all_gather"``; ``"ring"`` raises NotImplementedError (not built).
+            returned by every rank. DDP-averaged gradients are the single-process
+            ones. See :mod:`sslkernels.distributed`.
+        mode: ``"all_gather"`` (default): the fused op on the all-gathered batch (W
+            times redundant work); ``"ring"``: rows and labels pass round the ring
+            one block at a time, each rank computing its own anchors (O(N D)
+            memory); same value and gradients.
     """
     v.check_float_tensor(features, "features", 2)
     v.check_nonempty_rows(features, "features")
@@ -133,7 +137,9 @@ def info_nce(
     the same on every rank. Per-query hard negatives take the global path instead
     (every rank computes and returns the loss on the whole gathered batch).
     ``in_batch_negatives=False`` has no cross-rank term (local loss). ``mode``:
-    ``"all_gather"``; ``"ring"`` raises NotImplementedError (not built). See
+    ``"all_gather"`` (default, as above) or ``"ring"``: the other ranks' keys (and
+    queries) pass round the ring one block at a time instead of being all-gathered
+    (O(N D) memory per rank), with the same values and gradients. See
     :mod:`sslkernels.distributed`.
     """
     v.check_float_tensor(query, "query", 2)

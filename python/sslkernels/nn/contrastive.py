@@ -66,10 +66,12 @@ class NTXentLoss(nn.Module):
     gradients (the DDP average of the ranks' gradients is the single-process
     gradient on the concatenated batch). Each rank returns the **global** loss (the
     mean of lightly's per-rank values; lightly returns the mean over the rank's own
-    anchors) and does the whole batch's fused work (W times redundant; see
+    anchors). ``distributed_mode="all_gather"`` (default) does the whole batch's
+    fused work on every rank (W times redundant); ``"ring"`` passes the other ranks'
+    rows round the ring, one block at a time (O(b D) memory per rank, each rank
+    only its own anchors' work), with the same value and gradients (see
     :mod:`sslkernels.distributed`). With a bank, the loss stays local and every
-    rank enqueues the all-gathered ``out1``, as lightly. ``distributed_mode``:
-    ``"all_gather"`` (``"ring"`` is not built and raises NotImplementedError).
+    rank enqueues the all-gathered ``out1``, as lightly.
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False,
@@ -113,12 +115,19 @@ class SupConLoss(nn.Module):
     the positives. Not built yet (they raise NotImplementedError): ``indices_tuple``,
     ``ref_emb`` / ``ref_labels``, and custom ``distance`` / ``reducer`` /
     ``embedding_regularizer`` arguments.
+
+    ``gather_distributed=True`` (torch.distributed initialised, more than one rank):
+    the loss over every rank's rows and labels, exact gradients;
+    ``distributed_mode`` ``"all_gather"`` (default) or ``"ring"`` (O(b D) memory per
+    rank), as in :class:`NTXentLoss`.
     """
 
-    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False, **kwargs):
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False,
+                 distributed_mode: str = "all_gather", **kwargs):
         super().__init__()
         self.temperature = v.check_temperature(temperature)
         self.gather_distributed = bool(gather_distributed)
+        self.distributed_mode = _distributed.check_mode(distributed_mode)
         if kwargs:
             raise NotImplementedError(
                 f"sslkernels.nn.SupConLoss: options {sorted(kwargs)} are not built yet "
@@ -134,7 +143,7 @@ class SupConLoss(nn.Module):
             raise ValueError("sslkernels.nn.SupConLoss: `labels` is required")
         group = _distributed.default_group() if self.gather_distributed else None
         return functional.sup_con(embeddings, labels, temperature=self.temperature, normalize=True,
-                                  process_group=group)
+                                  process_group=group, mode=self.distributed_mode)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -149,13 +158,17 @@ class InfoNCELoss(nn.Module):
     parameter ``log_temperature``). See :func:`sslkernels.info_nce`.
     ``gather_distributed=True`` adds every rank's keys (and, symmetric, queries) to the
     candidates, each rank returning the mean over its own queries (see
-    ``process_group`` in :func:`sslkernels.info_nce`).
+    ``process_group`` in :func:`sslkernels.info_nce`); ``distributed_mode``
+    ``"all_gather"`` (default) or ``"ring"`` (O(b D) memory per rank, same value and
+    gradients).
     """
 
     def __init__(self, temperature: float = 0.07, symmetric: bool = False, normalize: bool = True,
-                 learnable_temperature: bool = False, gather_distributed: bool = False):
+                 learnable_temperature: bool = False, gather_distributed: bool = False,
+                 distributed_mode: str = "all_gather"):
         super().__init__()
         self.gather_distributed = bool(gather_distributed)
+        self.distributed_mode = _distributed.check_mode(distributed_mode)
         temperature = v.check_temperature(temperature)
         self.symmetric = bool(symmetric)
         self.normalize = bool(normalize)
@@ -168,7 +181,8 @@ class InfoNCELoss(nn.Module):
     def forward(self, query, key, negatives=None):
         t = self.log_temperature.exp() if self.log_temperature is not None else self.temperature
         group = _distributed.default_group() if self.gather_distributed else None
-        return functional.info_nce(query, key, t, negatives, self.symmetric, self.normalize, process_group=group)
+        return functional.info_nce(query, key, t, negatives, self.symmetric, self.normalize, process_group=group,
+                                   mode=self.distributed_mode)
 
 
 class ClipLoss(nn.Module):
@@ -189,15 +203,22 @@ class ClipLoss(nn.Module):
     negatives); ``local_loss=False`` returns the global loss, computed on every rank
     on the gathered batch. ``gather_with_grad=True`` gives exact gradients (the DDP
     average is the single-process gradient on the concatenated batch); ``False``
-    detaches the other ranks' features, as open_clip does. See
-    :mod:`sslkernels.distributed`.
+    detaches the other ranks' features, as open_clip does. ``distributed_mode``
+    (not an open_clip argument): ``"all_gather"`` (default) or ``"ring"`` (other
+    ranks' features pass round the ring one block at a time, O(b D) memory per
+    rank, same value and gradients; built for ``gather_with_grad=True`` only, else
+    NotImplementedError). See :mod:`sslkernels.distributed`.
 
     Not built yet (they raise NotImplementedError): ``use_horovod`` and ``logit_bias``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False):
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False,
+                 distributed_mode: str = "all_gather"):
         super().__init__()
+        self.distributed_mode = _distributed.check_mode(distributed_mode)
+        if self.distributed_mode == "ring" and not gather_with_grad:
+            raise NotImplementedError(_distributed.RING_DETACHED_CLIP)
         if use_horovod:
             raise NotImplementedError("sslkernels.nn.ClipLoss: use_horovod is not built (use torch.distributed)")
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -239,4 +260,5 @@ class ClipLoss(nn.Module):
         v.check_same(image_features, text_features, "image_features", "text_features")
         v.check_nonempty_rows(image_features, "image_features")
         return _distributed.clip(image_features, text_features, temperature, dist.group.WORLD,
-                                 local_loss=bool(self.local_loss), gather_with_grad_=bool(self.gather_with_grad))
+                                 local_loss=bool(self.local_loss), gather_with_grad_=bool(self.gather_with_grad),
+                                 mode=self.distributed_mode)
