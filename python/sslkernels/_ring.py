@@ -17,7 +17,10 @@ Backward: each fused backward op, given the FINAL (merged) lse, computes the exa
 softmax-weighted gradient of its block; it also adds the gradient of its own
 diagonal "positive" logit with weight ``grad / rows``, which is exact for the local
 call and, for a remote block, is taken back out by an O(b D) elementwise term
-(dq_i += c k_i, dk_i += c q_i, dt -= c sum_i q_i.k_i / t with c = grad / (rows t)).
+(dq_i += c k_i, dk_i += c q_i with c = grad / (rows t)). The temperature's gradient
+comes from the anchors' gradients (``t dL/dt = -sum_i q_i . dL/dq_i``, every logit
+being ``q . k / t``), not from the ops' own, which (on the Triton path) assume that
+the softmax weights of one call sum to 1.
 The block's gradient travels on with the block (a second ring) and arrives back at
 its owner, summed over every rank, after W hops. Learnable temperatures and queues
 are replicated: each rank returns its own share, which DDP averages.
@@ -31,8 +34,9 @@ their number is odd, which adds nothing to any gradient), whose pair-positive te
 taken back out; anchors without a positive anywhere get lse = +inf, so they carry
 no weight.
 
-The features are L2-normalised outside (``F.normalize``, plain autograd) and the ops
-run with ``normalize=False``. The collectives are ``batch_isend_irecv`` (Gloo and
+The features are L2-normalised outside (``F.normalize``, plain autograd; in float32
+for float16 / bfloat16 input, so no accuracy is lost to rounding the unit rows) and
+the ops run with ``normalize=False``. The collectives are ``batch_isend_irecv`` (Gloo and
 NCCL; NCCL needs ``torch.cuda.set_device`` first, as for any NCCL p2p) plus one
 scalar all-reduce per loss; every rank must call ``backward``.
 """
@@ -127,14 +131,24 @@ def _block_lse(anchors, block, temperature):
 
 
 def _block_grads(grad, anchors, block, temperature, lse):
-    """(d anchors, d block, d temperature) of ``grad * mean_i lse_i`` over the rows of `block`,
-    given the final `lse`, in the statistics dtype: ``info_nce_backward`` minus its diagonal
-    positive term (weight grad / rows)."""
+    """(d anchors, d block) of ``grad * mean_i lse_i`` over the rows of `block`, given the
+    final `lse`, in the statistics dtype: ``info_nce_backward`` minus its diagonal positive
+    term (weight grad / rows). Its d temperature is not used: the Triton kernel's assumes
+    that the softmax weights of the call sum to 1, which a block's do not (see
+    `_temperature_grad`)."""
     st = lse.dtype
-    da, db, _, dt = _ops().info_nce_backward(grad, anchors, block, None, temperature, lse, False, False, True, False)
-    a, b = anchors.to(st), block.to(st)
+    da, db, _, _ = _ops().info_nce_backward(grad, anchors, block, None, temperature, lse, False, False, True, False)
     c = grad.to(st) / (anchors.shape[0] * temperature.to(st))
-    return da.to(st) + c * b, db.to(st) + c * a, dt - (c * (a * b).sum() / temperature).to(dt.dtype)
+    return da.to(st) + c * block.to(st), db.to(st) + c * anchors.to(st)
+
+
+def _temperature_grad(pairs, temperature, dtype):
+    """d loss / d t from the gradients of the logits' arguments: every logit is
+    ``x . y / t`` with x one of the anchors, so the loss is unchanged when the anchors and t
+    are scaled together, and ``t dL/dt = -sum_i x_i . dL/dx_i`` over (x, dL/dx) `pairs`
+    in which each logit is counted once. Exact, O(b D), whatever the kernel."""
+    total = sum((x.to(dtype) * dx).sum() for x, dx in pairs)
+    return (-total / temperature.to(dtype)).to(temperature.dtype)
 
 
 def _dot_rows(x, y, dtype):
@@ -149,6 +163,13 @@ def _same_label_sums(anchor_labels, labels, rows):
     num = distinct.numel()
     sums = rows.new_zeros((num, rows.shape[1])).index_add_(0, theirs, rows)
     return sums[mine], torch.bincount(theirs, minlength=num)[mine]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows L2-normalised (``F.normalize``, plain autograd), in float32 for float16 / bfloat16
+    input: rounding the unit rows to 8 bits of mantissa would cost the accuracy that the
+    fused ops (which normalise inside, in float32) keep in all_gather mode."""
+    return F.normalize(x.to(_stats(x.dtype)), dim=-1)
 
 
 def _global_value(share: torch.Tensor, group) -> torch.Tensor:
@@ -193,21 +214,22 @@ class _InfoNCE(torch.autograd.Function):
     def backward(ctx, grad):
         query, key, negatives, temperature, lse = ctx.saved_tensors
         symmetric, n = ctx.symmetric, query.shape[0]
-        dq, dk, dneg, dt = _ops().info_nce_backward(
+        dq, dk, dneg, _ = _ops().info_nce_backward(
             grad, query, key, negatives, temperature, lse, False, symmetric, True, ctx.neg_grad)
         st = lse.dtype
-        acc = {"q": dq.to(st), "k": dk.to(st), "t": dt}
+        acc = {"q": dq.to(st), "k": dk.to(st)}
+        pairs = [(query, acc["q"].clone())]  # each local logit (queue, hard negatives too) holds one local query
         g_dir = grad * 0.5 if symmetric else grad  # each direction's weight
 
         def work(block):
-            da, dkb, dt_q = _block_grads(g_dir, query, block[0], temperature, lse[:n])
+            da, dkb = _block_grads(g_dir, query, block[0], temperature, lse[:n])
             acc["q"] += da
-            acc["t"] = acc["t"] + dt_q
+            pairs.append((query, da))
             if not symmetric:
                 return [dkb]
-            da, dqb, dt_k = _block_grads(g_dir, key, block[1], temperature, lse[n:])
+            da, dqb = _block_grads(g_dir, key, block[1], temperature, lse[n:])
             acc["k"] += da
-            acc["t"] = acc["t"] + dt_k
+            pairs.append((key, da))
             return [dkb, dqb]
 
         returned = ctx.ring.visit_with_grads([key, query] if symmetric else [key], work)
@@ -218,17 +240,19 @@ class _InfoNCE(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (None, None, acc["q"].to(query.dtype) if need[2] else None,
                 acc["k"].to(key.dtype) if need[3] else None,
-                dneg if need[4] and ctx.neg_grad else None, acc["t"] if need[5] else None)
+                dneg if need[4] and ctx.neg_grad else None,
+                _temperature_grad(pairs, temperature, st) if need[5] else None)
 
 
 def info_nce(query, key, temperature, negatives, symmetric: bool, normalize: bool, group,
              global_value: bool) -> torch.Tensor:
     """Local anchors against every rank's candidates, ring mode; `global_value` returns the
     global loss's value (the all_gather mode's per-query hard negatives path does)."""
+    dtype = query.dtype
     if normalize:
-        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
-        negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
-    share = _InfoNCE.apply(Ring(group), bool(symmetric), query, key, negatives, temperature)
+        query, key = _unit(query), _unit(key)
+        negatives = _unit(negatives) if negatives is not None else None
+    share = _InfoNCE.apply(Ring(group), bool(symmetric), query, key, negatives, temperature).to(dtype)
     return _global_value(share, group) if global_value else share
 
 
@@ -264,7 +288,7 @@ class _NTXent(torch.autograd.Function):
         d = torch.cat([dz1, dz2]).to(lse.dtype)
 
         def work(block):
-            da, db, _ = _block_grads(grad, rows, block[0], t, lse)
+            da, db = _block_grads(grad, rows, block[0], t, lse)
             d.add_(da)
             return [db]
 
@@ -277,9 +301,10 @@ class _NTXent(torch.autograd.Function):
 
 def nt_xent(z1, z2, temperature: float, normalize: bool, group) -> torch.Tensor:
     """Global NT-Xent (its value on every rank) from local anchors, ring mode."""
+    dtype = z1.dtype
     if normalize:
-        z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    return _global_value(_NTXent.apply(Ring(group), z1, z2, float(temperature)), group)
+        z1, z2 = _unit(z1), _unit(z2)
+    return _global_value(_NTXent.apply(Ring(group), z1, z2, float(temperature)).to(dtype), group)
 
 
 # ---------------------------------------------------------------- SupCon
@@ -338,7 +363,7 @@ class _SupCon(torch.autograd.Function):
 
         def work(block):
             fb, lb = block
-            da, db, _ = _block_grads(w * n, features, fb, t, lse)
+            da, db = _block_grads(w * n, features, fb, t, lse)
             d.add_(da)
             return [db - _same_label_sums(lb, labels, weighted)[0] / temperature]
 
@@ -369,6 +394,7 @@ def _self_excluded_grads(w, features, lse, temperature: float):
 
 def sup_con(features, labels, temperature: float, normalize: bool, group) -> torch.Tensor:
     """Global SupCon (its value on every rank) from local anchors, ring mode."""
+    dtype = features.dtype
     if normalize:
-        features = F.normalize(features, dim=1)
-    return _global_value(_SupCon.apply(Ring(group), features, labels, float(temperature)), group)
+        features = _unit(features)
+    return _global_value(_SupCon.apply(Ring(group), features, labels, float(temperature)).to(dtype), group)
