@@ -120,6 +120,19 @@ def _cases(rank: int, world: int, mode: str):
                 "img": loc["img"], "txt": loc["txt"], "scale": scale}
 
 
+HALF = (torch.bfloat16, torch.float16)
+HALF_CASES = ("nt_xent", "sup_con", "info_nce_symmetric")
+
+
+def _half_cases(rank: int, world: int, mode: str):
+    """HALF_CASES in float16 / bfloat16 (learnable float64 temperature), named NAME@MODE@DTYPE."""
+    for name, fn, tensors in _cases(rank, world, mode):
+        if name in HALF_CASES:
+            for dtype in HALF:
+                half = {k: v.to(dtype) if v.is_floating_point() and v.dim() else v for k, v in tensors.items()}
+                yield f"{name}@{mode}@{dtype}", fn, half
+
+
 class _CommLog:
     """In ring mode: no all-gather of features (only the one-int batch-size check) and no
     point-to-point tensor larger than a rank's own block; records what was sent."""
@@ -252,6 +265,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with _CommLog() as log:
             for name, fn, tensors in _cases(rank, world, "ring"):
                 result[_name(name, "ring")] = _run(fn, tensors)
+        for mode in MODES:
+            for name, fn, tensors in _half_cases(rank, world, mode):
+                result[name] = _run(fn, tensors)
         result["ring_comm"] = vars(log).copy()
         result["ring_comm"].pop("saved")
         try:
@@ -500,3 +516,35 @@ def test_ring_never_gathers_the_batch(world, tmp_path_factory):
         assert log["all_gather_numel"] == 1, (r, log)
         assert log["p2p_calls"] > 0, (r, log)
         assert log["p2p_numel"] <= 2 * B * D, (r, log)  # NT-Xent's block: both views of one rank
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_ring_is_as_accurate_as_all_gather_in_half_precision(world, dtype, tmp_path_factory):
+    """float16 / bfloat16 inputs: against the float64 loss on the same rounded inputs, ring
+    mode's loss and gradients are within twice all_gather mode's error (plus one ulp of the
+    dtype): its unit rows are computed in float32 and its block gradients summed in float32."""
+    ranks = _results(world, tmp_path_factory)
+    eps = torch.finfo(dtype).eps
+    for case in HALF_CASES:
+        fn, tensors, _ = _global(world)[case]
+        rounded = {k: v.to(dtype).double() if v.is_floating_point() and v.dim() else v for k, v in tensors.items()}
+        expected = _run(fn, rounded)
+        errors = {}
+        for mode in MODES:
+            res = [r[f"{case}@{mode}@{dtype}"] for r in ranks]
+            for name, want in expected.items():
+                if name == "loss":
+                    got = res[0]["loss"]
+                elif name in REPLICATED:
+                    got = sum(r[name].double() for r in res) / world
+                else:
+                    got = torch.cat([r[name].double() / world for r in res])
+                errors[mode, name] = _rel_err(got, want)
+        for name in expected:
+            ring, gathered = errors["ring", name], errors["all_gather", name]
+            assert ring <= 2 * gathered + eps, f"{case} {dtype} {name}: ring {ring:.2g}, all_gather {gathered:.2g}"

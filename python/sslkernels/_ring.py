@@ -47,6 +47,7 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _FEATURES_TAG, _GRADS_TAG = 0, 1
 
@@ -211,6 +212,7 @@ class _InfoNCE(torch.autograd.Function):
         return loss.to(query.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         query, key, negatives, temperature, lse = ctx.saved_tensors
         symmetric, n = ctx.symmetric, query.shape[0]
@@ -282,6 +284,7 @@ class _NTXent(torch.autograd.Function):
         return loss.to(z1.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         z1, z2, rows, t, lse = ctx.saved_tensors
         dz1, dz2 = _ops().nt_xent_backward(grad, z1, z2, lse, ctx.temperature, False)
@@ -346,6 +349,7 @@ class _SupCon(torch.autograd.Function):
         return share.to(features.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         features, labels, t, lse, pos, count = ctx.saved_tensors
         if not ctx.total:  # no anchor anywhere: zero gradients (every rank knows it: no ring)

@@ -42,9 +42,11 @@ the fused backward ops with the final lse, takes each remote block's diagonal
 gradient on round the ring, so it reaches its owner summed over every rank.
 SupCon's positives are found across ranks from per-class sums of each visiting
 block (labels travel with it). Each loss returns the same value as in
-``all_gather`` mode (the global loss where that mode returns it, through one
+``all_gather`` mode (the global loss where that mode returns it, through a
 scalar all-reduce; the local mean for InfoNCE / CLIP local loss), with the same
-gradients. Built for ``nt_xent`` / ``NTXentLoss``, ``sup_con`` / ``SupConLoss``,
+gradients. The price: each rank sends (W - 1) blocks in the forward and 2 (W - 1)
+(the blocks again and their gradients) in the backward, against the all-gather's
+(W - 1) and the reduce-scatter's (W - 1). Built for ``nt_xent`` / ``NTXentLoss``, ``sup_con`` / ``SupConLoss``,
 ``info_nce`` / ``InfoNCELoss`` (queue, per-query hard negatives, symmetric,
 learnable temperature) and ``ClipLoss(gather_with_grad=True)`` (both
 ``local_loss`` settings). Not built (NotImplementedError): ``ClipLoss(
