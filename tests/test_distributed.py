@@ -236,6 +236,28 @@ def _error_cases(rank: int, world: int):
     yield "bad_group", lambda: sf.nt_xent(x[:B], x[:B], process_group="world")
 
 
+def _subgroup_case(rank: int, world: int) -> dict:
+    """Ranks 0 and W-1 as their own process group (group ranks are not global ranks):
+    NT-Xent and symmetric InfoNCE in ring mode; {} on the ranks outside it. (all_gather
+    mode is not run here: on Gloo, torch.distributed.nn.functional.all_gather's backward
+    passes group ranks to dist.scatter as global ranks, and fails on such a group.)"""
+    from sslkernels import functional as sf
+
+    members = [0, world - 1]
+    grp = torch.distributed.new_group(members)  # every rank must call it
+    if rank not in members:
+        return {}
+    d = _data(world)
+    z1, z2, q, k = (_local(d[n], rank) for n in ("z1", "z2", "q", "k"))
+    temp = torch.tensor(T_NCE, dtype=torch.float64)
+    return {
+        "nt_xent": _run(lambda z1, z2: sf.nt_xent(z1, z2, T_NTX, process_group=grp, mode="ring"),
+                        {"z1": z1, "z2": z2}),
+        "info_nce": _run(lambda q, k, temp: sf.info_nce(q, k, temp, symmetric=True, process_group=grp, mode="ring"),
+                         {"q": q, "k": k, "temp": temp}),
+    }
+
+
 def _ddp_case(rank: int, world: int, mode: str) -> dict:
     """A Linear layer under DDP with NTXentLoss(gather_distributed=True): DDP's averaged
     parameter gradient must be the one-process gradient."""
@@ -284,6 +306,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             except Exception as exc:  # noqa: BLE001 (the type is checked by the parent)
                 result[name] = (type(exc).__name__, str(exc))
         torch.distributed.barrier()  # the group still works after the errors: nobody hangs
+        result["subgroup"] = _subgroup_case(rank, world)
         result["ddp"] = _ddp_case(rank, world, "all_gather")
         result["ddp@ring"] = _ddp_case(rank, world, "ring")
         torch.distributed.destroy_process_group()
@@ -548,3 +571,31 @@ def test_ring_is_as_accurate_as_all_gather_in_half_precision(world, dtype, tmp_p
         for name in expected:
             ring, gathered = errors["ring", name], errors["all_gather", name]
             assert ring <= 2 * gathered + eps, f"{case} {dtype} {name}: ring {ring:.2g}, all_gather {gathered:.2g}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_on_a_subgroup_matches_one_process(world, tmp_path_factory):
+    """A process group whose ranks are not the global ranks (ranks 0 and W-1): the ring
+    sends to the right peers; loss and gradients are those of the two ranks' batch."""
+    ranks = _results(world, tmp_path_factory)
+    members = [ranks[0]["subgroup"], ranks[world - 1]["subgroup"]]
+    d = _data(world)
+    sub = {n: torch.cat([_local(d[n], 0), _local(d[n], world - 1)]) for n in ("z1", "z2", "q", "k")}
+    temp = torch.tensor(T_NCE, dtype=torch.float64)
+    oracles = {"nt_xent": (lambda z1, z2: nt_xent_reference(z1, z2, T_NTX), {"z1": sub["z1"], "z2": sub["z2"]}),
+               "info_nce": (lambda q, k, temp: info_nce_reference(q, k, temp, symmetric=True),
+                            {"q": sub["q"], "k": sub["k"], "temp": temp})}
+    for case, (fn, tensors) in oracles.items():
+        expected = _run(fn, tensors)
+        got = [m[case] for m in members]
+        if case == "nt_xent":  # the global loss on both
+            for g in got:
+                torch.testing.assert_close(g["loss"], expected["loss"], **TOL)
+        torch.testing.assert_close(sum(g["loss"] for g in got) / 2, expected["loss"], **TOL, msg=case)
+        for name, grad in expected.items():
+            if name == "temp":
+                torch.testing.assert_close(sum(g[name] for g in got) / 2, grad, **TOL, msg=f"{case} {name}")
+            elif name != "loss":
+                torch.testing.assert_close(torch.cat([g[name] / 2 for g in got]), grad, **TOL, msg=f"{case} {name}")
+    if world == 3:
+        assert ranks[1]["subgroup"] == {}
