@@ -136,20 +136,19 @@ def _block_grads(grad, anchors, block, temperature, lse):
     final `lse`, in the statistics dtype: ``info_nce_backward`` minus its diagonal positive
     term (weight grad / rows). Its d temperature is not used: the Triton kernel's assumes
     that the softmax weights of the call sum to 1, which a block's do not (see
-    `_temperature_grad`)."""
+    `_logit_sum`)."""
     st = lse.dtype
     da, db, _, _ = _ops().info_nce_backward(grad, anchors, block, None, temperature, lse, False, False, True, False)
     c = grad.to(st) / (anchors.shape[0] * temperature.to(st))
     return da.to(st) + c * block.to(st), db.to(st) + c * anchors.to(st)
 
 
-def _temperature_grad(pairs, temperature, dtype):
-    """d loss / d t from the gradients of the logits' arguments: every logit is
-    ``x . y / t`` with x one of the anchors, so the loss is unchanged when the anchors and t
-    are scaled together, and ``t dL/dt = -sum_i x_i . dL/dx_i`` over (x, dL/dx) `pairs`
-    in which each logit is counted once. Exact, O(b D), whatever the kernel."""
-    total = sum((x.to(dtype) * dx).sum() for x, dx in pairs)
-    return (-total / temperature.to(dtype)).to(temperature.dtype)
+def _logit_sum(x, dx):
+    """``sum_i x_i . dL/dx_i``, the temperature's gradient times -t from one call: every logit
+    is ``x . y / t`` with x an anchor (or a row of the call's candidates: anything counting
+    each logit once), so scaling x and t together leaves the loss unchanged and
+    ``t dL/dt = -sum_i x_i . dL/dx_i``. Exact, O(b D), whatever the kernel."""
+    return (x.to(dx.dtype) * dx).sum()
 
 
 def _dot_rows(x, y, dtype):
@@ -220,18 +219,18 @@ class _InfoNCE(torch.autograd.Function):
             grad, query, key, negatives, temperature, lse, False, symmetric, True, ctx.neg_grad)
         st = lse.dtype
         acc = {"q": dq.to(st), "k": dk.to(st)}
-        pairs = [(query, acc["q"].clone())]  # each local logit (queue, hard negatives too) holds one local query
+        logit_sum = [_logit_sum(query, acc["q"])]  # each local logit (queue, hard negatives too) holds one query
         g_dir = grad * 0.5 if symmetric else grad  # each direction's weight
 
         def work(block):
             da, dkb = _block_grads(g_dir, query, block[0], temperature, lse[:n])
             acc["q"] += da
-            pairs.append((query, da))
+            logit_sum.append(_logit_sum(query, da))
             if not symmetric:
                 return [dkb]
             da, dqb = _block_grads(g_dir, key, block[1], temperature, lse[n:])
             acc["k"] += da
-            pairs.append((key, da))
+            logit_sum.append(_logit_sum(key, da))
             return [dkb, dqb]
 
         returned = ctx.ring.visit_with_grads([key, query] if symmetric else [key], work)
@@ -243,7 +242,7 @@ class _InfoNCE(torch.autograd.Function):
         return (None, None, acc["q"].to(query.dtype) if need[2] else None,
                 acc["k"].to(key.dtype) if need[3] else None,
                 dneg if need[4] and ctx.neg_grad else None,
-                _temperature_grad(pairs, temperature, st) if need[5] else None)
+                (-sum(logit_sum) / temperature.to(st)).to(temperature.dtype) if need[5] else None)
 
 
 def info_nce(query, key, temperature, negatives, symmetric: bool, normalize: bool, group,
