@@ -2,9 +2,8 @@
 `sslkernels::svdvals_ex` for m, n <= 128) run by the Triton interpreter on CPU tensors.
 
 Oracle: torch.linalg.svdvals in float64. Error relative to sigma_max <= 1e-5 (fp32,
-3e-5 at 128 x 128, where fp32 rotations drift ~1.2e-5: see the module docstring of
-kernels/spectral.py) / 1e-12 (fp64). Outputs are poisoned by torch.empty only; the
-checks compare every entry.
+the issue's bar at every size, 128 x 128 included) / 1e-12 (fp64). Outputs are
+poisoned by torch.empty only; the checks compare every entry.
 """
 from __future__ import annotations
 
@@ -67,7 +66,25 @@ def test_register_gather_variant(K, shape, dtype):
 
 
 def test_128_fp32(K):
-    _check(K, _randn(1, 128, 128, seed=1), torch.float32, tol=3e-5)
+    # ~750 rotations per column: the plain rotation (c a_p - s a_q, with the upward bias
+    # of fl(1 / sqrt(1 + t^2))) grew every column norm, 1.2-1.3e-5 of sigma_max here and
+    # a signed mean of +4.7e-6; Rutishauser's form measures ~3e-7 and a mean ~1e-8.
+    # Two matrices: ~20 s each in the interpreter.
+    A64 = _randn(2, 128, 128, seed=1)
+    S, _ = _check(K, A64, torch.float32)
+    ref = torch.linalg.svdvals(A64.float().double())
+    d = (S.double() - ref) / ref.amax(-1, keepdim=True)
+    assert float(d.abs().max()) <= 2e-6, f"relative error {float(d.abs().max()):.2e}: margin to 1e-5 lost"
+    assert abs(float(d.mean())) <= 5e-7, f"signed mean error {float(d.mean()):+.2e}: the column norms drift"
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 64), (1, 96, 100)])
+def test_fp32_margin(K, shape):
+    # the same margin at other sizes, the 96 x 100 one wide (read through the strides)
+    A64 = _randn(*shape, seed=8)
+    S, _ = _check(K, A64, torch.float32)
+    ref = torch.linalg.svdvals(A64.float().double())
+    assert float(((S.double() - ref).abs() / ref.amax(-1, keepdim=True)).max()) <= 2e-6
 
 
 def test_rank_deficient(K):
