@@ -144,8 +144,9 @@ def test_module_is_drop_in():
     assert loss.temperature == 0.2
     assert dict(loss.state_dict()) == {}
     assert sslkernels.nn.NTXentLoss(gather_distributed=True).gather_distributed  # tests/test_distributed.py
-    with pytest.raises(NotImplementedError, match="ring"):
-        sslkernels.nn.NTXentLoss(gather_distributed=True, distributed_mode="ring")
+    assert sslkernels.nn.NTXentLoss(gather_distributed=True, distributed_mode="ring").distributed_mode == "ring"
+    with pytest.raises(ValueError, match="mode"):
+        sslkernels.nn.NTXentLoss(gather_distributed=True, distributed_mode="ring_buffer")
     with pytest.raises(ValueError, match="temperature"):
         sslkernels.nn.NTXentLoss(temperature=0.0)
 
