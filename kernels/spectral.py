@@ -17,14 +17,17 @@ Kernel ``_jacobi_svdvals_kernel``, grid (B,):
   column j* with 2 j* = r (mod NP - 1) pairs with column NP - 1. Columns >= NP
   (padding) pair with themselves (no rotation).
 * Triton cannot index register columns dynamically, so the partner tile
-  P[:, j] = A[:, partner(j)] is a gather through a per-program global scratch
-  buffer ([BLOCK_M, BLOCK_N], L1/L2-resident): store the tile, barrier, load it
-  with permuted column offsets, barrier. Cost per round: 2 BLOCK_M BLOCK_N
-  scratch accesses (L1/L2) + ~10 M N flops; per sweep NP - 1 rounds, so
-  O(M N^2) work and memory traffic per sweep, exact (no tensor-core rounding).
-* Per column j with partner q (both sides compute the same numbers, from the same
-  values): alpha = ||a_p||^2, beta = ||a_q||^2, gamma = a_p . a_q (p < q of the
-  pair), recomputed from the columns every round (no drift of updated norms);
+  P[:, j] = A[:, partner(j)] and the partner's squared norm are a gather through a
+  per-program global scratch buffer ([BLOCK_M + 1, BLOCK_N], L1/L2-resident):
+  store the tile and the norms, barrier, load them with permuted column offsets,
+  barrier (or tl.gather in registers, SSLKERNELS_JACOBI_GATHER=1). Cost per
+  round: 2 (BLOCK_M + 1) BLOCK_N scratch accesses (L1/L2) + ~10 M N flops; per
+  sweep NP - 1 rounds, so O(M N^2) work and memory traffic per sweep, exact (no
+  tensor-core rounding).
+* Per column j with partner q (both sides compute the same numbers: the squared
+  norms are computed once per column and gathered, gamma is one reduction of the
+  product tile): alpha = ||a_p||^2, beta = ||a_q||^2, gamma = a_p . a_q (p < q of
+  the pair), recomputed from the columns every round (no drift of updated norms);
   rotate only if |gamma| > tol sqrt(alpha) sqrt(beta) (so gamma == 0, zero or
   padded columns never rotate: no NaN); zeta = (beta - alpha) / (2 gamma),
   t = sign(zeta) / (|zeta| + sqrt(1 + zeta^2)) (through 1 / |zeta| for |zeta| > 1),
@@ -105,7 +108,7 @@ def _jacobi_svdvals_kernel(
     offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_n
     A = tl.load(a_base + offs, mask=mask, other=0.0).to(ACC)
 
-    scr = scratch_ptr + pid * (BLOCK_M * BLOCK_N)
+    scr = scratch_ptr + pid * ((BLOCK_M + 1) * BLOCK_N)  # the tile, then the column norms
     scr_rows = rows[:, None] * BLOCK_N
 
     NP = N + (N % 2)  # even number of columns in the tournament
@@ -123,16 +126,21 @@ def _jacobi_svdvals_kernel(
             jstar = (r * half) % R
             k = tl.where(cols == jstar, R, k)
             k = tl.where(cols >= NP, cols, k)
-            # P[:, j] = A[:, k[j]]: a register gather, or through the scratch tile
+            # P[:, j] = A[:, k[j]] and oth[j] = own[k[j]]: a register gather, or through the
+            # scratch tile. The partner's squared norm is gathered, not recomputed from P, so
+            # both columns of a pair hold bitwise the same alpha and beta (a 1-ulp disagreement
+            # makes the two sides' rotations differ; emulated: 3.8e-6 instead of 2.7e-7 at 128).
+            own = tl.sum(A * A, axis=0)
             if USE_GATHER:
                 P = tl.gather(A, tl.broadcast_to(k[None, :], (BLOCK_M, BLOCK_N)), axis=1)
+                oth = tl.gather(own, k, axis=0)
             else:
                 tl.store(scr + scr_rows + cols[None, :], A)
+                tl.store(scr + BLOCK_M * BLOCK_N + cols, own)
                 tl.debug_barrier()
                 P = tl.load(scr + scr_rows + k[None, :])
+                oth = tl.load(scr + BLOCK_M * BLOCK_N + k)
                 tl.debug_barrier()
-            own = tl.sum(A * A, axis=0)
-            oth = tl.sum(P * P, axis=0)
             gamma = tl.sum(A * P, axis=0)
             is_p = cols < k
             alpha = tl.where(is_p, own, oth)
@@ -210,7 +218,7 @@ def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30, num_warps: int | None 
     ctx = torch.cuda.device(A.device) if A.is_cuda else contextlib.nullcontext()
     with ctx:
         use_gather = USE_GATHER if gather is None else bool(gather)
-        scratch = torch.empty((0 if use_gather else b * block_m * block_n,), dtype=dtype, device=A.device)
+        scratch = torch.empty((0 if use_gather else b * (block_m + 1) * block_n,), dtype=dtype, device=A.device)
         _jacobi_svdvals_kernel[(b,)](
             A, S, info, scratch,
             m, n, sb, sm, sn, S.stride(0),
