@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import sslkernels
 from sslkernels.nn import NTXentLoss
@@ -109,9 +107,7 @@ def train(temperature: float = 0.2, lr: float = 2e-3, epochs: int = 60, batch_si
     """
     g = common.setup(seed, threads)
     x_train, _, _, _ = data if data is not None else common.digits_split()
-    n = len(x_train)
-    steps_per_epoch = n // batch_size  # drop the last partial batch: BatchNorm and NT-Xent like full batches
-    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    n = len(x_train)  # the loop drops the last partial batch: BatchNorm and NT-Xent like full batches
 
     model = SimCLR(width, dim)
     criterion = NTXentLoss(temperature=temperature)  # sslkernels' fused loss, lightly's signature
@@ -126,43 +122,22 @@ def train(temperature: float = 0.2, lr: float = 2e-3, epochs: int = 60, batch_si
         model.train()
         return result["rankme"]
 
-    history, step, loss_sum, loss_n, last_loss = [], 0, 0.0, 0, float("nan")
-    timer = common.Timer()
-    bar = tqdm(total=total, desc=f"simclr t={temperature:g} lr={lr:g}", disable=not progress, leave=False,
-               file=sys.stdout, dynamic_ncols=True)
+    def loss_fn(x, step, total):
+        _, z1 = model(augment(x, g))
+        _, z2 = model(augment(x, g))
+        return criterion(z1, z2)
+
     model.train()
-    while step < total:
-        perm = torch.randperm(n, generator=g)
-        for i in range(steps_per_epoch):
-            if step >= total:
-                break
-            x = x_train[perm[i * batch_size:(i + 1) * batch_size]]
-            for group in opt.param_groups:
-                group["lr"] = common.cosine_lr(step, total, lr, warmup=min(20, total // 10))
-            _, z1 = model(augment(x, g))
-            _, z2 = model(augment(x, g))
-            loss = criterion(z1, z2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            last_loss = loss.item()
-            loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
-            bar.update(1)
-        history.append({"epoch": len(history) + 1, "step": step, "loss": loss_sum / max(loss_n, 1),
-                        "rankme": evaluate_rankme()})
-        loss_sum, loss_n = 0.0, 0
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", rankme=f"{history[-1]['rankme']:.2f}")
-    bar.close()
+    run = common.train_loop(x_train, opt, loss_fn, evaluate_rankme, g, epochs=epochs, batch_size=batch_size, lr=lr,
+                            warmup=20, max_steps=max_steps, desc=f"simclr t={temperature:g} lr={lr:g}",
+                            progress=progress)
     model.eval()
-    return {"model": model, "history": history, "final_loss": last_loss, "rankme": history[-1]["rankme"],
-            "steps": step, "train_time_s": timer()}
+    return {"model": model, **run}
 
 
 def probe(model: SimCLR, data) -> float:
-    x_tr, x_te, y_tr, y_te = data
     model.eval()
-    return common.linear_probe(common.embed(model.encoder, x_tr), y_tr, common.embed(model.encoder, x_te), y_te)
+    return common.probe(model.encoder, data)
 
 
 def parse_args(argv=None):
@@ -173,11 +148,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (2e-3)")
     p.add_argument("--width", type=int, default=32, help="CNN width (32)")
     p.add_argument("--dim", type=int, default=16, help="representation dims: pooled channels the probe sees (16)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for smoke tests)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return common.parse_run_args(p, argv)
 
 
 def main(argv=None) -> Dict:
@@ -190,22 +161,9 @@ def main(argv=None) -> Dict:
     acc = probe(run["model"], data)
     common.setup(args.seed, args.threads)
     acc_random = probe(SimCLR(args.width, args.dim), data)  # same architecture, same seed, untrained
-    x_tr, x_te, y_tr, y_te = data
-    acc_raw = common.linear_probe(x_tr.numpy(), y_tr, x_te.numpy(), y_te)
-    summary = {
-        "final_loss": run["final_loss"],
-        "rankme": run["rankme"],
-        "rankme_max": run["model"].encoder.dim,
-        "probe_acc": acc,
-        "probe_acc_random_init": acc_random,
-        "raw_logreg_acc": acc_raw,
-        "steps": run["steps"],
-        "epochs": len(run["history"]),
-        "train_time_s": run["train_time_s"],
-        "wall_time_s": timer(),
-    }
-    common.print_summary("SimCLR on digits (sslkernels.nn.NTXentLoss + RankMeMonitor)", summary)
-    return summary
+    acc_raw = common.raw_probe(data)
+    return common.report("SimCLR on digits (sslkernels.nn.NTXentLoss + RankMeMonitor)", run,
+                         run["model"].encoder.dim, acc, acc_random, acc_raw, timer)
 
 
 if __name__ == "__main__":
