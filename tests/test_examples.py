@@ -67,3 +67,12 @@ def test_examples_use_public_api_only(script):
 def test_tabular_jepa_smoke():
     summary = _summary("tabular_jepa.py", "--epochs", "1", "--max-steps", "3")
     assert summary["steps"] == 3 and summary["tokens_seen"] > 0 and summary["dataset"] == "breast_cancer"
+
+
+def test_ijepa_smoke():
+    runs = {flag: _summary("ijepa.py", "--epochs", "1", "--max-steps", "3", *flag) for flag in ((), ("--truncate",))}
+    packed, truncated = runs[()], runs[("--truncate",)]
+    assert packed["steps"] == truncated["steps"] == 3 and truncated["truncate"] and not packed["truncate"]
+    # same seed, same masks: the packed run reads every visible context token, the truncating one fewer
+    assert packed["tokens_visible"] == truncated["tokens_visible"] == packed["tokens_seen"]
+    assert truncated["tokens_seen"] < truncated["tokens_visible"] and truncated["truncation_drop_frac"] > 0
