@@ -6,7 +6,8 @@
 Each rank runs forward + backward of the same loss on its own rows (b per rank, so
 the global batch is W b) in both modes and reports the median time (slowest rank, a
 barrier before each repeat) and the peak resident memory above the inputs
-(VmHWM after resetting it through /proc/self/clear_refs). all_gather mode holds the
+(VmHWM after resetting it through /proc/self/clear_refs, with glibc's mmap threshold
+at 64 KiB so freed blocks leave the resident set). all_gather mode holds the
 gathered batch (O(W b D)) and, for nt_xent / sup_con, every rank computes the whole
 global loss; ring mode holds its rows plus one block in flight and computes only its
 own anchors. The two modes' losses are checked equal before timing.
@@ -113,6 +114,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
 
+    # Blocks above 64 KiB come from mmap and go back to the OS when freed, so the ranks'
+    # resident-set peak follows their live tensors (glibc's heap would otherwise reuse
+    # freed pages without raising RSS, and a pass could read as 0 MiB).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
