@@ -87,6 +87,16 @@ struct RowStats {
         sum(static_cast<size_t>(m), Acc(0)) {}
 };
 
+// max(init, s[0..n)). Written as a compare-select: GCC vectorises this reduction
+// well, while `std::max` under `omp simd reduction(max)` ran 18x slower (AVX-512).
+template <typename Acc>
+SSLK_MULTIVERSION Acc max_of(const Acc* s, int64_t n, Acc init) {
+  Acc mx = init;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
 // Fold a tile S [rows x cols] into the stats of its rows (row view) and, when
 // `columns_too`, of its columns (column view, the transposed tile).
 template <typename Acc>
@@ -99,11 +109,9 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
     for (int64_t j = 0; j < cols; ++j) tile_col_max[j] = col_max[j];
   for (int64_t i = 0; i < rows; ++i) {
     const Acc* si = s + i * cols;
-    Acc mx = neg_inf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, si[j]);
+    const Acc mx = max_of(si, cols, neg_inf);
     if (columns_too)
-      for (int64_t j = 0; j < cols; ++j) tile_col_max[j] = std::max(tile_col_max[j], si[j]);
+      for (int64_t j = 0; j < cols; ++j) tile_col_max[j] = si[j] > tile_col_max[j] ? si[j] : tile_col_max[j];
     // Row update; a row whose candidates are all masked so far keeps -inf.
     const Acc new_max = std::max(row_max[i], mx);
     if (new_max == neg_inf) continue;
