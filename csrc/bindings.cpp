@@ -112,6 +112,23 @@ int info_nce_backward_binding(std::uintptr_t query, std::uintptr_t key, std::uin
       reinterpret_cast<void*>(dnegatives), reinterpret_cast<double*>(dtemperature), num_threads));
 }
 
+int info_nce_loss_and_grads_binding(std::uintptr_t query, std::uintptr_t key,
+                                    std::uintptr_t negatives, int dtype, int64_t n, int64_t d,
+                                    int64_t negatives_rows, int64_t q_row_stride,
+                                    int64_t q_col_stride, int64_t k_row_stride, int64_t k_col_stride,
+                                    int64_t n_row_stride, int64_t n_col_stride, double temperature,
+                                    bool normalize, std::uintptr_t loss, std::uintptr_t dquery,
+                                    std::uintptr_t dkey, std::uintptr_t dnegatives,
+                                    std::uintptr_t dtemperature, int num_threads) {
+  py::gil_scoped_release release;
+  return static_cast<int>(info_nce_loss_and_grads(
+      matrix(query, dtype, n, d, q_row_stride, q_col_stride),
+      matrix(key, dtype, n, d, k_row_stride, k_col_stride),
+      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride), temperature, normalize,
+      reinterpret_cast<double*>(loss), reinterpret_cast<void*>(dquery), reinterpret_cast<void*>(dkey),
+      reinterpret_cast<void*>(dnegatives), reinterpret_cast<double*>(dtemperature), num_threads));
+}
+
 BatchView batch_view(std::uintptr_t ptr, int dtype, int64_t batch, int64_t rows, int64_t cols,
                      int64_t batch_stride, int64_t row_stride, int64_t col_stride) {
   return BatchView{reinterpret_cast<const void*>(ptr), static_cast<DType>(dtype), batch, rows, cols,
@@ -163,6 +180,9 @@ PYBIND11_MODULE(_C, m) {
         "Fused InfoNCE / CLIP forward: writes lse_query[N] (and lse_key[N] when symmetric) and the loss.");
   m.def("info_nce_backward", &info_nce_backward_binding,
         "Fused InfoNCE / CLIP backward: writes dquery, dkey and (if given) dnegatives and dtemperature.");
+  m.def("info_nce_loss_and_grads", &info_nce_loss_and_grads_binding,
+        "Fused one-direction InfoNCE loss and its gradients (grad_loss = 1) in one sweep: writes "
+        "the loss, dquery, dkey and (if given) dnegatives and dtemperature.");
   m.def("svdvals_jacobi", &svdvals_jacobi_binding,
         "One-sided Jacobi singular values of a batch of (rows >= cols) matrices: writes s[B, cols] "
         "(descending) and info[B] (int32, 1 = sweep budget exhausted); returns a status code.");

@@ -132,6 +132,9 @@ def test_gradcheck_learnable_temperature():
     t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     for symmetric in (False, True):
         assert torch.autograd.gradcheck(lambda a, b, c, tt: sslkernels.info_nce(a, b, tt, c, symmetric), (q, k, neg, t))
+    # the one-sweep route (one direction) without a queue and without normalisation too
+    for normalize in (True, False):
+        assert torch.autograd.gradcheck(lambda a, b, tt: sslkernels.info_nce(a, b, tt, normalize=normalize), (q, k, t))
 
 
 def test_gradcheck_float64():
@@ -232,3 +235,127 @@ def test_non_finite_input_raises(which):
     t[which][2, 1] = float("nan")
     with pytest.raises(ValueError, match=f"`{which}` contains NaN or Inf"):
         sslkernels.info_nce(t["query"], t["key"], negatives=t["negatives"])
+
+
+# ---------------------------------------------------------------- one sweep (training steps)
+# With a gradient wanted, the one-direction loss (in-batch keys, a shared queue or none)
+# takes sslkernels::info_nce_loss_and_grads: loss and gradients in one sweep over the
+# logit tiles (strips of 256 queries, column tiles of 512). It must agree with the
+# forward + recomputing backward it replaces, at every strip / tile boundary.
+
+
+def _forward_then_backward(q, key, neg, t, normalize, negatives_grad):
+    loss, lse = torch.ops.sslkernels.info_nce_forward(q, key, neg, t, normalize, False, True, negatives_grad)
+    grads = torch.ops.sslkernels.info_nce_backward(
+        torch.ones((), dtype=loss.dtype), q, key, neg, t, lse, normalize, False, True, negatives_grad
+    )
+    return (loss, *grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k", [(1, 0), (3, 1), (255, 0), (256, 511), (257, 513), (600, 1100)])
+@pytest.mark.parametrize("negatives_grad", [False, True])
+def test_one_sweep_matches_forward_then_backward(dtype, n, k, negatives_grad):
+    q, key, neg = _inputs(n, 19, k, dtype)
+    t = torch.tensor(0.07, dtype=torch.float64)
+    swept = torch.ops.sslkernels.info_nce_loss_and_grads(q, key, neg, t, True, negatives_grad)
+    split = _forward_then_backward(q, key, neg, t, True, negatives_grad)
+    ref = _forward_then_backward(*(x.double() if x is not None else None for x in (q, key, neg)), t, True, negatives_grad)
+    for what, a, b, r in zip(("loss", "dquery", "dkey", "dnegatives", "dtemperature"), swept, split, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        if b.numel():  # (dnegatives is empty when no queue gradient is asked for)
+            assert_within_eager_error(a, b, r, dtype, what)
+
+
+def test_one_sweep_rescales_tiles_whose_max_came_late():
+    # Each row's largest logit sits in the last queue tile, so every earlier kept tile
+    # (the keys, and with a queue gradient the first queue tiles) was exponentiated
+    # against a smaller max; at t = 0.02 the fix-up factors reach exp(-100).
+    torch.manual_seed(0)
+    n, d, k = 300, 16, 1200
+    q = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    key = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    neg = torch.randn(k, d, dtype=torch.float64)
+    neg[-n:] = q + 1e-3 * torch.randn(n, d, dtype=torch.float64)  # the best candidates come last
+    for negatives_grad in (False, True):
+        fused = loss_and_grads(lambda a, b, c: sslkernels.info_nce(a, b, 0.02, c), q, key, neg.requires_grad_(negatives_grad))
+        ref = loss_and_grads(lambda a, b, c: info_nce_reference(a, b, 0.02, c), q, key, neg.requires_grad_(negatives_grad))
+        for a, b in zip(fused, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_one_sweep_only_when_a_gradient_is_wanted():
+    q, key, neg = _inputs(40, 8, 30, torch.float32)
+    q.requires_grad_(True)
+    loss = sslkernels.info_nce(q, key, 0.1, neg)
+    assert "info_nce_loss_and_grads" in loss.grad_fn.name()
+    with torch.no_grad():
+        assert torch.equal(sslkernels.info_nce(q, key, 0.1, neg), loss.detach())
+    # Symmetric and per-query negatives keep the forward + backward ops.
+    assert "info_nce_forward" in sslkernels.info_nce(q, key, 0.1, neg, symmetric=True).grad_fn.name()
+    hard = torch.randn(40, 3, 8)
+    assert "info_nce_forward" in sslkernels.info_nce(q, key, 0.1, hard).grad_fn.name()
+
+
+def test_one_sweep_gradient_scales_with_the_upstream_gradient():
+    q, key, neg = _inputs(70, 12, 90, torch.float64)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(True) for x in (q, key, neg, t)]
+    (3.5 * sslkernels.info_nce(leaves[0], leaves[1], leaves[3], leaves[2]) - sslkernels.info_nce(leaves[0], leaves[1], leaves[3], leaves[2])).backward()
+    ref = [x.clone().requires_grad_(True) for x in (q, key, neg, t)]
+    (2.5 * info_nce_reference(ref[0], ref[1], ref[3], ref[2])).backward()
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_one_sweep_opcheck():
+    q, k, neg = (torch.randn(9, 5, requires_grad=True) for _ in range(3))
+    t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    for negatives, grad in ((None, False), (neg, True), (neg.detach(), False)):
+        torch.library.opcheck(torch.ops.sslkernels.info_nce_loss_and_grads.default, (q, k, negatives, t, True, grad))
+
+
+@pytest.mark.slow
+def test_one_sweep_torch_compile_fullgraph_cpu():
+    fn = torch.compile(lambda a, b, c: sslkernels.info_nce(a, b, 0.1, c), fullgraph=True)
+    q, k = torch.randn(300, 8, requires_grad=True), torch.randn(300, 8, requires_grad=True)
+    neg = torch.randn(600, 8)
+    out = fn(q, k, neg)
+    out.backward()
+    expected = loss_and_grads(lambda a, b: sslkernels.info_nce(a, b, 0.1, neg), q.detach(), k.detach())
+    torch.testing.assert_close(out.detach(), expected[0])
+    torch.testing.assert_close(q.grad, expected[1])
+    torch.testing.assert_close(k.grad, expected[2])
+
+
+@pytest.mark.parametrize("negatives_grad", [False, True])
+def test_one_sweep_thread_count_independent(negatives_grad):
+    # 3 strips of 256 rows and 5 queue tiles: waves of 1, 2 and 3 strips.
+    q, key, neg = _inputs(700, 40, 2100, torch.float32)
+    neg.requires_grad_(negatives_grad)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(loss_and_grads(lambda a, b, c: sslkernels.info_nce(a, b, 0.1, c), q, key, neg))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["query", "key", "negatives"])
+def test_one_sweep_non_finite_input_raises(which):
+    t = {"query": torch.randn(6, 4), "key": torch.randn(6, 4), "negatives": torch.randn(5, 4)}
+    t[which][2, 1] = float("inf")
+    t["query"].requires_grad_(True)
+    with pytest.raises(ValueError, match=f"`{which}` contains NaN or Inf"):
+        sslkernels.info_nce(t["query"], t["key"], negatives=t["negatives"])
+
+
+def test_one_sweep_overflowing_logits_raise():
+    q = torch.full((4, 3), 1e30, requires_grad=True)
+    with pytest.raises(ValueError, match="overflow"):
+        sslkernels.info_nce(q, torch.full((4, 3), 1e30), 0.1, normalize=False)

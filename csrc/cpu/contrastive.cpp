@@ -621,6 +621,205 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   return Status::Ok;
 }
 
+// ---------------------------------------------- InfoNCE, loss and gradients in one sweep
+// The one-direction loss with in-batch keys and an optional shared queue, for
+// grad_loss = 1 (autograd scales the result). The backward above recomputes every
+// logit tile; here each tile is multiplied once. A strip of `kStripRows` queries
+// walks all candidate tiles: the epilogue keeps an online max / sum-exp per row and
+// the query gradient accumulates flash-attention style (rescaled when a row's max
+// grows), so the queue tiles are used once and dropped. The key gradient needs each
+// row's final lse, so the strip's key probabilities are kept (kStripRows x N, and the
+// queue's too when it wants a gradient) until the strip is done. Strips run in waves
+// of one strip per thread; after each wave the column gradients of its strips are
+// added per column block in strip order, so every sum has the same order whatever
+// the thread count (bitwise-reproducible results). GEMM work: the logits, the query
+// gradient and the key (and queue) gradient once each; with a queue of 2N that is 7
+// products of N x N x D size, as eager autograd does, against 10 for the forward
+// plus the recomputing backward.
+
+constexpr int64_t kStripRows = 256;
+constexpr int64_t kColumnTile = 512;
+constexpr int64_t kWaveBytes = int64_t(64) << 20;  // kept probabilities of one wave
+
+// One candidate matrix (the keys, or the queue) and where its columns of the kept
+// probabilities start (-1 when it needs no column gradient).
+template <typename Acc>
+struct CandidateSegment {
+  const Acc* rows;
+  int64_t count;
+  int64_t kept_offset;
+  Acc* column_grad;
+};
+
+// Row stride of a buffer of `width` columns, one cache line past a multiple of 256
+// floats: power-of-two strides put every row of a tile in the same cache sets.
+inline int64_t padded_stride(int64_t width) { return (width + 255) / 256 * 256 + 16; }
+
+template <typename Acc>
+struct ColumnJob {
+  Acc* grad;            // first row of the column gradient this tile feeds
+  int64_t kept_column;  // its first column in the kept probabilities
+  int64_t width;
+};
+
+// One row of a fresh logit tile into the row's online state: the max grows to cover
+// the tile (rescaling the sum and the accumulated gradient row), and the logits
+// become exp(s - max) in place. Returns that max.
+template <typename Acc>
+SSLK_MULTIVERSION Acc online_exp_row(Acc* s, int64_t cols, Acc& max, Acc& sum, Acc* grad_row, int64_t d) {
+  const Acc mx = max_of(s, cols, max);
+  if (mx > max) {
+    if (sum > 0) {  // earlier tiles were taken against a smaller max
+      const Acc f = exp_vec(max - mx);
+      sum *= f;
+      for (int64_t c = 0; c < d; ++c) grad_row[c] *= f;
+    }
+    max = mx;
+  }
+  Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < cols; ++j) {
+    const Acc e = exp_vec(s[j] - mx);
+    acc += e;
+    s[j] = e;
+  }
+  sum += acc;
+  return mx;
+}
+
+template <typename Acc>
+Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& key,
+                                    const MatrixView& negatives, double temperature, bool normalize,
+                                    double* loss, void* dquery, void* dkey, void* dnegatives,
+                                    double* dtemperature, int num_threads) {
+  InfoNceRows<Acc> rows;
+  const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
+  if (st != Status::Ok) return st;
+  const int64_t n = query.rows, d = query.cols, k = negatives.rows;
+  const Acc inv_t = static_cast<Acc>(1.0 / temperature);
+  const Acc coeff = static_cast<Acc>(1.0 / (temperature * static_cast<double>(n)));
+  const bool queue_grad = dnegatives != nullptr && k > 0;
+  std::vector<Acc> dq(static_cast<size_t>(n * d), Acc(0)), dk(static_cast<size_t>(n * d), Acc(0));
+  std::vector<Acc> dn(queue_grad ? static_cast<size_t>(k * d) : 0, Acc(0));
+  std::vector<CandidateSegment<Acc>> segments{{rows.key.z.data(), n, 0, dk.data()}};
+  if (k > 0)
+    segments.push_back({rows.negatives.z.data(), k, queue_grad ? n : -1, queue_grad ? dn.data() : nullptr});
+  const int64_t kept_width = n + (queue_grad ? k : 0);
+  const int64_t kept_ld = padded_stride(kept_width);
+  const int64_t strip_rows = std::min(kStripRows, n);  // sizes only: thread-count independent
+  const int64_t strips = (n + strip_rows - 1) / strip_rows;
+  const int64_t strip_bytes = strip_rows * kept_ld * static_cast<int64_t>(sizeof(Acc));
+  const int64_t wave = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(num_threads), strips,
+                                                               kWaveBytes / strip_bytes}));
+  std::vector<Acc> kept(static_cast<size_t>(wave * strip_rows * kept_ld));
+  std::vector<Acc> scaled_queries(static_cast<size_t>(wave * strip_rows * d));
+  std::vector<Acc> lse(static_cast<size_t>(n)), expect(static_cast<size_t>(n));
+  const Acc* q = rows.query.z.data();
+  // One job per kept column tile: its rows of the column gradient.
+  std::vector<ColumnJob<Acc>> column_jobs;
+  for (const auto& seg : segments)
+    for (int64_t c0 = 0; seg.kept_offset >= 0 && c0 < seg.count; c0 += kColumnTile)
+      column_jobs.push_back({seg.column_grad + c0 * d, seg.kept_offset + c0, std::min(kColumnTile, seg.count - c0)});
+  const int64_t kept_tiles = static_cast<int64_t>(column_jobs.size());
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> dropped(k > 0 ? static_cast<size_t>(strip_rows * padded_stride(std::min(kColumnTile, k))) : 0);  // a queue tile
+    std::vector<Acc> row_max(static_cast<size_t>(strip_rows)), row_sum(static_cast<size_t>(strip_rows));
+    // The max each kept tile's exps were taken against, per row (fixed up at the end).
+    std::vector<Acc> tile_shift(static_cast<size_t>(strip_rows * kept_tiles));
+    std::vector<std::pair<int64_t, int64_t>> kept_spans;  // (column offset, width) per kept tile
+    for (int64_t w0 = 0; w0 < strips; w0 += wave) {
+#pragma omp for schedule(static)
+      for (int64_t s = w0; s < std::min(strips, w0 + wave); ++s) {
+        const int64_t r0 = s * strip_rows, nr = std::min(strip_rows, n - r0);
+        Acc* p = kept.data() + (s - w0) * strip_rows * kept_ld;
+        Acc* gq = dq.data() + r0 * d;
+        std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<Acc>::infinity());
+        std::fill(row_sum.begin(), row_sum.end(), Acc(0));
+        kept_spans.clear();
+        for (const auto& seg : segments) {
+          for (int64_t c0 = 0; c0 < seg.count; c0 += kColumnTile) {
+            const int64_t nc = std::min(kColumnTile, seg.count - c0);
+            const bool keep = seg.kept_offset >= 0;
+            Acc* t = keep ? p + seg.kept_offset + c0 : dropped.data();
+            const int64_t ldt = keep ? kept_ld : padded_stride(nc);
+            const Acc* cand = seg.rows + c0 * d;
+            detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, cand, d, Acc(0), t, ldt);
+            const int64_t tile_index = static_cast<int64_t>(kept_spans.size());
+            for (int64_t i = 0; i < nr; ++i) {
+              Acc* ti = t + i * ldt;
+              const Acc shift = online_exp_row(ti, nc, row_max[i], row_sum[i], gq + i * d, d);
+              if (keep) tile_shift[i * kept_tiles + tile_index] = shift;
+            }
+            if (keep) kept_spans.emplace_back(seg.kept_offset + c0, nc);
+            // Query gradient, still against this strip's running maxima.
+            detail::gemm<Acc>(false, false, nr, d, nc, Acc(1), t, ldt, cand, d, Acc(1), gq, d);
+          }
+        }
+        Acc* sq = scaled_queries.data() + (s - w0) * strip_rows * d;
+        for (int64_t i = 0; i < nr; ++i) {
+          // Kept tiles exponentiated before the row's max settled get rescaled.
+          for (int64_t tix = 0; tix < static_cast<int64_t>(kept_spans.size()); ++tix) {
+            const Acc shift = tile_shift[i * kept_tiles + tix];
+            if (shift == row_max[i]) continue;
+            const Acc f = exp_vec(shift - row_max[i]);
+            Acc* ti = p + i * kept_ld + kept_spans[tix].first;
+            for (int64_t j = 0; j < kept_spans[tix].second; ++j) ti[j] *= f;
+          }
+          // sum_j p_ij s_ij = q_i . (sum_j p_ij c_j) / t: the softmax expectation of the
+          // logits (for the temperature gradient) from the accumulated gradient row.
+          expect[r0 + i] = dot(q + (r0 + i) * d, gq + i * d, d) * inv_t / row_sum[i];
+          const Acc c = coeff / row_sum[i];
+          for (int64_t col = 0; col < d; ++col) {
+            gq[i * d + col] *= c;
+            sq[i * d + col] = c * q[(r0 + i) * d + col];
+          }
+          lse[r0 + i] = row_max[i] + std::log(row_sum[i]);
+        }
+      }
+      // Column gradients of this wave, per column block, strips in order.
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < static_cast<int64_t>(column_jobs.size()); ++b) {
+        const ColumnJob<Acc>& job = column_jobs[b];
+        for (int64_t s = w0; s < std::min(strips, w0 + wave); ++s) {
+          const int64_t nr = std::min(strip_rows, n - s * strip_rows);
+          const Acc* p = kept.data() + (s - w0) * strip_rows * kept_ld + job.kept_column;
+          const Acc* sq = scaled_queries.data() + (s - w0) * strip_rows * d;
+          detail::gemm<Acc>(true, false, job.width, d, nr, Acc(1), p, kept_ld, sq, d, Acc(1),
+                            job.grad, d);
+        }
+      }
+    }
+  }
+  // Positive terms, loss and the temperature gradient, serially summed.
+  std::vector<double> row_loss(static_cast<size_t>(n)), temperature_terms(static_cast<size_t>(n));
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc* qi = rows.query.row(i);
+    const Acc* ki = rows.key.row(i);
+    const Acc positive = dot(qi, ki, d) * inv_t;
+    row_loss[i] = static_cast<double>(lse[i]) - static_cast<double>(positive);
+    temperature_terms[i] = static_cast<double>(expect[i]) - static_cast<double>(positive);
+    for (int64_t c = 0; c < d; ++c) {
+      dq[i * d + c] -= coeff * ki[c];
+      dk[i * d + c] -= coeff * qi[c];
+    }
+  }
+  *loss = mean_or_zero(row_loss, n);
+  if (!std::isfinite(*loss)) return Status::NonFiniteResult;
+  if (dtemperature != nullptr) *dtemperature = -static_cast<double>(coeff) * serial_sum(temperature_terms);
+  void* const q_out[1] = {dquery};
+  void* const k_out[1] = {dkey};
+  store_input_gradient<Acc>(rows.query, normalize, dq.data(), &query, q_out, 1, num_threads);
+  store_input_gradient<Acc>(rows.key, normalize, dk.data(), &key, k_out, 1, num_threads);
+  if (queue_grad) {
+    void* const n_out[1] = {dnegatives};
+    store_input_gradient<Acc>(rows.negatives, normalize, dn.data(), &negatives, n_out, 1, num_threads);
+  }
+  return Status::Ok;
+}
+
 bool valid_matrix(const MatrixView& z) { return z.rows >= 1 && z.cols >= 1; }
 bool valid_temperature(double t) { return std::isfinite(t) && t > 0; }
 
@@ -735,6 +934,20 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                                        static_cast<const float*>(lse_key), temperature, normalize,
                                        symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
                                        num_threads);
+}
+
+Status info_nce_loss_and_grads(const MatrixView& query, const MatrixView& key,
+                               const MatrixView& negatives, double temperature, bool normalize,
+                               double* loss, void* dquery, void* dkey, void* dnegatives,
+                               double* dtemperature, int num_threads) {
+  if (!valid_info_nce(query, key, negatives, 0, temperature)) return Status::BadArgument;
+  if (negatives.rows == 0) dnegatives = nullptr;
+  num_threads = std::max(1, num_threads);
+  if (query.dtype == DType::Float64)
+    return info_nce_loss_and_grads_impl<double>(query, key, negatives, temperature, normalize, loss,
+                                                dquery, dkey, dnegatives, dtemperature, num_threads);
+  return info_nce_loss_and_grads_impl<float>(query, key, negatives, temperature, normalize, loss,
+                                             dquery, dkey, dnegatives, dtemperature, num_threads);
 }
 
 }  // namespace sslkernels

@@ -122,7 +122,13 @@ def info_nce(
     gradient.
 
     Never allocates the (N x (N + K)) logits: autograd keeps the inputs and N (2N)
-    floats. The queue gets a gradient only if it requires one.
+    floats. The queue gets a gradient only if it requires one. The one-direction
+    loss with in-batch keys (queue or not) computes its gradients during the
+    forward when one is wanted (grad mode on and an input requiring grad), and
+    autograd keeps them (N x D) instead of the inputs: on the CPU every logit tile
+    is then multiplied once instead of again in the backward; on CUDA the forward
+    and backward kernels run back to back. Under ``torch.no_grad()`` only the loss
+    is computed.
 
     ``negatives`` may instead be per-query hard negatives ``[N, M, D]``: row ``i``'s
     ``M`` negatives join query ``i``'s candidates only.
@@ -156,11 +162,23 @@ def info_nce(
             query, key, temperature, negatives, bool(symmetric), bool(normalize), bool(in_batch_negatives),
             _distributed.resolve_group(process_group), mode,
         )
+    one_sweep = not symmetric and in_batch_negatives and (negatives is None or negatives.dim() == 2)
+    if one_sweep and _grad_wanted(query, key, negatives, temperature):
+        # A training step: loss and gradients in one sweep (each logit tile multiplied
+        # once) instead of a forward and a backward that recomputes the tiles.
+        loss, *_ = torch.ops.sslkernels.info_nce_loss_and_grads(
+            query, key, negatives, temperature, bool(normalize), negatives_grad
+        )
+        return loss
     loss, _ = torch.ops.sslkernels.info_nce_forward(
         query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
         negatives_grad,
     )
     return loss
+
+
+def _grad_wanted(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------- singular values

@@ -59,4 +59,13 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                          bool in_batch_negatives, double grad_loss, void* dquery, void* dkey,
                          void* dnegatives, double* dtemperature, int num_threads);
 
+// The one-direction loss (in-batch keys, optional shared queue: symmetric false,
+// in_batch_negatives true, per_query 0) and its gradients for grad_loss = 1, in one
+// sweep that multiplies every logit tile once: for training steps, where the
+// backward always follows. Same buffers and conventions as info_nce_backward.
+Status info_nce_loss_and_grads(const MatrixView& query, const MatrixView& key,
+                               const MatrixView& negatives, double temperature, bool normalize,
+                               double* loss, void* dquery, void* dkey, void* dnegatives,
+                               double* dtemperature, int num_threads);
+
 }  // namespace sslkernels

@@ -9,8 +9,13 @@ sslkernels::info_nce_forward(query, key, negatives?, temperature, normalize, sym
 sslkernels::info_nce_backward(grad_loss, query, key, negatives?, temperature, lse, normalize,
                               symmetric, in_batch_negatives, negatives_grad)
                               -> (dquery, dkey, dnegatives, dtemperature)
+sslkernels::info_nce_loss_and_grads(query, key, negatives?, temperature, normalize, negatives_grad)
+                              -> (loss, dquery, dkey, dnegatives, dtemperature)
 
-Autograd saves the inputs and lse (one float per row): nothing of size N x N.
+Autograd saves the inputs and lse (one float per row): nothing of size N x N. The
+last op (one-direction InfoNCE with in-batch keys and a shared queue or none) gives
+the gradients for grad_loss = 1 with the loss, in one sweep over the logit tiles;
+autograd keeps them (N x D each) and scales them by grad_loss.
 """
 
 from typing import Optional
@@ -202,6 +207,14 @@ def _negatives_args(x: Optional[Tensor]):
     return x, x.data_ptr(), x.shape[0], x.stride(0), x.stride(1), per_query
 
 
+def _gradient_buffers(query: Tensor, key: Tensor, negatives: Optional[Tensor], negatives_grad: bool):
+    """(dquery, dkey, dnegatives, whether dnegatives is wanted) for the C++ core; an
+    unwanted dnegatives is an empty tensor (the op schema returns a tensor always)."""
+    want_dneg = negatives is not None and negatives_grad
+    dneg = torch.empty(negatives.shape, dtype=negatives.dtype) if want_dneg else query.new_empty((0,))
+    return torch.empty(query.shape, dtype=query.dtype), torch.empty(key.shape, dtype=key.dtype), dneg, want_dneg
+
+
 def _lse_key_ptr(lse: Tensor, n: int, symmetric: bool) -> int:
     return lse.data_ptr() + n * lse.element_size() if symmetric else 0
 
@@ -265,10 +278,7 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
 @info_nce_backward.register_kernel("cpu")
 def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
     n, d = query.shape
-    dquery = torch.empty((n, d), dtype=query.dtype)
-    dkey = torch.empty((n, d), dtype=key.dtype)
-    want_dneg = negatives is not None and negatives_grad
-    dneg = torch.empty(negatives.shape, dtype=negatives.dtype) if want_dneg else query.new_empty((0,))
+    dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad)
     dtemp64 = torch.empty((), dtype=torch.float64)
     neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
     lse = lse.contiguous()
@@ -289,6 +299,78 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
     return launchers("contrastive").info_nce_backward(
         grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad
     )
+
+
+@torch.library.custom_op("sslkernels::info_nce_loss_and_grads", mutates_args=())
+def info_nce_loss_and_grads(
+    query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, normalize: bool,
+    negatives_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    raise _no_kernel("info_nce_loss_and_grads", query.device)
+
+
+@info_nce_loss_and_grads.register_fake
+def _(query, key, negatives, temperature, normalize, negatives_grad):
+    dneg = torch.empty_like(negatives) if negatives is not None and negatives_grad else query.new_empty((0,))
+    return query.new_empty(()), torch.empty_like(query), torch.empty_like(key), dneg, torch.empty_like(temperature)
+
+
+@info_nce_loss_and_grads.register_kernel("cpu")
+def _(query, key, negatives, temperature, normalize, negatives_grad):
+    n, d = query.shape
+    dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad)
+    loss64 = torch.empty((), dtype=torch.float64)
+    dtemp64 = torch.empty((), dtype=torch.float64)
+    neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
+    if per_query:
+        raise ValueError("info_nce_loss_and_grads takes a shared [K, D] queue, not per-query negatives")
+    status = _ext._C.info_nce_loss_and_grads(
+        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
+        float(temperature), bool(normalize), loss64.data_ptr(),
+        dquery.data_ptr(), dkey.data_ptr(), dneg.data_ptr() if want_dneg else 0, dtemp64.data_ptr(),
+        _ext.num_threads(),
+    )
+    _ext.raise_for_status(status, "info_nce", "query", "key", "negatives")
+    return loss64.to(query.dtype), dquery, dkey, dneg, dtemp64.to(temperature.dtype)
+
+
+@info_nce_loss_and_grads.register_kernel("cuda")
+def _(query, key, negatives, temperature, normalize, negatives_grad):
+    # The Triton kernels recompute tiles anyway: the forward, then the backward for grad 1.
+    if debug_enabled():
+        check_finite(query, "query")
+        check_finite(key, "key")
+        if negatives is not None:
+            check_finite(negatives, "negatives")
+    kernels = launchers("contrastive")
+    loss, lse = kernels.info_nce_forward(query, key, negatives, temperature, normalize, False, True, negatives_grad)
+    grads = kernels.info_nce_backward(
+        torch.ones_like(loss), query, key, negatives, temperature, lse, normalize, False, True, negatives_grad
+    )
+    return (loss, *grads)
+
+
+def _setup_saved_grads(ctx, inputs, output):
+    _, *grads = output
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+
+
+def _scale_saved_grads(ctx, grad_loss, *unused_grad_grads):
+    dquery, dkey, dneg, dtemp = ctx.saved_tensors
+    needed = ctx.needs_input_grad
+    return (
+        grad_loss * dquery if needed[0] else None,
+        grad_loss * dkey if needed[1] else None,
+        grad_loss * dneg if needed[2] and dneg.numel() else None,
+        (grad_loss * dtemp).to(dtemp.dtype) if needed[3] else None,
+        None,
+        None,
+    )
+
+
+info_nce_loss_and_grads.register_autograd(_scale_saved_grads, setup_context=_setup_saved_grads)
 
 
 # ---------------------------------------------------------------- autograd
