@@ -200,3 +200,23 @@ def test_the_rule_rejects_a_wrong_result(contrastive_kernels):
     for what, f, e, r, sc in zip(NAMES, wrong, eager, ref, _scales(q, 0.07, True)):
         with pytest.raises(AssertionError):
             _check(f, e, r, torch.float32, what, sc)
+
+
+@pytest.mark.parametrize("negatives_grad", [True, False])
+@pytest.mark.parametrize("k", [0, 40])
+def test_one_sweep_op_on_the_triton_path(contrastive_kernels, poisoned_outputs, k, negatives_grad):
+    """`sslkernels::info_nce_loss_and_grads` on CUDA (what a one-direction training step
+    calls) is the forward and the backward for grad_loss = 1: loss and gradients in the
+    op's order (loss, dquery, dkey, dnegatives, dtemperature)."""
+    from sslkernels.ops.contrastive import loss_and_grads_from_kernels
+
+    q, key, neg = _inputs(33, 65, k, torch.float32, True)
+    t = torch.tensor(0.07, dtype=torch.float64)
+    loss, dq, dk, dneg, dt = loss_and_grads_from_kernels(contrastive_kernels, q, key, neg, t, True, negatives_grad)
+    fused = (loss, dq, dk, dt) + ((dneg,) if neg is not None and negatives_grad else ())
+    eager = _reference(q, key, neg, t, False, True, True)
+    ref = _reference(*(None if x is None else x.double() for x in (q, key, neg)), t, False, True, True)
+    for what, f, e, r, sc in zip(NAMES, fused, eager, ref, _scales(q, 0.07, True)):
+        _check(f, e, r, q.dtype, what, sc)
+    if neg is None or not negatives_grad:
+        assert dneg.shape == (0,)

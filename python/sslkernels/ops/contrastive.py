@@ -335,20 +335,27 @@ def _(query, key, negatives, temperature, normalize, negatives_grad):
     return loss64.to(query.dtype), dquery, dkey, dneg, dtemp64.to(temperature.dtype)
 
 
+def loss_and_grads_from_kernels(kernels, query, key, negatives, temperature, normalize, negatives_grad):
+    """The one-sweep op's result from the Triton launchers `kernels` (the CUDA path;
+    the interpreter tests pass interpreted ones): they recompute tiles anyway, so it
+    is the forward, then the backward for grad_loss = 1."""
+    loss, lse = kernels.info_nce_forward(query, key, negatives, temperature, normalize, False, True, negatives_grad)
+    dquery, dkey, dneg, dtemp = kernels.info_nce_backward(
+        torch.ones_like(loss), query, key, negatives, temperature, lse, normalize, False, True, negatives_grad
+    )
+    return loss, dquery, dkey, dneg, dtemp
+
+
 @info_nce_loss_and_grads.register_kernel("cuda")
 def _(query, key, negatives, temperature, normalize, negatives_grad):
-    # The Triton kernels recompute tiles anyway: the forward, then the backward for grad 1.
     if debug_enabled():
         check_finite(query, "query")
         check_finite(key, "key")
         if negatives is not None:
             check_finite(negatives, "negatives")
-    kernels = launchers("contrastive")
-    loss, lse = kernels.info_nce_forward(query, key, negatives, temperature, normalize, False, True, negatives_grad)
-    grads = kernels.info_nce_backward(
-        torch.ones_like(loss), query, key, negatives, temperature, lse, normalize, False, True, negatives_grad
+    return loss_and_grads_from_kernels(
+        launchers("contrastive"), query, key, negatives, temperature, normalize, negatives_grad
     )
-    return (loss, *grads)
 
 
 def _setup_saved_grads(ctx, inputs, output):
