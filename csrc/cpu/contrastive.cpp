@@ -624,13 +624,14 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
 // ---------------------------------------------- InfoNCE, loss and gradients in one sweep
 // The one-direction loss with in-batch keys and an optional shared queue, for
 // grad_loss = 1 (autograd scales the result). The backward above recomputes every
-// logit tile; here each tile is multiplied once. A strip of `kStripRows` queries
+// logit tile; here each tile is multiplied once. A strip of up to `kStripRows` queries
 // walks all candidate tiles: the epilogue keeps an online max / sum-exp per row and
 // the query gradient accumulates flash-attention style (rescaled when a row's max
 // grows), so the queue tiles are used once and dropped. The key gradient needs each
-// row's final lse, so the strip's key probabilities are kept (kStripRows x N, and the
-// queue's too when it wants a gradient) until the strip is done. Strips run in waves
-// of one strip per thread; after each wave the column gradients of its strips are
+// row's final lse, so the strip's key probabilities are kept (strip rows x N, and the
+// queue's too when it wants a gradient; at most kStripBytes, fewer rows for a big N)
+// until the strip is done. Strips run in waves of one strip per thread (so at most
+// threads x kStripBytes kept); after each wave the column gradients of its strips are
 // added per column block in strip order, so every sum has the same order whatever
 // the thread count (bitwise-reproducible results). GEMM work: the logits, the query
 // gradient and the key (and queue) gradient once each; with a queue of 2N that is 7
@@ -639,7 +640,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
 
 constexpr int64_t kStripRows = 256;
 constexpr int64_t kColumnTile = 512;
-constexpr int64_t kWaveBytes = int64_t(64) << 20;  // kept probabilities of one wave
+constexpr int64_t kStripBytes = int64_t(16) << 20;  // kept probabilities of one strip
 
 // One candidate matrix (the keys, or the queue) and where its columns of the kept
 // probabilities start (-1 when it needs no column gradient).
@@ -706,11 +707,13 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
     segments.push_back({rows.negatives.z.data(), k, queue_grad ? n : -1, queue_grad ? dn.data() : nullptr});
   const int64_t kept_width = n + (queue_grad ? k : 0);
   const int64_t kept_ld = padded_stride(kept_width);
-  const int64_t strip_rows = std::min(kStripRows, n);  // sizes only: thread-count independent
+  // Rows per strip from the sizes only (never the thread count: results stay bitwise
+  // equal for any thread count): kStripRows, fewer (a multiple of 16) when the kept
+  // probabilities of that many rows would pass kStripBytes.
+  const int64_t fitting = kStripBytes / (kept_ld * static_cast<int64_t>(sizeof(Acc))) / 16 * 16;
+  const int64_t strip_rows = std::min({kStripRows, std::max<int64_t>(16, fitting), n});
   const int64_t strips = (n + strip_rows - 1) / strip_rows;
-  const int64_t strip_bytes = strip_rows * kept_ld * static_cast<int64_t>(sizeof(Acc));
-  const int64_t wave = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(num_threads), strips,
-                                                               kWaveBytes / strip_bytes}));
+  const int64_t wave = std::min(static_cast<int64_t>(num_threads), strips);
   std::vector<Acc> kept(static_cast<size_t>(wave * strip_rows * kept_ld));
   std::vector<Acc> scaled_queries(static_cast<size_t>(wave * strip_rows * d));
   std::vector<Acc> lse(static_cast<size_t>(n)), expect(static_cast<size_t>(n));
