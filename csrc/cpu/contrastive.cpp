@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tile_utils.hpp"
@@ -812,13 +813,21 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
   *loss = mean_or_zero(row_loss, n);
   if (!std::isfinite(*loss)) return Status::NonFiniteResult;
   if (dtemperature != nullptr) *dtemperature = -static_cast<double>(coeff) * serial_sum(temperature_terms);
+  // Gradients leave in the accumulator's dtype: autograd scales them by the upstream
+  // gradient later (a loss scale of 2^16 under fp16 AMP), so they must not be rounded
+  // to a half type, where the small ones would underflow, before that.
+  const auto wide = [](MatrixView v) {
+    v.dtype = std::is_same_v<Acc, double> ? DType::Float64 : DType::Float32;
+    return v;
+  };
+  const MatrixView q_view = wide(query), k_view = wide(key), n_view = wide(negatives);
   void* const q_out[1] = {dquery};
   void* const k_out[1] = {dkey};
-  store_input_gradient<Acc>(rows.query, normalize, dq.data(), &query, q_out, 1, num_threads);
-  store_input_gradient<Acc>(rows.key, normalize, dk.data(), &key, k_out, 1, num_threads);
+  store_input_gradient<Acc>(rows.query, normalize, dq.data(), &q_view, q_out, 1, num_threads);
+  store_input_gradient<Acc>(rows.key, normalize, dk.data(), &k_view, k_out, 1, num_threads);
   if (queue_grad) {
     void* const n_out[1] = {dnegatives};
-    store_input_gradient<Acc>(rows.negatives, normalize, dn.data(), &negatives, n_out, 1, num_threads);
+    store_input_gradient<Acc>(rows.negatives, normalize, dn.data(), &n_view, n_out, 1, num_threads);
   }
   return Status::Ok;
 }

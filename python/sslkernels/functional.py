@@ -125,10 +125,10 @@ def info_nce(
     floats. The queue gets a gradient only if it requires one. The one-direction
     loss with in-batch keys (queue or not) computes its gradients during the
     forward when one is wanted (grad mode on and an input requiring grad), and
-    autograd keeps them (N x D) instead of the inputs: on the CPU every logit tile
-    is then multiplied once instead of again in the backward; on CUDA the forward
-    and backward kernels run back to back. Under ``torch.no_grad()`` only the loss
-    is computed.
+    autograd keeps them (N x D, float32) instead of the inputs: on the CPU every
+    logit tile is then multiplied once instead of again in the backward (CUDA keeps
+    its forward and backward kernels). Under ``torch.no_grad()`` only the loss is
+    computed.
 
     ``negatives`` may instead be per-query hard negatives ``[N, M, D]``: row ``i``'s
     ``M`` negatives join query ``i``'s candidates only.
@@ -162,10 +162,13 @@ def info_nce(
             query, key, temperature, negatives, bool(symmetric), bool(normalize), bool(in_batch_negatives),
             _distributed.resolve_group(process_group), mode,
         )
-    one_sweep = not symmetric and in_batch_negatives and (negatives is None or negatives.dim() == 2)
+    one_sweep = (query.device.type == "cpu" and not symmetric and in_batch_negatives
+                 and (negatives is None or negatives.dim() == 2))
     if one_sweep and _grad_wanted(query, key, negatives, temperature):
-        # A training step: loss and gradients in one sweep (each logit tile multiplied
-        # once) instead of a forward and a backward that recomputes the tiles.
+        # A training step on the C++ path: loss and gradients in one sweep (each logit
+        # tile multiplied once) instead of a forward and a backward that recomputes the
+        # tiles. (The Triton kernels have no such variant: on CUDA the op would only run
+        # the same two kernels earlier, so CUDA keeps the forward / backward ops.)
         loss, *_ = torch.ops.sslkernels.info_nce_loss_and_grads(
             query, key, negatives, temperature, bool(normalize), negatives_grad
         )

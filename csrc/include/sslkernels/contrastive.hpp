@@ -62,7 +62,9 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
 // The one-direction loss (in-batch keys, optional shared queue: symmetric false,
 // in_batch_negatives true, per_query 0) and its gradients for grad_loss = 1, in one
 // sweep that multiplies every logit tile once: for training steps, where the
-// backward always follows. Same buffers and conventions as info_nce_backward.
+// backward always follows. Conventions as info_nce_backward, except that dquery,
+// dkey and dnegatives are float32 (float64 for float64 inputs) whatever the inputs'
+// dtype: the caller scales them by the upstream gradient before rounding.
 Status info_nce_loss_and_grads(const MatrixView& query, const MatrixView& key,
                                const MatrixView& negatives, double temperature, bool normalize,
                                double* loss, void* dquery, void* dkey, void* dnegatives,

@@ -15,7 +15,8 @@ sslkernels::info_nce_loss_and_grads(query, key, negatives?, temperature, normali
 Autograd saves the inputs and lse (one float per row): nothing of size N x N. The
 last op (one-direction InfoNCE with in-batch keys and a shared queue or none) gives
 the gradients for grad_loss = 1 with the loss, in one sweep over the logit tiles;
-autograd keeps them (N x D each) and scales them by grad_loss.
+autograd keeps them (N x D each, float32 for half inputs) and scales them by
+grad_loss before rounding to the inputs' dtype.
 """
 
 from typing import Optional
@@ -207,12 +208,15 @@ def _negatives_args(x: Optional[Tensor]):
     return x, x.data_ptr(), x.shape[0], x.stride(0), x.stride(1), per_query
 
 
-def _gradient_buffers(query: Tensor, key: Tensor, negatives: Optional[Tensor], negatives_grad: bool):
-    """(dquery, dkey, dnegatives, whether dnegatives is wanted) for the C++ core; an
-    unwanted dnegatives is an empty tensor (the op schema returns a tensor always)."""
+def _gradient_buffers(query: Tensor, key: Tensor, negatives: Optional[Tensor], negatives_grad: bool,
+                      dtype: Optional[torch.dtype] = None):
+    """(dquery, dkey, dnegatives, whether dnegatives is wanted) for the C++ core, in
+    `dtype` (default: the inputs'); an unwanted dnegatives is an empty tensor (the op
+    schema returns a tensor always)."""
     want_dneg = negatives is not None and negatives_grad
-    dneg = torch.empty(negatives.shape, dtype=negatives.dtype) if want_dneg else query.new_empty((0,))
-    return torch.empty(query.shape, dtype=query.dtype), torch.empty(key.shape, dtype=key.dtype), dneg, want_dneg
+    dneg = torch.empty(negatives.shape, dtype=dtype or negatives.dtype) if want_dneg else query.new_empty((0,))
+    return (torch.empty(query.shape, dtype=dtype or query.dtype), torch.empty(key.shape, dtype=dtype or key.dtype),
+            dneg, want_dneg)
 
 
 def _lse_key_ptr(lse: Tensor, n: int, symmetric: bool) -> int:
@@ -309,16 +313,25 @@ def info_nce_loss_and_grads(
     raise _no_kernel("info_nce_loss_and_grads", query.device)
 
 
+# The gradients come out in float32 (float64 for float64 inputs), never a half type:
+# autograd scales them by the upstream gradient (an AMP loss scale of 2^16, say)
+# before they are rounded to the inputs' dtype, so the small ones do not underflow.
+
+
 @info_nce_loss_and_grads.register_fake
 def _(query, key, negatives, temperature, normalize, negatives_grad):
-    dneg = torch.empty_like(negatives) if negatives is not None and negatives_grad else query.new_empty((0,))
-    return query.new_empty(()), torch.empty_like(query), torch.empty_like(key), dneg, torch.empty_like(temperature)
+    wide = _stats_dtype(query.dtype)
+    want_dneg = negatives is not None and negatives_grad
+    dneg = torch.empty_like(negatives, dtype=wide) if want_dneg else query.new_empty((0,))
+    return (query.new_empty(()), torch.empty_like(query, dtype=wide), torch.empty_like(key, dtype=wide), dneg,
+            torch.empty_like(temperature))
 
 
 @info_nce_loss_and_grads.register_kernel("cpu")
 def _(query, key, negatives, temperature, normalize, negatives_grad):
     n, d = query.shape
-    dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad)
+    dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad,
+                                                      _stats_dtype(query.dtype))
     loss64 = torch.empty((), dtype=torch.float64)
     dtemp64 = torch.empty((), dtype=torch.float64)
     neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
@@ -343,7 +356,8 @@ def loss_and_grads_from_kernels(kernels, query, key, negatives, temperature, nor
     dquery, dkey, dneg, dtemp = kernels.info_nce_backward(
         torch.ones_like(loss), query, key, negatives, temperature, lse, normalize, False, True, negatives_grad
     )
-    return loss, dquery, dkey, dneg, dtemp
+    wide = _stats_dtype(query.dtype)
+    return loss, dquery.to(wide), dkey.to(wide), dneg.to(wide), dtemp
 
 
 @info_nce_loss_and_grads.register_kernel("cuda")
@@ -362,19 +376,19 @@ def _setup_saved_grads(ctx, inputs, output):
     _, *grads = output
     ctx.save_for_backward(*grads)
     ctx.mark_non_differentiable(*grads)
+    query, key, negatives = inputs[:3]
+    ctx.grad_dtypes = (query.dtype, key.dtype, negatives.dtype if negatives is not None else None)
 
 
 def _scale_saved_grads(ctx, grad_loss, *unused_grad_grads):
-    dquery, dkey, dneg, dtemp = ctx.saved_tensors
+    """The saved gradients (for grad_loss = 1) times grad_loss, rounded to the inputs' dtypes."""
+    *wide_grads, dtemp = ctx.saved_tensors
     needed = ctx.needs_input_grad
-    return (
-        grad_loss * dquery if needed[0] else None,
-        grad_loss * dkey if needed[1] else None,
-        grad_loss * dneg if needed[2] and dneg.numel() else None,
-        (grad_loss * dtemp).to(dtemp.dtype) if needed[3] else None,
-        None,
-        None,
-    )
+    grads = [
+        (grad_loss.to(g.dtype) * g).to(dtype) if want and g.numel() else None
+        for g, dtype, want in zip(wide_grads, ctx.grad_dtypes, needed[:3])
+    ]
+    return (*grads, (grad_loss * dtemp).to(dtemp.dtype) if needed[3] else None, None, None)
 
 
 info_nce_loss_and_grads.register_autograd(_scale_saved_grads, setup_context=_setup_saved_grads)
