@@ -345,6 +345,15 @@ def test_one_sweep_opcheck():
     t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     for negatives, grad in ((None, False), (neg, True), (neg.detach(), False)):
         torch.library.opcheck(torch.ops.sslkernels.info_nce_loss_and_grads.default, (q, k, negatives, t, True, grad))
+    # transposed (non-contiguous) inputs: the fake kernels must give the real strides
+    qt = torch.randn(5, 9).t().requires_grad_(True)
+    negt = torch.randn(5, 7).t()
+    torch.library.opcheck(torch.ops.sslkernels.info_nce_loss_and_grads.default, (qt, k, negt, t, True, False))
+    _, lse = torch.ops.sslkernels.info_nce_forward(qt.detach(), k.detach(), negt, t.detach(), True, True, True, True)
+    torch.library.opcheck(
+        torch.ops.sslkernels.info_nce_backward.default,
+        (torch.tensor(1.0), qt.detach(), k.detach(), negt, t.detach(), lse, True, True, True, True),
+    )
 
 
 @pytest.mark.slow
@@ -393,3 +402,42 @@ def test_one_sweep_overflowing_logits_raise():
     q = torch.full((4, 3), 1e30, requires_grad=True)
     with pytest.raises(ValueError, match="overflow"):
         sslkernels.info_nce(q, torch.full((4, 3), 1e30), 0.1, normalize=False)
+
+
+def test_one_sweep_overflowing_gradient_raises_not_nan():
+    # Finite loss, but the unnormalised sum exp(s) * key of the query gradient overflows
+    # (keys of +-1e37, normalize=False): an error, never NaN gradients.
+    q = torch.zeros(1024, 1, requires_grad=True)
+    key = torch.cat([torch.full((512, 1), 1e37), torch.full((512, 1), -1e37)])
+    with pytest.raises(ValueError, match="overflow"):
+        sslkernels.info_nce(q, key, 0.07, normalize=False)
+
+
+def test_one_sweep_row_whose_first_tiles_are_all_minus_inf():
+    # Row 599's logits against keys 0..511 (the first key tile) overflow to -inf; the
+    # loss stays finite (its later keys are fine), as without a gradient.
+    q = torch.zeros(600, 2)
+    q[:, 1] = 1
+    q[599] = torch.tensor([1e20, 0.0])
+    key = torch.zeros(600, 2)
+    key[:512, 0] = -1e20
+    key[512:, 1] = 1
+    q.requires_grad_(True)
+    loss = sslkernels.info_nce(q, key, 0.1, normalize=False)
+    with torch.no_grad():
+        plain = sslkernels.info_nce(q, key, 0.1, normalize=False)
+    ref = info_nce_reference(q.double(), key.double(), 0.1, normalize=False)
+    torch.testing.assert_close(loss.detach().double(), ref.detach(), rtol=1e-5, atol=0)
+    assert torch.equal(loss.detach(), plain)
+    (grad,) = torch.autograd.grad(loss, q)
+    assert torch.isfinite(grad).all()
+
+
+def test_one_sweep_double_backward_raises():
+    # The saved gradients are constants to autograd: a graph through them (a gradient
+    # penalty) would silently miss every second-order term, so create_graph=True fails.
+    q, key = torch.randn(8, 4, dtype=torch.float64, requires_grad=True), torch.randn(8, 4, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(sslkernels.info_nce(q, key, 0.2), q, create_graph=True)
+    (gq,) = torch.autograd.grad(sslkernels.info_nce(q, key, 0.2), q)
+    torch.testing.assert_close(gq, torch.autograd.grad(info_nce_reference(q, key, 0.2), q)[0])

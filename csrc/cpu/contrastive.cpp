@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -630,8 +631,10 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
 // the query gradient accumulates flash-attention style (rescaled when a row's max
 // grows), so the queue tiles are used once and dropped. The key gradient needs each
 // row's final lse, so the strip's key probabilities are kept (strip rows x N, and the
-// queue's too when it wants a gradient; at most kStripBytes, fewer rows for a big N)
-// until the strip is done. Strips run in waves of one strip per thread (so at most
+// queue's too when it wants a gradient; at most kStripBytes through fewer rows for a
+// big N, down to 16 rows, i.e. past kStripBytes only when N + K > 2^18) until the
+// strip is done. A small N gets strips of 32 rows or more, at least 16 strips when N
+// allows, so that several threads share the work. Strips run in waves of one strip per thread (so at most
 // threads x kStripBytes kept); after each wave the column gradients of its strips are
 // added per column block in strip order, so every sum has the same order whatever
 // the thread count (bitwise-reproducible results). GEMM work: the logits, the query
@@ -653,9 +656,17 @@ struct CandidateSegment {
   Acc* column_grad;
 };
 
-// Row stride of a buffer of `width` columns, one cache line past a multiple of 256
-// floats: power-of-two strides put every row of a tile in the same cache sets.
+// Row stride of a buffer of `width` columns, 16 elements (a float32 cache line) past a
+// multiple of 256: power-of-two strides put every row of a tile in the same cache sets.
 inline int64_t padded_stride(int64_t width) { return (width + 255) / 256 * 256 + 16; }
+
+template <typename Acc>
+bool all_finite(const std::vector<Acc>& x, int num_threads) {
+  int bad = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : bad)
+  for (int64_t i = 0; i < static_cast<int64_t>(x.size()); ++i) bad |= !std::isfinite(x[i]);
+  return bad == 0;
+}
 
 template <typename Acc>
 struct ColumnJob {
@@ -670,6 +681,10 @@ struct ColumnJob {
 template <typename Acc>
 SSLK_MULTIVERSION Acc online_exp_row(Acc* s, int64_t cols, Acc& max, Acc& sum, Acc* grad_row, int64_t d) {
   const Acc mx = max_of(s, cols, max);
+  if (mx == -std::numeric_limits<Acc>::infinity()) {  // every logit so far -inf: nothing to add
+    for (int64_t j = 0; j < cols; ++j) s[j] = 0;
+    return mx;
+  }
   if (mx > max) {
     if (sum > 0) {  // earlier tiles were taken against a smaller max
       const Acc f = exp_vec(max - mx);
@@ -712,10 +727,12 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
   // equal for any thread count): kStripRows, fewer (a multiple of 16) when the kept
   // probabilities of that many rows would pass kStripBytes.
   const int64_t fitting = kStripBytes / (kept_ld * static_cast<int64_t>(sizeof(Acc))) / 16 * 16;
-  const int64_t strip_rows = std::min({kStripRows, std::max<int64_t>(16, fitting), n});
+  const int64_t sixteenth = std::max<int64_t>(32, (n + 255) / 256 * 16);  // ceil(n / 16), rounded up to 16
+  const int64_t strip_rows = std::min({kStripRows, std::max<int64_t>(16, fitting), sixteenth, n});
   const int64_t strips = (n + strip_rows - 1) / strip_rows;
   const int64_t wave = std::min(static_cast<int64_t>(num_threads), strips);
-  std::vector<Acc> kept(static_cast<size_t>(wave * strip_rows * kept_ld));
+  // Every kept entry is written before it is read: no zero fill (up to 16 MiB a thread).
+  const std::unique_ptr<Acc[]> kept(new Acc[static_cast<size_t>(wave * strip_rows * kept_ld)]);
   std::vector<Acc> scaled_queries(static_cast<size_t>(wave * strip_rows * d));
   std::vector<Acc> lse(static_cast<size_t>(n)), expect(static_cast<size_t>(n));
   const Acc* q = rows.query.z.data();
@@ -728,7 +745,7 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
 
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<Acc> dropped(k > 0 ? static_cast<size_t>(strip_rows * padded_stride(std::min(kColumnTile, k))) : 0);  // a queue tile
+    std::vector<Acc> dropped(k > 0 && !queue_grad ? static_cast<size_t>(strip_rows * padded_stride(std::min(kColumnTile, k))) : 0);  // a queue tile
     std::vector<Acc> row_max(static_cast<size_t>(strip_rows)), row_sum(static_cast<size_t>(strip_rows));
     // The max each kept tile's exps were taken against, per row (fixed up at the end).
     std::vector<Acc> tile_shift(static_cast<size_t>(strip_rows * kept_tiles));
@@ -737,7 +754,7 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
 #pragma omp for schedule(static)
       for (int64_t s = w0; s < std::min(strips, w0 + wave); ++s) {
         const int64_t r0 = s * strip_rows, nr = std::min(strip_rows, n - r0);
-        Acc* p = kept.data() + (s - w0) * strip_rows * kept_ld;
+        Acc* p = kept.get() + (s - w0) * strip_rows * kept_ld;
         Acc* gq = dq.data() + r0 * d;
         std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<Acc>::infinity());
         std::fill(row_sum.begin(), row_sum.end(), Acc(0));
@@ -788,7 +805,7 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
         const ColumnJob<Acc>& job = column_jobs[b];
         for (int64_t s = w0; s < std::min(strips, w0 + wave); ++s) {
           const int64_t nr = std::min(strip_rows, n - s * strip_rows);
-          const Acc* p = kept.data() + (s - w0) * strip_rows * kept_ld + job.kept_column;
+          const Acc* p = kept.get() + (s - w0) * strip_rows * kept_ld + job.kept_column;
           const Acc* sq = scaled_queries.data() + (s - w0) * strip_rows * d;
           detail::gemm<Acc>(true, false, job.width, d, nr, Acc(1), p, kept_ld, sq, d, Acc(1),
                             job.grad, d);
@@ -812,7 +829,13 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
   }
   *loss = mean_or_zero(row_loss, n);
   if (!std::isfinite(*loss)) return Status::NonFiniteResult;
-  if (dtemperature != nullptr) *dtemperature = -static_cast<double>(coeff) * serial_sum(temperature_terms);
+  const double temperature_grad = -static_cast<double>(coeff) * serial_sum(temperature_terms);
+  // The query gradient sums unnormalised exps times candidates: with huge unnormalised
+  // inputs it can overflow where the loss does not; say so instead of returning NaN.
+  if (!std::isfinite(temperature_grad) || !all_finite(dq, num_threads) || !all_finite(dk, num_threads) ||
+      !all_finite(dn, num_threads))
+    return Status::NonFiniteResult;
+  if (dtemperature != nullptr) *dtemperature = temperature_grad;
   // Gradients leave in the accumulator's dtype: autograd scales them by the upstream
   // gradient later (a loss scale of 2^16 under fp16 AMP), so they must not be rounded
   // to a half type, where the small ones would underflow, before that.

@@ -275,8 +275,9 @@ def info_nce_backward(
 
 @info_nce_backward.register_fake
 def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
-    dneg = torch.empty_like(negatives) if negatives is not None and negatives_grad else query.new_empty((0,))
-    return torch.empty_like(query), torch.empty_like(key), dneg, torch.empty_like(temperature)
+    # contiguous, as the kernels return them (empty_like would copy a transposed layout)
+    dneg = negatives.new_empty(negatives.shape) if negatives is not None and negatives_grad else query.new_empty((0,))
+    return query.new_empty(query.shape), key.new_empty(key.shape), dneg, torch.empty_like(temperature)
 
 
 @info_nce_backward.register_kernel("cpu")
@@ -313,18 +314,19 @@ def info_nce_loss_and_grads(
     raise _no_kernel("info_nce_loss_and_grads", query.device)
 
 
-# The gradients come out in float32 (float64 for float64 inputs), never a half type:
-# autograd scales them by the upstream gradient (an AMP loss scale of 2^16, say)
-# before they are rounded to the inputs' dtype, so the small ones do not underflow.
+# The gradients come out in float32 (float64 for float64 inputs; dtemperature in
+# float64), never a half type: autograd scales them by the upstream gradient (an AMP
+# loss scale of 2^16, say) before they are rounded to the inputs' dtypes, so the small
+# ones do not underflow.
 
 
 @info_nce_loss_and_grads.register_fake
 def _(query, key, negatives, temperature, normalize, negatives_grad):
     wide = _stats_dtype(query.dtype)
     want_dneg = negatives is not None and negatives_grad
-    dneg = torch.empty_like(negatives, dtype=wide) if want_dneg else query.new_empty((0,))
-    return (query.new_empty(()), torch.empty_like(query, dtype=wide), torch.empty_like(key, dtype=wide), dneg,
-            torch.empty_like(temperature))
+    dneg = negatives.new_empty(negatives.shape, dtype=wide) if want_dneg else query.new_empty((0,))
+    return (query.new_empty(()), query.new_empty(query.shape, dtype=wide), key.new_empty(key.shape, dtype=wide),
+            dneg, temperature.new_empty((), dtype=torch.float64))
 
 
 @info_nce_loss_and_grads.register_kernel("cpu")
@@ -345,19 +347,22 @@ def _(query, key, negatives, temperature, normalize, negatives_grad):
         _ext.num_threads(),
     )
     _ext.raise_for_status(status, "info_nce", "query", "key", "negatives")
-    return loss64.to(query.dtype), dquery, dkey, dneg, dtemp64.to(temperature.dtype)
+    return loss64.to(query.dtype), dquery, dkey, dneg, dtemp64
 
 
 def loss_and_grads_from_kernels(kernels, query, key, negatives, temperature, normalize, negatives_grad):
     """The one-sweep op's result from the Triton launchers `kernels` (the CUDA path;
     the interpreter tests pass interpreted ones): they recompute tiles anyway, so it
-    is the forward, then the backward for grad_loss = 1."""
+    is the forward, then the backward for grad_loss = 1. Unlike the C++ kernel, the
+    Triton backward rounds the gradients to the inputs' dtype before they are widened
+    here: `sslkernels.info_nce` does not send CUDA tensors to this op (it keeps the
+    forward / backward ops there, which fold the upstream gradient in first)."""
     loss, lse = kernels.info_nce_forward(query, key, negatives, temperature, normalize, False, True, negatives_grad)
     dquery, dkey, dneg, dtemp = kernels.info_nce_backward(
         torch.ones_like(loss), query, key, negatives, temperature, lse, normalize, False, True, negatives_grad
     )
     wide = _stats_dtype(query.dtype)
-    return loss, dquery.to(wide), dkey.to(wide), dneg.to(wide), dtemp
+    return loss, dquery.to(wide), dkey.to(wide), dneg.to(wide), dtemp.to(torch.float64)
 
 
 @info_nce_loss_and_grads.register_kernel("cuda")
@@ -376,19 +381,24 @@ def _setup_saved_grads(ctx, inputs, output):
     _, *grads = output
     ctx.save_for_backward(*grads)
     ctx.mark_non_differentiable(*grads)
-    query, key, negatives = inputs[:3]
-    ctx.grad_dtypes = (query.dtype, key.dtype, negatives.dtype if negatives is not None else None)
+    query, key, negatives, temperature = inputs[:4]
+    ctx.grad_dtypes = (query.dtype, key.dtype, negatives.dtype if negatives is not None else None, temperature.dtype)
 
 
 def _scale_saved_grads(ctx, grad_loss, *unused_grad_grads):
     """The saved gradients (for grad_loss = 1) times grad_loss, rounded to the inputs' dtypes."""
-    *wide_grads, dtemp = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # The saved gradients are constants to autograd: a graph through them would
+        # silently drop every second-order term.
+        raise NotImplementedError(
+            "sslkernels.info_nce: double backward (create_graph=True) is not supported"
+        )
     needed = ctx.needs_input_grad
     grads = [
         (grad_loss.to(g.dtype) * g).to(dtype) if want and g.numel() else None
-        for g, dtype, want in zip(wide_grads, ctx.grad_dtypes, needed[:3])
+        for g, dtype, want in zip(ctx.saved_tensors, ctx.grad_dtypes, needed[:4])
     ]
-    return (*grads, (grad_loss * dtemp).to(dtemp.dtype) if needed[3] else None, None, None)
+    return (*grads, None, None)
 
 
 info_nce_loss_and_grads.register_autograd(_scale_saved_grads, setup_context=_setup_saved_grads)
