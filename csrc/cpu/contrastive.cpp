@@ -749,7 +749,6 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
     std::vector<Acc> row_max(static_cast<size_t>(strip_rows)), row_sum(static_cast<size_t>(strip_rows));
     // The max each kept tile's exps were taken against, per row (fixed up at the end).
     std::vector<Acc> tile_shift(static_cast<size_t>(strip_rows * kept_tiles));
-    std::vector<std::pair<int64_t, int64_t>> kept_spans;  // (column offset, width) per kept tile
     for (int64_t w0 = 0; w0 < strips; w0 += wave) {
 #pragma omp for schedule(static)
       for (int64_t s = w0; s < std::min(strips, w0 + wave); ++s) {
@@ -758,7 +757,7 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
         Acc* gq = dq.data() + r0 * d;
         std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<Acc>::infinity());
         std::fill(row_sum.begin(), row_sum.end(), Acc(0));
-        kept_spans.clear();
+        int64_t kept_index = 0;  // kept tiles come in column_jobs' order
         for (const auto& seg : segments) {
           for (int64_t c0 = 0; c0 < seg.count; c0 += kColumnTile) {
             const int64_t nc = std::min(kColumnTile, seg.count - c0);
@@ -767,13 +766,12 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
             const int64_t ldt = keep ? kept_ld : padded_stride(nc);
             const Acc* cand = seg.rows + c0 * d;
             detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, cand, d, Acc(0), t, ldt);
-            const int64_t tile_index = static_cast<int64_t>(kept_spans.size());
             for (int64_t i = 0; i < nr; ++i) {
               Acc* ti = t + i * ldt;
               const Acc shift = online_exp_row(ti, nc, row_max[i], row_sum[i], gq + i * d, d);
-              if (keep) tile_shift[i * kept_tiles + tile_index] = shift;
+              if (keep) tile_shift[i * kept_tiles + kept_index] = shift;
             }
-            if (keep) kept_spans.emplace_back(seg.kept_offset + c0, nc);
+            if (keep) ++kept_index;
             // Query gradient, still against this strip's running maxima.
             detail::gemm<Acc>(false, false, nr, d, nc, Acc(1), t, ldt, cand, d, Acc(1), gq, d);
           }
@@ -781,12 +779,12 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
         Acc* sq = scaled_queries.data() + (s - w0) * strip_rows * d;
         for (int64_t i = 0; i < nr; ++i) {
           // Kept tiles exponentiated before the row's max settled get rescaled.
-          for (int64_t tix = 0; tix < static_cast<int64_t>(kept_spans.size()); ++tix) {
+          for (int64_t tix = 0; tix < kept_tiles; ++tix) {
             const Acc shift = tile_shift[i * kept_tiles + tix];
             if (shift == row_max[i]) continue;
             const Acc f = exp_vec(shift - row_max[i]);
-            Acc* ti = p + i * kept_ld + kept_spans[tix].first;
-            for (int64_t j = 0; j < kept_spans[tix].second; ++j) ti[j] *= f;
+            Acc* ti = p + i * kept_ld + column_jobs[tix].kept_column;
+            for (int64_t j = 0; j < column_jobs[tix].width; ++j) ti[j] *= f;
           }
           // sum_j p_ij s_ij = q_i . (sum_j p_ij c_j) / t: the softmax expectation of the
           // logits (for the temperature gradient) from the accumulated gradient row.
