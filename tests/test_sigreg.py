@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -16,7 +15,7 @@ import torch
 import sslkernels
 from sslkernels.ops import sigreg as sigreg_ops
 from sslkernels.reference import sigreg_reference
-from tests._utils import RESOLUTION, assert_within_eager_error, import_bypassing_init, loss_and_grads
+from tests._utils import assert_within_eager_error, import_bypassing_init, loss_and_grads, run_gloo_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -135,22 +134,6 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(out.detach(), expected[0])
     torch.testing.assert_close(proj.grad, expected[1])
     torch.testing.assert_close(dirs.grad, expected[2])
-
-
-def test_bitwise_identical_for_any_thread_count():
-    proj = torch.randn(2, 700, 21)
-    dirs = _unit_directions(21, 333, torch.float32)
-    previous = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(loss_and_grads(sslkernels.sigreg, proj, dirs))
-    finally:
-        torch.set_num_threads(previous)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
 
 
 def test_memory_holds_no_n_by_s_by_knots_tensor():
@@ -284,31 +267,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_statistics_summed_across_ranks(world, tmp_path):
-    ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sslkernels", "tests.test_sigreg"])
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, f"{len(hung)} of {world} ranks hung"
-    results = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-
+    results = run_gloo_ranks(_worker, world, str(tmp_path), "tests.test_sigreg", JOIN_TIMEOUT_S)
     torch.manual_seed(0)
     full = torch.randn(sum(_rank_rows(r) for r in range(world)), 6, dtype=torch.float64)
     dirs = _unit_directions(6, 13)

@@ -177,6 +177,10 @@ inline Tiles choose_tiles(int64_t n, int64_t s) {
   return {rows, cols};
 }
 
+// How a tile's sin / cos are taken: the vectorised reduction, std::sin / std::cos for
+// |dt x| past the reduction's range, or not at all (a non-finite projection).
+enum class TilePath { Reduced, Scalar, NonFinite };
+
 template <typename Acc>
 struct Operands {
   const SigregProblem& p;
@@ -232,10 +236,18 @@ struct Operands {
     return scratch;
   }
 
-  // x tile = proj[b][r0 : r0 + rows] @ directions[:, c0 : c0 + cols], row stride padded(cols).
-  void project(const Acc* prows, int64_t ldp, int64_t rows, int64_t c0, int64_t cols, Acc* x) const {
+  // x tile = proj[b][r0 : r0 + rows] @ directions[:, c0 : c0 + cols] (row stride padded(cols)),
+  // and which sin / cos path it takes. `prows` / `ldp` return the proj rows used.
+  TilePath project(int64_t b, int64_t r0, int64_t rows, int64_t c0, int64_t cols, double dt, Acc* proj_scratch,
+                   Acc* x, const Acc*& prows, int64_t& ldp) const {
+    prows = proj_rows(b, r0, rows, proj_scratch, ldp);
     detail::gemm<Acc>(false, false, rows, cols, p.dim, Acc(1), prows, ldp, directions.data() + c0,
                       p.num_directions, Acc(0), x, padded(cols));
+    double max_abs = 0;
+    bool finite = true;
+    tile_range(x, padded(cols), rows, cols, max_abs, finite);
+    if (!finite) return TilePath::NonFinite;
+    return max_abs * dt <= kReduceLimit ? TilePath::Reduced : TilePath::Scalar;
   }
 };
 
@@ -271,16 +283,13 @@ Status stats_impl(const SigregProblem& p, double* cos_sum, double* sin_sum, int 
       for (int64_t i = 0; i < row_blocks; ++i) {
         const int64_t r0 = i * tiles.rows, rows = std::min(tiles.rows, p.rows - r0);
         int64_t ldp = 0;
-        const Acc* prows = ops.proj_rows(b, r0, rows, proj_scratch.data(), ldp);
-        ops.project(prows, ldp, rows, c0, cols, x.data());
-        double max_abs = 0;
-        bool finite = true;
-        tile_range(x.data(), ld, rows, cols, max_abs, finite);
-        if (!finite) {
+        const Acc* prows = nullptr;
+        const TilePath path = ops.project(b, r0, rows, c0, cols, dt, proj_scratch.data(), x.data(), prows, ldp);
+        if (path == TilePath::NonFinite) {
           overflow = 1;
           continue;
         }
-        if (max_abs * dt <= kReduceLimit)
+        if (path == TilePath::Reduced)
           add_tile_stats<true>(x.data(), ld, rows, cols, knots, dt, acc.data(), cos_out, sin_out);
         else
           add_tile_stats<false>(x.data(), ld, rows, cols, knots, dt, acc.data(), cos_out, sin_out);
@@ -336,18 +345,15 @@ Status backward_impl(const SigregProblem& p, const double* grad_cos, const doubl
           const int64_t r0 = i * tiles.rows, rows = std::min(tiles.rows, n_count - r0);
           const int64_t c0 = j * tiles.cols, cols = std::min(tiles.cols, s_count - c0), ld = padded(cols);
           int64_t ldp = 0;
-          const Acc* prows = ops.proj_rows(b, r0, rows, proj_scratch.data(), ldp);
-          ops.project(prows, ldp, rows, c0, cols, x.data());
-          double max_abs = 0;
-          bool finite = true;
-          tile_range(x.data(), ld, rows, cols, max_abs, finite);
-          if (!finite) {
+          const Acc* prows = nullptr;
+          const TilePath path = ops.project(b, r0, rows, c0, cols, dt, proj_scratch.data(), x.data(), prows, ldp);
+          if (path == TilePath::NonFinite) {
             overflow = 1;
             continue;
           }
           const double* cs = coef_sin.data() + c0 * knots;
           const double* cc = coef_cos.data() + c0 * knots;
-          if (max_abs * dt <= kReduceLimit)
+          if (path == TilePath::Reduced)
             tile_gradient<true>(x.data(), ld, rows, cols, knots, dt, cs, cc, coef.data());
           else
             tile_gradient<false>(x.data(), ld, rows, cols, knots, dt, cs, cc, coef.data());

@@ -25,12 +25,9 @@ from sslkernels import _ext
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_finite
 from sslkernels.ops._triton import launchers
+from sslkernels.ops.contrastive import _no_kernel
 
 STATS_DTYPE = torch.float64  # the statistics are tiny ([B, S, knots]); float64 on every path
-
-
-def _no_kernel(op: str, device: torch.device):
-    return NotImplementedError(f"sslkernels::{op} has no kernel for device '{device.type}' (cpu and cuda only)")
 
 
 def _problem(proj: Tensor, directions: Tensor, knots: int, t_max: float) -> dict:
