@@ -19,6 +19,10 @@
 
 #include "tile_utils.hpp"
 
+// The Lanes vectors below never cross a call that is not inlined (SSLK_INLINE), so the
+// note that their ABI differs without AVX-512 does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace sslkernels {
 namespace {
 
@@ -27,34 +31,56 @@ constexpr int64_t kLanes = 8;  // columns handled together by the epilogue (one 
 // tiles (|x| in the millions) take the scalar std::sin / std::cos path.
 constexpr double kReduceLimit = 1.0e6;
 
+// kLanes float64 lanes as one GCC vector: the epilogue is written on whole vectors, so it
+// is SIMD on every target_clones variant (plain arrays came out scalar: GCC unrolled the
+// 8-lane loops and then failed to re-vectorise them).
+typedef double Lanes __attribute__((vector_size(kLanes * sizeof(double))));
+typedef int64_t LaneBits __attribute__((vector_size(kLanes * sizeof(double))));
+// Lanes kept in scratch memory (std::vector<double>): only double-aligned.
+typedef double StoredLanes __attribute__((vector_size(kLanes * sizeof(double)), aligned(alignof(double)), may_alias));
+
+// Everything that touches Lanes is inlined into the target_clones variants: a Lanes
+// passed to a function compiled for another target would not match its ABI.
+#define SSLK_INLINE inline __attribute__((always_inline))
+#define SSLK_LAMBDA_INLINE __attribute__((always_inline))
+
+SSLK_INLINE Lanes splat(double v) { return Lanes{} + v; }
+
 // sin and cos of `a` (|a| <= kReduceLimit): a = q pi/2 + r with |r| <= pi/4 (Cody-Waite,
 // pi/2 split into a 33-bit head, so q * head is exact for |q| < 2^20, and a tail),
 // then the minimax polynomials of sin and cos on [-pi/4, pi/4] (about 1 ulp in
-// float64), the quadrant picked by selects so the loop vectorises.
-inline void sincos_reduced(double a, double& s, double& c) {
-  const double q = std::floor(a * 0.63661977236758134308 + 0.5);
-  const double r = (a - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11;
-  const double z = r * r;
-  double ps = 1.58962301576546568060e-10;
+// float64). q is rounded by adding 1.5 * 2^52, which leaves q's two's-complement low
+// bits in the mantissa: bit 0 swaps sin and cos, the signs follow from bits 0 and 1.
+SSLK_INLINE void sincos_reduced(const Lanes& a, Lanes& s, Lanes& c) {
+  const double kRound = 6755399441055744.0;  // 1.5 * 2^52
+  const Lanes shifted = a * 0.63661977236758134308 + kRound;
+  const Lanes q = shifted - kRound;
+  const LaneBits quadrant = (LaneBits)shifted;
+  const Lanes r = (a - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11;
+  const Lanes z = r * r;
+  Lanes ps = splat(1.58962301576546568060e-10);
   ps = ps * z - 2.50507477628578072866e-8;
   ps = ps * z + 2.75573136213857245213e-6;
   ps = ps * z - 1.98412698295895385996e-4;
   ps = ps * z + 8.33333333332211858878e-3;
   ps = ps * z - 1.66666666666666307295e-1;
-  const double sin_r = r + r * z * ps;
-  double pc = -1.13585365213876817300e-11;
+  const Lanes sin_r = r + r * z * ps;
+  Lanes pc = splat(-1.13585365213876817300e-11);
   pc = pc * z + 2.08757008419747316778e-9;
   pc = pc * z - 2.75573141792967388112e-7;
   pc = pc * z + 2.48015872888517045348e-5;
   pc = pc * z - 1.38888888888730564116e-3;
   pc = pc * z + 4.16666666666665929218e-2;
-  const double cos_r = 1.0 - 0.5 * z + z * z * pc;
-  const double quadrant = q - 4.0 * std::floor(q * 0.25);  // 0, 1, 2 or 3
-  const bool odd = quadrant == 1.0 || quadrant == 3.0;
-  const double sin_sign = quadrant >= 2.0 ? -1.0 : 1.0;
-  const double cos_sign = (quadrant == 1.0 || quadrant == 2.0) ? -1.0 : 1.0;
-  s = sin_sign * (odd ? cos_r : sin_r);
-  c = cos_sign * (odd ? sin_r : cos_r);
+  const Lanes cos_r = 1.0 - 0.5 * z + z * z * pc;
+  const LaneBits odd = (quadrant & 1) != 0;  // all ones where sin and cos swap
+  const LaneBits sin_bits = (LaneBits)sin_r, cos_bits = (LaneBits)cos_r;
+  // quadrant 2, 3: -sin; quadrant 1, 2: -cos (the sign bit, xor-ed in)
+  const LaneBits sin_sign = (quadrant & 2) << 62;
+  const LaneBits cos_sign = ((quadrant + 1) & 2) << 62;
+  const LaneBits s_bits = ((odd & cos_bits) | (~odd & sin_bits)) ^ sin_sign;
+  const LaneBits c_bits = ((odd & sin_bits) | (~odd & cos_bits)) ^ cos_sign;
+  s = (Lanes)s_bits;
+  c = (Lanes)c_bits;
 }
 
 // max |x| over a tile, and whether any entry is NaN/Inf (x - x is NaN exactly then).
@@ -75,57 +101,51 @@ SSLK_MULTIVERSION void tile_range(const Acc* x, int64_t ld, int64_t rows, int64_
 }
 
 // cos and sin of t_k x for k = 0 .. knots - 1 and the `kLanes` columns starting at x,
-// by angle addition from those of dt * x; fn(k, cos_k[kLanes], sin_k[kLanes]).
+// by angle addition from those of dt * x; fn(k, cos_k, sin_k).
 template <bool kReduced, typename Acc, typename Fn>
-inline void for_each_knot(const Acc* x, int64_t knots, double dt, Fn&& fn) {
-  double c1[kLanes], s1[kLanes], c[kLanes], s[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const double a = dt * static_cast<double>(x[l]);
-    if constexpr (kReduced) {
-      sincos_reduced(a, s1[l], c1[l]);
-    } else {
-      s1[l] = std::sin(a);
-      c1[l] = std::cos(a);
+SSLK_INLINE void for_each_knot(const Acc* x, int64_t knots, double dt, Fn&& fn) {
+  Lanes a;
+  for (int64_t l = 0; l < kLanes; ++l) a[l] = dt * static_cast<double>(x[l]);
+  Lanes c1, s1;
+  if constexpr (kReduced) {
+    sincos_reduced(a, s1, c1);
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s1[l] = std::sin(a[l]);
+      c1[l] = std::cos(a[l]);
     }
-    c[l] = 1.0;
-    s[l] = 0.0;
   }
+  Lanes c = splat(1.0), s = splat(0.0);
   fn(int64_t(0), c, s);
   for (int64_t k = 1; k < knots; ++k) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const double next_c = c[l] * c1[l] - s[l] * s1[l];
-      s[l] = s[l] * c1[l] + c[l] * s1[l];
-      c[l] = next_c;
-    }
+    const Lanes next_c = c * c1 - s * s1;
+    s = s * c1 + c * s1;
+    c = next_c;
     fn(k, c, s);
   }
 }
 
 // Adds the tile's column sums of cos(t_k x) and sin(t_k x) to the statistics of its
-// columns (layout [column][knot]). `acc` is scratch of 2 * knots * kLanes doubles. The
-// tile's columns are padded to a multiple of kLanes (the padding is ignored).
+// columns (layout [column][knot]). `scratch` holds 2 * knots * kLanes doubles. The tile's
+// columns are padded to a multiple of kLanes (the padding is ignored).
 template <bool kReduced, typename Acc>
 SSLK_MULTIVERSION void add_tile_stats(const Acc* x, int64_t ld, int64_t rows, int64_t cols, int64_t knots,
-                                      double dt, double* acc, double* cos_out, double* sin_out) {
-  double* acc_c = acc;
-  double* acc_s = acc + knots * kLanes;
+                                      double dt, double* scratch, double* cos_out, double* sin_out) {
+  StoredLanes* acc_c = reinterpret_cast<StoredLanes*>(scratch);
+  StoredLanes* acc_s = acc_c + knots;
   for (int64_t s0 = 0; s0 < cols; s0 += kLanes) {
-    std::fill(acc, acc + 2 * knots * kLanes, 0.0);
+    for (int64_t k = 0; k < 2 * knots; ++k) acc_c[k] = splat(0.0);
     for (int64_t n = 0; n < rows; ++n) {
-      for_each_knot<kReduced>(x + n * ld + s0, knots, dt, [&](int64_t k, const double* c, const double* s) {
-        double* ac = acc_c + k * kLanes;
-        double* as = acc_s + k * kLanes;
-        for (int64_t l = 0; l < kLanes; ++l) {
-          ac[l] += c[l];
-          as[l] += s[l];
-        }
+      for_each_knot<kReduced>(x + n * ld + s0, knots, dt, [&](int64_t k, const Lanes& c, const Lanes& s) SSLK_LAMBDA_INLINE {
+        acc_c[k] += c;
+        acc_s[k] += s;
       });
     }
     const int64_t width = std::min(kLanes, cols - s0);
     for (int64_t l = 0; l < width; ++l) {
       for (int64_t k = 0; k < knots; ++k) {
-        cos_out[(s0 + l) * knots + k] += acc_c[k * kLanes + l];
-        sin_out[(s0 + l) * knots + k] += acc_s[k * kLanes + l];
+        cos_out[(s0 + l) * knots + k] += acc_c[k][l];
+        sin_out[(s0 + l) * knots + k] += acc_s[k][l];
       }
     }
   }
@@ -133,27 +153,25 @@ SSLK_MULTIVERSION void add_tile_stats(const Acc* x, int64_t ld, int64_t rows, in
 
 // Overwrites the tile x with dL/dx = sum_k coef_sin[k] sin(t_k x) + coef_cos[k] cos(t_k x),
 // the coefficients given per column as [column][knot] (already times -t_k / t_k).
-// `coef` is scratch of 2 * knots * kLanes doubles.
+// `scratch` holds 2 * knots * kLanes doubles.
 template <bool kReduced, typename Acc>
 SSLK_MULTIVERSION void tile_gradient(Acc* x, int64_t ld, int64_t rows, int64_t cols, int64_t knots, double dt,
-                                     const double* coef_sin, const double* coef_cos, double* coef) {
-  double* cs = coef;
-  double* cc = coef + knots * kLanes;
+                                     const double* coef_sin, const double* coef_cos, double* scratch) {
+  StoredLanes* cs = reinterpret_cast<StoredLanes*>(scratch);
+  StoredLanes* cc = cs + knots;
   for (int64_t s0 = 0; s0 < cols; s0 += kLanes) {
     const int64_t width = std::min(kLanes, cols - s0);
     for (int64_t k = 0; k < knots; ++k) {
       for (int64_t l = 0; l < kLanes; ++l) {
-        cs[k * kLanes + l] = l < width ? coef_sin[(s0 + l) * knots + k] : 0.0;
-        cc[k * kLanes + l] = l < width ? coef_cos[(s0 + l) * knots + k] : 0.0;
+        cs[k][l] = l < width ? coef_sin[(s0 + l) * knots + k] : 0.0;
+        cc[k][l] = l < width ? coef_cos[(s0 + l) * knots + k] : 0.0;
       }
     }
     for (int64_t n = 0; n < rows; ++n) {
       Acc* row = x + n * ld + s0;
-      double g[kLanes] = {};
-      for_each_knot<kReduced>(row, knots, dt, [&](int64_t k, const double* c, const double* s) {
-        const double* ks = cs + k * kLanes;
-        const double* kc = cc + k * kLanes;
-        for (int64_t l = 0; l < kLanes; ++l) g[l] += ks[l] * s[l] + kc[l] * c[l];
+      Lanes g = splat(0.0);
+      for_each_knot<kReduced>(row, knots, dt, [&](int64_t k, const Lanes& c, const Lanes& s) SSLK_LAMBDA_INLINE {
+        g += cs[k] * s + cc[k] * c;
       });
       for (int64_t l = 0; l < kLanes; ++l) row[l] = static_cast<Acc>(g[l]);
     }
