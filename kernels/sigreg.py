@@ -30,9 +30,9 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# 64 x 64 tiles with 4 warps on the GPU (tl.dot -> wgmma on Hopper); small tiles in the
+# 64 x 64 tiles with 8 warps on the GPU (tl.dot -> wgmma on Hopper); small tiles in the
 # interpreter so the tests cross several tiles and splits.
-BLOCK_N, BLOCK_S, BLOCK_D, NUM_WARPS = (16, 16, 16, 1) if INTERPRET else (64, 64, 64, 4)
+BLOCK_N, BLOCK_S, BLOCK_D, NUM_WARPS = (16, 16, 16, 1) if INTERPRET else (64, 64, 64, 8)
 
 
 def _acc(dtype: torch.dtype):
