@@ -70,16 +70,29 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 
 def check_labels(labels, name: str, length: int, device: torch.device) -> torch.Tensor:
-    """Integer class labels [length] on `device`, returned as int64."""
+    """Class labels [length] on `device`, compared by value as pytorch-metric-learning
+    does (``labels[i] == labels[j]``): integer, bool or floating-point. Returned as int64
+    ids with the same equalities: integers as they are, bools as 0 / 1, floats as the
+    bit pattern of their float64 value (exact for every float dtype; -0.0 taken as 0.0).
+    NaN labels (equal to nothing, not even themselves) are refused: always on the CPU,
+    on CUDA in debug mode (the check is a host sync). Complex labels are refused."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"`{name}` must hold integer class ids (int64), got {labels.dtype}")
+    if labels.is_complex():
+        raise TypeError(f"`{name}` must hold integer, bool or real floating-point class labels, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != length:
         raise ValueError(f"`{name}` must have shape [{length}], got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"`{name}` is on {labels.device} but the features are on {device}")
-    return labels.to(torch.int64)
+    if not labels.is_floating_point():
+        return labels.to(torch.int64)
+    from sslkernels._config import debug_enabled
+
+    if labels.device.type == "cpu" or debug_enabled():
+        if bool(torch.isnan(labels).any()):
+            raise ValueError(f"`{name}` contains NaN; a NaN label equals no other label, give it a class id")
+    # float64 holds every float16 / bfloat16 / float32 value exactly, so equal bits <=> equal values
+    return (labels.to(torch.float64) + 0.0).view(torch.int64)
 
 
 def temperature_tensor(temperature, device: torch.device, name: str = "temperature") -> torch.Tensor:

@@ -71,7 +71,8 @@ def sup_con(
 
     Args:
         features: ``[N, D]`` (all views stacked), float32/float16/bfloat16/float64.
-        labels: integer ``[N]`` class ids (any values), same device.
+        labels: ``[N]`` class labels, same device: integer, bool or floating-point, compared
+            by value as pytorch-metric-learning does (NaN and complex refused).
         temperature: finite, > 0.
         process_group: a ``torch.distributed.ProcessGroup``: the loss over the rows and
             labels of every rank (same N on all ranks; positives found across ranks),
