@@ -76,3 +76,112 @@ def test_sup_con_float_labels_compare_by_value_not_by_truncation():
 def test_sup_con_refuses_nan_and_complex_labels(bad, exc, match):
     with pytest.raises(exc, match=match):
         sslkernels.nn.SupConLoss()(torch.randn(4, 3), bad)
+
+
+# ---------------------------------------------------------------- SupConLoss averaging
+
+
+def _separable_batch(dtype=torch.float32, seed=0):
+    """Rows 0..11: six pairs of near-duplicates along orthonormal directions, every
+    other row at cosine <= 0 (loss below 3e-8 at t = 0.05: zero in float32 for pml);
+    rows 12..51: three noisy classes in the other directions, at cosine ~ -0.3 to
+    every pair (loss of order 1). pml averages over the second group only."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 24
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    pairs = basis[:6]
+    clean = torch.cat([pairs, pairs + 1e-4 * torch.randn(6, d - 6, generator=gen, dtype=torch.float64) @ basis[6:]])
+    classes = torch.arange(40) % 3
+    noisy = (-basis[:6].sum(0) + 2 * basis[6 + classes]
+             + 0.5 * torch.randn(40, d - 6, generator=gen, dtype=torch.float64) @ basis[6:])
+    x = torch.cat([clean, noisy]).to(dtype)
+    labels = torch.cat([torch.arange(6).repeat(2), 100 + classes])
+    return x, labels
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.01])
+def test_sup_con_nonzero_averaging_matches_pml_on_separable_data(temperature):
+    losses = _pml_losses()
+    x, labels = _separable_batch()
+    ours, theirs = sslkernels.nn.SupConLoss(temperature), losses.SupConLoss(temperature)
+    _assert_same_loss_and_grads(ours, theirs, x, labels, rtol=2e-4, atol=1e-6)
+    # the paper's mean counts the twelve zero-loss anchors too: 52 anchors against pml's 40
+    mean = float(sslkernels.sup_con(x, labels, temperature, reduction="mean"))
+    assert float(ours(x, labels)) == pytest.approx(mean * 52 / 40, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.01])
+def test_sup_con_nonzero_never_negative_when_every_loss_rounds_to_zero(temperature):
+    losses = _pml_losses()
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        basis = torch.linalg.qr(torch.randn(16, 16, generator=gen))[0][:8]
+        x = torch.cat([basis, basis + 1e-5 * torch.randn(8, 16, generator=gen)])
+        labels = torch.arange(8).repeat(2)
+        got = loss_and_grads(lambda a: sslkernels.nn.SupConLoss(temperature)(a, labels), x)
+        expected = loss_and_grads(lambda a: losses.SupConLoss(temperature)(a, labels), x)
+        assert float(got[0]) >= 0.0, trial
+        # both are zero up to the loss's own rounding (1/t in float32)
+        torch.testing.assert_close(got[0], expected[0], rtol=0, atol=4 * torch.finfo(torch.float32).eps / temperature)
+
+
+def test_sup_con_nonzero_equals_mean_when_no_anchor_is_zero():
+    x = torch.randn(77, 13, dtype=torch.float64)
+    labels = torch.randint(0, 6, (77,))
+    for a, b in zip(loss_and_grads(lambda z: sslkernels.sup_con(z, labels, 0.1, reduction="nonzero"), x),
+                    loss_and_grads(lambda z: sslkernels.sup_con(z, labels, 0.1, reduction="mean"), x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_sup_con_nonzero_float64_against_pml_and_gradcheck():
+    losses = _pml_losses()
+    x, labels = _separable_batch(torch.float64)
+    _assert_same_loss_and_grads(sslkernels.nn.SupConLoss(0.05), losses.SupConLoss(0.05), x, labels,
+                                rtol=1e-9, atol=1e-12)
+    small = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    small_labels = torch.tensor([0, 1, 0, 1, 2, 2, 3, 0, 4])
+    assert torch.autograd.gradcheck(lambda a: sslkernels.sup_con(a, small_labels, 0.3, reduction="nonzero"), (small,))
+
+
+@pytest.mark.parametrize("labels", [torch.zeros(6, dtype=torch.long), torch.arange(6), torch.tensor([4])],
+                         ids=["one_class", "no_positive", "batch_of_one"])
+def test_sup_con_degenerate_batches_match_pml(labels):
+    losses = _pml_losses()
+    x = torch.randn(labels.numel(), 5)
+    got = loss_and_grads(lambda a: sslkernels.nn.SupConLoss()(a, labels), x)
+    expected = loss_and_grads(lambda a: losses.SupConLoss()(a, labels), x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+        assert torch.equal(a, torch.zeros_like(a))
+
+
+def test_sup_con_nonzero_op_checks_and_saves_nothing_quadratic():
+    x = torch.randn(13, 6)
+    labels = torch.randint(0, 4, (13,))
+    _, lse = torch.ops.sslkernels.sup_con_forward(x, labels, 0.2, True)
+    torch.library.opcheck(torch.ops.sslkernels.sup_con_anchor_losses.default, (x, labels, lse, 0.2, True))
+    n, d = 300, 8
+    big = torch.randn(n, d, requires_grad=True)
+    big_labels = torch.randint(0, 10, (n,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = sslkernels.sup_con(big, big_labels, reduction="nonzero")
+    loss.backward()
+    assert saved and max(saved) <= n * d
+
+
+@pytest.mark.slow
+def test_sup_con_nonzero_compiles_fullgraph():
+    x, labels = _separable_batch()
+    fn = lambda a, y: sslkernels.sup_con(a, y, 0.05, reduction="nonzero")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(x, labels), fn(x, labels))
+
+
+def test_sup_con_reduction_argument_errors():
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        sslkernels.sup_con(torch.randn(4, 3), torch.arange(4), reduction="sum")
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        sslkernels.nn.SupConLoss(reduction="avg")
+    with pytest.raises(NotImplementedError, match="reduction='mean'"):
+        sslkernels.nn.SupConLoss(gather_distributed=True)

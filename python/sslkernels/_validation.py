@@ -95,6 +95,13 @@ def check_labels(labels, name: str, length: int, device: torch.device) -> torch.
     return (labels.to(torch.float64) + 0.0).view(torch.int64)
 
 
+def check_choice(value, name: str, choices) -> str:
+    """One of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def temperature_tensor(temperature, device: torch.device, name: str = "temperature") -> torch.Tensor:
     """A float or a 0-dim floating tensor (learnable when it requires grad), as a 0-dim tensor.
 

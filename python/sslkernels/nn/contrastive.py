@@ -106,28 +106,34 @@ class SupConLoss(nn.Module):
     """Drop-in for ``pytorch_metric_learning.losses.SupConLoss(temperature)``.
 
     ``forward(embeddings, labels)`` returns the supervised contrastive loss with
-    cosine similarity (rows L2-normalised), averaged over the anchors that have a
-    positive, fused and never holding the (N x N) similarity matrix.
+    cosine similarity (rows L2-normalised), fused and never holding the (N x N)
+    similarity matrix. ``labels`` are compared by value, as pml does: integer, bool
+    or floating-point (NaN and complex labels raise).
 
-    One difference on a degenerate batch: when every row shares one label (no
-    negative anywhere) pytorch-metric-learning returns 0, while this module (like
-    the paper's L_out, whose denominator is every other row) returns the loss over
-    the positives. Not built yet (they raise NotImplementedError): ``indices_tuple``,
-    ``ref_emb`` / ``ref_labels``, and custom ``distance`` / ``reducer`` /
-    ``embedding_regularizer`` arguments.
+    ``reduction="nonzero"`` (default) averages as pml's default reducer
+    (``AvgNonZeroReducer``): over the anchors whose loss is non-zero, 0 when the
+    batch has no negative pair; see ``reduction`` in :func:`sslkernels.sup_con` for
+    how "non-zero" is read. ``reduction="mean"`` averages over every anchor with a
+    positive (the paper's L_out). Not built yet (they raise NotImplementedError):
+    ``indices_tuple``, ``ref_emb`` / ``ref_labels``, and custom ``distance`` /
+    ``reducer`` / ``embedding_regularizer`` arguments.
 
     ``gather_distributed=True`` (torch.distributed initialised, more than one rank):
-    the loss over every rank's rows and labels, exact gradients;
-    ``distributed_mode`` ``"all_gather"`` (default) or ``"ring"`` (O(b D) memory per
-    rank), as in :class:`NTXentLoss`.
+    the loss over every rank's rows and labels, exact gradients, with
+    ``reduction="mean"`` only; ``distributed_mode`` ``"all_gather"`` (default) or
+    ``"ring"`` (O(b D) memory per rank), as in :class:`NTXentLoss`.
     """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False,
-                 distributed_mode: str = "all_gather", **kwargs):
+                 distributed_mode: str = "all_gather", reduction: str = "nonzero", **kwargs):
         super().__init__()
         self.temperature = v.check_temperature(temperature)
         self.gather_distributed = bool(gather_distributed)
         self.distributed_mode = _distributed.check_mode(distributed_mode)
+        self.reduction = v.check_choice(reduction, "reduction", ("mean", "nonzero"))
+        if self.gather_distributed and self.reduction != "mean":
+            raise NotImplementedError("sslkernels.nn.SupConLoss: gather_distributed=True is built for "
+                                      "reduction='mean' only (pass it explicitly)")
         if kwargs:
             raise NotImplementedError(
                 f"sslkernels.nn.SupConLoss: options {sorted(kwargs)} are not built yet "
@@ -143,7 +149,7 @@ class SupConLoss(nn.Module):
             raise ValueError("sslkernels.nn.SupConLoss: `labels` is required")
         group = _distributed.default_group() if self.gather_distributed else None
         return functional.sup_con(embeddings, labels, temperature=self.temperature, normalize=True,
-                                  process_group=group, mode=self.distributed_mode)
+                                  process_group=group, mode=self.distributed_mode, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
