@@ -185,3 +185,74 @@ def test_sup_con_reduction_argument_errors():
         sslkernels.nn.SupConLoss(reduction="avg")
     with pytest.raises(NotImplementedError, match="reduction='mean'"):
         sslkernels.nn.SupConLoss(gather_distributed=True)
+
+
+# ---------------------------------------------------------------- ClipLoss
+
+
+def _open_clip_loss_class():
+    return import_bypassing_init("open_clip.loss").ClipLoss
+
+
+def _clip_inputs(n=33, d=12, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(n, d, generator=gen, dtype=dtype), dim=1)
+    txt = F.normalize(img + 0.7 * torch.randn(n, d, generator=gen, dtype=dtype), dim=1)
+    return img, txt
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "[1]"])
+@pytest.mark.parametrize("scale", [1.0, 100.0, 250.0])  # 250: above CLIP's cap, which the loss does not apply
+def test_clip_loss_scale_shapes_and_no_clamp_match_open_clip(shape, scale):
+    img, txt = _clip_inputs()
+    logit_scale = torch.full(shape, scale)
+    got = loss_and_grads(sslkernels.nn.ClipLoss(), img, txt, logit_scale)
+    expected = loss_and_grads(_open_clip_loss_class()(), img, txt, logit_scale)
+    assert got[-1].shape == expected[-1].shape == shape  # the scale's gradient in its own shape
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_clip_loss_python_float_scale_matches_open_clip():
+    img, txt = _clip_inputs()
+    got = loss_and_grads(lambda a, b: sslkernels.nn.ClipLoss()(a, b, 14.3), img, txt)
+    expected = loss_and_grads(lambda a, b: _open_clip_loss_class()()(a, b, 14.3), img, txt)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_shape", [(), (1,)], ids=["0-dim", "[1]"])
+def test_clip_loss_logit_bias_matches_open_clip(bias_shape):
+    img, txt = _clip_inputs(dtype=torch.float64)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    bias = torch.full(bias_shape, -10.0, dtype=torch.float64)
+    got = loss_and_grads(sslkernels.nn.ClipLoss(), img, txt, scale, bias)
+    expected = loss_and_grads(_open_clip_loss_class()(), img, txt, scale, bias)
+    assert got[-1].shape == expected[-1].shape == bias_shape
+    assert torch.equal(got[-1], torch.zeros(bias_shape, dtype=torch.float64))  # a shift: exactly no gradient
+    for a, b in zip(got, expected):  # open_clip's bias gradient is 0 up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the number form too
+    torch.testing.assert_close(sslkernels.nn.ClipLoss()(img, txt, scale, -10.0), _open_clip_loss_class()()(img, txt, scale, -10.0))
+
+
+def test_clip_loss_output_dict_matches_open_clip():
+    img, txt = _clip_inputs()
+    ours = sslkernels.nn.ClipLoss()(img, txt, torch.tensor(20.0), output_dict=True)
+    theirs = _open_clip_loss_class()()(img, txt, torch.tensor(20.0), output_dict=True)
+    assert set(ours) == set(theirs) == {"contrastive_loss"}
+    torch.testing.assert_close(ours["contrastive_loss"], theirs["contrastive_loss"])
+
+
+@pytest.mark.parametrize("scale,bias,exc,match", [
+    (torch.tensor([1.0, 2.0]), None, NotImplementedError, "logit_scale"),
+    (torch.tensor(0.0), None, ValueError, "logit_scale"),
+    (torch.tensor(float("inf")), None, ValueError, "logit_scale"),
+    (torch.tensor(5), None, TypeError, "logit_scale"),
+    (10.0, torch.tensor(float("nan")), ValueError, "logit_bias"),
+    (10.0, "x", TypeError, "logit_bias"),
+])
+def test_clip_loss_bad_scale_or_bias_raises(scale, bias, exc, match):
+    img, txt = _clip_inputs(n=5, d=3)
+    with pytest.raises(exc, match=match):
+        sslkernels.nn.ClipLoss()(img, txt, scale, bias)

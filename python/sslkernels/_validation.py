@@ -127,6 +127,50 @@ def temperature_tensor(temperature, device: torch.device, name: str = "temperatu
     return temperature
 
 
+def _single_value(x, name: str, device: torch.device) -> torch.Tensor:
+    """A number or a one-element floating tensor (shape [], [1], [1, 1], ...: what
+    broadcasts against a logit matrix) as a 0-dim tensor; a tensor keeps its autograd
+    (the reshape is a view), so its gradient comes back in its own shape."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"`{name}` must be a real number or a floating-point tensor, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
+    if x.numel() != 1:
+        raise NotImplementedError(f"`{name}` of shape {tuple(x.shape)}: only a single value (shape [] or [1]) is "
+                                  "built (one scale / bias shared by every logit)")
+    if x.device.type != "cpu" and x.device != device:
+        raise ValueError(f"`{name}` is on {x.device}; put it on the CPU or on {device}")
+    return x.reshape(())
+
+
+def clip_logit_scale(logit_scale, device: torch.device) -> torch.Tensor:
+    """open_clip's exponentiated ``logit_scale`` (number, 0-dim or [1] tensor) as a 0-dim
+    tensor, finite and > 0 (checked on the CPU always, on CUDA in debug mode)."""
+    scale = _single_value(logit_scale, "logit_scale", device)
+    from sslkernels._config import debug_enabled
+
+    if scale.device.type == "cpu" or debug_enabled():
+        value = float(scale.detach())
+        if not math.isfinite(value) or value <= 0.0:
+            raise ValueError(f"`logit_scale` must be finite and > 0 (it is exp of the log-scale), got {value}")
+    return scale
+
+
+def clip_logit_bias(logit_bias, device: torch.device):
+    """open_clip's ``logit_bias`` (None, a number, or a 0-dim / [1] tensor) as a 0-dim
+    tensor or None; finite (checked on the CPU always, on CUDA in debug mode)."""
+    if logit_bias is None:
+        return None
+    bias = _single_value(logit_bias, "logit_bias", device)
+    from sslkernels._config import debug_enabled
+
+    if (bias.device.type == "cpu" or debug_enabled()) and not math.isfinite(float(bias.detach())):
+        raise ValueError(f"`logit_bias` must be finite, got {float(bias.detach())}")
+    return bias
+
+
 def check_negatives(negatives, query: torch.Tensor):
     """Extra negatives of info_nce: None, a shared [K, D] queue or per-query [N, M, D].
 

@@ -192,16 +192,19 @@ class InfoNCELoss(nn.Module):
 
 
 class ClipLoss(nn.Module):
-    """Drop-in for ``open_clip.loss.ClipLoss`` on one process.
+    """Drop-in for ``open_clip.loss.ClipLoss``.
 
-    ``forward(image_features, text_features, logit_scale)`` with features already
-    normalised (as open_clip's models return them) and ``logit_scale`` the
-    exponentiated scale (a tensor that may require grad): the mean of the
-    image -> text and text -> image cross-entropies of ``logit_scale * I T^T``,
-    fused in one pass and never holding the (N x N) logits. As CLIP does, the scale
-    is clamped at 100 (``logit_scale.clamp(max=100)``, no gradient above it); open_clip
-    clamps the log-scale parameter in its training loop instead, so the two agree
-    whenever ``logit_scale <= 100``.
+    ``forward(image_features, text_features, logit_scale, logit_bias=None,
+    output_dict=False)`` with features already normalised (as open_clip's models
+    return them) and ``logit_scale`` the exponentiated scale (a number, or a 0-dim or
+    ``[1]`` tensor that may require grad; its gradient comes back in its own shape):
+    the mean of the image -> text and text -> image cross-entropies of
+    ``logit_scale * I T^T + logit_bias``, fused in one pass and never holding the
+    (N x N) logits. As in open_clip the loss does not clamp the scale (open_clip's
+    training loop clamps the log-scale parameter). ``logit_bias`` (a number, 0-dim or
+    ``[1]`` tensor) shifts every logit alike, which cross-entropy ignores: the loss is
+    the same as without it and its gradient is exactly 0 (open_clip's is 0 up to
+    rounding). ``output_dict=True`` returns ``{"contrastive_loss": loss}``.
 
     ``world_size > 1`` (torch.distributed initialised, default group) follows open_clip:
     ``local_loss=True`` returns the mean over this rank's pairs against every rank's
@@ -215,7 +218,8 @@ class ClipLoss(nn.Module):
     rank, same value and gradients; built for ``gather_with_grad=True`` only, else
     NotImplementedError). See :mod:`sslkernels.distributed`.
 
-    Not built yet (they raise NotImplementedError): ``use_horovod`` and ``logit_bias``.
+    Not built (they raise NotImplementedError): ``use_horovod``, a ``logit_scale`` /
+    ``logit_bias`` with more than one element.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -238,17 +242,17 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
-        if logit_bias is not None:
-            raise NotImplementedError("sslkernels.nn.ClipLoss: logit_bias (SigLIP-style) is not built yet")
-        if not isinstance(logit_scale, torch.Tensor):
-            logit_scale = torch.tensor(float(logit_scale), dtype=torch.float64)
-        temperature = 1.0 / logit_scale.clamp(max=100.0)
+        device = image_features.device if isinstance(image_features, torch.Tensor) else torch.device("cpu")
+        temperature = 1.0 / v.clip_logit_scale(logit_scale, device)
+        bias = v.clip_logit_bias(logit_bias, device)
         if self.world_size > 1:
             loss = self._distributed_loss(image_features, text_features, temperature)
         else:
             loss = functional.info_nce(
                 image_features, text_features, temperature, symmetric=True, normalize=False
             )
+        if bias is not None:  # a shift of every logit: no change, a zero gradient in the graph
+            loss = loss + (bias * 0).to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, image_features, text_features, temperature):
