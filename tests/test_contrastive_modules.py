@@ -80,6 +80,6 @@ def test_ntxent_memory_bank_not_updated_without_grad_and_bad_sizes():
     with torch.no_grad():
         loss(torch.randn(3, 4), torch.randn(3, 4))
     assert torch.equal(loss.memory_bank.bank, before) and int(loss.memory_bank.bank_ptr) == 0
-    for bad in (4096, (8,), (0, 4), (8, 4, 2)):
+    for bad in (4096, (8,), (-1, 4), (8, -4), (8, 4, 2)):
         with pytest.raises(ValueError, match="memory_bank_size"):
             sslkernels.nn.NTXentLoss(memory_bank_size=bad)

@@ -256,3 +256,68 @@ def test_clip_loss_bad_scale_or_bias_raises(scale, bias, exc, match):
     img, txt = _clip_inputs(n=5, d=3)
     with pytest.raises(exc, match=match):
         sslkernels.nn.ClipLoss()(img, txt, scale, bias)
+
+
+# ---------------------------------------------------------------- NTXentLoss memory bank
+
+
+def _lightly_ntxent_class():
+    return import_bypassing_init(
+        "lightly.loss.ntx_ent_loss",
+        extra_packages=("lightly.models", "lightly.models.modules", "lightly.utils"),
+        stub_modules=("lightly.models.utils",),
+    ).NTXentLoss
+
+
+LOG2_FLOAT32 = float(torch.tensor(math.log(2), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 300])
+def test_ntxent_bank_holding_the_positive_gives_exactly_log_2(batch):
+    """A bank of 1 that holds the normalised positive (enqueued by the previous step):
+    the positive and the bank row tie, so every row's loss is log 2, exactly, as in
+    lightly. Many random trials: a few ulps of 1 / t between the two logits showed up
+    in 13-38 % of them before."""
+    Lightly = _lightly_ntxent_class()
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(60):
+        d = 1 + (trial * 13) % 130
+        out0 = torch.randn(batch, d, generator=gen)
+        out1 = torch.randn(1, d, generator=gen).repeat(batch, 1)
+        # lightly's own mean over rows rounds in float32 past one row; ours sums in float64
+        for cls in (Lightly, sslkernels.nn.NTXentLoss) if batch == 1 else (sslkernels.nn.NTXentLoss,):
+            loss = cls(temperature=0.1, memory_bank_size=(1, d))
+            loss(out0.clone().requires_grad_(), out1)  # enqueues normalize(out1)
+            assert float(loss(out0, out1)) == LOG2_FLOAT32, (cls.__module__, trial, d)
+
+
+@pytest.mark.parametrize("size", [0, (0, 16), [0, 16], (0,)])
+def test_ntxent_empty_bank_is_no_bank_as_in_lightly(size):
+    Lightly = _lightly_ntxent_class()
+    theirs, ours = Lightly(0.3, memory_bank_size=size), sslkernels.nn.NTXentLoss(0.3, memory_bank_size=size)
+    assert ours.memory_bank is None
+    out0, out1 = torch.randn(9, 16), torch.randn(9, 16)
+    for a, b in zip(loss_and_grads(ours, out0, out1), loss_and_grads(theirs, out0, out1)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [4096, (-1, 16), (8, 4, 2)])
+def test_ntxent_bank_sizes_lightly_refuses_are_refused(size):
+    Lightly = _lightly_ntxent_class()
+    with pytest.raises(ValueError):
+        Lightly(memory_bank_size=size)
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        sslkernels.nn.NTXentLoss(memory_bank_size=size)
+
+
+def test_ntxent_bank_gradients_match_lightly_float64():
+    Lightly = _lightly_ntxent_class()
+    theirs = Lightly(temperature=0.07, memory_bank_size=(19, 6))
+    ours = sslkernels.nn.NTXentLoss(temperature=0.07, memory_bank_size=(19, 6))
+    theirs.memory_bank.bank = theirs.memory_bank.bank.double()
+    ours.memory_bank.bank = ours.memory_bank.bank.double()
+    ours.memory_bank.bank.copy_(theirs.memory_bank.bank)
+    for step in range(3):
+        out0, out1 = torch.randn(8, 6, dtype=torch.float64) * 3, torch.randn(8, 6, dtype=torch.float64)
+        for a, b in zip(loss_and_grads(ours, out0, out1), loss_and_grads(theirs, out0, out1)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

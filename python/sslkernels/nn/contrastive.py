@@ -45,6 +45,18 @@ class MemoryBank(nn.Module):
             self.bank_ptr[0] = ptr + batch.shape[0]
 
 
+def _bank_disabled(size) -> bool:
+    """lightly's rule: 0 (or a size whose first entry, the number of rows, is 0) means
+    no memory bank."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size == 0):
+        return True
+    try:
+        entries = tuple(size)
+    except TypeError:
+        return False  # MemoryBank names the argument
+    return len(entries) in (1, 2) and all(isinstance(x, int) and x >= 0 for x in entries) and entries[0] == 0
+
+
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
@@ -82,7 +94,7 @@ class NTXentLoss(nn.Module):
         if self.gather_distributed and not torch.distributed.is_available():
             raise ValueError("`gather_distributed=True` but torch.distributed is not available in this torch build")
         self.distributed_mode = _distributed.check_mode(distributed_mode)
-        self.memory_bank = None if memory_bank_size in (0, None, (0,)) else MemoryBank(
+        self.memory_bank = None if _bank_disabled(memory_bank_size) else MemoryBank(
             memory_bank_size, gather_distributed=self.gather_distributed)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
@@ -90,12 +102,20 @@ class NTXentLoss(nn.Module):
             group = _distributed.default_group() if self.gather_distributed else None
             return functional.nt_xent(out0, out1, temperature=self.temperature, normalize=True,
                                       process_group=group, mode=self.distributed_mode)
+        # Normalised once here (autograd through F.normalize keeps the gradients exact), so
+        # the positive the loss sees and the row the bank stores are the very same vector,
+        # as in lightly: a bank row equal to the positive ties with it exactly.
+        v.check_float_tensor(out0, "out0", 2)
+        v.check_float_tensor(out1, "out1", 2)
+        v.check_same(out0, out1, "out0", "out1")
+        v.check_nonempty_rows(out0, "out0")
+        out0, out1 = _unit_rows(out0), _unit_rows(out1)
         bank = self.memory_bank.bank.clone()  # the loss keeps it for backward; enqueue edits the buffer
         loss = functional.info_nce(
-            out0, out1, self.temperature, negatives=bank.to(out0.dtype), normalize=True, in_batch_negatives=False
+            out0, out1, self.temperature, negatives=bank.to(out0.dtype), normalize=False, in_batch_negatives=False
         )
         if out0.requires_grad:
-            self.memory_bank.enqueue(_unit_rows(out1))
+            self.memory_bank.enqueue(out1)
         return loss
 
     def extra_repr(self) -> str:
