@@ -321,3 +321,112 @@ def test_ntxent_bank_gradients_match_lightly_float64():
         out0, out1 = torch.randn(8, 6, dtype=torch.float64) * 3, torch.randn(8, 6, dtype=torch.float64)
         for a, b in zip(loss_and_grads(ours, out0, out1), loss_and_grads(theirs, out0, out1)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- Attention (timm / I-JEPA)
+
+
+@pytest.fixture(scope="module")
+def timm():
+    from tests._timm import import_timm
+
+    mod = import_timm()
+    if mod is None:
+        pytest.skip("timm is not installed (scripts/setup.sh installs it)")
+    return mod
+
+
+def _small_vit(timm, **kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(7)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=5,
+                             **kw).eval()
+
+
+def test_attention_accepts_every_timm_keyword(timm):
+    import inspect
+
+    from timm.layers import Attention as TimmAttention
+
+    theirs = set(inspect.signature(TimmAttention.__init__).parameters) - {"self"}
+    ours = inspect.signature(sslkernels.nn.Attention.__init__).parameters
+    assert theirs <= set(ours), theirs - set(ours)
+    after_heads = [n for n in ours if n not in ("self", "dim", "num_heads")]
+    assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in after_heads)
+    for name in ("qk_scale", "use_sdpa", "return_attention"):  # I-JEPA's
+        assert name in ours
+
+
+def test_attention_positional_options_raise_type_error():
+    with pytest.raises(TypeError):
+        sslkernels.nn.Attention(24, 3, True)  # timm's third positional is attn_head_dim, I-JEPA's qkv_bias
+    with pytest.raises(TypeError):
+        sslkernels.nn.Attention(24, 3, None, None, True)
+
+
+@pytest.mark.parametrize("options", [{}, {"qk_norm": True}, {"qkv_bias": False, "proj_bias": False}],
+                         ids=["default", "qk_norm", "no_bias"])
+def test_vision_transformer_with_our_attention_layer_matches_timm(timm, options):
+    theirs = _small_vit(timm, **options)
+    ours = _small_vit(timm, attn_layer=sslkernels.nn.Attention, **options)
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # same keys, same order
+    ours.load_state_dict(theirs.state_dict())
+    img = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(ours(img), theirs(img), rtol=1e-4, atol=1e-5)
+    ours.train(), theirs.train()
+    for a, b in zip(loss_and_grads(lambda x: ours(x).square().sum(), img),
+                    loss_and_grads(lambda x: theirs(x).square().sum(), img)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_timm_options_match_timm_attention(timm):
+    from timm.layers import Attention as TimmAttention
+
+    kw = dict(attn_head_dim=5, dim_out=14, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True,
+              norm_layer=torch.nn.LayerNorm)
+    torch.manual_seed(8)
+    theirs = TimmAttention(12, num_heads=3, **kw).eval()
+    ours = sslkernels.nn.Attention(12, num_heads=3, **kw).eval()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():  # LayerNorms start at 1 / 0: move them off so the norms count
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 7, 12)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_qk_norm_needs_norm_layer_as_timm():
+    with pytest.raises(ValueError, match="norm_layer"):
+        sslkernels.nn.Attention(24, 3, qk_norm=True)
+
+
+def test_attention_ijepa_keywords():
+    torch.manual_seed(9)
+    m = sslkernels.nn.Attention(24, num_heads=3, qkv_bias=True, qk_scale=0.25, attn_drop=0.0, proj_drop=0.0,
+                                use_sdpa=False, return_attention=True).eval()
+    x = torch.randn(2, 5, 24)
+    out, attn = m(x)
+    assert attn is None and m.scale == 0.25
+    b, n, c = x.shape
+    q, k, v = m.qkv(x).reshape(b, n, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    ref = m.proj(((q @ k.transpose(-2, -1)) * 0.25).softmax(-1).matmul(v).transpose(1, 2).reshape(b, n, c))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["patch_vit", "attn_layer"])
+def test_timm_vit_with_our_attention_is_scriptable(timm, how):
+    theirs = _small_vit(timm)
+    if how == "patch_vit":
+        ours = sslkernels.patch_vit(_small_vit(timm))
+    else:
+        ours = _small_vit(timm, attn_layer=sslkernels.nn.Attention)
+        ours.load_state_dict(theirs.state_dict())
+    scripted = torch.jit.script(ours)
+    img = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(scripted(img), theirs(img), rtol=1e-4, atol=1e-5)
+    scripted.train()
+    loss = scripted(img).square().sum()
+    loss.backward()  # the op's autograd works under TorchScript too
+    assert ours.blocks[0].attn.qkv.weight.grad is not None
