@@ -430,3 +430,56 @@ def test_timm_vit_with_our_attention_is_scriptable(timm, how):
     loss = scripted(img).square().sum()
     loss.backward()  # the op's autograd works under TorchScript too
     assert ours.blocks[0].attn.qkv.weight.grad is not None
+
+
+# ---------------------------------------------------------------- edge cases and the differences that remain
+
+
+def test_batch_of_one_matches_the_packages():
+    Lightly, Clip = _lightly_ntxent_class(), _open_clip_loss_class()
+    a, b = torch.randn(1, 8), torch.randn(1, 8)
+    for got, expected in ((loss_and_grads(sslkernels.nn.NTXentLoss(), a, b), loss_and_grads(Lightly(), a, b)),
+                          (loss_and_grads(sslkernels.nn.ClipLoss(), F.normalize(a, dim=1), F.normalize(b, dim=1),
+                                          torch.tensor(10.0)),
+                           loss_and_grads(Clip(), F.normalize(a, dim=1), F.normalize(b, dim=1), torch.tensor(10.0)))):
+        for x, y in zip(got, expected):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_ntxent_bank_float64_where_lightly_raises():
+    """A documented difference: lightly's bank is float32 and its einsum refuses float64
+    outputs; ours casts the bank to the outputs' dtype."""
+    Lightly = _lightly_ntxent_class()
+    out0, out1 = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        Lightly(memory_bank_size=(5, 8))(out0, out1)
+    assert sslkernels.nn.NTXentLoss(memory_bank_size=(5, 8))(out0, out1).dtype == torch.float64
+
+
+def test_negative_temperature_lightly_takes_is_refused():
+    """A documented difference: lightly only refuses |t| < 1e-8; a negative temperature
+    turns the loss upside down, so ours refuses t <= 0."""
+    Lightly = _lightly_ntxent_class()
+    assert torch.isfinite(Lightly(temperature=-0.5)(torch.randn(3, 4), torch.randn(3, 4)))
+    with pytest.raises(ValueError, match="temperature"):
+        sslkernels.nn.NTXentLoss(temperature=-0.5)
+
+
+@pytest.mark.parametrize("which", ["ntxent", "supcon", "clip"])
+def test_non_finite_inputs_raise_where_the_packages_return_nan(which):
+    """A documented difference: the packages return NaN for a NaN input; ours names it."""
+    x = torch.randn(6, 4)
+    x[2, 1] = float("nan")
+    y = F.normalize(torch.randn(6, 4), dim=1)
+    if which == "ntxent":
+        assert torch.isnan(_lightly_ntxent_class()()(x, y))
+        call = lambda: sslkernels.nn.NTXentLoss()(x, y)  # noqa: E731
+    elif which == "supcon":
+        labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        assert torch.isnan(_pml_losses().SupConLoss()(x, labels))
+        call = lambda: sslkernels.nn.SupConLoss()(x, labels)  # noqa: E731
+    else:
+        assert torch.isnan(_open_clip_loss_class()()(x, y, torch.tensor(10.0)))
+        call = lambda: sslkernels.nn.ClipLoss()(x, y, torch.tensor(10.0))  # noqa: E731
+    with pytest.raises(ValueError, match="NaN"):
+        call()
