@@ -16,6 +16,10 @@ def _pml_losses():
     return pytest.importorskip("pytorch_metric_learning.losses")
 
 
+def _pml_reducers():
+    return pytest.importorskip("pytorch_metric_learning.reducers")
+
+
 def _assert_same_loss_and_grads(ours, theirs, x, *rest, rtol=1e-4, atol=1e-6):
     """Loss and gradient of `x` (the other arguments, float labels included, are constants)."""
     got = loss_and_grads(lambda a: ours(a, *rest), x)
@@ -123,6 +127,21 @@ def test_sup_con_nonzero_never_negative_when_every_loss_rounds_to_zero(temperatu
         assert float(got[0]) >= 0.0, trial
         # both are zero up to the loss's own rounding (1/t in float32)
         torch.testing.assert_close(got[0], expected[0], rtol=0, atol=4 * torch.finfo(torch.float32).eps / temperature)
+
+
+def test_sup_con_small_but_clear_anchor_losses_are_counted_as_pml_counts_them():
+    """Pairs of near-duplicates whose losses spread over 5e-5 .. 0.1 at t = 0.05 (far
+    above the rounding level): pml and ours keep every anchor."""
+    losses = _pml_losses()
+    gen = torch.Generator().manual_seed(4)
+    centers = F.normalize(torch.randn(100, 16, generator=gen), dim=1)
+    x = torch.cat([centers, centers + 1e-3 * torch.randn(100, 16, generator=gen)])
+    labels = torch.arange(100).repeat(2)
+    per_anchor = losses.SupConLoss(0.05, reducer=_pml_reducers().DoNothingReducer())(x, labels)["loss"]["losses"]
+    assert 5e-5 <= float(per_anchor.min()) and float(per_anchor.max()) < 0.1
+    # both round each anchor's loss at a few ulps of 1 / t in float32
+    _assert_same_loss_and_grads(sslkernels.nn.SupConLoss(0.05), losses.SupConLoss(0.05), x, labels,
+                                rtol=1e-4, atol=8 * torch.finfo(torch.float32).eps / 0.05)
 
 
 def test_sup_con_nonzero_equals_mean_when_no_anchor_is_zero():
