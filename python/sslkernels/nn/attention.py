@@ -1,6 +1,7 @@
 """Drop-in ViT attention on the fused varlen kernel, and `patch_vit` to swap it in."""
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Optional
 
@@ -134,22 +135,18 @@ class Attention(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module) -> "Attention":
         """An ``Attention`` carrying ``module``'s weights, scale and dropout rates
-        (a timm or I-JEPA attention: ``qkv`` and ``proj`` Linears, ``num_heads``).
+        (a timm or I-JEPA attention: ``qkv`` and ``proj`` Linears, ``num_heads``), and
+        its q / k norms, post-attention norm and output gate when it has them (timm's
+        ``qk_norm``, ``scale_norm``, ``gated``; copied as they are), with its head width
+        and output width (``attn_head_dim``, ``dim_out``).
 
         Raises NotImplementedError, naming the part, for what this module does not
-        compute: q/k or post-attention norms, timm's ``gated`` output gate, other
-        parameters or buffers (BEiT's ``q_bias`` / relative position table), forward
-        arguments other than ``x`` / ``attn_mask`` / ``is_causal`` (timm's ``rope``,
-        V-JEPA's ``mask``), a head width other than ``dim // num_heads`` or
-        ``dim_out != dim``; and, as a last guard, a module whose output on one small
-        random input differs from the swap's."""
+        compute: other parameters or buffers (BEiT's ``q_bias`` / relative position
+        table), forward arguments other than ``x`` / ``attn_mask`` / ``is_causal``
+        (timm's ``rope``, V-JEPA's ``mask``), projections whose widths do not fit one
+        head layout; and, as a last guard, a module whose output on one small random
+        input differs from the swap's."""
         kind = type(module).__name__
-        for name in ("q_norm", "k_norm", "norm"):
-            sub = getattr(module, name, None)
-            if sub is not None and not isinstance(sub, nn.Identity):
-                raise NotImplementedError(
-                    f"patch_vit: {kind}.{name} is {type(sub).__name__}; only attention "
-                    "without q/k normalisation (qk_norm=False) or a post-attention norm is supported")
         extra = [n for n, _ in module.named_children() if n not in _KNOWN_CHILDREN]
         extra += [n for n, _ in module.named_parameters(recurse=False)]
         extra += [n for n, _ in module.named_buffers(recurse=False)]
@@ -162,27 +159,40 @@ class Attention(nn.Module):
                                       "sslkernels.nn.Attention does not accept")
         qkv, proj = module.qkv, module.proj
         dim, heads = qkv.in_features, int(module.num_heads)
-        if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim:
+        attn_dim = qkv.out_features // 3
+        head_dim = int(getattr(module, "head_dim", attn_dim // heads))
+        if qkv.out_features != 3 * heads * head_dim or proj.in_features != heads * head_dim:
             raise NotImplementedError(
-                f"patch_vit: {kind} maps dim {dim} -> qkv {qkv.out_features} -> proj {proj.in_features} -> "
-                f"{proj.out_features}; only qkv = 3 * dim and proj dim -> dim are supported "
-                "(no attn_head_dim / dim_out)")
+                f"patch_vit: {kind} maps dim {dim} -> qkv {qkv.out_features} -> proj {proj.in_features}, which is "
+                f"not 3 x {heads} heads x {head_dim} -> {heads} x {head_dim}")
+        gate = getattr(module, "gate", None)
+        if gate is not None and not (isinstance(gate, nn.Linear) and gate.in_features == dim
+                                     and gate.out_features == heads * head_dim
+                                     and (gate.bias is None) == (qkv.bias is None)):
+            raise NotImplementedError(f"patch_vit: {kind}.gate is {type(gate).__name__}; only timm's Linear "
+                                      f"dim -> heads x head_dim gate (with a bias when qkv has one) is supported")
         attn_drop = getattr(module, "attn_drop", 0.0)
         proj_drop = getattr(module, "proj_drop", 0.0)
-        new = cls(dim, heads, qkv_bias=qkv.bias is not None,
-                  qk_scale=float(getattr(module, "scale", (dim // heads) ** -0.5)),
+        new = cls(dim, heads, attn_head_dim=head_dim, dim_out=proj.out_features, qkv_bias=qkv.bias is not None,
+                  qk_scale=float(getattr(module, "scale", head_dim ** -0.5)),
                   attn_drop=attn_drop.p if isinstance(attn_drop, nn.Dropout) else float(attn_drop),
                   proj_drop=proj_drop.p if isinstance(proj_drop, nn.Dropout) else float(proj_drop),
-                  proj_bias=proj.bias is not None)
+                  proj_bias=proj.bias is not None, gated=gate is not None)
+        for name in ("q_norm", "k_norm", "norm"):  # the module's own norms, whatever their type
+            sub = getattr(module, name, None)
+            if sub is not None and not isinstance(sub, nn.Identity):
+                setattr(new, name, copy.deepcopy(sub))
         new.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
         new.qkv.load_state_dict(qkv.state_dict())
         new.proj.load_state_dict(proj.state_dict())
+        if gate is not None:
+            new.gate.load_state_dict(gate.state_dict())
         new.return_attention = _check_same_output(module, new, dim)
         new.train(module.training)
         return new
 
 
-_KNOWN_CHILDREN = {"qkv", "proj", "attn_drop", "proj_drop", "q_norm", "k_norm", "norm"}
+_KNOWN_CHILDREN = {"qkv", "proj", "attn_drop", "proj_drop", "q_norm", "k_norm", "norm", "gate"}
 _KNOWN_ARGS = {"x", "attn_mask", "is_causal"}
 
 
