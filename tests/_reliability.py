@@ -465,7 +465,39 @@ VARLEN_ATTENTION = OpSpec(
     thread_bitwise=True, magnitude=_attention_magnitude,
 )
 
+# ---------------------------------------------------------------- sigreg
+
+
+def _build_sigreg(s, dtype, scale, seed):
+    g = _gen(seed)
+    lead = (s["b"],) if s.get("b") else ()
+    directions = _randn(g, s["d"], s["s"], dtype=torch.float64)
+    return {"proj": _randn(g, *lead, s["n"], s["d"], scale=scale, dtype=dtype),
+            "directions": (directions / directions.norm(dim=0)).to(dtype)}
+
+
+def _sigreg_reference(proj, directions, knots=17, t_max=3.0):
+    from sslkernels.reference import sigreg_reference
+
+    return sigreg_reference(proj, directions, knots, t_max)
+
+
+SIGREG = OpSpec(
+    name="sigreg", call=sslkernels.sigreg, build=_build_sigreg, reference=_sigreg_reference,
+    sizes=st.fixed_dictionaries({"b": st.sampled_from([0, 0, 1, 3]), "n": ROWS, "d": COLS,
+                                 "s": st.one_of(st.sampled_from([1, 7, 33, 257]), st.integers(1, 40))}),
+    options=st.fixed_dictionaries({"knots": st.sampled_from([2, 5, 17]), "t_max": st.floats(0.5, 5.0)}),
+    small={"b": 0, "n": 9, "d": 5, "s": 7}, large={"b": 2, "n": 300, "d": 33, "s": 257},
+    args={"proj": Arg((2,), more_dims_ok=True), "directions": Arg((2,))}, grads=("proj", "directions"),
+    mismatches=(("one more feature", "directions", _extra_row),),
+    bad_scalars=_bad("knots", (1, ValueError), (0, ValueError), (2.5, TypeError), ("17", TypeError),
+                     (True, TypeError)) + _bad("t_max", (0.0, ValueError), (-1.0, ValueError),
+                                               (float("nan"), ValueError), (float("inf"), ValueError),
+                                               ("3", TypeError)),
+    thread_bitwise=True,
+)
+
 # Every public function of sslkernels that the reliability tests cover.
 OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR,
-       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION]
+       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION, SIGREG]
 BY_NAME = {spec.name: spec for spec in OPS}

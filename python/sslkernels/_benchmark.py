@@ -379,6 +379,43 @@ register_op(
     )
 )
 
+def _projections_and_directions(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d, s = sizes["n"], sizes["d"], sizes["s"]
+    proj = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    directions = torch.randn(d, s, generator=g)
+    directions = (directions / directions.norm(dim=0)).to(device=device, dtype=dtype)
+    return proj.requires_grad_(True), directions  # nn.SIGReg samples the directions: no gradient
+
+
+def _sigreg_eager(proj, directions):
+    from sslkernels.reference import sigreg_reference
+
+    return sigreg_reference(proj, directions, 17, 3.0)
+
+
+def _sigreg_fused(proj, directions):
+    import sslkernels
+
+    return sslkernels.sigreg(proj, directions, knots=17, t_max=3.0)
+
+
+register_op(
+    BenchOp(
+        name="sigreg",
+        params=("n", "d", "s"),
+        default_sizes={"n": (4096,), "d": (512,), "s": (1024,)},
+        quick_sizes={"n": (1024,), "d": (128,), "s": (256,)},
+        make_inputs=_projections_and_directions,
+        eager=_sigreg_eager,
+        fused=_sigreg_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"], "s": 8},
+        shape_label=lambda s: f"N={s['n']} D={s['d']} S={s['s']}",
+        description="LeJEPA SIGReg, 17 knots, t_max 3 (lightly's formulas); S unit directions, gradient to proj",
+    )
+)
+
+
 # ---------------------------------------------------------------- passes
 
 

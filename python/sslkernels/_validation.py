@@ -301,3 +301,45 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
     longest = int(lengths.max())
     if longest > max_seqlen:
         raise ValueError(f"`max_seqlen` = {max_seqlen} is shorter than the longest sequence ({longest})")
+
+
+# ---------------------------------------------------------------- sigreg
+
+
+def check_sigreg(proj, directions, knots, t_max) -> tuple[int, float]:
+    """proj [..., N, D] and directions [D, S]: float tensors of one dtype and device, no
+    empty side; knots an int >= 2, t_max finite and > 0. Returns (knots, t_max)."""
+    if not isinstance(proj, torch.Tensor) or proj.dim() < 2:
+        check_float_tensor(proj, "proj", 2)
+    check_float_tensor(proj, "proj", proj.dim())
+    check_float_tensor(directions, "directions", 2)
+    if directions.dtype != proj.dtype:
+        raise TypeError(f"`directions` must share the dtype of `proj` ({proj.dtype}), got {directions.dtype}")
+    if directions.device != proj.device:
+        raise ValueError(f"`directions` is on {directions.device} but `proj` is on {proj.device}")
+    if proj.numel() == 0:
+        raise ValueError(f"`proj` is empty (shape {tuple(proj.shape)}); need N >= 1 rows of D >= 1 features")
+    if directions.shape[0] != proj.shape[-1]:
+        raise ValueError(
+            f"`directions` must be [D, S] with D = {proj.shape[-1]} (the features of `proj`), "
+            f"got shape {tuple(directions.shape)}"
+        )
+    if directions.shape[1] < 1:
+        raise ValueError(f"`directions` has no directions (shape {tuple(directions.shape)}); need S >= 1")
+    if isinstance(knots, bool) or not isinstance(knots, numbers.Integral):
+        raise TypeError(f"`knots` must be an int, got {type(knots).__name__}")
+    if int(knots) < 2:
+        raise ValueError(f"`knots` must be >= 2, got {int(knots)}")
+    if isinstance(t_max, bool) or not isinstance(t_max, numbers.Real):
+        raise TypeError(f"`t_max` must be a real number, got {type(t_max).__name__}")
+    if not math.isfinite(float(t_max)) or float(t_max) <= 0.0:
+        raise ValueError(f"`t_max` must be finite and > 0, got {float(t_max)}")
+    return int(knots), float(t_max)
+
+
+def check_num_vectors(num_vectors) -> int:
+    if isinstance(num_vectors, bool) or not isinstance(num_vectors, numbers.Integral):
+        raise TypeError(f"`num_vectors` must be an int, got {type(num_vectors).__name__}")
+    if int(num_vectors) < 1:
+        raise ValueError(f"`num_vectors` must be >= 1, got {int(num_vectors)}")
+    return int(num_vectors)

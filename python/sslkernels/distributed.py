@@ -293,3 +293,30 @@ def _clip_all_gather(image, text, temperature, group, local_loss, gather_with_gr
         return 0.5 * (i2t + t2i)
     return functional.info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_),
                                temperature, symmetric=True, normalize=False)
+
+
+# ---------------------------------------------------------------- sigreg
+
+
+def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of `x` over the ranks; the backward sums the ranks' gradients
+    (``torch.distributed.nn.functional.all_reduce``)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, group=group)
+
+
+def sigreg(proj: torch.Tensor, directions: torch.Tensor, knots: int, t_max: float, group) -> torch.Tensor:
+    """SIGReg over every rank's rows (lightly's ``gather_distributed``): the per-rank cos /
+    sin statistics and row counts are summed across ranks, and every rank returns the
+    global loss. Its gradient on a rank's rows is W x dL/dproj (every rank's identical
+    loss contributes through the all-reduce's backward), which DDP averages back to
+    dL/dproj, as for the other global losses above."""
+    from sslkernels.ops import sigreg as ops
+
+    cos_sum, sin_sum = ops.sigreg_stats(proj, directions, knots, t_max)
+    cos_sum = all_reduce_with_grad(cos_sum, group)
+    sin_sum = all_reduce_with_grad(sin_sum, group)
+    num_samples = torch.tensor(float(proj.shape[1]), dtype=cos_sum.dtype, device=cos_sum.device)
+    _dist().all_reduce(num_samples, group=group)
+    return ops.loss_from_stats(cos_sum, sin_sum, num_samples, knots, t_max).to(proj.dtype)

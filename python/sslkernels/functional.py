@@ -352,3 +352,39 @@ def varlen_attention(
     scale = _checks.attention_scale(scale, q.shape[-1])
     out, _ = torch.ops.sslkernels.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
     return out
+
+
+# ================================================================ sigreg (issue 13)
+from sslkernels.ops import sigreg as _sigreg_ops  # noqa: E402  (registers sslkernels::sigreg_stats*)
+
+
+def sigreg(
+    proj: torch.Tensor, directions: torch.Tensor, knots: int = 17, t_max: float = 3.0, process_group=None,
+) -> torch.Tensor:
+    """LeJEPA's SIGReg along the given directions, as lightly's ``SIGReg`` computes it.
+
+    ``x = proj @ directions``; ``t = linspace(0, t_max, knots)``;
+    ``err[..., s, k] = (mean_n cos(t_k x_ns) - phi_k)^2 + (mean_n sin(t_k x_ns))^2`` with
+    ``phi = exp(-t^2 / 2)``; the loss is the mean over ``(..., s)`` of
+    ``N * sum_k err[..., s, k] * w_k * phi_k``, ``w`` the trapezoid weights ``2 dt``
+    (``dt`` at both ends). Fused: never holds the ``N x S x knots`` tensor (x is formed
+    tile by tile; one sin and one cos per element, the other knots by angle addition).
+
+    Args:
+        proj: ``[..., N, D]`` float32 / float16 / bfloat16 / float64, cpu or cuda.
+        directions: ``[D, S]``, same dtype and device, used as given (not normalised).
+        knots: int >= 2. t_max: finite, > 0.
+        process_group: a ``torch.distributed.ProcessGroup``: the cos / sin statistics
+            (and N) are summed over its ranks (exact gradients; every rank returns the
+            global loss). Each rank must pass the same ``directions``.
+
+    Returns a 0-dim tensor of proj's dtype; gradients flow to ``proj`` and to
+    ``directions`` when it requires grad. NaN/Inf (ValueError): always on the CPU, on
+    CUDA under ``sslkernels.set_debug(True)``.
+    """
+    knots, t_max = v.check_sigreg(proj, directions, knots, t_max)
+    proj3 = proj.reshape(-1, proj.shape[-2], proj.shape[-1])
+    if process_group is not None:
+        return _distributed.sigreg(proj3, directions, knots, t_max, _distributed.resolve_group(process_group))
+    return _sigreg_ops.sigreg(proj3, directions, knots, t_max)
+# ================================================================ end sigreg
