@@ -274,7 +274,8 @@ def logit_scalar(value, name: str, device: torch.device, dtype: torch.dtype = to
         raise ValueError(f"`{name}` is on {value.device}; put it on the CPU or on {device}")
     from sslkernels._config import debug_enabled
 
-    if value.device.type == "cpu" or debug_enabled():
+    # Under torch.compile the value is data-dependent: the op's CPU kernel checks it instead.
+    if (value.device.type == "cpu" or debug_enabled()) and not torch.compiler.is_compiling():
         number = float(value.detach())
         if not math.isfinite(number):
             raise ValueError(f"`{name}` must be finite, got {number}")

@@ -16,6 +16,7 @@ per logit tile) and the gradient outputs are empty.
 into float64 scalars); the CPU kernel reads their values, the Triton kernels read
 them through their pointers (no host sync).
 """
+import math
 from typing import Optional
 
 import torch
@@ -66,11 +67,16 @@ def _(image, text, logit_scale, logit_bias, positives, want_grads):
     loss64 = torch.empty((), dtype=torch.float64)
     dscale = torch.zeros((), dtype=torch.float64)
     dbias = torch.zeros((), dtype=torch.float64)
+    scale_value = float(logit_scale)
+    bias_value = float(logit_bias) if logit_bias is not None else 0.0
+    for value, name in ((scale_value, "logit_scale"), (bias_value, "logit_bias")):
+        if not math.isfinite(value):  # checked here too: under torch.compile the functional cannot
+            raise ValueError(f"siglip_loss: `{name}` must be finite, got {value}")
     status = _ext._C.siglip_loss_and_grads(
         image=image.data_ptr(), text=text.data_ptr(), dtype=_ext.DTYPE_CODES[image.dtype], n=n, m=m, d=d,
         image_row_stride=image.stride(0), image_col_stride=image.stride(1),
         text_row_stride=text.stride(0), text_col_stride=text.stride(1),
-        logit_scale=float(logit_scale), logit_bias=float(logit_bias) if logit_bias is not None else 0.0,
+        logit_scale=scale_value, logit_bias=bias_value,
         positives=bool(positives), loss=loss64.data_ptr(),
         dimage=dimage.data_ptr() if want_grads else 0, dtext=dtext.data_ptr() if want_grads else 0,
         dscale=dscale.data_ptr(), dbias=dbias.data_ptr(), num_threads=_ext.num_threads(),
