@@ -38,23 +38,29 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
-def _pair_terms(l, positive):
+def _pair_terms(l, positive, WIDE: tl.constexpr):
     """Loss term softplus(-label l) = -log sigmoid(label l) and G' = -label sigmoid(-label l),
-    label = +1 where `positive`, from one exp(-|l|); log(1 + e) as 2 atanh(e / (2 + e))
-    (odd series through t^13, t <= 1/3), accurate for tiny e too."""
+    label = +1 where `positive`, from one exp(-|l|). log(1 + e), accurate for tiny e too:
+    in float32 2 atanh(e / (2 + e)) (odd series through t^13, t <= 1/3: FMAs, no second
+    transcendental); in float64 (WIDE) log(u) e / (u - 1) with u = 1 + e."""
     e = tl.exp(-tl.abs(l))
-    r = 1.0 / (1.0 + e)
-    t = e / (2.0 + e)
-    t2 = t * t
-    p = 1.0 / 13.0
-    p = p * t2 + 1.0 / 11.0
-    p = p * t2 + 1.0 / 9.0
-    p = p * t2 + 1.0 / 7.0
-    p = p * t2 + 1.0 / 5.0
-    p = p * t2 + 1.0 / 3.0
-    p = p * t2 + 1.0
+    u = 1.0 + e
+    r = 1.0 / u
+    if WIDE:
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    else:
+        t = e / (2.0 + e)
+        t2 = t * t
+        p = 1.0 / 13.0
+        p = p * t2 + 1.0 / 11.0
+        p = p * t2 + 1.0 / 9.0
+        p = p * t2 + 1.0 / 7.0
+        p = p * t2 + 1.0 / 5.0
+        p = p * t2 + 1.0 / 3.0
+        p = p * t2 + 1.0
+        log1p_e = 2.0 * t * p
     z = tl.where(positive, -l, l)  # the term is softplus(z)
-    term = tl.maximum(z, 0.0) + 2.0 * t * p
+    term = tl.maximum(z, 0.0) + log1p_e
     sig_z = tl.where(z >= 0, r, e * r)
     grad = tl.where(positive, -sig_z, sig_z)
     return term, grad
@@ -99,7 +105,7 @@ def _siglip_pass_kernel(
             positive = rows[:, None] == cols[None, :]
         else:
             positive = (rows[:, None] < 0) & (cols[None, :] < 0)  # never
-        term, g = _pair_terms(logit, positive)
+        term, g = _pair_terms(logit, positive, ACC == tl.float64)
         valid = row_ok[:, None] & col_ok[None, :]
         g = tl.where(valid, g, 0.0)
         if STATS:
