@@ -461,3 +461,45 @@ def test_ring_loss_only_and_unequal_batches(world, tmp_path_factory):
         assert results[r]["no_grad"].dtype == torch.float32
         torch.testing.assert_close(results[r]["no_grad"].double(), expected[r][0], rtol=1e-5, atol=0)
         assert results[r]["unequal"] is not None and "same number of rows" in results[r]["unequal"]
+
+
+def _chunked_reference(image, text, scale, bias, rows=1024):
+    """The float64 loss and gradients without holding N x N at once."""
+    x, y = image.double(), text.double()
+    n = x.shape[0]
+    loss = torch.zeros((), dtype=torch.float64)
+    dx, dy = torch.zeros_like(x), torch.zeros_like(y)
+    dscale = torch.zeros((), dtype=torch.float64)
+    dbias = torch.zeros((), dtype=torch.float64)
+    for r0 in range(0, n, rows):
+        xy = x[r0:r0 + rows] @ y.T
+        logits = scale * xy + bias
+        labels = -torch.ones_like(logits)
+        idx = torch.arange(r0, min(r0 + rows, n))
+        labels[idx - r0, idx] = 1.0
+        loss += -F.logsigmoid(labels * logits).sum()
+        g = -labels * torch.sigmoid(-labels * logits)
+        dx[r0:r0 + rows] = scale * g @ y
+        dy += scale * g.T @ x[r0:r0 + rows]
+        dscale += (g * xy).sum()
+        dbias += g.sum()
+    return [t / n for t in (loss, dx, dy, dscale, dbias)]
+
+
+def test_large_batch_tiles_match_and_are_thread_independent():
+    """N = 8200 takes the 512-row tiles (and a ragged last block)."""
+    image, text = _pairs(8200, 4)
+    ref = _chunked_reference(image, text, 10.0, -10.0)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_grads(sslkernels.siglip_loss, image, text, torch.tensor(10.0), torch.tensor(-10.0)))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    for name, got, want in zip(["loss", "dimage", "dtext", "dscale", "dbias"], results[0], ref):
+        err = max_abs_error(got, want)
+        assert err <= 1e-5 * float(want.abs().max()), f"{name}: {err:.3e}"
