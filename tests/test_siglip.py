@@ -503,3 +503,16 @@ def test_large_batch_tiles_match_and_are_thread_independent():
     for name, got, want in zip(["loss", "dimage", "dtext", "dscale", "dbias"], results[0], ref):
         err = max_abs_error(got, want)
         assert err <= 1e-5 * float(want.abs().max()), f"{name}: {err:.3e}"
+
+
+def test_bench_case_runs_both_implementations_on_the_same_inputs(tmp_path):
+    from sslkernels import _benchmark as B
+    from sslkernels.bench import main
+
+    op = B.get_op("siglip")
+    assert op.grid() == [{"n": 8192, "d": 256}]  # the bar's shape (issue 13)
+    inputs = op.make_inputs({"n": 33, "d": 9}, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(op.fused(*inputs), op.eager(*inputs), rtol=1e-12, atol=0)
+    rc = main(["--ops", "siglip", "--n", "64", "--d", "16", "--repeat", "1", "--warmup", "0", "--no-memory",
+               "--no-plot", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0 and "siglip" in (tmp_path / "results.csv").read_text()
