@@ -224,6 +224,10 @@ Status siglip_loss_and_grads(const MatrixView& image, const MatrixView& text, do
       !std::isfinite(logit_scale) || !std::isfinite(logit_bias))
     return Status::BadArgument;
   num_threads = std::max(1, num_threads);
+  // A small problem (under ~4M multiply-adds, a few ms on one core) runs on one thread:
+  // waking the others for each of its parallel regions costs more on a busy machine.
+  // The results are the same bitwise for any thread count, so this changes no value.
+  if (image.rows * text.rows * image.cols < (int64_t(1) << 22)) num_threads = 1;
   if (image.dtype == DType::Float64)
     return siglip_impl<double>(image, text, logit_scale, logit_bias, positives, loss,
                                static_cast<double*>(dimage), static_cast<double*>(dtext), dscale,
