@@ -136,8 +136,12 @@ def plan(d: int, dtype: torch.dtype, precision: str) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(pow2, 32), BLOCK_DO=min(pow2, 64), num_warps=4)
     if dtype == torch.float64 or precision == "ieee" and dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=min(pow2, 64), num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(pow2, 64), BLOCK_DO=min(pow2, 256), num_warps=8,
-                num_stages=2)
+    # fp32 as tf32x3 (three products per dot): whole 256-wide gradient rows spilled registers
+    # for sm_90 (ptxas, --compile-only), 128-wide slices do not (S then runs twice per pass).
+    # Its operands split in two halves each: 32-wide K chunks keep D = 130 (masked chunks) unspilled.
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(pow2, 32 if fp32 else 64), BLOCK_DO=min(pow2, 128 if fp32 else 256),
+                num_warps=8, num_stages=2)
 
 
 def _pass(a, b, scale, bias, out, row_loss, row_grad, row_dot, inv_n, positives, stats, grads, acc_dtype, cfg,
