@@ -109,7 +109,7 @@ def _cases(rank: int, world: int, mode: str):
         "q": loc["q"], "k": loc["k"], "queue": d["queue"]}
     ntx = sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True, distributed_mode=mode)
     yield "NTXentLoss", lambda z1, z2: ntx(z1, z2), {"z1": loc["z1"], "z2": loc["z2"]}
-    sup = sslkernels.nn.SupConLoss(T_SUP, gather_distributed=True, distributed_mode=mode)
+    sup = sslkernels.nn.SupConLoss(T_SUP, gather_distributed=True, distributed_mode=mode, reduction="mean")
     yield "SupConLoss", lambda feats, labels: sup(feats, labels), {"feats": loc["feats"], "labels": loc["labels"]}
     nce = sslkernels.nn.InfoNCELoss(T_NCE, symmetric=True, gather_distributed=True, distributed_mode=mode)
     yield "InfoNCELoss", lambda q, k: nce(q, k), {"q": loc["q"], "k": loc["k"]}

@@ -70,16 +70,36 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 
 def check_labels(labels, name: str, length: int, device: torch.device) -> torch.Tensor:
-    """Integer class labels [length] on `device`, returned as int64."""
+    """Class labels [length] on `device`, compared by value as pytorch-metric-learning
+    does (``labels[i] == labels[j]``): integer, bool or floating-point. Returned as int64
+    ids with the same equalities: integers as they are, bools as 0 / 1, floats as the
+    bit pattern of their float64 value (exact for every float dtype; -0.0 taken as 0.0).
+    NaN labels (equal to nothing, not even themselves) are refused: always on the CPU,
+    on CUDA in debug mode (the check is a host sync). Complex labels are refused."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"`{name}` must hold integer class ids (int64), got {labels.dtype}")
+    if labels.is_complex():
+        raise TypeError(f"`{name}` must hold integer, bool or real floating-point class labels, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != length:
         raise ValueError(f"`{name}` must have shape [{length}], got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"`{name}` is on {labels.device} but the features are on {device}")
-    return labels.to(torch.int64)
+    if not labels.is_floating_point():
+        return labels.to(torch.int64)
+    from sslkernels._config import debug_enabled
+
+    if labels.device.type == "cpu" or debug_enabled():
+        if bool(torch.isnan(labels).any()):
+            raise ValueError(f"`{name}` contains NaN; a NaN label equals no other label, give it a class id")
+    # float64 holds every float16 / bfloat16 / float32 value exactly, so equal bits <=> equal values
+    return (labels.to(torch.float64) + 0.0).view(torch.int64)
+
+
+def check_choice(value, name: str, choices) -> str:
+    """One of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def temperature_tensor(temperature, device: torch.device, name: str = "temperature") -> torch.Tensor:
@@ -105,6 +125,50 @@ def temperature_tensor(temperature, device: torch.device, name: str = "temperatu
         if not math.isfinite(value) or value <= 0.0:
             raise ValueError(f"`{name}` must be finite and > 0, got {value}")
     return temperature
+
+
+def _single_value(x, name: str, device: torch.device) -> torch.Tensor:
+    """A number or a one-element floating tensor (shape [], [1], [1, 1], ...: what
+    broadcasts against a logit matrix) as a 0-dim tensor; a tensor keeps its autograd
+    (the reshape is a view), so its gradient comes back in its own shape."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"`{name}` must be a real number or a floating-point tensor, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
+    if x.numel() != 1:
+        raise NotImplementedError(f"`{name}` of shape {tuple(x.shape)}: only a single value (shape [] or [1]) is "
+                                  "built (one scale / bias shared by every logit)")
+    if x.device.type != "cpu" and x.device != device:
+        raise ValueError(f"`{name}` is on {x.device}; put it on the CPU or on {device}")
+    return x.reshape(())
+
+
+def clip_logit_scale(logit_scale, device: torch.device) -> torch.Tensor:
+    """open_clip's exponentiated ``logit_scale`` (number, 0-dim or [1] tensor) as a 0-dim
+    tensor, finite and > 0 (checked on the CPU always, on CUDA in debug mode)."""
+    scale = _single_value(logit_scale, "logit_scale", device)
+    from sslkernels._config import debug_enabled
+
+    if scale.device.type == "cpu" or debug_enabled():
+        value = float(scale.detach())
+        if not math.isfinite(value) or value <= 0.0:
+            raise ValueError(f"`logit_scale` must be finite and > 0 (it is exp of the log-scale), got {value}")
+    return scale
+
+
+def clip_logit_bias(logit_bias, device: torch.device):
+    """open_clip's ``logit_bias`` (None, a number, or a 0-dim / [1] tensor) as a 0-dim
+    tensor or None; finite (checked on the CPU always, on CUDA in debug mode)."""
+    if logit_bias is None:
+        return None
+    bias = _single_value(logit_bias, "logit_bias", device)
+    from sslkernels._config import debug_enabled
+
+    if (bias.device.type == "cpu" or debug_enabled()) and not math.isfinite(float(bias.detach())):
+        raise ValueError(f"`logit_bias` must be finite, got {float(bias.detach())}")
+    return bias
 
 
 def check_negatives(negatives, query: torch.Tensor):

@@ -7,6 +7,7 @@ from sslkernels import _validation as v
 from sslkernels import distributed as _distributed
 from sslkernels import ops  # noqa: F401  (registers torch.ops.sslkernels.*)
 from sslkernels.ops import attention as _attention_ops  # noqa: F401  (registers the attention ops)
+from sslkernels.ops import contrastive as _contrastive_ops
 from sslkernels import _validation as _checks  # attention arguments shadow `v`
 
 
@@ -56,7 +57,7 @@ def nt_xent(
 
 def sup_con(
     features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, normalize: bool = True,
-    process_group=None, mode: str = "all_gather",
+    process_group=None, mode: str = "all_gather", reduction: str = "mean",
 ) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, the "L_out" form), fused.
 
@@ -71,7 +72,8 @@ def sup_con(
 
     Args:
         features: ``[N, D]`` (all views stacked), float32/float16/bfloat16/float64.
-        labels: integer ``[N]`` class ids (any values), same device.
+        labels: ``[N]`` class labels, same device: integer, bool or floating-point, compared
+            by value as pytorch-metric-learning does (NaN and complex refused).
         temperature: finite, > 0.
         process_group: a ``torch.distributed.ProcessGroup``: the loss over the rows and
             labels of every rank (same N on all ranks; positives found across ranks),
@@ -81,17 +83,28 @@ def sup_con(
             times redundant work); ``"ring"``: rows and labels pass round the ring
             one block at a time, each rank computing its own anchors (O(N D)
             memory); same value and gradients.
+        reduction: ``"mean"`` (default): the mean over the anchors with a positive;
+            ``"nonzero"``: pytorch-metric-learning's default (``AvgNonZeroReducer``), the
+            mean over the anchors whose loss is non-zero, i.e. above the rounding level
+            of the computation (a few ulps of ``1 / temperature``: an anchor whose only
+            positive nearly duplicates it), 0 when none is or when the batch has no
+            negative pair. Never negative. Still fused (one more O(N D) pass); the
+            anchors left out keep their gradient, which is below that rounding level.
+            Single process only (NotImplementedError with ``process_group``).
     """
     v.check_float_tensor(features, "features", 2)
     v.check_nonempty_rows(features, "features")
     labels = v.check_labels(labels, "labels", features.shape[0], features.device)
     temperature = v.check_temperature(temperature)
     _distributed.check_mode(mode)
+    reduction = v.check_choice(reduction, "reduction", _contrastive_ops.SUP_CON_REDUCTIONS)
     if process_group is not None:
+        if reduction != "mean":
+            raise NotImplementedError("sslkernels.sup_con: reduction='nonzero' is not built with a process_group "
+                                      "(use reduction='mean')")
         return _distributed.sup_con(features, labels, temperature, bool(normalize),
                                     _distributed.resolve_group(process_group), mode)
-    loss, _ = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, bool(normalize))
-    return loss
+    return _contrastive_ops.sup_con(features, labels, temperature, bool(normalize), reduction)
 
 
 def info_nce(

@@ -185,6 +185,66 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
     return launchers("contrastive").sup_con_backward(grad_loss, features, labels, lse, temperature, normalize)
 
 
+# pytorch-metric-learning's SupConLoss averages with AvgNonZeroReducer: the mean over
+# the anchors whose loss is > 0, and 0 for a batch with no negative pair. An anchor whose
+# only positive is (nearly) its duplicate has a loss far below the rounding of
+# lse_i - mean_positive_i (a few ulps of 1/t), so "non-zero" is read as "above that
+# rounding level": NONZERO_ULPS ulps of |lse_i| + |mean_positive_i| in the stats dtype.
+NONZERO_ULPS = 4.0
+
+
+@torch.library.custom_op("sslkernels::sup_con_anchor_losses", mutates_args=())
+def sup_con_anchor_losses(
+    features: Tensor, labels: Tensor, lse: Tensor, temperature: float, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    """(kept [N] float64: each anchor's loss where it is above the rounding level, else 0;
+    counts [2] float64: anchors with a positive, anchors kept). O(N D): the positives
+    come from class sums, the denominators from the forward's lse. No gradient (the
+    caller uses it as constants)."""
+    z = features.double()
+    if normalize:
+        z = torch.nn.functional.normalize(z, dim=1, eps=1e-12)
+    _, class_ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    class_sum = torch.zeros(counts.numel(), z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, class_ids, z)
+    positives = counts[class_ids] - 1
+    is_anchor = positives > 0
+    mean_positive = (z * (class_sum[class_ids] - z)).sum(1) / (temperature * positives.clamp(min=1).to(z.dtype))
+    loss = lse.double() - mean_positive
+    rounding = NONZERO_ULPS * torch.finfo(lse.dtype).eps * (lse.double().abs() + mean_positive.abs())
+    kept = is_anchor & (loss > rounding) & (counts.numel() > 1)  # one class: no negative pair, pml's 0
+    counts_out = torch.stack([is_anchor.sum(), kept.sum()]).double()
+    return torch.where(kept, loss, torch.zeros_like(loss)), counts_out
+
+
+@sup_con_anchor_losses.register_fake
+def _(features, labels, lse, temperature, normalize):
+    n = features.shape[0]
+    return features.new_empty((n,), dtype=torch.float64), features.new_empty((2,), dtype=torch.float64)
+
+
+SUP_CON_REDUCTIONS = ("mean", "nonzero")
+
+
+def sup_con(features: Tensor, labels: Tensor, temperature: float, normalize: bool, reduction: str) -> Tensor:
+    """The SupCon loss with its averaging chosen here: "mean" over the anchors with a
+    positive (the paper's L_out), or "nonzero" (pytorch-metric-learning's default
+    AvgNonZeroReducer, see sup_con_anchor_losses). Both stay fused: "nonzero" adds an
+    O(N D) pass and rescales the fused mean's gradient by |anchors| / |kept|, so the
+    anchors left out still contribute their gradient, which is below the rounding
+    level (|d loss_i / d s| <= 2 loss_i)."""
+    loss, lse = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, normalize)
+    if reduction == "mean":
+        return loss
+    kept, counts = torch.ops.sslkernels.sup_con_anchor_losses(features.detach(), labels, lse.detach(),
+                                                              temperature, normalize)
+    num_anchors, num_kept = counts.unbind()
+    divisor = num_kept.clamp(min=1)
+    value = (kept.sum() / divisor).to(loss.dtype)
+    scale = torch.where(num_kept > 0, num_anchors / divisor, torch.zeros_like(divisor)).to(loss.dtype)
+    # value of the non-zero mean, gradient of the fused mean times |anchors| / |kept|
+    return value + (loss - loss.detach()) * scale
+
+
 # ---------------------------------------------------------------- InfoNCE / CLIP
 # lse holds the query-direction statistics [N], then (symmetric) the key direction [N].
 # `temperature` is a 0-dim tensor so that a learnable one gets its (exact) gradient;
