@@ -11,6 +11,7 @@
 extern "C" void scipy_openblas_set_num_threads(int num_threads);
 void register_attention(pybind11::module_& m);  // bindings_attention.cpp
 void register_sigreg(pybind11::module_& m);     // bindings_sigreg.cpp
+void register_siglip(pybind11::module_& m);     // bindings_siglip.cpp
 
 namespace py = pybind11;
 using namespace sslkernels;
@@ -195,6 +196,7 @@ PYBIND11_MODULE(_C, m) {
         "returns a status code.");
   register_attention(m);
   register_sigreg(m);
+  register_siglip(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -498,6 +498,51 @@ SIGREG = OpSpec(
 )
 
 # Every public function of sslkernels that the reliability tests cover.
+# ---------------------------------------------------------------- siglip (issue 13)
+
+
+def _build_siglip(s, dtype, scale, seed):
+    g = _gen(seed)
+    image = _randn(g, s["n"], s["d"], scale=scale, dtype=torch.float64)
+    text = 0.6 * image + 0.8 * _randn(g, s["n"], s["d"], scale=scale, dtype=torch.float64)
+    return {"image_features": image.to(dtype), "text_features": text.to(dtype)}
+
+
+def _siglip_bound(tensors, options, what="output"):
+    """Size of SigLIP's intermediates: L = |scale| max|x| max|y| + |bias| bounds every logit;
+    the loss sums M terms of up to L per image, a gradient row M terms of |scale| max|x| (L
+    rounding of the logit behind each sigmoid) over N."""
+    x, y = tensors["image_features"].double(), tensors["text_features"].double()
+    nx, ny = float(x.norm(dim=1).max()), float(y.norm(dim=1).max())
+    scale = abs(float(options.get("logit_scale", 1.0)))
+    bias = options.get("logit_bias")
+    logit = scale * nx * ny + (abs(float(bias)) if bias is not None else 0.0)
+    rows = x.shape[0]
+    if what == "output":
+        return rows * max(1.0, logit)
+    return scale * max(nx, ny) * max(1.0, logit)
+
+
+SIGLIP = OpSpec(
+    name="siglip_loss", call=sslkernels.siglip_loss, build=_build_siglip,
+    reference=lambda image_features, text_features, logit_scale, logit_bias=None: sslkernels.reference.siglip_reference(
+        image_features, text_features, logit_scale, logit_bias),
+    sizes=st.fixed_dictionaries({"n": ROWS, "d": COLS}),
+    options=st.fixed_dictionaries({"logit_scale": st.floats(0.5, 20.0),
+                                   "logit_bias": st.one_of(st.none(), st.floats(-10.0, 5.0))}),
+    small={"n": 7, "d": 5}, large={"n": 300, "d": 33}, defaults={"logit_scale": 10.0, "logit_bias": -10.0},
+    args={"image_features": Arg((2,)), "text_features": Arg((2,))}, grads=("image_features", "text_features"),
+    mismatches=(("one more row", "text_features", _extra_row), ("one more column", "text_features", _extra_col)),
+    bad_scalars=_bad("logit_scale", (float("nan"), ValueError), (float("inf"), ValueError), ("10", TypeError),
+                     (None, TypeError), (True, TypeError), (torch.ones(2), ValueError),
+                     (torch.tensor(3), TypeError), (torch.tensor(float("nan")), ValueError),
+                     (torch.tensor(1.0, device="meta"), ValueError))
+    + _bad("logit_bias", (float("-inf"), ValueError), (True, TypeError), ("0", TypeError),
+           (torch.zeros(3), ValueError), (torch.tensor(float("nan")), ValueError)),
+    thread_bitwise=True, magnitude=_siglip_bound,
+)
+
+
 OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR,
-       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION, SIGREG]
+       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION, SIGREG, SIGLIP]
 BY_NAME = {spec.name: spec for spec in OPS}

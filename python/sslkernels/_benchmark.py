@@ -216,6 +216,50 @@ register_op(
 )
 
 
+# ---- SigLIP's sigmoid loss (issue 13)
+
+
+def _image_text_pairs(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Unit image / text rows (as open_clip's models return them), correlated pairs, and a
+    learnable scale and bias at SigLIP's initialisation (scale 10, bias -10)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d = sizes["n"], sizes["d"]
+    image = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    text = torch.nn.functional.normalize(image + 0.8 * torch.randn(n, d, generator=g), dim=1)
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    return (image.to(device=device, dtype=dtype).requires_grad_(True),
+            text.to(device=device, dtype=dtype).requires_grad_(True), scale, bias)
+
+
+def _siglip_eager(image, text, scale, bias):
+    from sslkernels.reference import siglip_reference
+
+    return siglip_reference(image, text, scale, bias)
+
+
+def _siglip_fused(image, text, scale, bias):
+    import sslkernels
+
+    return sslkernels.siglip_loss(image, text, scale, bias)
+
+
+register_op(
+    BenchOp(
+        name="siglip",
+        params=("n", "d"),
+        default_sizes={"n": (8192,), "d": (256,)},
+        quick_sizes={"n": (1024,), "d": (128,)},
+        make_inputs=_image_text_pairs,
+        eager=_siglip_eager,
+        fused=_siglip_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"]},
+        shape_label=lambda s: f"N={s['n']} D={s['d']}",
+        description="SigLIP sigmoid loss (open_clip SigLipLoss), learnable scale 10 and bias -10",
+    )
+)
+
+
 
 # ---- attention over kept patches / packed sequences
 

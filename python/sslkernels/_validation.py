@@ -343,3 +343,44 @@ def check_num_vectors(num_vectors) -> int:
     if int(num_vectors) < 1:
         raise ValueError(f"`num_vectors` must be >= 1, got {int(num_vectors)}")
     return int(num_vectors)
+# ---------------------------------------------------------------- siglip
+
+
+def check_siglip_features(image_features, text_features) -> None:
+    """image [N, D] and text [N, D]: float tensors of one dtype and device, N, D >= 1."""
+    check_float_tensor(image_features, "image_features", 2)
+    check_float_tensor(text_features, "text_features", 2)
+    check_same(image_features, text_features, "image_features", "text_features")
+    check_nonempty_rows(image_features, "image_features")
+
+
+def logit_scalar(value, name: str, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """SigLIP's logit_scale / logit_bias: a real number or a 0-dim floating tensor (which
+    may require grad), as a 0-dim tensor on `device`.
+
+    open_clip passes ``logit_scale`` already exponentiated: it multiplies the logits as
+    given, any sign. A Python number becomes a float64 scalar on `device`; a tensor on
+    the CPU is moved to `device` (differentiably). The value (finite) is checked on the
+    CPU always and on CUDA in debug mode only (the check is a host sync).
+    """
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`{name}` must be a real number or a 0-dim tensor, got {type(value).__name__}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"`{name}` must be finite, got {number}")
+        return torch.full((), number, dtype=dtype, device=device)
+    if not value.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}")
+    if value.numel() != 1 or value.dim() > 1:
+        raise ValueError(f"`{name}` must be a 0-dim tensor (or one element), got shape {tuple(value.shape)}")
+    if value.device.type != "cpu" and value.device != device:
+        raise ValueError(f"`{name}` is on {value.device}; put it on the CPU or on {device}")
+    from sslkernels._config import debug_enabled
+
+    # Under torch.compile the value is data-dependent: the op's CPU kernel checks it instead.
+    if (value.device.type == "cpu" or debug_enabled()) and not torch.compiler.is_compiling():
+        number = float(value.detach())
+        if not math.isfinite(number):
+            raise ValueError(f"`{name}` must be finite, got {number}")
+    return value.reshape(()).to(device)

@@ -388,3 +388,54 @@ def sigreg(
         return _distributed.sigreg(proj3, directions, knots, t_max, _distributed.resolve_group(process_group))
     return _sigreg_ops.sigreg(proj3, directions, knots, t_max)
 # ================================================================ end sigreg
+# ---------------------------------------------------------------- siglip (issue 13)
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    process_group=None,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss, as open_clip's ``SigLipLoss`` computes it, fused.
+
+    ``logits_ij = logit_scale * image_i . text_j + logit_bias``, ``labels_ij`` = +1 where
+    i == j and -1 elsewhere, ``loss = -sum_ij log sigmoid(labels_ij logits_ij) / N``
+    (a 0-dim tensor of the features' dtype; accumulated in float32, float64 for float64
+    inputs). Nothing is normalised here (open_clip's model does that) and
+    ``logit_scale`` multiplies as given (open_clip passes it already exponentiated).
+
+    The (N x N) logits are never held: on the CPU one sweep over their tiles computes
+    the loss and, when a gradient is wanted (grad mode on and an input requiring
+    grad), every gradient, which autograd keeps (2 N x D floats) for the backward; on
+    CUDA a row pass and a column pass of Triton kernels do the same.
+
+    Args:
+        image_features, text_features: ``[N, D]``, same shape, dtype (float32, float16,
+            bfloat16 or float64) and device (cpu or cuda).
+        logit_scale, logit_bias: real numbers or 0-dim tensors (on the CPU or the
+            features' device); a tensor that requires grad gets its exact gradient.
+            ``logit_bias=None`` adds nothing.
+        process_group: a ``torch.distributed.ProcessGroup``: this rank's images meet
+            every rank's texts, which travel round a ring one block at a time (O(N D)
+            memory per rank); each rank returns the loss of its own images (open_clip's
+            SigLipLoss with ``world_size > 1``), and each rank's features get the
+            gradient of the sum of every rank's loss (see :mod:`sslkernels._ring_siglip`).
+            Same N on all ranks.
+    """
+    v.check_siglip_features(image_features, text_features)
+    device = image_features.device
+    logit_scale = v.logit_scalar(logit_scale, "logit_scale", device)
+    if logit_bias is not None:
+        logit_bias = v.logit_scalar(logit_bias, "logit_bias", device)
+    if process_group is not None:
+        from sslkernels import _ring_siglip
+
+        return _ring_siglip.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                        _distributed.resolve_group(process_group))
+    want_grads = _grad_wanted(image_features, text_features, logit_scale, logit_bias)
+    loss, *_ = torch.ops.sslkernels.siglip_loss_and_grads(
+        image_features, text_features, logit_scale, logit_bias, True, want_grads
+    )
+    return loss
