@@ -88,20 +88,20 @@ def _(A, max_sweeps):
     b = A.shape[0]
     rows, cols, bs, rs, cs = _tall_view(A)
     out_dtype = compute_dtype(A.dtype)
-    code = _ext.DTYPE_CODES[A.dtype]
+    view = dict(a=A.data_ptr(), dtype=_ext.DTYPE_CODES[A.dtype], batch=b, rows=rows, cols=cols,
+                batch_stride=bs, row_stride=rs, col_stride=cs)
     threads = _ext.num_threads()
     S = torch.empty((b, cols), dtype=out_dtype)
     info = torch.empty((b,), dtype=torch.int32)
     jacobi = cols <= JACOBI_MAX_COLS[out_dtype] and (out_dtype == torch.float64 or rows <= JACOBI_MAX_ASPECT * cols)
     if jacobi:
-        _status(_ext._C.svdvals_jacobi(A.data_ptr(), code, b, rows, cols, bs, rs, cs,
-                                       S.data_ptr(), info.data_ptr(), int(max_sweeps), threads))
+        _status(_ext._C.svdvals_jacobi(**view, s=S.data_ptr(), info=info.data_ptr(), max_sweeps=int(max_sweeps),
+                                       num_threads=threads))
     elif cols < EIGVALSH_MIN_COLS or b >= GRAM_PER_MATRIX_MIN_BATCH:  # shapes alone: thread-count independent
-        _status(_ext._C.svdvals_gram(A.data_ptr(), code, b, rows, cols, bs, rs, cs,
-                                     S.data_ptr(), info.data_ptr(), threads))
+        _status(_ext._C.svdvals_gram(**view, s=S.data_ptr(), info=info.data_ptr(), num_threads=threads))
     else:
         G = torch.empty((b, cols, cols), dtype=torch.float64)
-        _status(_ext._C.gram_float64(A.data_ptr(), code, b, rows, cols, bs, rs, cs, G.data_ptr(), threads))
+        _status(_ext._C.gram_float64(**view, g=G.data_ptr(), num_threads=threads))
         lam = torch.linalg.eigvalsh(G)  # raises if LAPACK fails to converge
         S.copy_(lam.clamp_min(0).sqrt().flip(-1))
         info.zero_()
