@@ -66,18 +66,13 @@ from typing import List, Optional
 import torch
 
 from sslkernels import _ring
+from sslkernels._common import torch_distributed as _dist
 
 MODES = ("all_gather", "ring")
 RING_DETACHED_CLIP = (
     "ClipLoss(gather_with_grad=False) with distributed_mode='ring' is not built (open_clip's "
     "detached-candidates gradient); use gather_with_grad=True (exact) or distributed_mode='all_gather'"
 )
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist
 
 
 def resolve_group(process_group, name: str = "process_group"):

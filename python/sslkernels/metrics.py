@@ -21,6 +21,7 @@ from typing import Tuple
 
 import torch
 
+from sslkernels._common import stats_dtype
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_finite
 from sslkernels.functional import _check_matrices, svdvals
@@ -39,7 +40,7 @@ def _svdvals(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return stats_dtype(x.dtype)
 
 
 def _check_eps(eps, name: str = "eps") -> float:

@@ -56,6 +56,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from sslkernels._common import initialized_distributed as _dist
+
 __all__ = ["RankMeMonitor", "METRICS"]
 
 #: Metric names the monitor accepts (functions of :mod:`sslkernels.metrics` on ``[N, D]``).
@@ -78,14 +80,6 @@ def _check_int(value, name: str, minimum: int) -> int:
 def _metric_fn(name: str) -> Callable:
     from sslkernels import metrics as _metrics  # at call time: metrics may land after this module
     return getattr(_metrics, name)
-
-
-def _dist():
-    """torch.distributed when it is available and initialised, else None."""
-    d = getattr(torch, "distributed", None)
-    if d is not None and d.is_available() and d.is_initialized():
-        return d
-    return None
 
 
 class RankMeMonitor:

@@ -26,17 +26,11 @@ import torch
 from torch import Tensor
 
 from sslkernels import _ext
+from sslkernels._common import no_kernel as _no_kernel
+from sslkernels._common import stats_dtype as _stats_dtype
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_cu_seqlens_values, check_finite, check_patch_index_values
 from sslkernels.ops._triton import launchers
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_kernel(op: str, device: torch.device):
-    return NotImplementedError(f"sslkernels::{op} has no kernel for device '{device.type}' (cpu and cuda only)")
 
 
 def _operand(name: str, x: Tensor, packed: bool) -> dict:

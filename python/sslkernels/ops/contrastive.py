@@ -25,18 +25,11 @@ import torch
 from torch import Tensor
 
 from sslkernels import _ext
+from sslkernels._common import no_kernel as _no_kernel
+from sslkernels._common import stats_dtype as _stats_dtype
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_finite
 from sslkernels.ops._triton import launchers
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 inputs are computed in float64 (gradcheck); everything else in float32.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_kernel(op: str, device: torch.device):
-    return NotImplementedError(f"sslkernels::{op} has no kernel for device '{device.type}' (cpu and cuda only)")
 
 
 # ---------------------------------------------------------------- forward

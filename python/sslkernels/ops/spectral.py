@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from sslkernels import _ext
+from sslkernels._common import no_kernel as _no_kernel
+from sslkernels._common import stats_dtype as compute_dtype
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_finite
 from sslkernels.ops._triton import launchers
@@ -46,14 +48,6 @@ EIGVALSH_MIN_COLS = 256
 # Gram is split over threads in fixed blocks and torch's eigvalsh takes the eigenvalues.
 # The route depends on the shape only, so results do not change with the thread count.
 GRAM_PER_MATRIX_MIN_BATCH = 8
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_kernel(op: str, device: torch.device):
-    return NotImplementedError(f"sslkernels::{op} has no kernel for device '{device.type}' (cpu and cuda only)")
 
 
 @torch.library.custom_op("sslkernels::svdvals_ex", mutates_args=())
