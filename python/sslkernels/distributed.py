@@ -67,28 +67,15 @@ import torch
 
 from sslkernels import _ring
 from sslkernels._common import torch_distributed as _dist
+from sslkernels._validation import DISTRIBUTED_MODES as MODES  # noqa: F401  (re-exported)
+from sslkernels._validation import check_distributed_mode as check_mode
+from sslkernels._validation import check_process_group as resolve_group  # noqa: F401  (re-exported)
+from sslkernels.ops import contrastive as _ops
 
-MODES = ("all_gather", "ring")
 RING_DETACHED_CLIP = (
     "ClipLoss(gather_with_grad=False) with distributed_mode='ring' is not built (open_clip's "
     "detached-candidates gradient); use gather_with_grad=True (exact) or distributed_mode='all_gather'"
 )
-
-
-def resolve_group(process_group, name: str = "process_group"):
-    """``process_group`` (a ``torch.distributed.ProcessGroup``, e.g. ``dist.group.WORLD``)
-    checked; raises when torch.distributed is unavailable or not initialised."""
-    dist = _dist()
-    if not dist.is_available():
-        raise ValueError(f"`{name}` was given but torch.distributed is not available in this torch build")
-    if not dist.is_initialized():
-        raise ValueError(f"`{name}` was given but torch.distributed is not initialised (call init_process_group)")
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(
-            f"`{name}` must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
-            f"got {type(process_group).__name__}"
-        )
-    return process_group
 
 
 def default_group():
@@ -98,12 +85,6 @@ def default_group():
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
-
-
-def check_mode(mode) -> str:
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def check_same_batch_size(rows: int, group, device: torch.device, name: str) -> None:
@@ -173,40 +154,40 @@ def _cat(x: torch.Tensor, group, with_grad: bool = True) -> torch.Tensor:
 
 
 def nt_xent(z1, z2, temperature: float, normalize: bool, group, mode: str) -> torch.Tensor:
-    """Global NT-Xent over every rank's rows on every rank (see the module docstring)."""
-    from sslkernels import functional
-
-    check_mode(mode)
+    """Global NT-Xent over every rank's rows on every rank (see the module docstring).
+    The arguments are validated by the caller (`sslkernels.nt_xent`)."""
     check_same_batch_size(z1.shape[0], group, z1.device, "z1")
     if mode == "ring":
         return _ring.nt_xent(z1, z2, temperature, normalize, group)
     dtype = z1.dtype
     z1, z2 = _wide(z1, z2)
-    return functional.nt_xent(_cat(z1, group), _cat(z2, group), temperature=temperature,
-                              normalize=normalize).to(dtype)
+    return _ops.nt_xent_loss(_cat(z1, group), _cat(z2, group), temperature, normalize=normalize).to(dtype)
 
 
 def sup_con(features, labels, temperature: float, normalize: bool, group, mode: str) -> torch.Tensor:
-    """Global SupCon over every rank's rows and labels on every rank (see the module docstring)."""
-    from sslkernels import functional
-
-    check_mode(mode)
+    """Global SupCon over every rank's rows and labels on every rank (see the module docstring).
+    The arguments are validated by the caller (`sslkernels.sup_con`)."""
     check_same_batch_size(features.shape[0], group, features.device, "features")
     if mode == "ring":
         return _ring.sup_con(features, labels, temperature, normalize, group)
     dtype = features.dtype
     (features,) = _wide(features)
-    return functional.sup_con(_cat(features, group), _cat(labels, group, with_grad=False),
-                              temperature=temperature, normalize=normalize).to(dtype)
+    return _ops.sup_con_loss(_cat(features, group), _cat(labels, group, with_grad=False), temperature,
+                             normalize=normalize).to(dtype)
 
 
 def _one_direction(query, key, temperature, remote_keys, shared, normalize):
     """Local queries against [local keys | remote keys | shared queue], one fused call."""
-    from sslkernels import functional
-
     extra = list(remote_keys) + ([shared] if shared is not None else [])
     negatives = torch.cat(extra) if extra else None
-    return functional.info_nce(query, key, temperature, negatives=negatives, normalize=normalize)
+    return _info_nce(query, key, negatives, temperature, normalize=normalize, symmetric=False)
+
+
+def _info_nce(query, key, negatives, temperature, *, normalize, symmetric, in_batch_negatives=True):
+    """The ops layer's InfoNCE; `negatives` get a gradient when they require one."""
+    return _ops.info_nce_loss(query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
+                              in_batch_negatives=in_batch_negatives,
+                              negatives_grad=negatives is not None and negatives.requires_grad)
 
 
 def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetric: bool, normalize: bool,
@@ -218,14 +199,13 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
     rank computes the loss on the gathered batch and returns the global mean; ring
     mode keeps local anchors and returns the same global value). A shared queue
     [K, D] must be the same on every rank (as MoCo's, filled from gathered keys).
+    The arguments are validated by the caller (`sslkernels.info_nce`): `temperature` is
+    a 0-dim tensor and empty `negatives` are None.
     """
-    from sslkernels import functional
-
-    check_mode(mode)
     check_same_batch_size(query.shape[0], group, query.device, "query")
     if not in_batch_negatives:  # own key + queue: nothing crosses ranks
-        return functional.info_nce(query, key, temperature, negatives=negatives, symmetric=symmetric,
-                                   normalize=normalize, in_batch_negatives=False)
+        return _info_nce(query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
+                         in_batch_negatives=False)
     per_query = negatives is not None and negatives.dim() == 3
     if mode == "ring":
         return _ring.info_nce(query, key, temperature, negatives, symmetric, normalize, group,
@@ -236,12 +216,10 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
 
 
 def _info_nce_all_gather(query, key, negatives, temperature, symmetric, normalize, per_query, group):
-    from sslkernels import functional
-
     if per_query:
         all_n = _cat(negatives, group, with_grad=negatives.requires_grad)
-        return functional.info_nce(_cat(query, group), _cat(key, group), temperature, negatives=all_n,
-                                   symmetric=symmetric, normalize=normalize)
+        return _info_nce(_cat(query, group), _cat(key, group), all_n, temperature, normalize=normalize,
+                         symmetric=symmetric)
     remote_k = _others(gather_with_grad(key, group), group)
     loss = _one_direction(query, key, temperature, remote_k, negatives, normalize)
     if not symmetric:
@@ -260,6 +238,8 @@ def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: b
     candidates (this rank's included) are detached. Either way it is not the
     gradient of the global loss (the cross-rank terms are dropped).
     ``mode="ring"`` is built for ``gather_with_grad=True`` (symmetric ring InfoNCE).
+    The features are validated by the caller (`sslkernels.nn.ClipLoss`); `temperature`
+    is a 0-dim tensor.
     """
     check_mode(mode)
     if mode == "ring" and not gather_with_grad_:
@@ -272,8 +252,6 @@ def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: b
 
 
 def _clip_all_gather(image, text, temperature, group, local_loss, gather_with_grad_):
-    from sslkernels import functional
-
     if local_loss:
         if gather_with_grad_:
             remote_txt = _others(gather_with_grad(text, group), group)
@@ -286,5 +264,6 @@ def _clip_all_gather(image, text, temperature, group, local_loss, gather_with_gr
         i2t = _one_direction(image, cand_txt, temperature, remote_txt, None, False)
         t2i = _one_direction(text, cand_img, temperature, remote_img, None, False)
         return 0.5 * (i2t + t2i)
-    return functional.info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_),
-                               temperature, symmetric=True, normalize=False)
+    return _info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_), None,
+                     temperature, normalize=False, symmetric=True)
+

@@ -446,3 +446,48 @@ def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
 _register_loss_autograd(nt_xent_forward, torch.ops.sslkernels.nt_xent_backward, (True, True))
 _register_loss_autograd(sup_con_forward, torch.ops.sslkernels.sup_con_backward, (True, False))
 _register_loss_autograd(info_nce_forward, torch.ops.sslkernels.info_nce_backward, (True, True, True, True))
+
+
+# ---------------------------------------------------------------- routes
+# What functional.py, nn/ and distributed.py call, on arguments already validated: each
+# picks the op for its arguments and returns the loss.
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, *, normalize: bool) -> Tensor:
+    loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
+    return loss
+
+
+def sup_con_loss(features: Tensor, labels: Tensor, temperature: float, *, normalize: bool) -> Tensor:
+    loss, _ = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, bool(normalize))
+    return loss
+
+
+def _grad_wanted(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def info_nce_loss(query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, *,
+                  normalize: bool, symmetric: bool, in_batch_negatives: bool, negatives_grad: bool) -> Tensor:
+    """InfoNCE / CLIP through the fastest op for the call: `temperature` a 0-dim tensor,
+    `negatives` None (not empty), a shared [K, D] queue or per-query [N, M, D].
+
+    A training step on the C++ path (a CPU tensor requires grad, grad mode on) of the
+    one-direction loss with in-batch keys and a shared queue or none takes the one-sweep
+    op: loss and gradients together, each logit tile multiplied once, instead of a
+    forward and a backward that recomputes the tiles. The Triton kernels have no such
+    variant (on CUDA the op would only run the same two kernels earlier), so CUDA, and
+    every other case, keeps the forward / backward ops.
+    """
+    one_sweep = (query.device.type == "cpu" and not symmetric and in_batch_negatives
+                 and (negatives is None or negatives.dim() == 2))
+    if one_sweep and _grad_wanted(query, key, negatives, temperature):
+        loss, *_ = torch.ops.sslkernels.info_nce_loss_and_grads(
+            query, key, negatives, temperature, bool(normalize), bool(negatives_grad)
+        )
+        return loss
+    loss, _ = torch.ops.sslkernels.info_nce_forward(
+        query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
+        bool(negatives_grad),
+    )
+    return loss
