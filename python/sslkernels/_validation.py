@@ -1,8 +1,10 @@
 """Checks shared by every public function; each error names the argument."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 
@@ -340,3 +342,88 @@ def check_views(views) -> None:
     if views.shape[0] < 2 or views.shape[1] < 2:
         raise ValueError(f"`views` needs N >= 2 samples and Q >= 2 views each, got shape {tuple(views.shape)}")
 
+
+# ---------------------------------------------------------------- the monitor
+
+
+class EmbeddingDTypeError(TypeError, ValueError):
+    """Non-floating embeddings: a TypeError (wrong type of data) that is also a ValueError."""
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def check_metric_names(metrics, valid) -> tuple:
+    """A metric name or names from `valid`, deduplicated in order."""
+    names = (metrics,) if isinstance(metrics, str) else metrics
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(f"`metrics` must be a str or a sequence of str, got {type(metrics).__name__}") from None
+    if not names:
+        raise ValueError(f"`metrics` is empty; choose from {list(valid)}")
+    out = []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"`metrics` must hold str names, got {name!r}")
+        if name == "lidar":
+            raise NotImplementedError(
+                "`metrics`: 'lidar' needs several augmented views per sample ([N, Q, D]), which this "
+                "monitor does not buffer; call sslkernels.lidar(views) on a held-out batch of views instead")
+        if name not in valid:
+            raise ValueError(f"`metrics`: unknown metric {name!r}; valid names are {list(valid)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def check_metric_kwargs(metric_kwargs, names, functions) -> dict:
+    """``{metric name: {keyword: value}}`` for the monitored `names`, each dict bound
+    against the signature of ``getattr(functions, name)`` (the metrics module)."""
+    if metric_kwargs is None:
+        return {}
+    if not isinstance(metric_kwargs, Mapping):
+        raise TypeError(f"`metric_kwargs` must be a dict of dicts, got {type(metric_kwargs).__name__}")
+    out = {}
+    for name, kwargs in metric_kwargs.items():
+        if name not in names:
+            raise ValueError(
+                f"`metric_kwargs` has options for {name!r}, which is not among the monitored "
+                f"`metrics` {list(names)}")
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"`metric_kwargs[{name!r}]` must be a dict, got {type(kwargs).__name__}")
+        kwargs = dict(kwargs)
+        try:
+            inspect.signature(getattr(functions, name)).bind(None, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"`metric_kwargs[{name!r}]` does not fit sslkernels.{name}: {e}") from None
+        out[name] = kwargs
+    return out
+
+
+def check_monitor_embeddings(z, dim, device) -> None:
+    """A monitor's ``embeddings [B, D]``; `dim` / `device`: those its buffer fixed, or None."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"`embeddings` must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 2:
+        raise ValueError(f"`embeddings` must be 2-D [batch, dim], got shape {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise EmbeddingDTypeError(
+            f"`embeddings` must be a floating-point tensor (float16/bfloat16/float32/float64), got {z.dtype}")
+    if z.shape[1] < 1:
+        raise ValueError(f"`embeddings` has zero features (shape {tuple(z.shape)})")
+    if dim is not None:
+        if z.shape[1] != dim:
+            raise ValueError(
+                f"`embeddings` has dim {z.shape[1]}, but this monitor buffers dim {dim} "
+                f"(fixed by the first call; call reset() to change it)")
+        if z.device != device:
+            raise ValueError(
+                f"`embeddings` is on {z.device}, but this monitor's buffer is on {device} "
+                f"(fixed by the first call; call reset() to change it)")

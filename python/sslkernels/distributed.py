@@ -267,3 +267,96 @@ def _clip_all_gather(image, text, temperature, group, local_loss, gather_with_gr
     return _info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_), None,
                      temperature, normalize=False, symmetric=True)
 
+
+# ---------------------------------------------------------------- the monitor's rows
+
+
+class RowGatherer:
+    """Gathers the rows that each rank's monitor buffered (:class:`sslkernels.monitor.RowRing`;
+    ranks may hold different numbers of rows) for one evaluation.
+
+    Every rank exchanges ``(rows held, D, capacity)`` as host integers over a CPU (gloo)
+    group, so the accelerator stream is not touched; then ``all_gather`` (or ``gather``
+    to rank 0 under ``rank_zero_only``) sends each rank's first ``max(rows held)`` rows,
+    and every receiver trims each rank's block to the rows it really holds. Every check
+    sees the same metadata on every rank, so a mismatch raises on all ranks alike
+    (before any large transfer: nothing hangs). Without a gloo group for the metadata
+    (no gloo in the build, or a custom ``process_group`` on NCCL) it travels on the
+    device, at the cost of one more sync.
+    """
+
+    def __init__(self, process_group=None) -> None:
+        self.process_group = process_group
+        self.meta_group = None  # None: not tried yet; False: none can be made
+
+    def exchange_meta(self, d, local: List[int], device: Optional[torch.device]) -> List[List[int]]:
+        """All ranks' ``local`` host ints, without touching the accelerator stream when possible."""
+        backend = d.get_backend(self.process_group)
+        world = d.get_world_size(self.process_group)
+        if "gloo" in backend:  # "gloo", or "cpu:gloo,cuda:nccl": CPU tensors travel on this group
+            group = self.process_group
+        else:
+            # A CPU (gloo) twin of the default group carries the metadata. new_group() must be
+            # entered by every rank of the default group, so a custom process_group (whose
+            # non-members never get here) sends its metadata on the device instead.
+            if self.meta_group is None:
+                self.meta_group = False
+                if self.process_group is None:
+                    try:
+                        self.meta_group = d.new_group(backend="gloo")
+                    except Exception:  # noqa: BLE001  (no gloo in this build)
+                        self.meta_group = False
+            group = self.meta_group if self.meta_group is not False else None
+        if group is None and "gloo" not in backend:  # metadata on the device: one more sync
+            device = device or (torch.device("cuda", torch.cuda.current_device())
+                                if "nccl" in backend else torch.device("cpu"))
+            t = torch.tensor(local, dtype=torch.int64, device=device)
+            out = [torch.empty_like(t) for _ in range(world)]
+            d.all_gather(out, t, group=self.process_group)
+            return torch.stack(out).tolist()
+        t = torch.tensor(local, dtype=torch.int64)
+        out = [torch.empty_like(t) for _ in range(world)]
+        d.all_gather(out, t, group=group)
+        return [o.tolist() for o in out]
+
+    def gather(self, d, ring, max_samples: int, rank_zero_only: bool):
+        """(every rank's rows [N <= max_samples, D], count of non-finite rows as a device
+        tensor), or None off rank 0 under `rank_zero_only`. A rank that has buffered
+        nothing yet allocates an empty `ring` and takes part with no rows."""
+        group = self.process_group
+        meta = self.exchange_meta(d, [ring.count, -1 if ring.dim is None else ring.dim, ring.capacity], ring.device)
+        counts = [m[0] for m in meta]
+        per_rank = {r: m[1] for r, m in enumerate(meta) if m[0] > 0}
+        if len(set(per_rank.values())) > 1:
+            raise ValueError(f"`embeddings` have different dims across ranks: {per_rank} (rank: dim)")
+        if sum(counts) == 0:
+            raise RuntimeError("RankMeMonitor.compute(): no embeddings buffered yet on any rank")
+        dim = next(iter(per_rank.values()))
+        rows = max(counts)
+        capacities = [m[2] if m[2] > 0 else rows for m in meta]
+        if rows > min(capacities):
+            raise ValueError(
+                f"ranks hold up to {rows} rows but the smallest buffer has {min(capacities)}: every rank "
+                f"must create its monitor with the same `max_samples`")
+        world = d.get_world_size(group)
+        if not ring.allocated:  # this rank has seen nothing yet: take part with an empty block
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if "nccl" in d.get_backend(group) else torch.device("cpu"))
+            ring.allocate(dim, device, max(rows, -(-max_samples // world)), fill=torch.zeros)
+        rank = d.get_rank(group)
+        send = ring.buf[:rows]
+        bad = ring.num_nonfinite().to(torch.float32).reshape(1)
+        if rank_zero_only:
+            dst = 0 if group is None else d.get_global_rank(group, 0)
+            blocks = [torch.empty(rows, dim, dtype=torch.float32, device=ring.device) for _ in range(world)] \
+                if rank == 0 else None
+            d.gather(send, blocks, dst=dst, group=group)
+            d.reduce(bad, dst=dst, group=group)
+            if rank != 0:
+                return None
+        else:
+            blocks = [torch.empty(rows, dim, dtype=torch.float32, device=ring.device) for _ in range(world)]
+            d.all_gather(blocks, send, group=group)
+            d.all_reduce(bad, group=group)
+        z = torch.cat([blk[:c] for blk, c in zip(blocks, counts) if c > 0])[:max_samples]
+        return z, bad[0]

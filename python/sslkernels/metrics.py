@@ -16,7 +16,7 @@ stable-ssl uses eps = 1e-5. ``rankme``'s keyword options name each of these.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Mapping, Sequence, Tuple
 
 import torch
 
@@ -26,6 +26,9 @@ from sslkernels._validation import check_finite, check_fit_range, check_matrices
 from sslkernels.functional import svdvals
 
 __all__ = ["rankme", "effective_rank", "lidar", "alpha_req", "nesum"]
+
+#: The metrics of one ``[N, D]`` matrix (what :class:`sslkernels.RankMeMonitor` evaluates).
+MONITOR_METRICS = ("rankme", "effective_rank", "nesum", "alpha_req")
 
 
 def _svdvals(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -181,3 +184,11 @@ def lidar(views: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> torch.
     H = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum()
     return torch.exp(H).to(_out_dtype(views))
 
+
+def evaluate(Z: torch.Tensor, names: Sequence[str], options: Mapping[str, Mapping] = None) -> torch.Tensor:
+    """The metrics ``names`` of ``Z [N, D]`` (options ``{name: {keyword: value}}``) as one
+    float64 vector on Z's device: no host transfer, so a caller can copy it (and anything
+    stacked with it) to the host once."""
+    options = options or {}
+    values = [globals()[name](Z, **options.get(name, {})).to(torch.float64).reshape(()) for name in names]
+    return torch.stack(values)
