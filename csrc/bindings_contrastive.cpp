@@ -14,6 +14,21 @@ using sslkernels::bindings::matrix;
 
 namespace {
 
+// The query, key and negatives views of the InfoNCE bindings (negatives_rows == 0: no
+// shared negatives, the pointer is ignored).
+struct InfoNceViews {
+  MatrixView query, key, negatives;
+};
+
+InfoNceViews info_nce_views(std::uintptr_t query, std::uintptr_t key, std::uintptr_t negatives,
+                            int dtype, int64_t n, int64_t d, int64_t negatives_rows,
+                            int64_t q_row_stride, int64_t q_col_stride, int64_t k_row_stride,
+                            int64_t k_col_stride, int64_t n_row_stride, int64_t n_col_stride) {
+  return InfoNceViews{matrix(query, dtype, n, d, q_row_stride, q_col_stride),
+                      matrix(key, dtype, n, d, k_row_stride, k_col_stride),
+                      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride)};
+}
+
 int nt_xent_forward_binding(std::uintptr_t z1, std::uintptr_t z2, int dtype, int64_t n, int64_t d,
                             int64_t z1_row_stride, int64_t z1_col_stride, int64_t z2_row_stride,
                             int64_t z2_col_stride, double temperature, bool normalize,
@@ -60,7 +75,6 @@ int sup_con_backward_binding(std::uintptr_t features, int dtype, int64_t n, int6
       grad_loss, as_mut_ptr<void>(dfeatures), num_threads));
 }
 
-// negatives_rows == 0: no shared negatives (the pointer is ignored).
 int info_nce_forward_binding(std::uintptr_t query, std::uintptr_t key, std::uintptr_t negatives,
                              int dtype, int64_t n, int64_t d, int64_t negatives_rows,
                              int64_t negatives_per_query, int64_t q_row_stride, int64_t q_col_stride,
@@ -68,11 +82,11 @@ int info_nce_forward_binding(std::uintptr_t query, std::uintptr_t key, std::uint
                              int64_t n_col_stride, double temperature, bool normalize, bool symmetric,
                              bool in_batch_negatives, std::uintptr_t lse_query,
                              std::uintptr_t lse_key, std::uintptr_t loss, int num_threads) {
+  const InfoNceViews v = info_nce_views(query, key, negatives, dtype, n, d, negatives_rows, q_row_stride,
+                                        q_col_stride, k_row_stride, k_col_stride, n_row_stride, n_col_stride);
   py::gil_scoped_release release;
   return static_cast<int>(info_nce_forward(
-      matrix(query, dtype, n, d, q_row_stride, q_col_stride),
-      matrix(key, dtype, n, d, k_row_stride, k_col_stride),
-      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride), negatives_per_query,
+      v.query, v.key, v.negatives, negatives_per_query,
       temperature, normalize, symmetric, in_batch_negatives, as_mut_ptr<void>(lse_query),
       as_mut_ptr<void>(lse_key), as_mut_ptr<double>(loss), num_threads));
 }
@@ -86,11 +100,11 @@ int info_nce_backward_binding(std::uintptr_t query, std::uintptr_t key, std::uin
                               bool in_batch_negatives, double grad_loss, std::uintptr_t dquery,
                               std::uintptr_t dkey, std::uintptr_t dnegatives,
                               std::uintptr_t dtemperature, int num_threads) {
+  const InfoNceViews v = info_nce_views(query, key, negatives, dtype, n, d, negatives_rows, q_row_stride,
+                                        q_col_stride, k_row_stride, k_col_stride, n_row_stride, n_col_stride);
   py::gil_scoped_release release;
   return static_cast<int>(info_nce_backward(
-      matrix(query, dtype, n, d, q_row_stride, q_col_stride),
-      matrix(key, dtype, n, d, k_row_stride, k_col_stride),
-      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride), negatives_per_query,
+      v.query, v.key, v.negatives, negatives_per_query,
       as_ptr<void>(lse_query), as_ptr<void>(lse_key), temperature, normalize, symmetric,
       in_batch_negatives, grad_loss, as_mut_ptr<void>(dquery), as_mut_ptr<void>(dkey),
       as_mut_ptr<void>(dnegatives), as_mut_ptr<double>(dtemperature), num_threads));
@@ -104,11 +118,11 @@ int info_nce_loss_and_grads_binding(std::uintptr_t query, std::uintptr_t key,
                                     bool normalize, std::uintptr_t loss, std::uintptr_t dquery,
                                     std::uintptr_t dkey, std::uintptr_t dnegatives,
                                     std::uintptr_t dtemperature, int num_threads) {
+  const InfoNceViews v = info_nce_views(query, key, negatives, dtype, n, d, negatives_rows, q_row_stride,
+                                        q_col_stride, k_row_stride, k_col_stride, n_row_stride, n_col_stride);
   py::gil_scoped_release release;
   return static_cast<int>(info_nce_loss_and_grads(
-      matrix(query, dtype, n, d, q_row_stride, q_col_stride),
-      matrix(key, dtype, n, d, k_row_stride, k_col_stride),
-      matrix(negatives, dtype, negatives_rows, d, n_row_stride, n_col_stride), temperature,
+      v.query, v.key, v.negatives, temperature,
       normalize, as_mut_ptr<double>(loss), as_mut_ptr<void>(dquery), as_mut_ptr<void>(dkey),
       as_mut_ptr<void>(dnegatives), as_mut_ptr<double>(dtemperature), num_threads));
 }
