@@ -47,12 +47,12 @@ def _tf32_allowed() -> bool:
     return bool(matmul.allow_tf32)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
     """`input_precision` of tl.dot: fp32 follows torch's TF32 switch for matmuls (as
-    eager's Z @ Z.T does); other dtypes are exact products."""
+    eager's Z @ Z.T does), else `fp32_precision`; other dtypes are exact products."""
     if dtype != torch.float32:
         return "ieee"
-    return "tf32" if _tf32_allowed() else FP32_PRECISION
+    return "tf32" if _tf32_allowed() else fp32_precision
 
 
 def split_float(x: float):

@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx, dot_precision as _precision
+from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx
+from sslkernels.kernels.contrastive import _precision
 from sslkernels.kernels._common import interpret_mode, split_float as _split, stats_dtype as _stats_dtype
 
 INTERPRET = interpret_mode()

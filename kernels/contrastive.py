@@ -57,11 +57,20 @@ import torch
 import triton
 import triton.language as tl
 
-from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx, dot_precision as _precision
+from sslkernels.kernels import _common
+from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx, dot_precision
 from sslkernels.kernels._common import interpret_mode, split_float as _split, stats_dtype as _acc_dtype
 
 INTERPRET = interpret_mode()
 AUTOTUNE = autotune_enabled(INTERPRET)  # off: one default config per kernel
+# The fp32 products when TF32 is off, for every family (attention reads `_precision`
+# here); the GPU checks set this module attribute to compare "tf32x3" with "ieee".
+FP32_PRECISION = _common.FP32_PRECISION
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return dot_precision(dtype, FP32_PRECISION)
+
 
 _EPS = 1e-12  # F.normalize's eps
 _MAX_ROW_STRIDE = 2**31 // 512  # in-tile offsets (< 256 rows) stay int32
