@@ -1,10 +1,14 @@
 """Checks shared by every public function; each error names the argument."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
+
+from sslkernels._common import torch_distributed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -52,6 +56,15 @@ def check_nonempty_rows(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)}); need at least one row")
     if x.shape[-1] < 1:
         raise ValueError(f"`{name}` has zero features (shape {tuple(x.shape)}); need D >= 1")
+
+
+def check_embedding_pair(a, b, name_a: str, name_b: str) -> None:
+    """Two [N, D] embeddings of one batch (the views, query and key, image and text):
+    float tensors of the same shape, dtype and device, N and D >= 1."""
+    check_float_tensor(a, name_a, 2)
+    check_float_tensor(b, name_b, 2)
+    check_same(a, b, name_a, name_b)
+    check_nonempty_rows(a, name_a)
 
 
 def check_temperature(temperature, name: str = "temperature") -> float:
@@ -384,3 +397,178 @@ def logit_scalar(value, name: str, device: torch.device, dtype: torch.dtype = to
         if not math.isfinite(number):
             raise ValueError(f"`{name}` must be finite, got {number}")
     return value.reshape(()).to(device)
+# ---------------------------------------------------------------- distributed
+DISTRIBUTED_MODES = ("all_gather", "ring")
+
+
+def check_distributed_mode(mode) -> str:
+    if not isinstance(mode, str) or mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"`mode` must be one of {DISTRIBUTED_MODES}, got {mode!r}")
+    return mode
+
+
+def check_process_group(process_group, name: str = "process_group"):
+    """``process_group`` (a ``torch.distributed.ProcessGroup``, e.g. ``dist.group.WORLD``)
+    checked; raises when torch.distributed is unavailable or not initialised."""
+    dist = torch_distributed()
+    if not dist.is_available():
+        raise ValueError(f"`{name}` was given but torch.distributed is not available in this torch build")
+    if not dist.is_initialized():
+        raise ValueError(f"`{name}` was given but torch.distributed is not initialised (call init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"`{name}` must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
+            f"got {type(process_group).__name__}"
+        )
+    return process_group
+
+
+# ---------------------------------------------------------------- singular values and metrics
+
+
+def check_matrices(A, name: str, min_dim: int = 2, max_dim: int = None) -> None:
+    """Structural checks of a batch of matrices ``[..., m, n]``; errors name the argument."""
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be float32, float16, bfloat16 or float64, got {A.dtype}")
+    if A.dim() < min_dim or (max_dim is not None and A.dim() > max_dim):
+        want = f"{min_dim}-D" if max_dim == min_dim else (
+            f"{min_dim}-D or {max_dim}-D" if max_dim == min_dim + 1 else f"at least {min_dim}-D")
+        raise ValueError(f"`{name}` must be {want}, got shape {tuple(A.shape)}")
+    if A.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"`{name}` is on {A.device}; sslkernels supports cpu and cuda tensors")
+    check_dims(A, name)
+    if A.shape[-2] < 1 or A.shape[-1] < 1:
+        raise ValueError(f"`{name}` has a zero-size matrix dimension (shape {tuple(A.shape)})")
+    if A.numel() == 0:
+        raise ValueError(f"`{name}` is an empty batch (shape {tuple(A.shape)})")
+
+
+def check_max_sweeps(max_sweeps) -> int:
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
+        raise TypeError(f"`max_sweeps` must be an int, got {type(max_sweeps).__name__}")
+    if not 1 <= max_sweeps <= MAX_CPU_DIM:
+        raise ValueError(f"`max_sweeps` must be in [1, 2**31 - 1], got {max_sweeps}")
+    return max_sweeps
+
+
+def check_nonnegative(value, name: str) -> float:
+    """A finite real number >= 0 (a metric's eps, LiDAR's delta)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"`{name}` must be finite and >= 0, got {value}")
+    return value
+
+
+def check_fit_range(fit_range, rank: int):
+    """alpha-ReQ's 1-based ranks ``lo <= i < hi``, clipped to `rank` = min(N, D): (lo, hi)."""
+    if (not isinstance(fit_range, (tuple, list)) or len(fit_range) != 2
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in fit_range)):
+        raise TypeError(f"`fit_range` must be a pair of ints (lo, hi), got {fit_range!r}")
+    lo, hi = fit_range
+    hi = min(hi, rank + 1)
+    if lo < 1 or hi - lo < 2:
+        raise ValueError(
+            f"`fit_range` {tuple(fit_range)} leaves fewer than 2 ranks to fit in 1..{rank} "
+            f"(min(N, D) = {rank}); need 1 <= lo and at least two ranks lo <= i < hi")
+    return lo, hi
+
+
+def check_views(views) -> None:
+    """LiDAR's ``[N, Q, D]`` views: N >= 2 samples of Q >= 2 views each."""
+    if not isinstance(views, torch.Tensor):
+        raise TypeError(f"`views` must be a torch.Tensor, got {type(views).__name__}")
+    if views.dim() != 3:
+        raise ValueError(f"`views` must be 3-D [N, Q, D], got shape {tuple(views.shape)}")
+    check_matrices(views, "views", 3, 3)
+    if views.shape[0] < 2 or views.shape[1] < 2:
+        raise ValueError(f"`views` needs N >= 2 samples and Q >= 2 views each, got shape {tuple(views.shape)}")
+
+
+# ---------------------------------------------------------------- the monitor
+
+
+class EmbeddingDTypeError(TypeError, ValueError):
+    """Non-floating embeddings: a TypeError (wrong type of data) that is also a ValueError."""
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def check_metric_names(metrics, valid) -> tuple:
+    """A metric name or names from `valid`, deduplicated in order."""
+    names = (metrics,) if isinstance(metrics, str) else metrics
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(f"`metrics` must be a str or a sequence of str, got {type(metrics).__name__}") from None
+    if not names:
+        raise ValueError(f"`metrics` is empty; choose from {list(valid)}")
+    out = []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"`metrics` must hold str names, got {name!r}")
+        if name == "lidar":
+            raise NotImplementedError(
+                "`metrics`: 'lidar' needs several augmented views per sample ([N, Q, D]), which this "
+                "monitor does not buffer; call sslkernels.lidar(views) on a held-out batch of views instead")
+        if name not in valid:
+            raise ValueError(f"`metrics`: unknown metric {name!r}; valid names are {list(valid)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def check_metric_kwargs(metric_kwargs, names, functions) -> dict:
+    """``{metric name: {keyword: value}}`` for the monitored `names`, each dict bound
+    against the signature of ``getattr(functions, name)`` (the metrics module)."""
+    if metric_kwargs is None:
+        return {}
+    if not isinstance(metric_kwargs, Mapping):
+        raise TypeError(f"`metric_kwargs` must be a dict of dicts, got {type(metric_kwargs).__name__}")
+    out = {}
+    for name, kwargs in metric_kwargs.items():
+        if name not in names:
+            raise ValueError(
+                f"`metric_kwargs` has options for {name!r}, which is not among the monitored "
+                f"`metrics` {list(names)}")
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"`metric_kwargs[{name!r}]` must be a dict, got {type(kwargs).__name__}")
+        kwargs = dict(kwargs)
+        try:
+            inspect.signature(getattr(functions, name)).bind(None, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"`metric_kwargs[{name!r}]` does not fit sslkernels.{name}: {e}") from None
+        out[name] = kwargs
+    return out
+
+
+def check_monitor_embeddings(z, dim, device) -> None:
+    """A monitor's ``embeddings [B, D]``; `dim` / `device`: those its buffer fixed, or None."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"`embeddings` must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 2:
+        raise ValueError(f"`embeddings` must be 2-D [batch, dim], got shape {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise EmbeddingDTypeError(
+            f"`embeddings` must be a floating-point tensor (float16/bfloat16/float32/float64), got {z.dtype}")
+    if z.shape[1] < 1:
+        raise ValueError(f"`embeddings` has zero features (shape {tuple(z.shape)})")
+    if dim is not None:
+        if z.shape[1] != dim:
+            raise ValueError(
+                f"`embeddings` has dim {z.shape[1]}, but this monitor buffers dim {dim} "
+                f"(fixed by the first call; call reset() to change it)")
+        if z.device != device:
+            raise ValueError(
+                f"`embeddings` is on {z.device}, but this monitor's buffer is on {device} "
+                f"(fixed by the first call; call reset() to change it)")

@@ -4,11 +4,19 @@ from __future__ import annotations
 import torch
 
 from sslkernels import _validation as v
-from sslkernels import distributed as _distributed
-from sslkernels import ops  # noqa: F401  (registers torch.ops.sslkernels.*)
 from sslkernels.ops import attention as _attention_ops  # noqa: F401  (registers the attention ops)
 from sslkernels.ops import contrastive as _contrastive_ops
+from sslkernels.ops import siglip as _siglip_ops
+from sslkernels.ops import sigreg as _sigreg_ops
+from sslkernels.ops import spectral as _spectral_ops  # noqa: F401  (registers the svdvals op)
 from sslkernels import _validation as _checks  # attention arguments shadow `v`
+
+
+def _distributed():
+    """sslkernels.distributed, imported only for a call with a process group."""
+    from sslkernels import distributed
+
+    return distributed
 
 
 def nt_xent(
@@ -42,17 +50,13 @@ def nt_xent(
             and each rank computes its own anchors only (O(N D) memory, no
             redundant work); same value and gradients.
     """
-    v.check_float_tensor(z1, "z1", 2)
-    v.check_float_tensor(z2, "z2", 2)
-    v.check_same(z1, z2, "z1", "z2")
-    v.check_nonempty_rows(z1, "z1")
+    v.check_embedding_pair(z1, z2, "z1", "z2")
     temperature = v.check_temperature(temperature)
-    _distributed.check_mode(mode)
+    v.check_distributed_mode(mode)
     if process_group is not None:
-        return _distributed.nt_xent(z1, z2, temperature, bool(normalize),
-                                    _distributed.resolve_group(process_group), mode)
-    loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
-    return loss
+        return _distributed().nt_xent(z1, z2, temperature, bool(normalize), v.check_process_group(process_group),
+                                      mode)
+    return _contrastive_ops.nt_xent_loss(z1, z2, temperature, normalize=normalize)
 
 
 def sup_con(
@@ -96,15 +100,15 @@ def sup_con(
     v.check_nonempty_rows(features, "features")
     labels = v.check_labels(labels, "labels", features.shape[0], features.device)
     temperature = v.check_temperature(temperature)
-    _distributed.check_mode(mode)
+    v.check_distributed_mode(mode)
     reduction = v.check_choice(reduction, "reduction", _contrastive_ops.SUP_CON_REDUCTIONS)
     if process_group is not None:
         if reduction != "mean":
             raise NotImplementedError("sslkernels.sup_con: reduction='nonzero' is not built with a process_group "
                                       "(use reduction='mean')")
-        return _distributed.sup_con(features, labels, temperature, bool(normalize),
-                                    _distributed.resolve_group(process_group), mode)
-    return _contrastive_ops.sup_con(features, labels, temperature, bool(normalize), reduction)
+        return _distributed().sup_con(features, labels, temperature, bool(normalize),
+                                      v.check_process_group(process_group), mode)
+    return _contrastive_ops.sup_con_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
 
 
 def info_nce(
@@ -161,70 +165,24 @@ def info_nce(
     (O(N D) memory per rank), with the same values and gradients. See
     :mod:`sslkernels.distributed`.
     """
-    v.check_float_tensor(query, "query", 2)
-    v.check_float_tensor(key, "key", 2)
-    v.check_same(query, key, "query", "key")
-    v.check_nonempty_rows(query, "query")
+    v.check_embedding_pair(query, key, "query", "key")
     temperature = v.temperature_tensor(temperature, query.device)
     negatives, negatives_grad = v.check_negatives(negatives, query)
     if symmetric and not in_batch_negatives:
         raise ValueError("`symmetric=True` needs `in_batch_negatives=True` (the key -> query candidates are the queries)")
-    _distributed.check_mode(mode)
+    v.check_distributed_mode(mode)
     if process_group is not None:
-        return _distributed.info_nce(
+        return _distributed().info_nce(
             query, key, temperature, negatives, bool(symmetric), bool(normalize), bool(in_batch_negatives),
-            _distributed.resolve_group(process_group), mode,
+            v.check_process_group(process_group), mode,
         )
-    one_sweep = (query.device.type == "cpu" and not symmetric and in_batch_negatives
-                 and (negatives is None or negatives.dim() == 2))
-    if one_sweep and _grad_wanted(query, key, negatives, temperature):
-        # A training step on the C++ path: loss and gradients in one sweep (each logit
-        # tile multiplied once) instead of a forward and a backward that recomputes the
-        # tiles. (The Triton kernels have no such variant: on CUDA the op would only run
-        # the same two kernels earlier, so CUDA keeps the forward / backward ops.)
-        loss, *_ = torch.ops.sslkernels.info_nce_loss_and_grads(
-            query, key, negatives, temperature, bool(normalize), negatives_grad
-        )
-        return loss
-    loss, _ = torch.ops.sslkernels.info_nce_forward(
-        query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
-        negatives_grad,
+    return _contrastive_ops.info_nce_loss(
+        query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
+        in_batch_negatives=in_batch_negatives, negatives_grad=negatives_grad,
     )
-    return loss
-
-
-def _grad_wanted(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------- singular values
-
-
-def _check_matrices(A, name: str, min_dim: int = 2, max_dim: int = None) -> None:
-    """Structural checks of a batch of matrices ``[..., m, n]``; errors name the argument."""
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(A).__name__}")
-    if A.dtype not in v.FLOAT_DTYPES:
-        raise TypeError(f"`{name}` must be float32, float16, bfloat16 or float64, got {A.dtype}")
-    if A.dim() < min_dim or (max_dim is not None and A.dim() > max_dim):
-        want = f"{min_dim}-D" if max_dim == min_dim else (
-            f"{min_dim}-D or {max_dim}-D" if max_dim == min_dim + 1 else f"at least {min_dim}-D")
-        raise ValueError(f"`{name}` must be {want}, got shape {tuple(A.shape)}")
-    if A.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"`{name}` is on {A.device}; sslkernels supports cpu and cuda tensors")
-    v.check_dims(A, name)
-    if A.shape[-2] < 1 or A.shape[-1] < 1:
-        raise ValueError(f"`{name}` has a zero-size matrix dimension (shape {tuple(A.shape)})")
-    if A.numel() == 0:
-        raise ValueError(f"`{name}` is an empty batch (shape {tuple(A.shape)})")
-
-
-def _check_max_sweeps(max_sweeps) -> int:
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
-        raise TypeError(f"`max_sweeps` must be an int, got {type(max_sweeps).__name__}")
-    if not 1 <= max_sweeps <= v.MAX_CPU_DIM:
-        raise ValueError(f"`max_sweeps` must be in [1, 2**31 - 1], got {max_sweeps}")
-    return max_sweeps
 
 
 def svdvals_ex(A: torch.Tensor, max_sweeps: int = 30):
@@ -247,8 +205,8 @@ def svdvals_ex(A: torch.Tensor, max_sweeps: int = 30):
     under ``sslkernels.set_debug(True)``), zero-size dims or an empty batch, and
     TypeError for non-float dtypes.
     """
-    _check_matrices(A, "A")
-    max_sweeps = _check_max_sweeps(max_sweeps)
+    v.check_matrices(A, "A")
+    max_sweeps = v.check_max_sweeps(max_sweeps)
     batch_shape = A.shape[:-2]
     m, n = A.shape[-2:]
     S, info = torch.ops.sslkernels.svdvals_ex(A.reshape(-1, m, n), max_sweeps)
@@ -355,7 +313,6 @@ def varlen_attention(
 
 
 # ================================================================ sigreg (issue 13)
-from sslkernels.ops import sigreg as _sigreg_ops  # noqa: E402  (registers sslkernels::sigreg_stats*)
 
 
 def sigreg(
@@ -385,7 +342,7 @@ def sigreg(
     knots, t_max = v.check_sigreg(proj, directions, knots, t_max)
     proj3 = proj.reshape(-1, proj.shape[-2], proj.shape[-1])
     if process_group is not None:
-        return _distributed.sigreg(proj3, directions, knots, t_max, _distributed.resolve_group(process_group))
+        return _distributed().sigreg(proj3, directions, knots, t_max, v.check_process_group(process_group))
     return _sigreg_ops.sigreg(proj3, directions, knots, t_max)
 # ================================================================ end sigreg
 # ---------------------------------------------------------------- siglip (issue 13)
@@ -433,9 +390,5 @@ def siglip_loss(
         from sslkernels import _ring_siglip
 
         return _ring_siglip.siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                                        _distributed.resolve_group(process_group))
-    want_grads = _grad_wanted(image_features, text_features, logit_scale, logit_bias)
-    loss, *_ = torch.ops.sslkernels.siglip_loss_and_grads(
-        image_features, text_features, logit_scale, logit_bias, True, want_grads
-    )
-    return loss
+                                        v.check_process_group(process_group))
+    return _siglip_ops.siglip_loss(image_features, text_features, logit_scale, logit_bias)

@@ -284,11 +284,9 @@ class ClipLoss(nn.Module):
                 f"`rank={self.rank}, world_size={self.world_size}` disagree with torch.distributed "
                 f"(rank {dist.get_rank()} of {dist.get_world_size()})"
             )
-        # Same checks as the one-process path, before any collective.
-        v.check_float_tensor(image_features, "image_features", 2)
-        v.check_float_tensor(text_features, "text_features", 2)
-        v.check_same(image_features, text_features, "image_features", "text_features")
-        v.check_nonempty_rows(image_features, "image_features")
+        # Same checks as the one-process path (sslkernels.info_nce), before any collective.
+        v.check_embedding_pair(image_features, text_features, "image_features", "text_features")
+        temperature = v.temperature_tensor(temperature, image_features.device)
         return _distributed.clip(image_features, text_features, temperature, dist.group.WORLD,
                                  local_loss=bool(self.local_loss), gather_with_grad_=bool(self.gather_with_grad),
                                  mode=self.distributed_mode)

@@ -26,6 +26,7 @@ from sslkernels import _ext
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_finite
 from sslkernels.ops._triton import launchers
+from sslkernels.ops.contrastive import _grad_wanted
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -129,3 +130,11 @@ def _backward(ctx, grad_loss, *unused_grad_grads):
 
 
 siglip_loss_and_grads.register_autograd(_backward, setup_context=_setup)
+
+
+def siglip_loss(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Optional[Tensor]) -> Tensor:
+    """The route for validated arguments: the one sweep computes the gradients only when
+    autograd will ask for them (grad mode on and an input requiring grad)."""
+    want_grads = _grad_wanted(image, text, logit_scale, logit_bias)
+    loss, *_ = torch.ops.sslkernels.siglip_loss_and_grads(image, text, logit_scale, logit_bias, True, want_grads)
+    return loss
