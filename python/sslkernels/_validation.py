@@ -237,3 +237,43 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
     longest = int(lengths.max())
     if longest > max_seqlen:
         raise ValueError(f"`max_seqlen` = {max_seqlen} is shorter than the longest sequence ({longest})")
+
+
+# ---------------------------------------------------------------- koleo
+def check_koleo(x, eps, topk, group_size, name: str = "x", batch_rows: int = None) -> tuple:
+    """KoLeo arguments: x a float [N, D] tensor with N, D >= 1; eps finite and > 0; topk an
+    int >= 1; group_size None (the whole batch) or an int dividing the batch that exceeds
+    topk. `batch_rows` is the size of the batch the groups cut (the gathered batch under
+    gather_distributed; N by default). Values: NaN/Inf always on the CPU, on CUDA in debug
+    mode. Returns (eps, topk, group_size) as float, int, int."""
+    check_float_tensor(x, name, 2)
+    check_nonempty_rows(x, name)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"`eps` must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0.0:
+        raise ValueError(f"`eps` must be finite and > 0, got {eps}")
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
+        raise TypeError(f"`topk` must be an int, got {type(topk).__name__}")
+    topk = int(topk)
+    if topk < 1:
+        raise ValueError(f"`topk` must be >= 1, got {topk}")
+    rows = x.shape[0] if batch_rows is None else int(batch_rows)
+    if group_size is None:
+        if rows <= topk:
+            raise ValueError(
+                f"`{name}` has {rows} rows: KoLeo needs more rows than `topk` = {topk} (a row is never its own neighbour)")
+        group = rows
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"`group_size` must be an int or None, got {type(group_size).__name__}")
+        group = int(group_size)
+        if group <= topk:
+            raise ValueError(f"`group_size` = {group} must be larger than `topk` = {topk}")
+        if rows % group != 0:
+            raise ValueError(f"`group_size` = {group} must divide the batch of {rows} rows")
+    from sslkernels._config import debug_enabled
+
+    if x.device.type == "cpu" or (x.device.type == "cuda" and debug_enabled()):
+        check_finite(x, name)
+    return eps, topk, group

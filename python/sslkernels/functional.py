@@ -339,3 +339,36 @@ def varlen_attention(
     scale = _checks.attention_scale(scale, q.shape[-1])
     out, _ = torch.ops.sslkernels.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
     return out
+
+
+# ============================================================================ koleo
+from sslkernels.ops import koleo as _koleo_ops  # noqa: E402  (kept in this block: one family, one place)
+
+
+def koleo(x: torch.Tensor, eps: float = 1e-8, topk: int = 1, group_size: int = None) -> torch.Tensor:
+    """The KoLeo regulariser as lightly's ``KoLeoLoss`` (DINOv2) and DINOv3 compute it, fused.
+
+    Rows are L2-normalised (``F.normalize(x, eps=eps)``). Each row's nearest neighbour
+    (its ``topk`` nearest) by cosine similarity within its group of ``group_size``
+    consecutive rows is found, never the row itself; ties go to the smaller index. With
+    ``dist = PairwiseDistance(p=2, eps=eps)(row, neighbour)`` (which adds eps to the
+    difference), ``loss = -mean(log(dist + eps))`` over the rows and their neighbours.
+    Duplicate rows are each other's neighbours at distance ``eps * sqrt(D)``, as in
+    lightly. Gradients flow through the distances (to both rows of a pair); the search
+    is not differentiable.
+
+    The search never holds the N x N similarities: tiles through OpenBLAS (CPU, each
+    symmetric tile multiplied once) or ``tl.dot`` (CUDA) and a running top-k per row.
+
+    Args:
+        x: ``[N, D]`` float32 / float16 / bfloat16 / float64, cpu or cuda, N, D >= 1.
+        eps: finite, > 0.
+        topk: neighbours per row, >= 1, smaller than the group.
+        group_size: None (the whole batch) or a divisor of N larger than ``topk``.
+
+    Returns a 0-dim tensor of x's dtype (accumulated in float64 on the CPU, float32 on
+    CUDA).
+    """
+    eps, topk, group = v.check_koleo(x, eps, topk, group_size)
+    return _koleo_ops.koleo_loss(x, eps, topk, group)
+# ======================================================================== end koleo

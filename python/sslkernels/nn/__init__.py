@@ -2,6 +2,7 @@
 from sslkernels.nn.attention import Attention, patch_vit
 from sslkernels.nn.contrastive import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
 from sslkernels.nn.jepa import PackedBlock, PackedViTEncoder
+from sslkernels.nn.koleo import KoLeoLoss
 
-__all__ = ["Attention", "ClipLoss", "InfoNCELoss", "NTXentLoss", "PackedBlock", "PackedViTEncoder", "SupConLoss",
+__all__ = ["Attention", "ClipLoss", "InfoNCELoss", "KoLeoLoss", "NTXentLoss", "PackedBlock", "PackedViTEncoder", "SupConLoss",
            "patch_vit"]

@@ -1,0 +1,138 @@
+"""Triton KoLeo nearest-neighbour search (the CUDA path of `sslkernels::koleo_neighbors`).
+
+``koleo_neighbors(x, query_offset, query_count, group_size, topk, eps) -> int64 [query_count, topk]``
+
+Kernel ``_koleo_search_kernel``, grid (cdiv(query_count, BLOCK_M),): one program owns a
+block of query rows and sweeps every candidate column block of their group(s) with
+``tl.dot`` (fp32 accumulation), so no atomics and no N x N. Cosine similarity for the
+ranking is ``(x_i . x_j) / max(||x_j||, eps)``: the query's own scale does not change its
+ranking, so the rows are never copied normalised. Masked: columns past the end, outside
+the query's group, and the query itself. The running top-k per row:
+
+* topk = 1: a running max and arg-max; columns are swept in ascending order and a later
+  tile replaces the best only when strictly larger, so ties go to the smaller index;
+* topk > 1: a [BLOCK_M, K_PAD] list; each tile is merged in ``topk`` extraction rounds
+  (the best of the tile and of the list, larger value first, then smaller index).
+
+Both are deterministic (no atomics, fixed sweep order). The result equals the CPU
+core's up to the rounding of the similarities (near-ties may resolve differently).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sslkernels.kernels.contrastive import _precision
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+__all__ = ["koleo_neighbors", "plan"]
+
+_NO_INDEX = 2**62
+
+
+@triton.jit
+def _koleo_search_kernel(
+    x_ptr, scale_ptr, out_ptr,
+    M, D, stride_m, stride_d, query_offset, query_count, group_size,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    local = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = local < query_count
+    rows = query_offset + tl.where(row_ok, local, 0)
+    row_group = rows // group_size
+    first_row = query_offset + pid * BLOCK_M
+    last_row = query_offset + tl.minimum(pid * BLOCK_M + BLOCK_M, query_count) - 1
+    col_start = (first_row // group_size) * group_size
+    col_end = (last_row // group_size + 1) * group_size
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    neg_inf = float("-inf")
+
+    if TOPK == 1:
+        best = tl.full((BLOCK_M,), neg_inf, ACC)
+        best_idx = tl.full((BLOCK_M,), _NO_INDEX, tl.int64)
+    else:
+        slots = tl.arange(0, K_PAD)
+        run_v = tl.full((BLOCK_M, K_PAD), neg_inf, ACC)
+        run_i = tl.full((BLOCK_M, K_PAD), _NO_INDEX, tl.int64)
+
+    for c0 in range(col_start, col_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < col_end
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + ks
+            k_ok = kk < D
+            a = tl.load(x_ptr + rows[:, None] * stride_m + kk[None, :] * stride_d,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(x_ptr + cols[:, None] * stride_m + kk[None, :] * stride_d,
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        s = acc * scale[None, :]
+        keep = col_ok[None, :] & ((cols // group_size)[None, :] == row_group[:, None]) & (
+            cols[None, :] != rows[:, None])
+        s = tl.where(keep, s, neg_inf)
+        if TOPK == 1:
+            m = tl.max(s, axis=1)
+            arg = tl.min(tl.where(s == m[:, None], cols[None, :], _NO_INDEX), axis=1)
+            better = m > best  # equal later columns lose: ties go to the smaller index
+            best_idx = tl.where(better, arg, best_idx)
+            best = tl.where(better, m, best)
+        else:
+            new_v = tl.full((BLOCK_M, K_PAD), neg_inf, ACC)
+            new_i = tl.full((BLOCK_M, K_PAD), _NO_INDEX, tl.int64)
+            for t in tl.static_range(TOPK):
+                mt = tl.max(s, axis=1)
+                it = tl.min(tl.where(s == mt[:, None], cols[None, :], _NO_INDEX), axis=1)
+                mr = tl.max(run_v, axis=1)
+                ir = tl.min(tl.where(run_v == mr[:, None], run_i, _NO_INDEX), axis=1)
+                take_tile = (mt > mr) | ((mt == mr) & (it < ir))
+                new_v = tl.where(slots[None, :] == t, tl.where(take_tile, mt, mr)[:, None], new_v)
+                new_i = tl.where(slots[None, :] == t, tl.where(take_tile, it, ir)[:, None], new_i)
+                s = tl.where(take_tile[:, None] & (cols[None, :] == it[:, None]), neg_inf, s)
+                run_v = tl.where((~take_tile)[:, None] & (run_i == ir[:, None]), neg_inf, run_v)
+            run_v = new_v
+            run_i = new_i
+
+    if TOPK == 1:
+        tl.store(out_ptr + local, best_idx, mask=row_ok)
+    else:
+        tl.store(out_ptr + local[:, None] * TOPK + slots[None, :], run_i,
+                 mask=row_ok[:, None] & (slots[None, :] < TOPK))
+
+
+def plan(d: int, topk: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps of one launch (sizes only; the GPU run reports them)."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1)
+    block_k = 64 if dtype != torch.float64 else 32
+    return dict(BLOCK_M=128, BLOCK_N=64 if topk > 1 or dtype == torch.float64 else 128,
+                BLOCK_K=min(block_k, max(16, triton.next_power_of_2(d))), num_warps=8)
+
+
+def _device_ctx(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def koleo_neighbors(x: torch.Tensor, query_offset: int, query_count: int, group_size: int, topk: int,
+                    eps: float) -> torch.Tensor:
+    m, d = x.shape
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = 1.0 / x.to(acc_dtype).norm(dim=1).clamp_min(eps)
+    out = torch.empty((query_count, topk), dtype=torch.int64, device=x.device)
+    cfg = plan(d, topk, x.dtype)
+    grid = (triton.cdiv(query_count, cfg["BLOCK_M"]),)
+    with _device_ctx(x):
+        _koleo_search_kernel[grid](
+            x, scale, out, m, d, x.stride(0), x.stride(1), int(query_offset), int(query_count), int(group_size),
+            TOPK=int(topk), K_PAD=max(2, triton.next_power_of_2(int(topk))), PRECISION=_precision(x.dtype),
+            ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return out
