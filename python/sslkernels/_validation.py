@@ -244,8 +244,7 @@ def check_koleo(x, eps, topk, group_size, name: str = "x", batch_rows: int = Non
     """KoLeo arguments: x a float [N, D] tensor with N, D >= 1; eps finite and > 0; topk an
     int >= 1; group_size None (the whole batch) or an int dividing the batch that exceeds
     topk. `batch_rows` is the size of the batch the groups cut (the gathered batch under
-    gather_distributed; N by default). Values: NaN/Inf always on the CPU, on CUDA in debug
-    mode. Returns (eps, topk, group_size) as float, int, int."""
+    gather_distributed; N by default). Returns (eps, topk, group_size) as float, int, int."""
     check_float_tensor(x, name, 2)
     check_nonempty_rows(x, name)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
@@ -272,8 +271,6 @@ def check_koleo(x, eps, topk, group_size, name: str = "x", batch_rows: int = Non
             raise ValueError(f"`group_size` = {group} must be larger than `topk` = {topk}")
         if rows % group != 0:
             raise ValueError(f"`group_size` = {group} must divide the batch of {rows} rows")
-    from sslkernels._config import debug_enabled
-
-    if x.device.type == "cpu" or (x.device.type == "cuda" and debug_enabled()):
-        check_finite(x, name)
+    # NaN / Inf: the ops check them (the CPU search always, the CUDA one in debug mode), so
+    # no host-side pass here breaks torch.compile's graph.
     return eps, topk, group
