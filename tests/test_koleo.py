@@ -288,3 +288,21 @@ def test_memory_stays_linear():
         sslkernels.koleo(x).backward()
     peak_alloc = max((e.cpu_memory_usage for e in prof.key_averages()), default=0)
     assert peak_alloc < 4096 * 4096 * 4 // 16, peak_alloc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_loss_kernels_match_the_cpu_core(dtype):
+    """The CUDA kernels of the loss ops are torch ops: run here on CPU tensors against the
+    C++ core, a zero row and a query slice included."""
+    from sslkernels.ops import koleo as koleo_ops
+
+    x = torch.randn(60, 9, dtype=dtype)
+    x[7] = 0.0
+    for offset, count, group, topk in ((0, 60, 60, 2), (30, 15, 30, 1)):
+        idx = neighbors(x, offset, count, group, topk, 1e-8)
+        loss = torch.ops.sslkernels.koleo_loss_forward(x, idx, offset, group, 1e-8)
+        torch.testing.assert_close(koleo_ops.loss_forward_torch(x, idx, offset, group, 1e-8), loss)
+        g = torch.tensor(0.7, dtype=dtype)
+        dx = torch.ops.sslkernels.koleo_loss_backward(g, x, idx, offset, group, 1e-8)
+        torch.testing.assert_close(koleo_ops.loss_backward_torch(g, x, idx, offset, group, 1e-8), dx)
+        assert float(dx.abs().max()) > 0

@@ -110,10 +110,13 @@ def _(x, indices, query_offset, group_size, eps):
     return loss64.to(x.dtype)
 
 
-@koleo_loss_forward.register_kernel("cuda")
-def _(x, indices, query_offset, group_size, eps):
+def loss_forward_torch(x, indices, query_offset, group_size, eps):
+    """The CUDA kernel of koleo_loss_forward (torch ops; also tested on CPU tensors)."""
     _, _, _, dist = _pairs(x, indices, query_offset, eps)
     return (-(dist + eps).log().mean()).to(x.dtype)
+
+
+koleo_loss_forward.register_kernel("cuda")(loss_forward_torch)
 
 
 @torch.library.custom_op("sslkernels::koleo_loss_backward", mutates_args=())
@@ -138,8 +141,8 @@ def _(grad_loss, x, indices, query_offset, group_size, eps):
     return dx
 
 
-@koleo_loss_backward.register_kernel("cuda")
-def _(grad_loss, x, indices, query_offset, group_size, eps):
+def loss_backward_torch(grad_loss, x, indices, query_offset, group_size, eps):
+    """The CUDA kernel of koleo_loss_backward (torch ops; also tested on CPU tensors)."""
     norm, xn, u, dist = _pairs(x, indices, query_offset, eps)
     pairs = indices.numel()
     # d loss / d dist = -g / (pairs (dist + eps)); d dist / d u = u / dist (0 at dist = 0).
@@ -151,6 +154,9 @@ def _(grad_loss, x, indices, query_offset, group_size, eps):
     n = norm.unsqueeze(1)
     dx = torch.where(n >= eps, (gn - xn * (xn * gn).sum(dim=1, keepdim=True)) / n.clamp_min(eps), gn / eps)
     return dx.to(x.dtype).contiguous()
+
+
+koleo_loss_backward.register_kernel("cuda")(loss_backward_torch)
 
 
 def _setup_context(ctx, inputs, output):
