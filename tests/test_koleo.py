@@ -51,7 +51,10 @@ def _check_search(x, idx, topk, group, query_offset=0, eps=1e-8):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,d,topk,group", [(2, 3, 1, None), (7, 65, 1, None), (257, 130, 1, None),
                                             (257, 3, 4, None), (1000, 33, 2, 250), (1000, 17, 3, 8),
-                                            (2048, 40, 1, 1024), (300, 24, 5, 100)])
+                                            (2048, 40, 1, 1024), (300, 24, 5, 100),
+                                            # symmetric tiles (groups of 2048 rows and more): an odd
+                                            # block count with a tail, and two groups
+                                            (2100, 9, 3, None), (4096, 16, 2, 2048)])
 def test_search_matches_float64_reference(dtype, n, d, topk, group, poisoned_outputs):
     x = torch.randn(n, d).to(dtype)
     g = n if group is None else group
@@ -220,16 +223,16 @@ def test_upstream_gradient_scales():
     torch.testing.assert_close(x.grad, xr.grad)
 
 
-@pytest.mark.parametrize("topk,group", [(1, None), (3, 150)])
-def test_bitwise_for_any_thread_count(topk, group):
-    x = torch.randn(600, 40)
+@pytest.mark.parametrize("n,topk,group", [(600, 1, None), (600, 3, 150), (2100, 2, None)])
+def test_bitwise_for_any_thread_count(n, topk, group):
+    x = torch.randn(n, 40)
     previous = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             results.append(loss_and_grads(lambda t: sslkernels.koleo(t, topk=topk, group_size=group), x)
-                           + (neighbors(x, 0, 600, group or 600, topk, 1e-8),))
+                           + (neighbors(x, 0, n, group or n, topk, 1e-8),))
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:

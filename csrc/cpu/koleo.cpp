@@ -17,6 +17,7 @@ using detail::load_element;
 using detail::store_element;
 
 constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
+constexpr int64_t kMinSymmetricGroup = 2048;
 
 // The strict order of candidates: larger similarity first, then the smaller index. Under a
 // strict total order the top-k set is unique, so the result does not depend on the order in
@@ -130,7 +131,9 @@ Status search(const KoleoSearch& p, int64_t* indices, int num_threads) {
   const int64_t blocks = (g + tile - 1) / tile;
   const int64_t groups = m / g;
   const T* base = xn.data();
-  const bool symmetric = p.query_offset == 0 && p.query_count == m;
+  // Symmetric tiles (each multiplied once, barriers between rounds) pay from big groups on;
+  // the choice depends on the sizes only, never on the thread count.
+  const bool symmetric = p.query_offset == 0 && p.query_count == m && g >= kMinSymmetricGroup;
   RunningTopK<T> top(p.query_count, k);
 
   if (symmetric) {
@@ -168,24 +171,30 @@ Status search(const KoleoSearch& p, int64_t* indices, int num_threads) {
       }
     }
   } else {
-    // Queries are a slice of the candidates (one rank's rows of a gathered batch): each
-    // thread owns whole query blocks and sweeps every candidate block of the group.
-    const int64_t g0 = (p.query_offset / g) * g;
-    const int64_t query_blocks = (p.query_count + tile - 1) / tile;
+    // Each thread owns whole query blocks and sweeps every candidate block of the block's
+    // group: no barrier (a busy machine punishes barriers; a small group has few tiles to
+    // share), twice the products of the symmetric sweep. Also the route of one rank's
+    // slice of a gathered batch.
+    struct Job { int64_t r0, rows, g0; };
+    std::vector<Job> jobs;
+    const int64_t q_end = p.query_offset + p.query_count;
+    for (int64_t g0 = (p.query_offset / g) * g; g0 < q_end; g0 += g)
+      for (int64_t r0 = std::max(g0, p.query_offset); r0 < std::min(g0 + g, q_end); r0 += tile)
+        jobs.push_back({r0, std::min({tile, g0 + g - r0, q_end - r0}), g0});
+    const int64_t num_jobs = static_cast<int64_t>(jobs.size());
 #pragma omp parallel num_threads(num_threads)
     {
       std::vector<T> scratch(static_cast<size_t>(tile * tile));
       T* s = scratch.data();
 #pragma omp for schedule(static)
-      for (int64_t qb = 0; qb < query_blocks; ++qb) {
-        const int64_t q0 = qb * tile, rows = std::min(tile, p.query_count - q0);
-        const int64_t r0 = p.query_offset + q0;  // first query's row in x
+      for (int64_t job = 0; job < num_jobs; ++job) {
+        const Job& jb = jobs[job];
         for (int64_t cb = 0; cb < blocks; ++cb) {
-          const int64_t c0 = g0 + cb * tile, cols = std::min(tile, g0 + g - c0);
-          detail::gemm<T>(false, true, rows, cols, d, T(1), base + r0 * d, d, base + c0 * d, d, T(0), s, cols);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t self = r0 + r - c0;
-            offer_row(top, q0 + r, s + r * cols, c0, cols, (self >= 0 && self < cols) ? self : -1);
+          const int64_t c0 = jb.g0 + cb * tile, cols = std::min(tile, jb.g0 + g - c0);
+          detail::gemm<T>(false, true, jb.rows, cols, d, T(1), base + jb.r0 * d, d, base + c0 * d, d, T(0), s, cols);
+          for (int64_t r = 0; r < jb.rows; ++r) {
+            const int64_t self = jb.r0 + r - c0;
+            offer_row(top, jb.r0 + r - p.query_offset, s + r * cols, c0, cols, (self >= 0 && self < cols) ? self : -1);
           }
         }
       }
