@@ -1,0 +1,114 @@
+"""The device-run package benchmarks/gpu/ on this CPU-only machine: its correctness rule
+rejects what it must, its CSV has the promised columns, and the rehearsal (every section on
+tiny CPU tensors under TRITON_INTERPRET=1) runs to its table without a script error, so a
+lent GPU is never lost to a bug in the script."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks.gpu import SECTIONS  # noqa: E402
+from benchmarks.gpu._core import CSV_COLUMNS, RESOLUTION, Row, judge, read_csv, write_csv  # noqa: E402
+
+
+def _case(n, d, dtype, seed=0):
+    """A float64 reference gradient with entries ~1e-3 (as a loss gradient at N ~ 1000),
+    the same values rounded to dtype (an honest result), and eager's error-sized noise."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(n, d, generator=g, dtype=torch.float64) * 1e-3
+    eager = ref.to(dtype)
+    return ref, eager
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(257, 130), (7, 16)])
+def test_rule_rejects_wrong_gradients(n, d, dtype):
+    ref, eager = _case(n, d, dtype)
+    honest = (ref * (1 + 0.5 * torch.finfo(dtype).eps)).to(dtype)
+    assert judge("dz", honest, eager, ref, dtype)[0]
+    zero = torch.zeros_like(eager)
+    assert not judge("dz", zero, eager, ref, dtype)[0], "a zero gradient passed"
+    off = (ref * 1.03).to(dtype)
+    assert not judge("dz", off, eager, ref, dtype)[0], "a gradient 3% off passed"
+    swapped = eager.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert not judge("dz", swapped, eager, ref, dtype)[0], "two swapped rows passed"
+    nan = eager.clone()
+    nan[0, 0] = float("nan")
+    assert not judge("dz", nan, eager, ref, dtype)[0]
+    assert not judge("dz", eager[:-1], eager, ref, dtype)[0]
+    assert not judge("dz", eager, eager, ref, dtype, again=off)[0], "a non-deterministic result passed"
+
+
+def test_rule_floor_is_relative():
+    """The same relative error passes or fails whatever the quantity's magnitude."""
+    for scale in (1e-6, 1.0, 1e6):
+        ref = torch.linspace(1, 2, 50, dtype=torch.float64) * scale
+        exact = ref.float()
+        small = (ref * (1 + 0.5 * RESOLUTION[torch.float32])).float()
+        big = (ref * (1 + 10 * RESOLUTION[torch.float32])).float()
+        assert judge("x", small, exact, ref, torch.float32)[0]
+        assert not judge("x", big, exact, ref, torch.float32)[0]
+
+
+def test_csv_columns_and_rows(tmp_path):
+    rows = [Row("nt_xent", "N=8192 D=128", "bf16", "fwdbwd", 2.3, 0.99, 100.0, 5.0, "PASS"),
+            Row("svdvals", "B=4096 32x32", "fp32", "fwd", "OOM", 1.0)]
+    path = tmp_path / "x.csv"
+    write_csv(rows, str(path))
+    got = read_csv(str(path))
+    assert tuple(got[0].keys()) == CSV_COLUMNS
+    assert got[0]["speedup"] == f"{2.3 / 0.99:.3f}" and got[0]["check"] == "PASS"
+    assert got[1]["eager_ms"] == "OOM" and got[1]["speedup"] == "" and got[1]["check"] == ""
+    with pytest.raises(ValueError, match="pass_"):
+        Row("nt_xent", "N=1 D=1", "fp32", "fwd+bwd")
+    with pytest.raises(ValueError, match="check"):
+        Row("nt_xent", "N=1 D=1", "fp32", "fwd", check="ok")
+
+
+def _run(args, timeout):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.interpret
+def test_rehearsal_runs_every_section(tmp_path):
+    """Every section's check and time on tiny shapes, the CSV and the table. The numbers
+    are not judged here (the C++ and interpreter tests do that); a script error is."""
+    pytest.importorskip("triton")
+    csv_path = tmp_path / "rehearsal.csv"
+    proc = _run(["--rehearse", "--csv", str(csv_path)], timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode in (0, 1), out[-4000:]
+    assert "EXCEPTION" not in out and "Traceback" not in out, out[-6000:]
+    rows = read_csv(str(csv_path))
+    assert rows and tuple(rows[0].keys()) == CSV_COLUMNS
+    ops = {r["op"].split("[")[0] for r in rows}
+    assert {"nt_xent", "sup_con", "info_nce", "clip", "masked_patch_attention", "varlen_attention",
+            "svdvals"} <= ops, ops
+    assert {r["pass"] for r in rows} <= {"fwd", "bwd", "fwdbwd"}
+    assert {r["check"] for r in rows} <= {"PASS", "FAIL", ""}
+    timed = [r for r in rows if r["fused_ms"]]
+    assert timed and all(float(r["fused_ms"]) > 0 for r in timed if r["fused_ms"] not in ("OOM", "ERR", "SKIP"))
+    header = next(line for line in out.splitlines() if line.split()[:3] == ["op", "case", "dtype"])
+    table = out[out.index(header):]  # the table's header, a rule, then one line per row
+    assert len(table.splitlines()) >= len(rows) + 2 and f"CSV: {csv_path}" in table
+
+
+def test_dry_run_and_bad_options():
+    proc = _run(["--dry-run"], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in SECTIONS:
+        assert name in proc.stdout
+    bad = _run(["--only", "nope"], timeout=300)
+    assert bad.returncode == 2 and "unknown section" in bad.stderr
