@@ -32,7 +32,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 __all__ = ["koleo_neighbors", "plan"]
 
-_NO_INDEX = 2**62
+_NO_INDEX = tl.constexpr(2**62)  # a jit function reads only constexpr globals
 
 
 @triton.jit
@@ -62,8 +62,9 @@ def _koleo_search_kernel(
         run_v = tl.full((BLOCK_M, K_PAD), neg_inf, ACC)
         run_i = tl.full((BLOCK_M, K_PAD), _NO_INDEX, tl.int64)
 
+    lcols = tl.arange(0, BLOCK_N)  # in-tile column offsets: int32 masks and arg-max (registers)
     for c0 in range(col_start, col_end, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = c0 + lcols.to(tl.int64)
         col_ok = cols < col_end
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(0, D, BLOCK_K):
@@ -76,12 +77,17 @@ def _koleo_search_kernel(
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         s = acc * scale[None, :]
-        keep = col_ok[None, :] & ((cols // group_size)[None, :] == row_group[:, None]) & (
-            cols[None, :] != rows[:, None])
+        # the row's group, the end of the sweep and the row itself, as in-tile offsets
+        lo = (row_group * group_size - c0).to(tl.int32)
+        hi = tl.minimum(row_group * group_size + group_size, col_end) - c0
+        hi = tl.minimum(hi, BLOCK_N).to(tl.int32)
+        lo = tl.maximum(lo, -1)
+        me = tl.where((rows >= c0) & (rows < c0 + BLOCK_N), rows - c0, -1).to(tl.int32)
+        keep = (lcols[None, :] >= lo[:, None]) & (lcols[None, :] < hi[:, None]) & (lcols[None, :] != me[:, None])
         s = tl.where(keep, s, neg_inf)
         if TOPK == 1:
             m = tl.max(s, axis=1)
-            arg = tl.min(tl.where(s == m[:, None], cols[None, :], _NO_INDEX), axis=1)
+            arg = c0 + tl.min(tl.where(s == m[:, None], lcols[None, :], BLOCK_N), axis=1).to(tl.int64)
             better = m > best  # equal later columns lose: ties go to the smaller index
             best_idx = tl.where(better, arg, best_idx)
             best = tl.where(better, m, best)
@@ -90,13 +96,13 @@ def _koleo_search_kernel(
             new_i = tl.full((BLOCK_M, K_PAD), _NO_INDEX, tl.int64)
             for t in tl.static_range(TOPK):
                 mt = tl.max(s, axis=1)
-                it = tl.min(tl.where(s == mt[:, None], cols[None, :], _NO_INDEX), axis=1)
+                it = c0 + tl.min(tl.where(s == mt[:, None], lcols[None, :], BLOCK_N), axis=1).to(tl.int64)
                 mr = tl.max(run_v, axis=1)
                 ir = tl.min(tl.where(run_v == mr[:, None], run_i, _NO_INDEX), axis=1)
                 take_tile = (mt > mr) | ((mt == mr) & (it < ir))
                 new_v = tl.where(slots[None, :] == t, tl.where(take_tile, mt, mr)[:, None], new_v)
                 new_i = tl.where(slots[None, :] == t, tl.where(take_tile, it, ir)[:, None], new_i)
-                s = tl.where(take_tile[:, None] & (cols[None, :] == it[:, None]), neg_inf, s)
+                s = tl.where(take_tile[:, None] & (lcols[None, :] == (it - c0).to(tl.int32)[:, None]), neg_inf, s)
                 run_v = tl.where((~take_tile)[:, None] & (run_i == ir[:, None]), neg_inf, run_v)
             run_v = new_v
             run_i = new_i
@@ -109,12 +115,15 @@ def _koleo_search_kernel(
 
 
 def plan(d: int, topk: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps of one launch (sizes only; the GPU run reports them)."""
+    """Block sizes and warps of one launch (sizes only). sm_90 compile (ptxas -v, 8 warps):
+    128 x 128 tiles fit the registers for fp16 / bf16 at topk = 1 (232 regs, HGMMA); fp32
+    (tf32x3, three products) spilled there and takes 128 x 64, fp64 64 x 64."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1)
-    block_k = 64 if dtype != torch.float64 else 32
-    return dict(BLOCK_M=128, BLOCK_N=64 if topk > 1 or dtype == torch.float64 else 128,
-                BLOCK_K=min(block_k, max(16, triton.next_power_of_2(d))), num_warps=8)
+    half = dtype in (torch.float16, torch.bfloat16)
+    block_k = min(64 if dtype != torch.float64 else 32, max(16, triton.next_power_of_2(d)))
+    return dict(BLOCK_M=64 if dtype == torch.float64 else 128, BLOCK_N=128 if half and topk == 1 else 64,
+                BLOCK_K=block_k, num_warps=8)
 
 
 def _device_ctx(x: torch.Tensor):
