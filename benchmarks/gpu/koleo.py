@@ -6,13 +6,22 @@ against the eager reference (lightly's: normalize, x @ x.T, argmax, PairwiseDist
 and the search alone against eager's N x N search.
 
 Model (benchmarks/GPU_MODEL.md style), N = 16384, D = 256, bf16, topk 1, H200:
-2 N^2 D = 137 GFLOP -> 0.174 ms at 790 TFLOP/s (every row block sweeps all columns: no
-symmetry on the GPU); the fewest bytes 8 MiB of x -> 2 us at 4.3 TB/s (the column tiles
-are re-read from L2 by all 128 programs, ~1 GiB of L2 traffic); 128 programs of 128 rows
-on 132 SMs (one wave, 4 SMs idle); epilogue ~8 ops per similarity (scale, 3 masks, max,
-compare, min) on 2.7e8 similarities ~ 65 us of the FP32 pipes, partly overlapped.
-Predicted 0.25-0.35 ms for the search; eager: cuBLAS 0.2-0.25 ms plus ~1.5 GiB of N x N
-traffic (write, diagonal, argmax read) ~0.35 ms, so ~2x, short of 3x without symmetry.
+* products: every row block sweeps all columns (no symmetry on the GPU), 2 N^2 D =
+  137 GFLOP -> 0.174 ms at 790 TFLOP/s;
+* bytes: the fewest are x once, 8.4 MB -> 2 us at 4.3 TB/s; the kernel re-reads from L2
+  the column tiles (128 programs x 8.4 MB) and its own row tile per column tile (the same
+  again): ~2.1 GB of L2 traffic, ~0.18 ms at ~12 TB/s, as much as the products (hoisting
+  the 128 x 256 row tile, 64 KiB, is the first change to try);
+* programs: 128 of 128 rows on 132 SMs, one wave, 4 SMs idle, equal work (no tail);
+* epilogue: ~10 ops per similarity (scale, 3 in-tile masks, where, max, compare, where,
+  min) on 2.7e8 similarities = 2.7e9 ops ~ 80 us of the FP32/INT pipes, serial with the
+  products inside a program;
+* so the search ~0.25-0.35 ms; the loss on the pairs (torch ops, O(N D), ~10 launches
+  each way) ~0.1 ms; fwd+bwd ~0.4-0.5 ms.
+Eager bf16: cuBLAS ~0.25 ms, the N x N bf16 matrix written and argmax-read (1.07 GB ~
+0.25 ms), ~0.55 ms in all: predicted ~1.2-1.5x, short of the 3x goal. Reaching it needs
+the symmetric tiles (half the products, a deterministic merge of the column partials),
+the hoisted row tile, and the loss in the same kernel's epilogue.
 """
 from __future__ import annotations
 
