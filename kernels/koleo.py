@@ -29,6 +29,7 @@ import triton.language as tl
 from sslkernels.kernels.contrastive import _precision
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HOIST_DEFAULT = os.environ.get("SSLKERNELS_KOLEO_HOIST", "1") != "0"
 
 __all__ = ["koleo_neighbors", "plan"]
 
@@ -40,7 +41,7 @@ def _koleo_search_kernel(
     x_ptr, scale_ptr, out_ptr,
     M, D, stride_m, stride_d, query_offset, query_count, group_size,
     TOPK: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HOIST: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     local = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -62,19 +63,27 @@ def _koleo_search_kernel(
         run_v = tl.full((BLOCK_M, K_PAD), neg_inf, ACC)
         run_i = tl.full((BLOCK_M, K_PAD), _NO_INDEX, tl.int64)
 
+    if HOIST:  # the whole row tile (BLOCK_K >= D) loaded once, not once per column tile
+        a_rows = tl.load(x_ptr + rows[:, None] * stride_m + ks[None, :] * stride_d,
+                         mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
     lcols = tl.arange(0, BLOCK_N)  # in-tile column offsets: int32 masks and arg-max (registers)
     for c0 in range(col_start, col_end, BLOCK_N):
         cols = c0 + lcols.to(tl.int64)
         col_ok = cols < col_end
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + ks
-            k_ok = kk < D
-            a = tl.load(x_ptr + rows[:, None] * stride_m + kk[None, :] * stride_d,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(x_ptr + cols[:, None] * stride_m + kk[None, :] * stride_d,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
+        if HOIST:
+            b = tl.load(x_ptr + cols[:, None] * stride_m + ks[None, :] * stride_d,
+                        mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
+            acc = tl.dot(a_rows, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            for k0 in range(0, D, BLOCK_K):
+                kk = k0 + ks
+                k_ok = kk < D
+                a = tl.load(x_ptr + rows[:, None] * stride_m + kk[None, :] * stride_d,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(x_ptr + cols[:, None] * stride_m + kk[None, :] * stride_d,
+                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         s = acc * scale[None, :]
         # the row's group, the end of the sweep and the row itself, as in-tile offsets
@@ -114,16 +123,25 @@ def _koleo_search_kernel(
                  mask=row_ok[:, None] & (slots[None, :] < TOPK))
 
 
-def plan(d: int, topk: int, dtype: torch.dtype) -> dict:
+def plan(d: int, topk: int, dtype: torch.dtype, hoist=None) -> dict:
     """Block sizes and warps of one launch (sizes only). sm_90 compile (ptxas -v, 8 warps):
     128 x 128 tiles fit the registers for fp16 / bf16 at topk = 1 (232 regs, HGMMA); fp32
-    (tf32x3, three products) spilled there and takes 128 x 64, fp64 64 x 64."""
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1)
+    (tf32x3, three products) spilled there and takes 128 x 64, fp64 64 x 64. HOIST (the
+    row tile loaded once; fp16 / bf16, D <= 256) is the default there unless
+    SSLKERNELS_KOLEO_HOIST=0; the GPU run times both (benchmarks/gpu/koleo.py)."""
     half = dtype in (torch.float16, torch.bfloat16)
+    if hoist is None:
+        hoist = HOIST_DEFAULT
+    hoist = bool(hoist) and (half or INTERPRET) and d <= 256
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(16, triton.next_power_of_2(d)) if hoist else 16,
+                    num_warps=1, HOIST=hoist)
+    if hoist:
+        return dict(BLOCK_M=128, BLOCK_N=128 if topk == 1 and d <= 128 else 64,
+                    BLOCK_K=max(16, triton.next_power_of_2(d)), num_warps=8, HOIST=True)
     block_k = min(64 if dtype != torch.float64 else 32, max(16, triton.next_power_of_2(d)))
     return dict(BLOCK_M=64 if dtype == torch.float64 else 128, BLOCK_N=128 if half and topk == 1 else 64,
-                BLOCK_K=block_k, num_warps=8)
+                BLOCK_K=block_k, num_warps=8, HOIST=False)
 
 
 def _device_ctx(x: torch.Tensor):
@@ -131,17 +149,18 @@ def _device_ctx(x: torch.Tensor):
 
 
 def koleo_neighbors(x: torch.Tensor, query_offset: int, query_count: int, group_size: int, topk: int,
-                    eps: float) -> torch.Tensor:
+                    eps: float, hoist=None) -> torch.Tensor:
     m, d = x.shape
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = 1.0 / x.to(acc_dtype).norm(dim=1).clamp_min(eps)
     out = torch.empty((query_count, topk), dtype=torch.int64, device=x.device)
-    cfg = plan(d, topk, x.dtype)
+    cfg = plan(d, topk, x.dtype, hoist)
     grid = (triton.cdiv(query_count, cfg["BLOCK_M"]),)
     with _device_ctx(x):
         _koleo_search_kernel[grid](
             x, scale, out, m, d, x.stride(0), x.stride(1), int(query_offset), int(query_count), int(group_size),
             TOPK=int(topk), K_PAD=max(2, triton.next_power_of_2(int(topk))), PRECISION=_precision(x.dtype),
             ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HOIST=cfg["HOIST"],
+            num_warps=cfg["num_warps"])
     return out

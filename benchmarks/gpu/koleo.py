@@ -8,10 +8,12 @@ and the search alone against eager's N x N search.
 Model (benchmarks/GPU_MODEL.md style), N = 16384, D = 256, bf16, topk 1, H200:
 * products: every row block sweeps all columns (no symmetry on the GPU), 2 N^2 D =
   137 GFLOP -> 0.174 ms at 790 TFLOP/s;
-* bytes: the fewest are x once, 8.4 MB -> 2 us at 4.3 TB/s; the kernel re-reads from L2
-  the column tiles (128 programs x 8.4 MB) and its own row tile per column tile (the same
-  again): ~2.1 GB of L2 traffic, ~0.18 ms at ~12 TB/s, as much as the products (hoisting
-  the 128 x 256 row tile, 64 KiB, is the first change to try);
+* bytes: the fewest are x once, 8.4 MB -> 2 us at 4.3 TB/s; every program re-reads the
+  column tiles from L2 (128 x 8.4 MB = 1.07 GB, ~0.09 ms at ~12 TB/s). Reloading the row
+  tile per column tile too (the chunked variant) doubles that to ~0.18 ms, as much as the
+  products: so fp16 / bf16 with D <= 256 hoist the 128 x 256 row tile (64 KiB of shared
+  memory; sm_90 compile: 128 KiB smem, 128 registers, no spill, HGMMA), the chunked
+  variant timed beside it;
 * programs: 128 of 128 rows on 132 SMs, one wave, 4 SMs idle, equal work (no tail);
 * epilogue: ~10 ops per similarity (scale, 3 in-tile masks, where, max, compare, where,
   min) on 2.7e8 similarities = 2.7e9 ops ~ 80 us of the FP32/INT pipes, serial with the
@@ -20,8 +22,8 @@ Model (benchmarks/GPU_MODEL.md style), N = 16384, D = 256, bf16, topk 1, H200:
   each way) ~0.1 ms; fwd+bwd ~0.4-0.5 ms.
 Eager bf16: cuBLAS ~0.25 ms, the N x N bf16 matrix written and argmax-read (1.07 GB ~
 0.25 ms), ~0.55 ms in all: predicted ~1.2-1.5x, short of the 3x goal. Reaching it needs
-the symmetric tiles (half the products, a deterministic merge of the column partials),
-the hoisted row tile, and the loss in the same kernel's epilogue.
+the symmetric tiles (half the products, a deterministic merge of the column partials) and
+the loss in the same kernel's epilogue.
 """
 from __future__ import annotations
 
@@ -79,21 +81,27 @@ def search_case(ctx: Ctx, n, d, dtype, topk=1, group=None):
 
     x = make_inputs(ctx, n, d, dtype, seed=3)
     g = n if group is None else group
-    idx = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8)
-    again = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8)
     x64 = x.double().cpu()
     xn = F.normalize(x64, eps=1e-8)
     ref = koleo_neighbors_reference(x64, 1e-8, topk, group)
     rows = torch.arange(n)[:, None]
-    got = (xn[rows.expand(-1, topk).reshape(-1)] * xn[idx.cpu().reshape(-1)]).sum(-1).view(n, topk)
-    want = (xn[rows.expand(-1, topk).reshape(-1)] * xn[ref.reshape(-1)]).sum(-1).view(n, topk)
+    flat_rows = rows.expand(-1, topk).reshape(-1)
+    want = (xn[flat_rows] * xn[ref.reshape(-1)]).sum(-1).view(n, topk)
     tol = 1e-12 if dtype == torch.float64 else 1e-4  # tf32x3 / fp32 accumulation of the products
-    short = int((got < want - tol).sum())
-    selfs = int((idx.cpu() == rows).sum())
-    same = float((idx.cpu() == ref).double().mean())
-    ok = short == 0 and selfs == 0 and torch.equal(idx, again)
-    return ok, (f"search: {short} picks below the oracle's by > {tol:.0e}, {selfs} self picks, "
-                f"{same:.4f} equal to the oracle, deterministic {torch.equal(idx, again)}")
+    ok, msgs = True, []
+    for hoist in sorted({True, False}, reverse=True):  # both variants of the kernel, where they apply
+        if KK.plan(d, topk, dtype, hoist)["HOIST"] != hoist:
+            continue
+        idx = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=hoist)
+        again = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=hoist)
+        got = (xn[flat_rows] * xn[idx.cpu().reshape(-1)]).sum(-1).view(n, topk)
+        short = int((got < want - tol).sum())
+        selfs = int((idx.cpu() == rows).sum())
+        same = float((idx.cpu() == ref).double().mean())
+        ok = ok and short == 0 and selfs == 0 and torch.equal(idx, again)
+        msgs.append(f"search hoist={hoist}: {short} picks below the oracle's by > {tol:.0e}, {selfs} self picks, "
+                    f"{same:.4f} equal to the oracle, deterministic {torch.equal(idx, again)}")
+    return ok, "; ".join(msgs)
 
 
 def check(ctx: Ctx) -> list[Row]:
@@ -154,6 +162,15 @@ def time(ctx: Ctx) -> list[Row]:
                 timed(ctx, row, "eager", lambda: (median_ms(ctx, lambda: _eager_search(x)), None))
                 log_timing(ctx, row)
                 rows.append(row)
+                from sslkernels.kernels import koleo as KK
+
+                other = not KK.plan(d, 1, dtype)["HOIST"]  # the variant the op does not use by default
+                if KK.plan(d, 1, dtype, other)["HOIST"] == other:
+                    rv = Row(f"koleo[search hoist={other}]", label(n, d), dt, "fwd", eager_ms=row.eager_ms)
+                    timed(ctx, rv, "fused", lambda: (median_ms(
+                        ctx, lambda: KK.koleo_neighbors(x, 0, n, n, 1, 1e-8, hoist=other)), None))
+                    log_timing(ctx, rv)
+                    rows.append(rv)
                 del x
                 free(ctx)
     return rows
@@ -171,14 +188,17 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
     for dt in ("fp32", "fp16", "bf16", "fp64"):
         dtype = DTYPES[dt]
         acc = "fp64" if dt == "fp64" else "fp32"
-        for topk in (1, 2, 3):
-            cfg = KK.plan(256, topk, dtype)
+        for topk, hoist in ((1, False), (2, False), (3, False), (1, True), (2, True)):
+            cfg = KK.plan(256, topk, dtype, hoist)
+            if hoist and not cfg["HOIST"]:
+                continue
             sig = {"x_ptr": f"*{tys[dt]}", "scale_ptr": f"*{acc}", "out_ptr": "*i64", "M": "i32", "D": "i32",
                    "stride_m": "i32", "query_offset": "i32", "query_count": "i32", "group_size": "i32"}
             consts = {"stride_d": 1, "TOPK": topk, "K_PAD": max(2, 1 << (topk - 1).bit_length()),
                       "PRECISION": FP32_PRECISION if dt == "fp32" else "ieee",
                       "ACC": tl.float64 if dt == "fp64" else tl.float32,
-                      "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+                      "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+                      "HOIST": cfg["HOIST"]}
             out.append(CompileTarget(f"koleo_search {dt} topk={topk} {cfg}", KK._koleo_search_kernel, sig, consts,
                                      cfg["num_warps"], 2, ("D", "stride_m"), wgmma=dt in ("fp16", "bf16")))
     return out

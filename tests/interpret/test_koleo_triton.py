@@ -1,6 +1,9 @@
 """The Triton KoLeo search (the CUDA path of `sslkernels::koleo_neighbors`) run by the
 Triton interpreter on CPU tensors, through its launcher `koleo_neighbors`.
 
+Both variants of the kernel run: the row tile loaded once (HOIST, the default for fp16 /
+bf16 with D <= 256 on a GPU) and in BLOCK_K chunks per column tile.
+
 Oracle: the float64 eager search (`koleo_neighbors_reference`), judged as in
 tests/test_koleo.py: a valid top-k (in the group, never itself, distinct) whose float64
 similarities match the oracle's within rounding, and the oracle's very choice wherever
@@ -30,11 +33,13 @@ CASES = [(2, 3, 1, 2, 0, 2), (37, 20, 1, 37, 0, 37), (40, 33, 3, 20, 0, 40), (48
          (50, 7, 4, 50, 0, 50), (60, 9, 1, 30, 30, 30), (64, 17, 2, 32, 16, 16)]
 
 
+@pytest.mark.parametrize("hoist", [True, False], ids=["hoisted-rows", "row-chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("n,d,topk,group,offset,count", CASES)
-def test_search_matches_float64_reference(koleo_kernels, dtype, n, d, topk, group, offset, count):
+def test_search_matches_float64_reference(koleo_kernels, dtype, n, d, topk, group, offset, count, hoist):
+    assert koleo_kernels.plan(d, topk, dtype, hoist)["HOIST"] == hoist
     x = torch.randn(n, d).to(dtype)
-    idx = koleo_kernels.koleo_neighbors(x, offset, count, group, topk, 1e-8)
+    idx = koleo_kernels.koleo_neighbors(x, offset, count, group, topk, 1e-8, hoist=hoist)
     _check_search(x, idx, topk, group, query_offset=offset)
 
 
