@@ -68,11 +68,11 @@ def test_search_of_a_slice_of_queries(n, d, topk, group, offset, count):
     x = torch.randn(n, d)
     idx = neighbors(x, offset, count, group, topk, 1e-8)
     _check_search(x, idx, topk, group, query_offset=offset)
-    if count == n // (n // group) or True:
-        whole = neighbors(x, 0, n, group, topk, 1e-8)[offset:offset + count]
-        assert torch.equal(idx, whole) or bool((_sims64(x)[torch.arange(offset, offset + count)[:, None], idx]
-                                                 - _sims64(x)[torch.arange(offset, offset + count)[:, None], whole]
-                                                 ).abs().max() < 1e-5)
+    # the same picks as the whole batch's search, up to the rounding of a near-tie
+    whole = neighbors(x, 0, n, group, topk, 1e-8)[offset:offset + count]
+    rows = torch.arange(offset, offset + count)[:, None]
+    sims = _sims64(x)
+    assert float((sims[rows, idx] - sims[rows, whole]).abs().max()) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
