@@ -13,6 +13,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 neighbors = torch.ops.sslkernels.koleo_neighbors
 
 
+def _judge(fused, eager, ref64, dtype, what):
+    """The design's rule with the floor relative to the reference's scale: KoLeo's
+    gradients are ~1/N, far below the shared helper's floor of RESOLUTION * max(1, |ref|),
+    which would pass a zero gradient in fp16 / bf16. In units of max|ref| that floor is
+    RESOLUTION * max|ref| and the eager-error term is unchanged."""
+    scale = float(ref64.double().abs().max()) or 1.0
+    assert_within_eager_error(fused.double() / scale, eager.double() / scale, ref64.double() / scale, dtype, what)
+
+
 def _sims64(x, eps=1e-8):
     xn = F.normalize(x.double(), eps=eps)
     return xn @ xn.T
@@ -92,7 +101,21 @@ def test_loss_and_gradient_match_float64_reference(dtype, n, d, topk, group, poi
     r = loss_and_grads(lambda t: koleo_reference(t, indices=idx), x.double())
     assert f[0].dtype == dtype and f[0].dim() == 0
     for what, a, b, c in zip(("loss", "grad"), f, e, r):
-        assert_within_eager_error(a, b, c, dtype, what)
+        _judge(a, b, c, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,topk,group", [(7, 65, 2, None), (257, 130, 1, None), (1000, 16, 3, 200)])
+def test_judge_rejects_a_zero_and_a_3_percent_off_gradient(dtype, n, d, topk, group):
+    """At the sizes the gradient tests use, the rule fails a zero gradient and one 3% off
+    (8% in bfloat16: its floor of 1.6% plus twice eager's ~1.5% error already spans 3%)."""
+    x = torch.randn(n, d).to(dtype)
+    idx = koleo_neighbors_reference(x.double(), 1e-8, topk, group)
+    e = loss_and_grads(lambda t: koleo_reference(t, indices=idx), x)[1]
+    r = loss_and_grads(lambda t: koleo_reference(t, indices=idx), x.double())[1]
+    for wrong in (torch.zeros_like(r), (1.08 if dtype == torch.bfloat16 else 1.03) * r):
+        with pytest.raises(AssertionError):
+            _judge(wrong.to(dtype), e, r, dtype, "grad")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -103,7 +126,7 @@ def test_functional_matches_reference_end_to_end(dtype, n, d, topk, group):
     r = loss_and_grads(lambda t: koleo_reference(t, topk=topk, group_size=group), x.double())
     e = loss_and_grads(lambda t: koleo_reference(t, topk=topk, group_size=group), x)
     for what, a, b, c in zip(("loss", "grad"), f, e, r):
-        assert_within_eager_error(a, b, c, dtype, what)
+        _judge(a, b, c, dtype, what)
 
 
 def _lightly_koleo():
@@ -175,7 +198,7 @@ def test_duplicates_and_ties_go_to_the_smaller_index():
     eager = loss_and_grads(koleo_reference, x)
     ref = loss_and_grads(koleo_reference, x.double())
     for what, a, b, c in zip(("loss", "grad"), fused, eager, ref):
-        assert_within_eager_error(a, b, c, torch.float32, what)
+        _judge(a, b, c, torch.float32, what)
 
 
 def test_zero_row_is_handled_like_f_normalize():
@@ -309,3 +332,16 @@ def test_cuda_loss_kernels_match_the_cpu_core(dtype):
         dx = torch.ops.sslkernels.koleo_loss_backward(g, x, idx, offset, group, 1e-8)
         torch.testing.assert_close(koleo_ops.loss_backward_torch(g, x, idx, offset, group, 1e-8), dx)
         assert float(dx.abs().max()) > 0
+
+
+def test_float16_gradient_in_the_subnormal_range():
+    """fp16 results below 2**-14 are subnormal halves: the C++ store must round them to the
+    nearest half, as torch's cast does (it once halved them)."""
+    x = torch.randn(64, 8).half()
+    idx = neighbors(x, 0, 64, 64, 1, 1e-8)
+    g = torch.tensor(0.05, dtype=torch.float16)
+    dx = torch.ops.sslkernels.koleo_loss_backward(g, x, idx, 0, 64, 1e-8)
+    want = torch.ops.sslkernels.koleo_loss_backward(g.double(), x.double(), idx, 0, 64, 1e-8).half()
+    sub = want.abs() < 2.0 ** -14
+    assert int(sub.sum()) > 50 and float(want.abs().max()) > 0
+    torch.testing.assert_close(dx.double(), want.double(), rtol=0.0, atol=2.0 ** -24)
