@@ -116,9 +116,13 @@ def _koleo_search_kernel(
             run_v = new_v
             run_i = new_i
 
+    # A slot never filled (NaN similarities, outside the debug rule) names the row itself:
+    # the index stays in bounds (no device assert in the gather) and the loss comes out NaN.
     if TOPK == 1:
+        best_idx = tl.where(best_idx == _NO_INDEX, rows, best_idx)
         tl.store(out_ptr + local, best_idx, mask=row_ok)
     else:
+        run_i = tl.where(run_i == _NO_INDEX, rows[:, None], run_i)
         tl.store(out_ptr + local[:, None] * TOPK + slots[None, :], run_i,
                  mask=row_ok[:, None] & (slots[None, :] < TOPK))
 

@@ -65,3 +65,16 @@ def test_matches_the_cpu_core_on_clear_cases(koleo_kernels):
     ours = koleo_kernels.koleo_neighbors(x, 0, 45, 15, 2, 1e-8)
     core = torch.ops.sslkernels.koleo_neighbors(x, 0, 45, 15, 2, 1e-8)
     assert torch.equal(ours, core)
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_nan_rows_give_indices_in_bounds(koleo_kernels, topk):
+    """Outside debug mode the CUDA search does not check NaN: a NaN row must still get
+    indices inside x (an index past the end crashes the gather on a GPU), and the loss is NaN."""
+    from sslkernels.ops import koleo as koleo_ops
+
+    x = torch.randn(20, 5)
+    x[4, 2] = float("nan")
+    idx = koleo_kernels.koleo_neighbors(x, 0, 20, 20, topk, 1e-8)
+    assert bool(((idx >= 0) & (idx < 20)).all()), idx[4]
+    assert torch.isnan(koleo_ops.loss_forward_torch(x, idx, 0, 20, 1e-8))
