@@ -306,14 +306,34 @@ def test_bad_tensors():
         torch.ops.sslkernels.koleo_loss_forward(torch.randn(6, 3), torch.tensor([[6]] * 6), 0, 6, 1e-8)
 
 
+_PEAK_SCRIPT = """
+import resource, sys, torch, sslkernels
+from sslkernels.reference import koleo_reference
+fn = sslkernels.koleo if sys.argv[1] == "fused" else koleo_reference
+fn(torch.randn(256, 32, requires_grad=True)).backward()  # libraries and thread pools loaded
+x = torch.randn(8192, 32, requires_grad=True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn(x).backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
 def test_memory_stays_linear():
-    """No N x N: at N = 4096 the search and loss allocate far less than one similarity
-    matrix (64 MiB); measured through the CPU allocator's peak, which torch's profiler reports."""
-    x = torch.randn(4096, 32, requires_grad=True)
-    with torch.profiler.profile(profile_memory=True) as prof:
-        sslkernels.koleo(x).backward()
-    peak_alloc = max((e.cpu_memory_usage for e in prof.key_averages()), default=0)
-    assert peak_alloc < 4096 * 4096 * 4 // 16, peak_alloc
+    """No N x N: at N = 8192 (a similarity matrix is 256 MiB) the fused search and loss
+    raise the process's peak resident memory by less than 1/8 of it. The peak is read in a
+    fresh process, so the C++ core's own buffers count (torch's profiler sees only torch
+    allocations); the eager reference, measured the same way, shows the measure sees N x N."""
+    import subprocess
+    import sys
+
+    def peak_kib(which):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, which], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    nxn_kib = 8192 * 8192 * 4 // 1024
+    assert peak_kib("eager") > nxn_kib // 2
+    fused = peak_kib("fused")
+    assert fused < nxn_kib // 8, fused
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
