@@ -10,6 +10,7 @@ void register_spectral(pybind11::module_& m);     // bindings_spectral.cpp
 void register_attention(pybind11::module_& m);    // bindings_attention.cpp
 void register_sigreg(pybind11::module_& m);       // bindings_sigreg.cpp
 void register_siglip(pybind11::module_& m);       // bindings_siglip.cpp
+void register_koleo(pybind11::module_& m);        // bindings_koleo.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sslkernels CPU core (C++, OpenBLAS tile products, OpenMP over tiles)";
@@ -20,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
   register_attention(m);
   register_sigreg(m);
   register_siglip(m);
+  register_koleo(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

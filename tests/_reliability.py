@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import sslkernels
+from sslkernels.reference import koleo_reference
 from sslkernels.reference import (info_nce_reference, masked_patch_attention_reference, nt_xent_reference,
                                   sup_con_reference, varlen_attention_reference)
 
@@ -497,6 +498,40 @@ SIGREG = OpSpec(
     thread_bitwise=True,
 )
 
+# ---------------------------------------------------------------- koleo
+
+
+def _build_koleo(s, dtype, scale, seed):
+    return {"x": _randn(_gen(seed), s["n"], s["d"], scale=scale, dtype=dtype)}
+
+
+def _koleo_call(fn):
+    """`group_parts` (tests only) cuts the batch into that many groups."""
+    def call(x, eps=1e-8, topk=1, group_size=None, group_parts=None):
+        if group_parts is not None and group_parts > 1:
+            group_size = x.shape[0] // group_parts
+        return fn(x, eps=eps, topk=topk, group_size=group_size)
+    return call
+
+
+KOLEO = OpSpec(
+    name="koleo", call=_koleo_call(sslkernels.koleo), build=_build_koleo,
+    reference=_koleo_call(koleo_reference),
+    # n = 12 m: every group of 1, 2 or 3 holds at least 4 rows (> topk); 132 and 264 span tiles
+    sizes=st.fixed_dictionaries({"n": st.one_of(st.sampled_from([12, 132, 264]), st.integers(1, 12).map(lambda m: 12 * m)),
+                                 "d": COLS}),
+    options=st.fixed_dictionaries({"topk": st.integers(1, 3), "group_parts": st.integers(1, 3),
+                                   "eps": st.sampled_from([1e-8, 1e-6])}),
+    small={"n": 7, "d": 5}, large={"n": 300, "d": 33}, defaults={},
+    args={"x": Arg((2,))}, grads=("x",),
+    bad_scalars=_bad("eps", (0.0, ValueError), (-1e-8, ValueError), (float("nan"), ValueError),
+                     ("1e-8", TypeError), (True, TypeError))
+    + _bad("topk", (0, ValueError), (7, ValueError), (1.5, TypeError), (True, TypeError))
+    + _bad("group_size", (3, ValueError), (1, ValueError), ("7", TypeError), (7.0, TypeError)),
+    thread_bitwise=True,
+)
+
+
 # Every public function of sslkernels that the reliability tests cover.
 # ---------------------------------------------------------------- siglip (issue 13)
 
@@ -544,5 +579,5 @@ SIGLIP = OpSpec(
 
 
 OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR,
-       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION, SIGREG, SIGLIP]
+       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION, SIGREG, SIGLIP, KOLEO]
 BY_NAME = {spec.name: spec for spec in OPS}

@@ -17,6 +17,7 @@ from sslkernels.functional import svdvals, svdvals_ex
 from sslkernels.functional import masked_patch_attention, varlen_attention
 from sslkernels.functional import sigreg
 from sslkernels.functional import siglip_loss
+from sslkernels.functional import koleo
 from sslkernels.metrics import alpha_req, effective_rank, lidar, nesum, rankme
 from sslkernels.monitor import RankMeMonitor
 from sslkernels import masks  # noqa: F401
@@ -30,4 +31,4 @@ __all__ = [
     "masked_patch_attention", "varlen_attention",
     "svdvals", "svdvals_ex", "RankMeMonitor", "rankme", "effective_rank", "lidar", "alpha_req", "nesum", "metrics",
     "info_nce", "nt_xent", "sup_con", "sigreg",
-    "siglip_loss", "nn", "reference", "set_debug", "debug_enabled", "__version__"]
+    "siglip_loss", "koleo", "nn", "reference", "set_debug", "debug_enabled", "__version__"]

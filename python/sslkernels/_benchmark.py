@@ -443,6 +443,23 @@ def _sigreg_fused(proj, directions):
 
     return sslkernels.sigreg(proj, directions, knots=17, t_max=3.0)
 
+def _koleo_rows(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(sizes["n"], sizes["d"], generator=g, dtype=torch.float32)
+    return (x.to(device=device, dtype=dtype).requires_grad_(True),)
+
+
+def _koleo_eager(x):
+    from sslkernels.reference import koleo_reference
+
+    return koleo_reference(x)  # lightly's: normalize, x @ x.T, diagonal out, argmax, PairwiseDistance
+
+
+def _koleo_fused(x):
+    import sslkernels
+
+    return sslkernels.koleo(x)
+
 
 register_op(
     BenchOp(
@@ -459,6 +476,21 @@ register_op(
     )
 )
 
+
+register_op(
+    BenchOp(
+        name="koleo",
+        params=("n", "d"),
+        default_sizes={"n": (4096, 16384), "d": (256,)},
+        quick_sizes={"n": (2048,), "d": (128,)},
+        make_inputs=_koleo_rows,
+        eager=_koleo_eager,
+        fused=_koleo_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"]},
+        shape_label=lambda s: f"N={s['n']} D={s['d']}",
+        description="KoLeo (lightly / DINOv2), eps 1e-8, topk 1, whole batch",
+    )
+)
 
 # ---------------------------------------------------------------- passes
 

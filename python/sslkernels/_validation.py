@@ -572,3 +572,38 @@ def check_monitor_embeddings(z, dim, device) -> None:
             raise ValueError(
                 f"`embeddings` is on {z.device}, but this monitor's buffer is on {device} "
                 f"(fixed by the first call; call reset() to change it)")
+# ---------------------------------------------------------------- koleo
+def check_koleo(x, eps, topk, group_size, name: str = "x", batch_rows: int = None) -> tuple:
+    """KoLeo arguments: x a float [N, D] tensor with N, D >= 1; eps finite and > 0; topk an
+    int >= 1; group_size None (the whole batch) or an int dividing the batch that exceeds
+    topk. `batch_rows` is the size of the batch the groups cut (the gathered batch under
+    gather_distributed; N by default). Returns (eps, topk, group_size) as float, int, int."""
+    check_float_tensor(x, name, 2)
+    check_nonempty_rows(x, name)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"`eps` must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0.0:
+        raise ValueError(f"`eps` must be finite and > 0, got {eps}")
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
+        raise TypeError(f"`topk` must be an int, got {type(topk).__name__}")
+    topk = int(topk)
+    if topk < 1:
+        raise ValueError(f"`topk` must be >= 1, got {topk}")
+    rows = x.shape[0] if batch_rows is None else int(batch_rows)
+    if group_size is None:
+        if rows <= topk:
+            raise ValueError(
+                f"`{name}` has {rows} rows: KoLeo needs more rows than `topk` = {topk} (a row is never its own neighbour)")
+        group = rows
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"`group_size` must be an int or None, got {type(group_size).__name__}")
+        group = int(group_size)
+        if group <= topk:
+            raise ValueError(f"`group_size` = {group} must be larger than `topk` = {topk}")
+        if rows % group != 0:
+            raise ValueError(f"`group_size` = {group} must divide the batch of {rows} rows")
+    # NaN / Inf: the ops check them (the CPU search always, the CUDA one in debug mode), so
+    # no host-side pass here breaks torch.compile's graph.
+    return eps, topk, group

@@ -387,3 +387,25 @@ class RowGatherer:
             d.all_reduce(bad, group=group)
         z = torch.cat([blk[:c] for blk, c in zip(blocks, counts) if c > 0])[:max_samples]
         return z, bad[0]
+
+
+# ---------------------------------------------------------------- koleo
+def koleo(x: torch.Tensor, eps: float, topk: int, group_size, group) -> torch.Tensor:
+    """KoLeo with every rank's rows as candidates (DINOv3's KoLeoLossDistributed): the
+    batch is all-gathered with gradient, this rank's rows are the queries, and
+    ``group_size`` (None: the global batch) cuts the gathered batch into groups, each a
+    whole number of ranks. Each rank returns the loss over its own rows; the DDP average
+    of the ranks' gradients is the gradient of the mean of the ranks' losses."""
+    from sslkernels._validation import check_koleo
+    from sslkernels.ops.koleo import koleo_loss
+
+    dist = _dist()
+    rows = x.shape[0]
+    check_same_batch_size(rows, group, x.device, "x")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    eps, topk, group_rows = check_koleo(x, eps, topk, group_size, batch_rows=world * rows)
+    if group_rows % rows != 0:
+        raise ValueError(f"`group_size` = {group_rows} must be a multiple of the per-rank batch of {rows} rows")
+    (wide,) = _wide(x)
+    gathered = _cat(wide, group)
+    return koleo_loss(gathered, eps, topk, group_rows, query_offset=rank * rows, query_count=rows).to(x.dtype)

@@ -6,6 +6,7 @@ import torch
 from sslkernels import _validation as v
 from sslkernels.ops import attention as _attention_ops  # noqa: F401  (registers the attention ops)
 from sslkernels.ops import contrastive as _contrastive_ops
+from sslkernels.ops import koleo as _koleo_ops
 from sslkernels.ops import siglip as _siglip_ops
 from sslkernels.ops import sigreg as _sigreg_ops
 from sslkernels.ops import spectral as _spectral_ops  # noqa: F401  (registers the svdvals op)
@@ -392,3 +393,33 @@ def siglip_loss(
         return _ring_siglip.siglip_loss(image_features, text_features, logit_scale, logit_bias,
                                         v.check_process_group(process_group))
     return _siglip_ops.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+# ============================================================================ koleo
+
+
+def koleo(x: torch.Tensor, eps: float = 1e-8, topk: int = 1, group_size: int = None) -> torch.Tensor:
+    """The KoLeo regulariser as lightly's ``KoLeoLoss`` (DINOv2) and DINOv3 compute it, fused.
+
+    Rows are L2-normalised (``F.normalize(x, eps=eps)``). Each row's nearest neighbour
+    (its ``topk`` nearest) by cosine similarity within its group of ``group_size``
+    consecutive rows is found, never the row itself; ties go to the smaller index. With
+    ``dist = PairwiseDistance(p=2, eps=eps)(row, neighbour)`` (which adds eps to the
+    difference), ``loss = -mean(log(dist + eps))`` over the rows and their neighbours.
+    Duplicate rows are each other's neighbours at distance ``eps * sqrt(D)``, as in
+    lightly. Gradients flow through the distances (to both rows of a pair); the search
+    is not differentiable.
+
+    The search never holds the N x N similarities: tiles through OpenBLAS (CPU, each
+    symmetric tile multiplied once) or ``tl.dot`` (CUDA) and a running top-k per row.
+
+    Args:
+        x: ``[N, D]`` float32 / float16 / bfloat16 / float64, cpu or cuda, N, D >= 1.
+        eps: finite, > 0.
+        topk: neighbours per row, >= 1, smaller than the group.
+        group_size: None (the whole batch) or a divisor of N larger than ``topk``.
+
+    Returns a 0-dim tensor of x's dtype (accumulated in float64 on the CPU, float32 on
+    CUDA).
+    """
+    eps, topk, group = v.check_koleo(x, eps, topk, group_size)
+    return _koleo_ops.koleo_loss(x, eps, topk, group)
+# ======================================================================== end koleo
