@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-extras", action="store_true", help="skip the extra correctness cases")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds: past it, remaining checks and timings are skipped and the table printed")
+    p.add_argument("--wheels", default=os.path.join(REPO, ".whl"),
+                   help="--rehearse: the carried wheels to install into a fresh 3.12 venv (scripts/build_device_wheels.sh)")
     p.add_argument("--csv", default=None, help="CSV path (default: $OUT/ or benchmarks/results/gpu-<date>-<card>.csv)")
     args = p.parse_args(argv)
     names = [n for item in (args.only or list(SECTIONS)) for n in item.split(",") if n]
@@ -110,6 +112,22 @@ def compile_only(args, sections, ctx) -> int:
     return 1 if failures else 0
 
 
+def rehearse_wheels(ctx, folder: str) -> None:
+    """The device run's install step here: the carried wheels into a fresh Python 3.12 venv
+    with --no-index (scripts/build_device_wheels.sh --check); skipped, said so, without them."""
+    if not os.path.isdir(folder) or not any(f.endswith(".whl") for f in os.listdir(folder)):
+        ctx.log(f"wheel rehearsal: no carried wheels in {folder} (bash scripts/build_device_wheels.sh "
+                "builds them); skipped")
+        return
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "build_device_wheels.sh"), "--check", folder],
+                          cwd=REPO, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    if proc.returncode != 0:
+        ctx.fail("wheel rehearsal: " + " | ".join(tail))
+    else:
+        ctx.log("wheel rehearsal: " + (tail[-1] if tail else "ok"))
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -161,6 +179,8 @@ def main(argv=None) -> int:
 
                 ctx.fail(f"{s.NAME}.{phase}: EXCEPTION " + traceback.format_exc(limit=6))
 
+    if args.rehearse:
+        rehearse_wheels(ctx, args.wheels)
     path = args.csv or default_csv(args.rehearse)
     write_csv(rows, path)
     if ctx.failures:
