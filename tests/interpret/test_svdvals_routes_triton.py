@@ -35,3 +35,15 @@ def test_every_cuda_route_on_cpu_tensors(shape, dtype, spectral_kernels):
     assert got.shape == ref.shape and got.dtype == S.compute_dtype(dtype)
     assert not info.any(), route
     assert float((got.double() - ref).abs().max()) <= tol * float(ref.max()), route
+
+
+
+def test_cuda_limits_match_the_kernels(spectral_kernels, contrastive_kernels):
+    """What validation promises on CUDA is what the Triton launchers take."""
+    import importlib
+
+    from sslkernels import _validation as V
+
+    A = importlib.import_module("sslkernels.kernels.attention")
+    assert V.HEAD_DIM_RANGE["cuda"][1] == A.MAX_HEAD_DIM
+    assert V.CUDA_PER_QUERY_SPAN_MAX == contrastive_kernels._MAX_PER_QUERY_SPAN
