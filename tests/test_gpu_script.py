@@ -112,3 +112,24 @@ def test_dry_run_and_bad_options():
         assert name in proc.stdout
     bad = _run(["--only", "nope"], timeout=300)
     assert bad.returncode == 2 and "unknown section" in bad.stderr
+
+
+@pytest.mark.interpret
+def test_device_script_plumbing(tmp_path):
+    """scripts/device_run.sh end to end on this machine (its own sslkernels, no install; one
+    section rehearsed): the env file, the log and the CSV land under $OUT."""
+    pytest.importorskip("triton")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PY=sys.executable, SKIP_INSTALL="1",
+               EXTRA_ARGS="--rehearse --only nt_xent --no-extras", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "device_run.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode in (0, 1), log[-4000:]
+    csvs = sorted(p.name for p in out.glob("gpu-*-cpu.csv"))
+    assert len(csvs) == 1, (csvs, log[-3000:])
+    rows = read_csv(str(out / csvs[0]))
+    assert rows and {r["op"] for r in rows} == {"nt_xent", "nt_xent[ieee]", "nt_xent[tf32x3]"}
+    assert (out / "env.txt").exists() and (out / "device.log").exists()
+    assert "device_run: total" in log and "Traceback" not in log

@@ -102,7 +102,7 @@ class Ctx:
     """The run as the sections see it."""
 
     device: torch.device
-    rehearse: bool = False  # tiny shapes, CPU tensors, TRITON_INTERPRET=1
+    rehearse: bool = False  # tiny shapes (--rehearse: on CPU tensors under TRITON_INTERPRET=1; --tiny)
     quick: bool = False  # the headline timings only
     extras: bool = True  # the extra correctness cases
     deadline_s: float = 0.0  # 0: none

@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile every planned kernel variant for sm_90: ptxas registers / spills, SASS HGMMA")
     p.add_argument("--rehearse", action="store_true",
                    help="every section on tiny CPU tensors under TRITON_INTERPRET=1, the CSV and the table")
+    p.add_argument("--tiny", action="store_true",
+                   help="the rehearsal's tiny shapes on the default device (a GPU: for compute-sanitizer)")
     p.add_argument("--only", action="append", default=None, metavar="SECTION",
                    help=f"run these sections only (repeatable or comma-separated; of {', '.join(SECTIONS)})")
     p.add_argument("--jobs", type=int, default=1, help="--compile-only: this many processes")
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     else:
         print("device: no CUDA device")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.rehearse else "cpu")
-    ctx = Ctx(device=device, rehearse=args.rehearse, quick=args.quick, extras=not args.no_extras,
+    ctx = Ctx(device=device, rehearse=args.rehearse or args.tiny, quick=args.quick, extras=not args.no_extras,
               deadline_s=args.deadline)
     print("sections: " + ", ".join(f"{s.NAME} ({(s.__doc__ or '').strip().splitlines()[0]})" for s in sections))
     if args.dry_run:
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
 
     if args.rehearse:
         rehearse_wheels(ctx, args.wheels)
-    path = args.csv or default_csv(args.rehearse)
+    path = args.csv or default_csv(args.rehearse or args.tiny)
     write_csv(rows, path)
     if ctx.failures:
         print("\nFAILURES:")
