@@ -55,7 +55,7 @@ echo "device_run: installed in $(elapsed)s"
 
 card=$($PY -c 'import sys; sys.path.insert(0, "."); from benchmarks.gpu._runner import card_slug; print(card_slug())')
 csv="$OUT/gpu-$(date +%F)-$card.csv"
-$PY -m benchmarks.gpu --deadline "$DEADLINE" --csv "$csv" $EXTRA_ARGS 2>&1 | tee "$OUT/device.log"
+$PY -m benchmarks.gpu --time-first --quick --deadline "$DEADLINE" --csv "$csv" $EXTRA_ARGS 2>&1 | tee "$OUT/device.log"
 status=${PIPESTATUS[0]}
 echo "device_run: main run exit $status after $(elapsed)s"
 

@@ -133,3 +133,37 @@ def test_device_script_plumbing(tmp_path):
     assert rows and {r["op"] for r in rows} == {"nt_xent", "nt_xent[ieee]", "nt_xent[tf32x3]"}
     assert (out / "env.txt").exists() and (out / "device.log").exists()
     assert "device_run: total" in log and "Traceback" not in log
+
+
+def test_compile_targets_cover_every_kernel_argument():
+    """Every planned variant names a type or a value for each argument of its kernel (so the
+    sm_90 compile sees what the run launches); fast: nothing is compiled."""
+    pytest.importorskip("triton")
+    import importlib
+
+    from benchmarks.gpu._core import Ctx, jit_fn
+
+    ctx = Ctx(torch.device("cpu"))
+    total = 0
+    for name in SECTIONS:
+        targets = importlib.import_module(f"benchmarks.gpu.{name}").compile_targets(ctx)
+        assert targets, name
+        for t in targets:
+            args = set(jit_fn(t.kernel).arg_names)
+            assert args <= set(t.signature) | set(t.constexprs), (t.tag, sorted(args - set(t.signature) - set(t.constexprs)))
+        total += len(targets)
+    assert total > 100
+
+
+def test_compile_only_passes_without_a_gpu():
+    """--compile-only on this CPU-only machine: the whole spectral plan on 2 processes, and
+    one shard of the loss and attention plans (the lead runs the full plan: --jobs N)."""
+    pytest.importorskip("triton")
+    proc = _run(["--compile-only", "--only", "spectral", "--jobs", "2", "--no-sass"], timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count(", 0 failure(s)") == 2 and "exit codes [0, 0]" in out, out[-3000:]
+    proc = _run(["--compile-only", "--only", "nt_xent,contrastive,attention", "--shard", "0/40"], timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and ", 0 failure(s)" in out, out[-3000:]
+    assert "HGMMA" in out  # the SASS was read

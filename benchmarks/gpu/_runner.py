@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard", default=None, metavar="I/N", help="--compile-only: the I-th of N shares of the targets")
     p.add_argument("--no-sass", action="store_true", help="--compile-only: skip the cuobjdump SASS read")
     p.add_argument("--no-autotune", action="store_true", help="one default config per kernel (SSLKERNELS_AUTOTUNE=0)")
+    p.add_argument("--time-first", action="store_true",
+                   help="every section's timings (the headline rows, each checked at its shape) before the checks")
     p.add_argument("--quick", action="store_true", help="the headline timings only")
     p.add_argument("--no-extras", action="store_true", help="skip the extra correctness cases")
     p.add_argument("--deadline", type=float, default=0.0,
@@ -165,21 +167,23 @@ def main(argv=None) -> int:
         return 2
 
     rows = []
-    for s in sections:
-        for phase in ("check", "time"):
-            fn = getattr(s, phase, None)
-            if fn is None:
-                continue
-            if ctx.time_left() < 30:
-                ctx.fail(f"{s.NAME}.{phase}: skipped, deadline reached")
-                continue
-            ctx.log(f"section {s.NAME}: {phase}")
-            try:
-                rows += fn(ctx)
-            except Exception:  # noqa: BLE001  (recorded; the other sections still run)
-                import traceback
+    phases = ("time", "check") if args.time_first else ("check", "time")
+    order = ([(s, p) for p in phases for s in sections] if args.time_first else
+             [(s, p) for s in sections for p in phases])
+    for s, phase in order:
+        fn = getattr(s, phase, None)
+        if fn is None:
+            continue
+        if ctx.time_left() < 30:
+            ctx.fail(f"{s.NAME}.{phase}: skipped, deadline reached")
+            continue
+        ctx.log(f"section {s.NAME}: {phase}")
+        try:
+            rows += fn(ctx)
+        except Exception:  # noqa: BLE001  (recorded; the other sections still run)
+            import traceback
 
-                ctx.fail(f"{s.NAME}.{phase}: EXCEPTION " + traceback.format_exc(limit=6))
+            ctx.fail(f"{s.NAME}.{phase}: EXCEPTION " + traceback.format_exc(limit=6))
 
     if args.rehearse:
         rehearse_wheels(ctx, args.wheels)

@@ -86,7 +86,7 @@ def check(ctx: Ctx) -> list[Row]:
                 rows.append(row)
             A = ref = None
             free(ctx)
-    return rows
+    return rows + _no_sync_rows(ctx)
 
 
 def time(ctx: Ctx) -> list[Row]:
@@ -128,6 +128,36 @@ def time(ctx: Ctx) -> list[Row]:
             A = ref = None
             free(ctx)
     return rows + _metric_rows(ctx)
+
+
+# shapes of the routes promised sync-free: jacobi, qr_jacobi (tall and wide)
+NO_SYNC_SHAPES = [(4096, 32, 32), (2, 2000, 64), (2, 64, 2000)]
+
+
+def _no_sync_rows(ctx: Ctx) -> list[Row]:
+    """svdvals_ex under torch.cuda.set_sync_debug_mode("error"): a host sync raises."""
+    import sslkernels
+    from sslkernels.ops.spectral import svdvals_route
+
+    rows = []
+    if not ctx.cuda:
+        return rows
+    for b, m, n in NO_SYNC_SHAPES:
+        A = _matrices(ctx, b, m, n, torch.float32)
+        route = svdvals_route(A.shape, A.device, A.dtype)
+        sslkernels.svdvals_ex(A)  # compile / load outside the guarded call
+        torch.cuda.synchronize()
+
+        def one():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                sslkernels.svdvals_ex(A)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            return True, f"route {route}: no host sync"
+
+        rows.append(run_check(ctx, Row(f"svdvals[no host sync, {route}]", label(b, m, n), "fp32", "fwd"), one))
+    return rows
 
 
 def _embedding(ctx, n, d, rank):
