@@ -167,3 +167,24 @@ def test_compile_only_passes_without_a_gpu():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and ", 0 failure(s)" in out, out[-3000:]
     assert "HGMMA" in out  # the SASS was read
+
+
+def test_model_floors_and_the_comparison(tmp_path):
+    """The model's entries are positive floors keyed as the device CSV names its rows, and
+    --against pairs a CSV's timed rows with them (fused / floor)."""
+    pytest.importorskip("triton")
+    from benchmarks.gpu import model
+
+    rows = model.entries()
+    assert rows and all(r["floor"] > 0 and r["gflop"] >= 0 for r in rows)
+    floors = model.floors_by_row(rows)
+    key = ("nt_xent", "N=8192 D=128", "bf16", "fwdbwd")
+    assert floors[key] == pytest.approx(floors[key[:3] + ("fwd",)] + floors[key[:3] + ("bwd",)])
+    # 2 M^2 D forward + 4 M^2 D backward (S recomputed, then W Z), M = 2N, over 790 TFLOP/s
+    assert floors[key] == pytest.approx(6 * (2 * 8192) ** 2 * 128 / model.BF16_FLOPS * 1e3)
+    path = tmp_path / "run.csv"
+    write_csv([Row("nt_xent", "N=8192 D=128", "bf16", "fwdbwd", 2.3, 0.99, check="PASS"),
+               Row("svdvals", "B=4096 32x32", "fp32", "fwd", 4.2, 9.6)], str(path))
+    table = model.against(str(path))
+    assert f"| {floors[key]:.3f} | 0.9900 | {0.99 / floors[key]:.1f}x |" in table
+    assert "| svdvals | B=4096 32x32 | fp32 | fwd |" in table

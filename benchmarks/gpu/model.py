@@ -3,7 +3,8 @@ kernel at its timed shapes, the flops, the fewest bytes, the exp count, the floo
 H200 and the programs launched against its 132 SMs, with the pinned (first) config of each
 kernel family read from the kernel modules.
 
-    python -m benchmarks.gpu.model        # prints the markdown table of GPU_MODEL.md
+    python -m benchmarks.gpu.model                 # prints the markdown table of GPU_MODEL.md
+    python -m benchmarks.gpu.model --against CSV   # predicted floor against a device run's CSV
 
 Ceilings (KINDS.md, measured on these cards): ~790 TFLOP/s bf16 dense, ~4.3 TB/s copy.
 fp32 products run as tf32x3 (three TF32 products): ~1/3 of the TF32 rate, itself half of
@@ -133,11 +134,11 @@ def spectral_entries():
     for b, n, sweeps in ((4096, 32, 9), (512, 128, 11)):
         rounds = n - 1 + (n % 2)
         flops = b * sweeps * rounds * 10 * n * n  # ~10 M N flops per round (gamma, rotation, norms)
-        out.append(_entry("jacobi_svdvals", f"B={b} {n}x{n}", "fp32", flops, b * n * n * 4 + b * n * 4, 0, b,
-                          FP32_FMA_FLOPS, f"~{sweeps} sweeps (random matrices); FMA units, no tensor cores"))
+        out.append(_entry("svdvals", f"B={b} {n}x{n}", "fp32", flops, b * n * n * 4 + b * n * 4, 0, b,
+                          FP32_FMA_FLOPS, f"Jacobi, ~{sweeps} sweeps (random matrices); FMA units"))
     m, n = 25600, 2048
-    out.append(_entry("rankme gram route", f"N={m} D={n}", "fp32", 2 * m * n * n, m * n * 4 + 2 * m * n * 8, 0,
-                      0, FP64_FLOPS, "float64 Gram (cuBLAS) + eigvalsh 2048 (cuSOLVER, not modelled)"))
+    out.append(_entry("rankme", f"N={m} D={n} rank={n}", "fp32", 2 * m * n * n, m * n * 4 + 2 * m * n * 8, 0,
+                      0, FP64_FLOPS, "Gram route: float64 Gram (cuBLAS) + eigvalsh 2048 (cuSOLVER, not modelled)"))
     return out
 
 
@@ -155,5 +156,44 @@ def markdown(rows) -> str:
     return head + body
 
 
+def floors_by_row(rows=None) -> dict:
+    """(op, case, dtype, pass) as the device CSV names them -> the predicted floor in ms
+    (fwdbwd = fwd + bwd floors)."""
+    floors = {}
+    for r in rows if rows is not None else entries():
+        op, _, which = r["kernel"].rpartition(" ")
+        if which not in ("fwd", "bwd"):
+            op, which = r["kernel"], "fwd"
+        floors[(op, r["shape"], r["dtype"], which)] = r["floor"]
+    for (op, shape, dt, which), ms in list(floors.items()):
+        if which == "fwd" and (op, shape, dt, "bwd") in floors:
+            floors[(op, shape, dt, "fwdbwd")] = ms + floors[(op, shape, dt, "bwd")]
+    return floors
+
+
+def against(csv_path: str) -> str:
+    """Markdown: each timed row of a device CSV beside its predicted floor."""
+    from benchmarks.gpu._core import read_csv
+
+    floors = floors_by_row()
+    lines = ["| op | case | dtype | pass | floor ms | fused ms | fused / floor | eager ms |", "|" + "---|" * 8]
+    for r in read_csv(csv_path):
+        key = (r["op"].split("[")[0], r["case"], r["dtype"], r["pass"])
+        if key not in floors or not r["fused_ms"]:
+            continue
+        try:
+            ratio = f"{float(r['fused_ms']) / floors[key]:.1f}x"
+        except ValueError:
+            ratio = "-"
+        lines.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['pass']} | {floors[key]:.3f} | "
+                     f"{r['fused_ms']} | {ratio} | {r['eager_ms'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(markdown(entries()), end="")
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--against":
+        print(against(sys.argv[2]), end="")
+    else:
+        print(markdown(entries()), end="")
