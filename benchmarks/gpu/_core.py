@@ -335,9 +335,9 @@ class CompileTarget:
 
 
 def jit_fn(kernel):
-    import triton
-
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+    """The jitted function under autotune / heuristics wrappers (a JITFunction, or the
+    interpreter's InterpretedFunction when TRITON_INTERPRET=1)."""
+    while not hasattr(kernel, "arg_names"):
         kernel = kernel.fn
     return kernel
 

@@ -325,7 +325,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                              (A._attn_bwd_dq_kernel, A._BWD_Q), (A._attn_delta_kernel, None)):
             sig, consts, aligned = {}, {}, []
             fn = jit_fn(kernel)
-            plain = {p.name for p in fn.params if p.do_not_specialize}  # neither constant nor aligned
+            plain = {p.name for p in getattr(fn, "params", ()) if p.do_not_specialize}  # neither constant nor aligned
             for name in fn.arg_names:
                 if name.isupper() and name not in vals:  # constexpr
                     continue
