@@ -25,6 +25,6 @@ failure and the run goes on; the runner owns the deadline, the CSV and the table
 from __future__ import annotations
 
 # Run order: the families no GPU has run yet first, NT-Xent's headline timings early.
-SECTIONS = ("nt_xent", "contrastive", "attention", "spectral")
+SECTIONS = ("nt_xent", "contrastive", "attention", "spectral", "sigreg", "siglip")
 
 __all__ = ["SECTIONS"]

@@ -60,7 +60,8 @@ def _set_environment(args) -> None:
         os.environ["SSLKERNELS_AUTOTUNE"] = "0"
     if args.rehearse:
         os.environ["TRITON_INTERPRET"] = "1"
-        for name in ("sslkernels.kernels.contrastive", "sslkernels.kernels.attention", "sslkernels.kernels.spectral"):
+        for name in ("sslkernels.kernels.contrastive", "sslkernels.kernels.attention", "sslkernels.kernels.spectral",
+                     "sslkernels.kernels.sigreg"):
             mod = sys.modules.get(name)
             if mod is not None and not getattr(mod, "INTERPRET", True):
                 raise RuntimeError(f"--rehearse: {name} was imported before TRITON_INTERPRET=1 was set; "

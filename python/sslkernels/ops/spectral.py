@@ -46,6 +46,8 @@ import torch
 from torch import Tensor
 
 from sslkernels import _ext
+from sslkernels._common import no_kernel as _no_kernel
+from sslkernels._common import stats_dtype as compute_dtype
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_finite
 from sslkernels.ops._triton import launchers
@@ -100,14 +102,6 @@ def svdvals_route(shape, device, dtype: torch.dtype) -> str:
     raise _no_kernel("svdvals_ex", torch.device(device))
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_kernel(op: str, device: torch.device):
-    return NotImplementedError(f"sslkernels::{op} has no kernel for device '{device.type}' (cpu and cuda only)")
-
-
 @torch.library.custom_op("sslkernels::svdvals_ex", mutates_args=())
 def svdvals_ex(A: Tensor, max_sweeps: int) -> tuple[Tensor, Tensor]:
     raise _no_kernel("svdvals_ex", A.device)
@@ -140,20 +134,20 @@ def _(A, max_sweeps):
     b = A.shape[0]
     rows, cols, bs, rs, cs = _tall_view(A)
     out_dtype = compute_dtype(A.dtype)
-    code = _ext.DTYPE_CODES[A.dtype]
+    view = dict(a=A.data_ptr(), dtype=_ext.DTYPE_CODES[A.dtype], batch=b, rows=rows, cols=cols,
+                batch_stride=bs, row_stride=rs, col_stride=cs)
     threads = _ext.num_threads()
     S = torch.empty((b, cols), dtype=out_dtype)
     info = torch.empty((b,), dtype=torch.int32)
     route = svdvals_route(A.shape, "cpu", A.dtype)
     if route == "jacobi":
-        _status(_ext._C.svdvals_jacobi(A.data_ptr(), code, b, rows, cols, bs, rs, cs,
-                                       S.data_ptr(), info.data_ptr(), int(max_sweeps), threads))
+        _status(_ext._C.svdvals_jacobi(**view, s=S.data_ptr(), info=info.data_ptr(), max_sweeps=int(max_sweeps),
+                                       num_threads=threads))
     elif route == "gram":
-        _status(_ext._C.svdvals_gram(A.data_ptr(), code, b, rows, cols, bs, rs, cs,
-                                     S.data_ptr(), info.data_ptr(), threads))
+        _status(_ext._C.svdvals_gram(**view, s=S.data_ptr(), info=info.data_ptr(), num_threads=threads))
     else:
         G = torch.empty((b, cols, cols), dtype=torch.float64)
-        _status(_ext._C.gram_float64(A.data_ptr(), code, b, rows, cols, bs, rs, cs, G.data_ptr(), threads))
+        _status(_ext._C.gram_float64(**view, g=G.data_ptr(), num_threads=threads))
         lam = torch.linalg.eigvalsh(G)  # raises if LAPACK fails to converge
         S.copy_(lam.clamp_min(0).sqrt().flip(-1))
         info.zero_()
