@@ -112,3 +112,93 @@ def test_dry_run_and_bad_options():
         assert name in proc.stdout
     bad = _run(["--only", "nope"], timeout=300)
     assert bad.returncode == 2 and "unknown section" in bad.stderr
+
+
+@pytest.mark.interpret
+def test_device_script_plumbing(tmp_path):
+    """scripts/device_run.sh end to end on this machine (its own sslkernels, no install; one
+    section rehearsed): the env file, the log and the CSV land under $OUT."""
+    pytest.importorskip("triton")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PY=sys.executable, SKIP_INSTALL="1",
+               EXTRA_ARGS="--rehearse --only nt_xent --no-extras", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "device_run.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode in (0, 1), log[-4000:]
+    csvs = sorted(p.name for p in out.glob("gpu-*-cpu.csv"))
+    assert len(csvs) == 1, (csvs, log[-3000:])
+    rows = read_csv(str(out / csvs[0]))
+    assert rows and {r["op"] for r in rows} == {"nt_xent", "nt_xent[ieee]", "nt_xent[tf32x3]"}
+    assert (out / "env.txt").exists() and (out / "device.log").exists()
+    assert "device_run: total" in log and "Traceback" not in log
+
+
+def test_compile_targets_cover_every_kernel_argument():
+    """Every planned variant names a type or a value for each argument of its kernel (so the
+    sm_90 compile sees what the run launches); fast: nothing is compiled."""
+    pytest.importorskip("triton")
+    import importlib
+
+    from benchmarks.gpu._core import Ctx, jit_fn
+
+    ctx = Ctx(torch.device("cpu"))
+    total = 0
+    for name in SECTIONS:
+        targets = importlib.import_module(f"benchmarks.gpu.{name}").compile_targets(ctx)
+        assert targets, name
+        for t in targets:
+            args = set(jit_fn(t.kernel).arg_names)
+            assert args <= set(t.signature) | set(t.constexprs), (t.tag, sorted(args - set(t.signature) - set(t.constexprs)))
+        total += len(targets)
+    assert total > 100
+
+
+def test_compile_only_passes_without_a_gpu():
+    """--compile-only on this CPU-only machine: the whole spectral plan on 2 processes, and
+    one shard of the loss and attention plans (the lead runs the full plan: --jobs N)."""
+    pytest.importorskip("triton")
+    proc = _run(["--compile-only", "--only", "spectral", "--jobs", "2", "--no-sass"], timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count(", 0 failure(s)") == 2 and "exit codes [0, 0]" in out, out[-3000:]
+    proc = _run(["--compile-only", "--only", "nt_xent,contrastive,attention", "--shard", "0/40"], timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and ", 0 failure(s)" in out, out[-3000:]
+    assert "HGMMA" in out  # the SASS was read
+
+
+_MODEL_CHECK = """
+import sys
+import pytest
+from benchmarks.gpu import model
+from benchmarks.gpu._core import Row, write_csv
+
+rows = model.entries()
+assert rows and all(r["floor"] > 0 and r["gflop"] >= 0 for r in rows)
+floors = model.floors_by_row(rows)
+key = ("nt_xent", "N=8192 D=128", "bf16", "fwdbwd")
+assert floors[key] == pytest.approx(floors[key[:3] + ("fwd",)] + floors[key[:3] + ("bwd",)])
+# 2 M^2 D forward + 4 M^2 D backward (S recomputed, then W Z), M = 2N, over 790 TFLOP/s
+assert floors[key] == pytest.approx(6 * (2 * 8192) ** 2 * 128 / model.BF16_FLOPS * 1e3)
+path = sys.argv[1]
+write_csv([Row("nt_xent", "N=8192 D=128", "bf16", "fwdbwd", 2.3, 0.99, check="PASS"),
+           Row("svdvals", "B=4096 32x32", "fp32", "fwd", 4.2, 9.6)], path)
+table = model.against(path)
+assert f"| {floors[key]:.3f} | 0.9900 | {0.99 / floors[key]:.1f}x |" in table, table
+assert "| svdvals | B=4096 32x32 | fp32 | fwd |" in table, table
+print("model ok")
+"""
+
+
+def test_model_floors_and_the_comparison(tmp_path):
+    """The model's entries are positive floors keyed as the device CSV names its rows, and
+    --against pairs a CSV's timed rows with them (fused / floor). In a fresh process: the
+    model reads the GPU configs, which the interpreter (set by tests/interpret) replaces."""
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _MODEL_CHECK, str(tmp_path / "run.csv")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "model ok" in proc.stdout, proc.stdout + proc.stderr

@@ -102,7 +102,7 @@ class Ctx:
     """The run as the sections see it."""
 
     device: torch.device
-    rehearse: bool = False  # tiny shapes, CPU tensors, TRITON_INTERPRET=1
+    rehearse: bool = False  # tiny shapes (--rehearse: on CPU tensors under TRITON_INTERPRET=1; --tiny)
     quick: bool = False  # the headline timings only
     extras: bool = True  # the extra correctness cases
     deadline_s: float = 0.0  # 0: none
@@ -335,9 +335,9 @@ class CompileTarget:
 
 
 def jit_fn(kernel):
-    import triton
-
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+    """The jitted function under autotune / heuristics wrappers (a JITFunction, or the
+    interpreter's InterpretedFunction when TRITON_INTERPRET=1)."""
+    while not hasattr(kernel, "arg_names"):
         kernel = kernel.fn
     return kernel
 

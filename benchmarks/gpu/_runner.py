@@ -26,16 +26,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile every planned kernel variant for sm_90: ptxas registers / spills, SASS HGMMA")
     p.add_argument("--rehearse", action="store_true",
                    help="every section on tiny CPU tensors under TRITON_INTERPRET=1, the CSV and the table")
+    p.add_argument("--tiny", action="store_true",
+                   help="the rehearsal's tiny shapes on the default device (a GPU: for compute-sanitizer)")
     p.add_argument("--only", action="append", default=None, metavar="SECTION",
                    help=f"run these sections only (repeatable or comma-separated; of {', '.join(SECTIONS)})")
     p.add_argument("--jobs", type=int, default=1, help="--compile-only: this many processes")
     p.add_argument("--shard", default=None, metavar="I/N", help="--compile-only: the I-th of N shares of the targets")
     p.add_argument("--no-sass", action="store_true", help="--compile-only: skip the cuobjdump SASS read")
     p.add_argument("--no-autotune", action="store_true", help="one default config per kernel (SSLKERNELS_AUTOTUNE=0)")
+    p.add_argument("--time-first", action="store_true",
+                   help="every section's timings (the headline rows, each checked at its shape) before the checks")
     p.add_argument("--quick", action="store_true", help="the headline timings only")
     p.add_argument("--no-extras", action="store_true", help="skip the extra correctness cases")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds: past it, remaining checks and timings are skipped and the table printed")
+    p.add_argument("--wheels", default=os.path.join(REPO, ".whl"),
+                   help="--rehearse: the carried wheels to install into a fresh 3.12 venv (scripts/build_device_wheels.sh)")
     p.add_argument("--csv", default=None, help="CSV path (default: $OUT/ or benchmarks/results/gpu-<date>-<card>.csv)")
     args = p.parse_args(argv)
     names = [n for item in (args.only or list(SECTIONS)) for n in item.split(",") if n]
@@ -111,6 +117,22 @@ def compile_only(args, sections, ctx) -> int:
     return 1 if failures else 0
 
 
+def rehearse_wheels(ctx, folder: str) -> None:
+    """The device run's install step here: the carried wheels into a fresh Python 3.12 venv
+    with --no-index (scripts/build_device_wheels.sh --check); skipped, said so, without them."""
+    if not os.path.isdir(folder) or not any(f.endswith(".whl") for f in os.listdir(folder)):
+        ctx.log(f"wheel rehearsal: no carried wheels in {folder} (bash scripts/build_device_wheels.sh "
+                "builds them); skipped")
+        return
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "build_device_wheels.sh"), "--check", folder],
+                          cwd=REPO, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    if proc.returncode != 0:
+        ctx.fail("wheel rehearsal: " + " | ".join(tail))
+    else:
+        ctx.log("wheel rehearsal: " + (tail[-1] if tail else "ok"))
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -130,7 +152,7 @@ def main(argv=None) -> int:
     else:
         print("device: no CUDA device")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.rehearse else "cpu")
-    ctx = Ctx(device=device, rehearse=args.rehearse, quick=args.quick, extras=not args.no_extras,
+    ctx = Ctx(device=device, rehearse=args.rehearse or args.tiny, quick=args.quick, extras=not args.no_extras,
               deadline_s=args.deadline)
     print("sections: " + ", ".join(f"{s.NAME} ({(s.__doc__ or '').strip().splitlines()[0]})" for s in sections))
     if args.dry_run:
@@ -146,23 +168,27 @@ def main(argv=None) -> int:
         return 2
 
     rows = []
-    for s in sections:
-        for phase in ("check", "time"):
-            fn = getattr(s, phase, None)
-            if fn is None:
-                continue
-            if ctx.time_left() < 30:
-                ctx.fail(f"{s.NAME}.{phase}: skipped, deadline reached")
-                continue
-            ctx.log(f"section {s.NAME}: {phase}")
-            try:
-                rows += fn(ctx)
-            except Exception:  # noqa: BLE001  (recorded; the other sections still run)
-                import traceback
+    phases = ("time", "check") if args.time_first else ("check", "time")
+    order = ([(s, p) for p in phases for s in sections] if args.time_first else
+             [(s, p) for s in sections for p in phases])
+    for s, phase in order:
+        fn = getattr(s, phase, None)
+        if fn is None:
+            continue
+        if ctx.time_left() < 30:
+            ctx.fail(f"{s.NAME}.{phase}: skipped, deadline reached")
+            continue
+        ctx.log(f"section {s.NAME}: {phase}")
+        try:
+            rows += fn(ctx)
+        except Exception:  # noqa: BLE001  (recorded; the other sections still run)
+            import traceback
 
-                ctx.fail(f"{s.NAME}.{phase}: EXCEPTION " + traceback.format_exc(limit=6))
+            ctx.fail(f"{s.NAME}.{phase}: EXCEPTION " + traceback.format_exc(limit=6))
 
-    path = args.csv or default_csv(args.rehearse)
+    if args.rehearse:
+        rehearse_wheels(ctx, args.wheels)
+    path = args.csv or default_csv(args.rehearse or args.tiny)
     write_csv(rows, path)
     if ctx.failures:
         print("\nFAILURES:")

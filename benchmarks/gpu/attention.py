@@ -116,6 +116,36 @@ def check(ctx: Ctx) -> list[Row]:
         # the single-config choices are cached under the timed shapes' keys: forget them
         for name in _TUNED:
             getattr(getattr(A, name), "cache", {}).clear()
+    return rows + _hostile_rows(ctx)
+
+
+# Hostile indices, each refused with a ValueError before a launch (the debug rule checks the
+# values on CUDA): (label, index rows for L = 9)
+HOSTILE = [("out of range", [[0, 9, -1]]), ("below -1", [[0, -2, -1]]), ("duplicate", [[3, 3, -1]]),
+           ("-1 before a position", [[-1, 2, 4]])]
+
+
+def _hostile_rows(ctx: Ctx) -> list[Row]:
+    import sslkernels
+
+    rows = []
+    for name, idx in HOSTILE:
+        row = Row(f"masked_patch_attention[hostile: {name}]", f"B=1 L=9 H=1 Dh=16 index={idx}", "fp32", "fwd")
+
+        def one():
+            q = torch.randn(1, 9, 1, 16, device=ctx.device)
+            index = torch.tensor(idx, device=ctx.device)
+            prev = sslkernels.debug_enabled()
+            sslkernels.set_debug(True)
+            try:
+                sslkernels.masked_patch_attention(q, q, q, index)
+            except ValueError as exc:
+                return True, f"refused: {exc}"
+            finally:
+                sslkernels.set_debug(prev)
+            return False, "accepted a hostile index"
+
+        rows.append(run_check(ctx, row, one))
     return rows
 
 
@@ -295,7 +325,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                              (A._attn_bwd_dq_kernel, A._BWD_Q), (A._attn_delta_kernel, None)):
             sig, consts, aligned = {}, {}, []
             fn = jit_fn(kernel)
-            plain = {p.name for p in fn.params if p.do_not_specialize}  # neither constant nor aligned
+            plain = {p.name for p in getattr(fn, "params", ()) if p.do_not_specialize}  # neither constant nor aligned
             for name in fn.arg_names:
                 if name.isupper() and name not in vals:  # constexpr
                     continue

@@ -82,6 +82,16 @@ def check_case(ctx: Ctx, n, d, dtype, t, normalize=True, tf32=False, layout="con
 
 
 def check(ctx: Ctx) -> list[Row]:
+    from sslkernels.kernels import contrastive as K
+
+    autotune, K.AUTOTUNE = K.AUTOTUNE, False  # one (pinned) config per kernel variant: compile time
+    try:
+        return _check(ctx)
+    finally:
+        K.AUTOTUNE = autotune
+
+
+def _check(ctx: Ctx) -> list[Row]:
     rows = []
     ns, ds, dts = (R_CHECK_N, R_CHECK_D, R_CHECK_DTYPES) if ctx.rehearse else (CHECK_N, CHECK_D, CHECK_DTYPES)
     for dt in dts:

@@ -9,7 +9,7 @@ import traceback
 
 import torch
 
-from benchmarks.gpu._core import DTYPES, CompileTarget, Ctx, Row, free, median_ms, timed
+from benchmarks.gpu._core import DTYPES, CompileTarget, Ctx, Row, free, median_ms, run_check, timed
 
 NAME = "spectral"
 
@@ -19,6 +19,13 @@ DTYPE_NAMES = ["fp32", "fp64"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # max |S - ref| / sigma_max vs float64 LAPACK
 DRIVERS = ["gesvd", "gesvdj", "gesvda"]
 DRIVER_MAX_MS = 200.0  # a default driver slower than this on a shape: the others are not timed
+# RankMe's own shape (the monitor's default buffer): full rank and a collapsed rank-10 embedding;
+# the metrics built on svdvals are checked there against the same metric on the float64 input
+# (another CUDA route: QR + cuSOLVER), relative error <= METRIC_RTOL
+METRIC_SHAPES = [(25600, 2048, 2048), (25600, 2048, 10)]
+R_METRIC_SHAPES = [(300, 140, 140), (300, 140, 10)]
+METRIC_RTOL = 1e-4
+METRICS = ("rankme", "effective_rank", "nesum", "alpha_req")
 
 
 def label(b, m, n) -> str:
@@ -79,7 +86,7 @@ def check(ctx: Ctx) -> list[Row]:
                 rows.append(row)
             A = ref = None
             free(ctx)
-    return rows
+    return rows + _no_sync_rows(ctx)
 
 
 def time(ctx: Ctx) -> list[Row]:
@@ -120,6 +127,95 @@ def time(ctx: Ctx) -> list[Row]:
                     f"gather={other} {rg.fused_ms} ms")
             A = ref = None
             free(ctx)
+    return rows + _metric_rows(ctx)
+
+
+# shapes of the routes promised sync-free: jacobi, qr_jacobi (tall and wide)
+NO_SYNC_SHAPES = [(4096, 32, 32), (2, 2000, 64), (2, 64, 2000)]
+
+
+def _no_sync_rows(ctx: Ctx) -> list[Row]:
+    """svdvals_ex under torch.cuda.set_sync_debug_mode("error"): a host sync raises."""
+    import sslkernels
+    from sslkernels.ops.spectral import svdvals_route
+
+    rows = []
+    if not ctx.cuda:
+        return rows
+    for b, m, n in NO_SYNC_SHAPES:
+        A = _matrices(ctx, b, m, n, torch.float32)
+        route = svdvals_route(A.shape, A.device, A.dtype)
+        sslkernels.svdvals_ex(A)  # compile / load outside the guarded call
+        torch.cuda.synchronize()
+
+        def one():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                sslkernels.svdvals_ex(A)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            return True, f"route {route}: no host sync"
+
+        rows.append(run_check(ctx, Row(f"svdvals[no host sync, {route}]", label(b, m, n), "fp32", "fwd"), one))
+    return rows
+
+
+def _embedding(ctx, n, d, rank):
+    from sslkernels._benchmark import _embeddings_of_rank
+
+    return _embeddings_of_rank({"n": n, "d": d, "rank": rank}, torch.float32, ctx.device)[0]
+
+
+def _metric_rows(ctx: Ctx) -> list[Row]:
+    """Each metric on CUDA (float32: the Gram route) against itself on the float64 input,
+    RankMe timed against its reference through torch.linalg.svdvals, and RankMeMonitor."""
+    import sslkernels
+    from sslkernels._benchmark import get_op
+
+    rows = []
+    for n, d, rank in (R_METRIC_SHAPES if ctx.rehearse else METRIC_SHAPES):
+        if ctx.time_left() < 45:
+            ctx.log(f"metrics N={n} D={d} rank={rank}: skipped (deadline)")
+            continue
+        case = get_op("rankme").shape_label({"n": n, "d": d, "rank": rank})
+        Z = _embedding(ctx, n, d, rank)
+        Z64 = Z.double()
+        for name in METRICS:
+            if name == "alpha_req" and rank < 100:
+                # its power-law fit runs over the values 10..100: below rank 100 those are the
+                # input's own rounding noise (~1e-7 sigma_max), under the promise's resolution
+                continue
+            fn = getattr(sslkernels, name)
+            row = Row(name, case, "fp32", "fwd")
+
+            def one():
+                got, want = float(fn(Z)), float(fn(Z64))
+                rel = abs(got - want) / max(abs(want), 1e-300)
+                return rel <= METRIC_RTOL, f"{got:.6g} vs float64 {want:.6g}: rel err {rel:.1e} (tol {METRIC_RTOL:.0e})"
+
+            run_check(ctx, row, one)
+            if name == "rankme":
+                from sslkernels.reference import rankme_reference
+
+                timed(ctx, row, "fused", lambda: (median_ms(ctx, lambda: sslkernels.rankme(Z)), None))
+                timed(ctx, row, "eager", lambda: (median_ms(ctx, lambda: rankme_reference(Z)), None))
+            rows.append(row)
+        mon_row = Row("RankMeMonitor", case, "fp32", "fwd")
+
+        def monitor():
+            mon = sslkernels.RankMeMonitor(every=1, max_samples=n, metrics=("rankme",), distributed=False)
+            out = None
+            for chunk in Z.split(max(1, n // 4)):
+                out = mon.update(chunk) or out
+            out = out or mon.compute()
+            want = float(sslkernels.rankme(Z64))
+            got = float(next(v for k, v in out.items() if "rankme" in k))
+            rel = abs(got - want) / max(abs(want), 1e-300)
+            return rel <= METRIC_RTOL, f"{got:.6g} vs float64 {want:.6g}: rel err {rel:.1e}"
+
+        rows.append(run_check(ctx, mon_row, monitor))
+        Z = Z64 = None
+        free(ctx)
     return rows
 
 

@@ -209,7 +209,38 @@ def check_negatives(negatives, query: torch.Tensor):
         raise ValueError(f"`negatives` is on {negatives.device} but `query` is on {query.device}")
     if negatives.numel() == 0:
         return None, False
+    if negatives.dim() == 3:
+        check_per_query_negatives_limit(negatives.device, negatives.shape[1], negatives.shape[2])
     return negatives, negatives.requires_grad
+
+
+# ---------------------------------------------------------------- CUDA limits
+# What the Triton kernels cannot take, refused before any launch with the limit named (the
+# CPU core has none of these). The second and third launch-grid axes of a CUDA kernel hold at
+# most 65535 programs; per-query negatives keep their in-tile offsets in int32.
+CUDA_GRID_YZ_MAX = 65535
+CUDA_PER_QUERY_SPAN_MAX = 2**22  # M * D of per-query negatives (kernels/contrastive.py _MAX_PER_QUERY_SPAN)
+
+
+def check_per_query_negatives_limit(device, m: int, d: int) -> None:
+    """Per-query negatives [N, M, D] on CUDA: M <= 65535 (a grid axis) and M * D < 2^22."""
+    if torch.device(device).type != "cuda":
+        return
+    if m > CUDA_GRID_YZ_MAX or m * d >= CUDA_PER_QUERY_SPAN_MAX:
+        raise NotImplementedError(
+            f"info_nce on CUDA: per-query `negatives` [N, M, D] need M <= {CUDA_GRID_YZ_MAX} and "
+            f"M * D < {CUDA_PER_QUERY_SPAN_MAX} (the Triton kernel's limits), got M = {m}, D = {d}; "
+            "split the negatives, or run on the CPU")
+
+
+def check_attention_grid(device, batch: int, heads: int) -> None:
+    """Attention on CUDA launches batch * heads programs along a grid axis: at most 65535."""
+    if torch.device(device).type != "cuda":
+        return
+    if batch * heads > CUDA_GRID_YZ_MAX:
+        raise NotImplementedError(
+            f"attention on CUDA: batch * heads = {batch} * {heads} = {batch * heads} is over the Triton "
+            f"kernels' limit of {CUDA_GRID_YZ_MAX} (one launch-grid axis); split the batch")
 
 
 # ---------------------------------------------------------------- attention
@@ -240,6 +271,8 @@ def check_attention_qkv(q, k, v, ndim: int) -> None:
         )
     if q.shape[-2] < 1:
         raise ValueError(f"`q` has no heads (shape {tuple(q.shape)})")
+    if ndim == 4:
+        check_attention_grid(q.device, q.shape[0], q.shape[2])
 
 
 def attention_scale(scale, head_dim: int) -> float:
@@ -282,9 +315,9 @@ def check_patch_index_values(index: torch.Tensor, name: str, length: int) -> Non
         raise ValueError(f"`{name}` holds a position twice in one row; positions must be unique per sample")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen) -> int:
-    """Structure of packed-sequence offsets: int32/int64 [B + 1] on `device`; returns
-    max_seqlen as an int (>= 0)."""
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen, heads: int = 1) -> int:
+    """Structure of packed-sequence offsets: int32/int64 [B + 1] on `device` (B * heads
+    within the CUDA grid limit); returns max_seqlen as an int (>= 0)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"`cu_seqlens` must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -297,6 +330,7 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen) -
         raise TypeError(f"`max_seqlen` must be an int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"`max_seqlen` must be >= 0, got {max_seqlen}")
+    check_attention_grid(device, cu_seqlens.shape[0] - 1, heads)
     return max_seqlen
 
 

@@ -307,7 +307,7 @@ def varlen_attention(
     _checks.check_attention_qkv(q, k, v, 3)
     if q.shape != k.shape:
         raise ValueError(f"`q` and `k` must have the same shape [T, H, Dh], got {tuple(q.shape)} and {tuple(k.shape)}")
-    max_seqlen = _checks.check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    max_seqlen = _checks.check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen, heads=q.shape[1])
     scale = _checks.attention_scale(scale, q.shape[-1])
     out, _ = torch.ops.sslkernels.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
     return out
