@@ -10,7 +10,6 @@ contribution to a row back to its owner); so the DDP average is that of mean_s l
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sslkernels.reference import koleo_neighbors_reference
+from tests._utils import run_gloo_ranks
 
 torch.distributed.is_available() or pytest.skip("torch.distributed is not available", allow_module_level=True)
 
@@ -32,14 +32,14 @@ def _global_x(dtype=torch.float32):
     return torch.randn(WORLD * ROWS, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     result = {}
     try:
         import sslkernels
 
         torch.set_num_threads(1)
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=WORLD, timeout=timedelta(seconds=60))
+                                             world_size=world, timeout=timedelta(seconds=60))
         for dtype in (torch.float32, torch.float64):
             for name, topk, group in CASES:
                 x = _global_x(dtype)[rank * ROWS:(rank + 1) * ROWS].clone().requires_grad_()
@@ -62,32 +62,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sslkernels", "tests.test_koleo_distributed"])
     out = str(tmp_path_factory.mktemp("koleo_world2"))
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, f"{len(hung)} ranks still running after {JOIN_TIMEOUT_S} s (hang)"
-    res = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
-    for r, one in enumerate(res):
-        assert "error" not in one, f"rank {r} failed:\n{one['error']}"
-    return res
+    return run_gloo_ranks(_worker, WORLD, out, "tests.test_koleo_distributed", JOIN_TIMEOUT_S)
 
 
 def _expected(topk, group):

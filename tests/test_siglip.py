@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import sslkernels
 from sslkernels.reference import siglip_reference
-from tests._utils import RESOLUTION, import_bypassing_init, max_abs_error
+from tests._utils import RESOLUTION, import_bypassing_init, max_abs_error, run_gloo_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SIZES = [(1, 3), (7, 65), (257, 130), (300, 5)]
@@ -391,25 +391,8 @@ _RESULTS = {}
 
 def _spawn(world, tmp_path_factory):
     if world not in _RESULTS:
-        from tests.test_distributed import _free_port
-
-        ctx = torch.multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "sslkernels", "tests.test_siglip"])
         out = str(tmp_path_factory.mktemp(f"siglip_world{world}"))
-        port = _free_port()
-        procs = [ctx.Process(target=_rank_worker, args=(r, world, port, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(JOIN_TIMEOUT_S)
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join()
-        assert not hung, f"{len(hung)} of {world} ranks still running after {JOIN_TIMEOUT_S} s (hang)"
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
-        for r, res in enumerate(results):
-            assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+        results = run_gloo_ranks(_rank_worker, world, out, "tests.test_siglip", JOIN_TIMEOUT_S)
         _RESULTS[world] = results
     return _RESULTS[world]
 

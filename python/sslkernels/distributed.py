@@ -264,6 +264,8 @@ def _clip_all_gather(image, text, temperature, group, local_loss, gather_with_gr
         i2t = _one_direction(image, cand_txt, temperature, remote_txt, None, False)
         t2i = _one_direction(text, cand_img, temperature, remote_img, None, False)
         return 0.5 * (i2t + t2i)
+    return _info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_), None,
+                     temperature, normalize=False, symmetric=True)
 
 
 # ---------------------------------------------------------------- sigreg
@@ -291,8 +293,6 @@ def sigreg(proj: torch.Tensor, directions: torch.Tensor, knots: int, t_max: floa
     num_samples = torch.tensor(float(proj.shape[1]), dtype=cos_sum.dtype, device=cos_sum.device)
     _dist().all_reduce(num_samples, group=group)
     return ops.loss_from_stats(cos_sum, sin_sum, num_samples, knots, t_max).to(proj.dtype)
-    return _info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_), None,
-                     temperature, normalize=False, symmetric=True)
 
 
 # ---------------------------------------------------------------- the monitor's rows
@@ -390,6 +390,8 @@ class RowGatherer:
 
 
 # ---------------------------------------------------------------- koleo
+
+
 def koleo(x: torch.Tensor, eps: float, topk: int, group_size, group) -> torch.Tensor:
     """KoLeo with every rank's rows as candidates (DINOv3's KoLeoLossDistributed): the
     batch is all-gathered with gradient, this rank's rows are the queries, and
