@@ -10,6 +10,7 @@
 
 extern "C" void scipy_openblas_set_num_threads(int num_threads);
 void register_attention(pybind11::module_& m);  // bindings_attention.cpp
+void register_convert(pybind11::module_& m);    // bindings_convert.cpp
 
 namespace py = pybind11;
 using namespace sslkernels;
@@ -193,6 +194,7 @@ PYBIND11_MODULE(_C, m) {
         "Float64 Gram matrices A^T A of a batch of (rows x cols) matrices: writes g[B, cols, cols]; "
         "returns a status code.");
   register_attention(m);
+  register_convert(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else
