@@ -405,6 +405,16 @@ def _varlen_call(fn):
     return call
 
 
+def _attention_terms(tensors, options, what="output"):
+    """Size of the terms attention's gradients are differences of, the floor where a
+    gradient is zero up to float64 rounding (a one-token sequence: p = 1, dq = dk = 0):
+    dS = p (dO.v - dO.o) times scale |k| (dq) or scale |q| (dk), dO's rows 0.75 sqrt(Dh)."""
+    scale = abs(options.get("scale") or tensors["q"].shape[-1] ** -0.5)
+    norm = {n: float(tensors[n].double().norm(dim=-1).max()) if tensors[n].numel() else 0.0 for n in ("q", "k", "v")}
+    grad_out = 0.75 * tensors["q"].shape[-1] ** 0.5
+    return grad_out * norm["v"] * scale * max(norm["q"], norm["k"])
+
+
 _ATTN_OPTIONS = st.fixed_dictionaries({"scale": st.one_of(st.none(), st.floats(0.05, 2.0))})
 _SCALE_CASES = _bad("scale", (float("nan"), ValueError), (float("inf"), ValueError), ("0.1", TypeError))
 # NaN/Inf are checked in the rows a sample reads only (documented): the table's single
@@ -427,7 +437,7 @@ MASKED_PATCH_ATTENTION = OpSpec(
     mismatches=(("other head dim", "k", _extra_col), ("one more sample", "index", _extra_row),
                 ("all nan", "q", _fill(float("nan"))), ("all inf", "k", _fill(float("inf"))),
                 ("all -inf", "v", _fill(-float("inf")))),
-    bad_scalars=_SCALE_CASES, thread_bitwise=True, empty_batch_ok=True,
+    bad_scalars=_SCALE_CASES, thread_bitwise=True, empty_batch_ok=True, magnitude=_attention_terms,
 )
 VARLEN_ATTENTION = OpSpec(
     name="varlen_attention", call=_varlen_call(sslkernels.varlen_attention), build=_build_varlen,
@@ -442,7 +452,7 @@ VARLEN_ATTENTION = OpSpec(
     grads=("q", "k", "v"),
     mismatches=(("one more token", "k", _extra_row), ("other head dim", "v", _extra_col)),
     bad_scalars=_SCALE_CASES + _bad("max_seqlen", (-1, ValueError), (1, ValueError), ("7", TypeError), (2.5, TypeError)),
-    thread_bitwise=True,
+    thread_bitwise=True, magnitude=_attention_terms,
 )
 
 # Every public function of sslkernels that the reliability tests cover.

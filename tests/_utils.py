@@ -30,11 +30,12 @@ def rounding_floor(ref64: torch.Tensor, dtype, terms: float = 0.0) -> float:
     """RESOLUTION[dtype] * max|ref64|. `terms` is the size of what the quantity is a
     difference of, used only where its own scale says nothing: for a scalar (a loss near
     0 is lse - s_pos, logits of size `terms`, and carries their rounding) and for a
-    reference that is exactly zero (a gradient that cancels, as with one candidate per
-    row: a zero result is then right). Other tensors get their own scale, so a zero or a
-    wrong gradient fails."""
+    reference that is zero up to float64's rounding of its terms (a gradient that cancels
+    exactly, as with one candidate per row or through the normalisation of 1-wide rows: a
+    zero result is then right). Other tensors get their own scale, so a zero or a wrong
+    gradient fails."""
     scale = float(ref64.double().abs().max()) if ref64.numel() else 0.0
-    if ref64.dim() == 0 or scale == 0.0:
+    if ref64.dim() == 0 or scale <= RESOLUTION[torch.float64] * terms:
         scale = max(scale, terms)
     return RESOLUTION[dtype] * scale
 
