@@ -22,8 +22,13 @@ def _inputs(n, d, k, dtype, scale=1.0):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_matches_float64_reference(dtype, n, d, k, symmetric, normalize, poisoned_outputs):
-    q, key, neg = _inputs(n, d, k, dtype, scale=1.0 if normalize else 0.3)
-    kw = dict(temperature=0.07 if normalize else 0.5, symmetric=symmetric, normalize=normalize)
+    # unnormalised rows of norm ~1, logits ~2: at 0.3 (logits ~25 for D = 128) eager's own
+    # bfloat16 error exceeded the gradient, and the rule then rejected nothing
+    q, key, neg = _inputs(n, d, k, dtype, scale=1.0 if normalize else d ** -0.5)
+    # half types at t = 0.2: at 0.07 their eager error is ~5% of the gradient, and the rule
+    # (2x eager's) let a gradient 8-10% off pass (tests/test_tolerance_helpers.py)
+    half = dtype in (torch.float16, torch.bfloat16)
+    kw = dict(temperature=(0.2 if half else 0.07) if normalize else 0.5, symmetric=symmetric, normalize=normalize)
     args = (q, key) if neg is None else (q, key, neg)
 
     def run(fn, *t):

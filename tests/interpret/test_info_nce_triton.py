@@ -87,8 +87,9 @@ def _check_all(kernels, q, key, neg, tval, symmetric, in_batch, normalize):
 def test_matches_float64_reference(contrastive_kernels, poisoned_outputs, dtype, case, normalize):
     n, d, k, symmetric, in_batch = case
     q, key, neg = _inputs(n, d, k, dtype, normalize)
-    fused, lse, dneg = _check_all(contrastive_kernels, q, key, neg, 0.07 if normalize else 0.5, symmetric, in_batch,
-                                  normalize)
+    # float16 at t = 0.2: at 0.07 eager's own error let a gradient 10% off pass the rule
+    t = (0.2 if dtype == torch.float16 else 0.07) if normalize else 0.5
+    fused, lse, dneg = _check_all(contrastive_kernels, q, key, neg, t, symmetric, in_batch, normalize)
     assert fused[0].dtype == dtype and fused[0].dim() == 0
     assert lse.shape == ((2 * n) if symmetric else n,) and lse.dtype == torch.float64
     for g, x in zip(fused[1:3], (q, key)):
