@@ -11,6 +11,7 @@ void register_attention(pybind11::module_& m);    // bindings_attention.cpp
 void register_sigreg(pybind11::module_& m);       // bindings_sigreg.cpp
 void register_siglip(pybind11::module_& m);       // bindings_siglip.cpp
 void register_koleo(pybind11::module_& m);        // bindings_koleo.cpp
+void register_convert(pybind11::module_& m);      // bindings_convert.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sslkernels CPU core (C++, OpenBLAS tile products, OpenMP over tiles)";
@@ -22,6 +23,7 @@ PYBIND11_MODULE(_C, m) {
   register_sigreg(m);
   register_siglip(m);
   register_koleo(m);
+  register_convert(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

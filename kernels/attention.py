@@ -275,8 +275,10 @@ def _attn_fwd_kernel(
     live = qok & (l_i > 0)
     inv = 1.0 / tl.where(live, l_i, 1.0)
     out = tl.where(live[:, None], acc * inv[:, None], 0.0)
-    ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
-    lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) * ln2, float("-inf"))
+    # lse saved in float64: a float32 lse of logits ~1e4 is off by up to 5e-4, and so would
+    # be every probability the backward recomputes from it
+    lse2 = m_i.to(tl.float64) + tl.log2(tl.where(live, l_i, 1.0)).to(tl.float64)
+    lse = tl.where(live, lse2 * 0.6931471805599453, float("-inf"))
     # masked: every row of the index width is written (zeros past the count);
     # varlen: the sequence's own rows only
     if INDEXED:
@@ -318,19 +320,22 @@ def _attn_delta_kernel(
 def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, rows, n_q, idx_ptr, KQ, LQ, log2e,
                 sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok,
                 INDEXED: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr):
-    """A query tile's (positions, valid, q, dO, lse in base 2, delta); log2e: log2(e) in
-    ACC, [BLOCK_M]. A row whose lse is -inf (no keys) counts as invalid."""
+    """A query tile's (positions, valid, q, dO, lse in base 2 as parts hi + lo, delta);
+    log2e: log2(e) in ACC, [BLOCK_M]. A row whose lse is -inf (no keys) counts as invalid.
+    p = exp2((s - hi) - lo) keeps its accuracy whatever the logits' magnitude."""
     qpos, qok = _positions(idx_ptr, b, KQ, start, rows, n_q, LQ, INDEXED)
     soff = _stat_offsets(b, h, start, rows, slb, slh)
-    lse = tl.load(lse_ptr + soff, mask=qok, other=0.0).to(ACC)
+    lse = tl.load(lse_ptr + soff, mask=qok, other=0.0).to(tl.float64)
     qok = qok & (lse > float("-inf"))
     mask = qok[:, None] & dok[None, :]
     q = tl.load(_rows_ptrs(q_ptr, b, sqb, qpos, sqt, h, sqh, dcols, sqd, ALIGN), mask=mask, other=0.0)
     orow = (start + rows).to(tl.int64)
     do = tl.load(_rows_ptrs(do_ptr, b, sgb, orow, sgt, h, sgh, dcols, sgd, ALIGN), mask=mask, other=0.0)
     delta = tl.load(delta_ptr + soff, mask=qok, other=0.0).to(ACC)
-    lse2 = tl.where(qok, lse * log2e, 0.0)
-    return qpos, qok, q, do, lse2, delta
+    l2 = tl.where(qok, lse * 1.4426950408889634, 0.0)
+    lse2 = l2.to(ACC)
+    lse2_lo = (l2 - lse2.to(tl.float64)).to(ACC)
+    return qpos, qok, q, do, lse2, lse2_lo, delta
 
 
 @triton.autotune(configs=_all(_BWD_KV), key=["HEAD_DIM", "TUNE", "PRECISION"], prune_configs_by=_pruner(_BWD_KV))
@@ -361,11 +366,11 @@ def _attn_bwd_dkdv_kernel(
     log2e = _log2e(BLOCK_M, ACC)
     hi = tl.where(n0 < n_kv, n_q, 0)
     for m0 in range(0, hi, BLOCK_M):
-        _, qok, q, do, lse2, delta = _query_side(
+        _, qok, q, do, lse2, lse2_lo, delta = _query_side(
             q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, m0 + lrows, n_q, idx_ptr, KQ, LQ, log2e,
             sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC, ALIGN)
         st = tl.dot(kt, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
-        pt = tl.where(kok[:, None] & qok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
+        pt = tl.where(kok[:, None] & qok[None, :], tl.exp2((st - lse2[None, :]) - lse2_lo[None, :]), 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
         dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
         dst = pt * (dpt - delta[None, :])
@@ -394,7 +399,7 @@ def _attn_bwd_dq_kernel(
     m0 = pid_m * BLOCK_M
     dcols = tl.arange(0, BLOCK_D)
     dok = dcols < HEAD_DIM
-    qpos, qok, q, do, lse2, delta = _query_side(
+    qpos, qok, q, do, lse2, lse2_lo, delta = _query_side(
         q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, start, m0 + tl.arange(0, BLOCK_M), n_q, idx_ptr, KQ, LQ,
         _log2e(BLOCK_M, ACC),
         sqb, sqt, sqh, sqd, sgb, sgt, sgh, sgd, slb, slh, dcols, dok, INDEXED, ACC, ALIGN)
@@ -408,7 +413,7 @@ def _attn_bwd_dq_kernel(
         kt, vt = _kv_tiles(k_ptr, v_ptr, b, h, kpos, kok, dcols, dok, skb, skt, skh, skd, svb, svt, svh, svd,
                         ALIGN)
         s = tl.dot(q, tl.trans(kt), input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
-        p = tl.where(qok[:, None] & kok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(qok[:, None] & kok[None, :], tl.exp2((s - lse2[:, None]) - lse2_lo[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PRECISION, out_dtype=ACC)
@@ -498,7 +503,7 @@ def _forward(q, k, v, call: _Call):
     idx, kv_idx, cnt, kv_cnt, cu = call.maps
     with _device_ctx(q):
         out = torch.empty(call.out_shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(call.lse_shape, dtype=_stats_dtype(q.dtype), device=q.device)
+        lse = torch.empty(call.lse_shape, dtype=torch.float64, device=q.device)
         if call.b == 0 or call.h == 0 or call.rows_q == 0 or out.numel() == 0:
             lse.fill_(float("-inf"))
             out.zero_()
@@ -556,7 +561,7 @@ def _backward(grad_out, q, k, v, out, lse, call: _Call):
 
 
 def masked_patch_attention_forward(q, k, v, index, count, kv_index, kv_count, scale):
-    """-> (out [B, K, H, Dh] in q.dtype, lse [B, H, K] float32 (float64 for float64)).
+    """-> (out [B, K, H, Dh] in q.dtype, lse [B, H, K] float64).
 
     q [B, Lq, H, Dh], k / v [B, Lk, H, Dh] with any strides; index [B, K], kv_index
     [B, Kv] int64 (-1 padding after the count); count / kv_count int32 [B] on the device."""
@@ -571,7 +576,7 @@ def masked_patch_attention_backward(grad_out, q, k, v, index, count, kv_index, k
 
 
 def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale):
-    """-> (out [T, H, Dh] in q.dtype, lse [H, T] float32 (float64 for float64))."""
+    """-> (out [T, H, Dh] in q.dtype, lse [H, T] float64)."""
     call = _Call(q, k, None, None, None, None, cu_seqlens, max_seqlen, scale)
     return _forward(q, k, v, call)
 

@@ -304,6 +304,26 @@ def _logit_tile(
 
 
 @triton.jit
+def _store_lse(lse_ptr, offs, m_i, l_i, mask):
+    """Save lse (natural log) in float64 from the base-2 stats m_i + log2(l_i): a float32
+    lse of logits ~1e4 is off by up to 5e-4, and so would be every probability the
+    backward recomputes from it. Returns the base-2 lse, float64."""
+    lse2 = m_i.to(tl.float64) + tl.log2(l_i).to(tl.float64)
+    tl.store(lse_ptr + offs, lse2 * 0.6931471805599453, mask=mask)
+    return lse2
+
+
+@triton.jit
+def _load_lse2(lse_ptr, offs, mask, ACC):
+    """A saved float64 lse as base-2 parts hi + lo in ACC: p = exp2((s - hi) - lo) keeps
+    its accuracy whatever the logits' magnitude (s - hi is exact near the row's lse)."""
+    l2 = tl.load(lse_ptr + offs, mask=mask, other=0.0).to(tl.float64) * 1.4426950408889634
+    hi = l2.to(ACC)
+    lo = tl.where(l2 > -float("inf"), (l2 - hi.to(tl.float64)).to(ACC), 0.0)
+    return hi, lo
+
+
+@triton.jit
 def _online_lse(m_i, l_i, s):
     """Fold a tile of base-2 logits s [BLOCK_M, BLOCK_N] (masked entries -inf) into the
     running row max m_i and sum l_i of exp2(s - m_i); a row masked so far keeps -inf."""
@@ -415,10 +435,9 @@ def _nt_xent_fwd_kernel(
     if NORMALIZE:
         spos = spos * _rnorm(norm_ptr, N, (1 - view) * N + rows, row_ok).to(ACC)
 
-    lse2 = m_i + tl.log2(l_i)
     idx = view * N + rows
-    tl.store(lse_ptr + idx, lse2 * ln2, mask=row_ok)
-    tl.store(loss_ptr + idx, (lse2 - spos) * ln2, mask=row_ok)
+    lse2 = _store_lse(lse_ptr, idx, m_i, l_i, row_ok)
+    tl.store(loss_ptr + idx, ((lse2 - spos.to(tl.float64)) * ln2.to(tl.float64)).to(ACC), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -439,8 +458,7 @@ def _nt_xent_bwd_kernel(
     dcol_ok = dcols < D
 
     scale = tl.zeros([BLOCK_M], dtype=ACC) + scale_hi + scale_lo  # log2(e) / t
-    log2e = tl.max(1.0 / tl.log(tl.full([2], 2.0, ACC)), axis=0)  # a scalar, exact in ACC
-    lse2_i = tl.load(lse_ptr + view * N + rows, mask=row_ok, other=0.0).to(ACC) * log2e
+    hi_i, lo_i = _load_lse2(lse_ptr, view * N + rows, row_ok, ACC)
     if NORMALIZE:
         r_i = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC)
         row_scale = r_i * scale
@@ -464,8 +482,8 @@ def _nt_xent_bwd_kernel(
         if NORMALIZE:
             r_j = _rnorm(norm_ptr, N, cview * N + cols, col_ok).to(ACC)
             s = s * r_j[None, :]
-        lse2_j = tl.load(lse_ptr + cview * N + cols, mask=col_ok, other=0.0).to(ACC) * log2e
-        w = tl.exp2(s - lse2_i[:, None]) + tl.exp2(s - lse2_j[None, :])
+        hi_j, lo_j = _load_lse2(lse_ptr, cview * N + cols, col_ok, ACC)
+        w = tl.exp2((s - hi_i[:, None]) - lo_i[:, None]) + tl.exp2((s - hi_j[None, :]) - lo_j[None, :])
         # diagonal -> 0; positive pair -> W - 2 (the "- 2 zhat_pos(i)" term); padding -> 0
         eq = cols[None, :] == rows[:, None]
         w = tl.where(eq, tl.where(cview == view, 0.0, w - 2.0), w)
@@ -593,7 +611,6 @@ def _per_query_neg_bwd_kernel(
     _, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_R)
     mm = tl.program_id(1)
     scale = tl.load(par_ptr).to(ACC)
-    log2e = tl.max(1.0 / tl.log(tl.full([2], 2.0, ACC)), axis=0)
     dot = _row_dot(q_ptr, c_ptr + mm * stride_c, stride_q, stride_c * M, 0, 1, row0, lrows, row_ok, D, ACC)
     if NORMALIZE:
         r_q = _rnorm(nq_ptr, N, rows, row_ok).to(ACC)
@@ -603,7 +620,8 @@ def _per_query_neg_bwd_kernel(
         s2 = cos * scale
     else:
         s2 = dot * scale
-    p = tl.exp2(s2 - tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC) * log2e)
+    hi, lo = _load_lse2(lse_ptr, rows, row_ok, ACC)
+    p = tl.exp2((s2 - hi) - lo)
     coef = p * tl.load(g_ptr).to(ACC) * tl.load(par_ptr + 1).to(ACC)
     out_base = out_ptr + (row0 * M + mm).to(tl.int64) * D
     for k0 in range(0, D, BLOCK_D):
@@ -684,13 +702,13 @@ def _lse_fwd_kernel(
                                    row_ok, row_scale, D, NORMALIZE, ACC)
             m_i, l_i = _online_lse(m_i, l_i, s_m[:, None])
 
-    lse2 = m_i + tl.log2(l_i)
-    tl.store(lse_ptr + rows, lse2 * ln2, mask=row_ok)
+    lse2 = _store_lse(lse_ptr, rows, m_i, l_i, row_ok)
+    ln2_64 = ln2.to(tl.float64)
     if LABELS:
-        term = tl.where(pcnt > 0, (lse2 - psum / tl.maximum(pcnt, 1.0)) * ln2, 0.0)
+        term = tl.where(pcnt > 0, ((lse2 - (psum / tl.maximum(pcnt, 1.0)).to(tl.float64)) * ln2_64).to(ACC), 0.0)
         tl.store(cnt_ptr + rows, pcnt, mask=row_ok)
     else:
-        term = (lse2 - spos) * ln2
+        term = ((lse2 - spos.to(tl.float64)) * ln2_64).to(ACC)
     tl.store(term_ptr + rows, term, mask=row_ok)
 
 
@@ -721,10 +739,9 @@ def _lse_bwd_kernel(
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dcol_ok = dcols < D
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
-    log2e = tl.max(1.0 / tl.log(tl.full([2], 2.0, ACC)), axis=0)
     ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
     if ROW_TERM:
-        lse2_i = tl.load(lse_r_ptr + rows, mask=row_ok, other=0.0).to(ACC) * log2e
+        hi_i, lo_i = _load_lse2(lse_r_ptr, rows, row_ok, ACC)
     if NORMALIZE:
         r_i = _rnorm(na_ptr, NA, rows, row_ok).to(ACC)
         row_scale = r_i * scale
@@ -755,7 +772,7 @@ def _lse_bwd_kernel(
             if LABELS:
                 cnt_j = tl.load(cnt_ptr + cols, mask=col_ok, other=0)
             if ROW_TERM:
-                e = tl.exp2(s - lse2_i[:, None])
+                e = tl.exp2((s - hi_i[:, None]) - lo_i[:, None])
                 if LABELS:
                     e = tl.where(anchor_i[:, None], e, 0.0)
                 e = tl.where(col_ok[None, :], e, 0.0)
@@ -763,8 +780,8 @@ def _lse_bwd_kernel(
                     expect += tl.sum(e * (s - spos[:, None]), axis=1)
                 w += e
             if COL_TERM:
-                lse2_j = tl.load(lse_c_ptr + cols, mask=col_ok, other=0.0).to(ACC) * log2e
-                e = tl.exp2(s - lse2_j[None, :])
+                hi_j, lo_j = _load_lse2(lse_c_ptr, cols, col_ok, ACC)
+                e = tl.exp2((s - hi_j[None, :]) - lo_j[None, :])
                 if LABELS:
                     e = tl.where((cnt_j > 0)[None, :], e, 0.0)
                 w += e
@@ -783,11 +800,12 @@ def _lse_bwd_kernel(
     if B_MODE == 2:  # the partner only (MoCo): W_ii b^_i
         wd = tl.zeros([BLOCK_M], dtype=ACC) - DIAG_W
         if ROW_TERM:
-            e = tl.exp2(spos - lse2_i)
+            e = tl.exp2((spos - hi_i) - lo_i)
             # (its expectation term p_ii (s_ii - s_ii) is 0)
             wd += e
         if COL_TERM:
-            wd += tl.exp2(spos - tl.load(lse_c_ptr + rows, mask=row_ok, other=0.0).to(ACC) * log2e)
+            hi_c, lo_c = _load_lse2(lse_c_ptr, rows, row_ok, ACC)
+            wd += tl.exp2((spos - hi_c) - lo_c)
         if NORMALIZE:
             wd = wd * rb_i
         xb = tl.load(_tile_ptrs(a_ptr, b_ptr, stride_a, stride_b, 1, row0, lrows, dcols),
@@ -798,7 +816,7 @@ def _lse_bwd_kernel(
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
                 q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, row_scale, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
-            w = tl.where(col_ok[None, :], tl.exp2(s - lse2_i[:, None]), 0.0)
+            w = tl.where(col_ok[None, :], tl.exp2((s - hi_i[:, None]) - lo_i[:, None]), 0.0)
             if EXPECT:
                 expect += tl.sum(w * (s - spos[:, None]), axis=1)
             if NORMALIZE:
@@ -809,7 +827,7 @@ def _lse_bwd_kernel(
         for mm in range(0, M):
             s_m = _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows,
                                    row_ok, row_scale, D, NORMALIZE, ACC)
-            p = tl.exp2(s_m - lse2_i)
+            p = tl.exp2((s_m - hi_i) - lo_i)
             if EXPECT:
                 expect += p * (s_m - spos)
             if NORMALIZE:
@@ -887,7 +905,7 @@ def _row_norms(z1, z2, acc_dtype):
 
 
 def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool):
-    """-> (loss: 0-dim z1.dtype, lse: [2N] float32 (float64 for float64 inputs))."""
+    """-> (loss: 0-dim z1.dtype, lse: [2N] float64)."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -896,7 +914,7 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, norm
     _, meta, _ = _plan(d, z1.dtype, normalize, _precision(z1.dtype))
     scale_hi, scale_lo = _split(math.log2(math.e) / float(temperature))
     with _device_ctx(z1):
-        lse = torch.empty(m, dtype=acc_dtype, device=z1.device)
+        lse = torch.empty(m, dtype=torch.float64, device=z1.device)
         row_loss = torch.empty(m, dtype=acc_dtype, device=z1.device)
         norms = _row_norms(z1, z2, acc_dtype) if normalize else lse  # lse: an unread placeholder
 
@@ -1063,7 +1081,7 @@ def _class_counts(labels):
 
 
 def sup_con_forward(features: torch.Tensor, labels: torch.Tensor, temperature: float, normalize: bool):
-    """-> (loss: 0-dim features.dtype, lse: [N] float32 (float64 for float64 inputs)).
+    """-> (loss: 0-dim features.dtype, lse: [N] float64).
 
     lse_i = log sum_{a != i} exp(s_ia), every row (as the CPU op); the loss is the mean
     over anchors (rows with a positive) of lse_i - mean_{p in P(i)} s_ip, 0 without any
@@ -1073,7 +1091,7 @@ def sup_con_forward(features: torch.Tensor, labels: torch.Tensor, temperature: f
     acc_dtype = _acc_dtype(x.dtype)
     with _device_ctx(x):
         labels = labels.to(device=x.device, dtype=torch.int64).contiguous()
-        lse = torch.empty(n, dtype=acc_dtype, device=x.device)
+        lse = torch.empty(n, dtype=torch.float64, device=x.device)
         term = torch.empty(n, dtype=acc_dtype, device=x.device)
         cnt = torch.empty(n, dtype=acc_dtype, device=x.device)
         par = _params(_temperature64(temperature, x.device), 1.0, acc_dtype)
@@ -1144,7 +1162,7 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
     acc_dtype = _acc_dtype(q.dtype)
     rows = 2 * n if symmetric else n
     with _device_ctx(q):
-        lse = torch.empty(rows, dtype=acc_dtype, device=q.device)
+        lse = torch.empty(rows, dtype=torch.float64, device=q.device)
         term = torch.empty(rows, dtype=acc_dtype, device=q.device)
         par = _params(_temperature64(temperature, q.device), 1.0, acc_dtype)
         nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)

@@ -20,6 +20,7 @@ import sslkernels
 from sslkernels.reference import koleo_reference
 from sslkernels.reference import (info_nce_reference, masked_patch_attention_reference, nt_xent_reference,
                                   sup_con_reference, varlen_attention_reference)
+from tests._utils import logit_bound
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -56,9 +57,10 @@ class OpSpec:
     thread_bitwise: bool = False  # documented: bitwise identical for any thread count
     empty_batch_ok: bool = False  # zero rows in every tensor give an empty result, not an error
     dtypes: Tuple[torch.dtype, ...] = FLOATS
-    # Size of the intermediates behind a result, (float64 tensors, options, "output" or the
-    # argument of a gradient) -> float: the rounding floor of the tolerance rule scales with
-    # it (a loss that cancels to ~0 still carries the rounding of logits of this size).
+    # Size of the terms a scalar output is a difference of, (float64 tensors, options,
+    # "output") -> float: the rounding floor of the tolerance rule scales with it (a loss
+    # that cancels to ~0 still carries the rounding of logits of this size). Gradients and
+    # other tensors get a floor relative to their own scale only.
     magnitude: Optional[Callable[[dict, dict, str], float]] = None
     # Accuracy that replaces the floor when larger, (output dtype, float64 reference, float64
     # tensors, options) -> float: where float64 eager is the oracle itself, what the function
@@ -115,16 +117,9 @@ def _build_info_nce(s, dtype, scale, seed):
 
 
 def _logit_bound(tensors, options, what="output"):
-    """Size of a contrastive loss's intermediates. Output: the largest |logit| it can form,
-    1 / t for unit rows, else max |x|^2 / t. Gradients: d logit / d x, 1 / (t min |x|)
-    through the normalisation, else max |x| / t."""
-    t = float(options.get("temperature", 1.0))
-    norms = torch.cat([x.double().reshape(-1, x.shape[-1]).norm(dim=1) for x in tensors.values()
-                       if x.is_floating_point() and x.numel()])
-    normalize = options.get("normalize", True)
-    if what == "output":
-        return 1.0 / t if normalize else float(norms.max()) ** 2 / t
-    return 1.0 / (t * max(float(norms.min()), 1e-12)) if normalize else float(norms.max()) / t
+    """Size of the logits a contrastive loss is a difference of (tests/_utils.py)."""
+    return logit_bound(*tensors.values(), temperature=options.get("temperature", 1.0),
+                       normalize=options.get("normalize", True))
 
 
 def _contrastive_options(extra=None):
@@ -411,19 +406,14 @@ def _varlen_call(fn):
     return call
 
 
-def _attention_magnitude(tensors, options, what="output"):
-    """Size of attention's intermediates. Probabilities carry the rounding of the logits,
-    |logit| <= L = scale |q| |k| (first order: eps L relative; the backward recomputes them
-    from a float32 log-sum-exp, as FlashAttention does), so every result gets L times its
-    natural size: |v| (output), scale |k| |v| (dq), scale |q| |v| (dk), 1 (dv)."""
-    scale = options.get("scale") or tensors["q"].shape[-1] ** -0.5
+def _attention_terms(tensors, options, what="output"):
+    """Size of the terms attention's gradients are differences of, the floor where a
+    gradient is zero up to float64 rounding (a one-token sequence: p = 1, dq = dk = 0):
+    dS = p (dO.v - dO.o) times scale |k| (dq) or scale |q| (dk), dO's rows 0.75 sqrt(Dh)."""
+    scale = abs(options.get("scale") or tensors["q"].shape[-1] ** -0.5)
     norm = {n: float(tensors[n].double().norm(dim=-1).max()) if tensors[n].numel() else 0.0 for n in ("q", "k", "v")}
-    logits = max(1.0, abs(scale) * norm["q"] * norm["k"])
-    if what == "output":
-        return logits * norm["v"]
-    if what == "v":
-        return logits
-    return logits * abs(scale) * norm["k" if what == "q" else "q"] * norm["v"]
+    grad_out = 0.75 * tensors["q"].shape[-1] ** 0.5
+    return grad_out * norm["v"] * scale * max(norm["q"], norm["k"])
 
 
 _ATTN_OPTIONS = st.fixed_dictionaries({"scale": st.one_of(st.none(), st.floats(0.05, 2.0))})
@@ -448,7 +438,7 @@ MASKED_PATCH_ATTENTION = OpSpec(
     mismatches=(("other head dim", "k", _extra_col), ("one more sample", "index", _extra_row),
                 ("all nan", "q", _fill(float("nan"))), ("all inf", "k", _fill(float("inf"))),
                 ("all -inf", "v", _fill(-float("inf")))),
-    bad_scalars=_SCALE_CASES, thread_bitwise=True, empty_batch_ok=True, magnitude=_attention_magnitude,
+    bad_scalars=_SCALE_CASES, thread_bitwise=True, empty_batch_ok=True, magnitude=_attention_terms,
 )
 VARLEN_ATTENTION = OpSpec(
     name="varlen_attention", call=_varlen_call(sslkernels.varlen_attention), build=_build_varlen,
@@ -463,7 +453,7 @@ VARLEN_ATTENTION = OpSpec(
     grads=("q", "k", "v"),
     mismatches=(("one more token", "k", _extra_row), ("other head dim", "v", _extra_col)),
     bad_scalars=_SCALE_CASES + _bad("max_seqlen", (-1, ValueError), (1, ValueError), ("7", TypeError), (2.5, TypeError)),
-    thread_bitwise=True, magnitude=_attention_magnitude,
+    thread_bitwise=True, magnitude=_attention_terms,
 )
 
 # ---------------------------------------------------------------- sigreg

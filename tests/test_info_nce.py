@@ -5,7 +5,7 @@ import torch
 
 import sslkernels
 from sslkernels.reference import info_nce_reference, nt_xent_reference
-from tests._utils import assert_within_eager_error, loss_and_grads
+from tests._utils import assert_within_eager_error, logit_bound, loss_and_grads
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -22,8 +22,13 @@ def _inputs(n, d, k, dtype, scale=1.0):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_matches_float64_reference(dtype, n, d, k, symmetric, normalize, poisoned_outputs):
-    q, key, neg = _inputs(n, d, k, dtype, scale=1.0 if normalize else 0.3)
-    kw = dict(temperature=0.07 if normalize else 0.5, symmetric=symmetric, normalize=normalize)
+    # unnormalised rows of norm ~1, logits ~2: at 0.3 (logits ~25 for D = 128) eager's own
+    # bfloat16 error exceeded the gradient, and the rule then rejected nothing
+    q, key, neg = _inputs(n, d, k, dtype, scale=1.0 if normalize else d ** -0.5)
+    # half types at t = 0.2: at 0.07 their eager error is ~5% of the gradient, and the rule
+    # (2x eager's) let a gradient 8-10% off pass (tests/test_tolerance_helpers.py)
+    half = dtype in (torch.float16, torch.bfloat16)
+    kw = dict(temperature=(0.2 if half else 0.07) if normalize else 0.5, symmetric=symmetric, normalize=normalize)
     args = (q, key) if neg is None else (q, key, neg)
 
     def run(fn, *t):
@@ -33,8 +38,9 @@ def test_matches_float64_reference(dtype, n, d, k, symmetric, normalize, poisone
     eager = loss_and_grads(run(info_nce_reference), *args)
     ref = loss_and_grads(run(info_nce_reference), *[a.double() for a in args])
     assert fused[0].dtype == dtype and fused[0].dim() == 0
+    terms = logit_bound(*args, temperature=kw["temperature"], normalize=normalize)
     for what, f, e, r in zip(("loss", "grad query", "grad key", "grad negatives"), fused, eager, ref):
-        assert_within_eager_error(f, e, r, dtype, what)
+        assert_within_eager_error(f, e, r, dtype, what, terms)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -51,7 +57,7 @@ def test_moco_mode_without_in_batch_negatives(dtype, n, k):
     eager = loss_and_grads(run(info_nce_reference), *args)
     ref = loss_and_grads(run(info_nce_reference), *[a.double() for a in args])
     for what, f, e, r in zip(("loss", "grad query", "grad key", "grad t", "grad negatives"), fused, eager, ref):
-        assert_within_eager_error(f, e, r, dtype, what)
+        assert_within_eager_error(f, e, r, dtype, what, logit_bound(temperature=0.2))
     with pytest.raises(ValueError, match="in_batch_negatives"):
         sslkernels.info_nce(q, key, symmetric=True, in_batch_negatives=False)
 
@@ -72,7 +78,7 @@ def test_per_query_hard_negatives(dtype, n, m, in_batch):
     ref = loss_and_grads(run(info_nce_reference), q.double(), key.double(), t, hard.double())
     assert fused[-1].shape == hard.shape
     for what, f, e, r in zip(("loss", "grad query", "grad key", "grad t", "grad negatives"), fused, eager, ref):
-        assert_within_eager_error(f, e, r, dtype, what)
+        assert_within_eager_error(f, e, r, dtype, what, logit_bound(temperature=0.1))
 
 
 def test_per_query_negatives_non_contiguous_and_gradcheck():
@@ -269,7 +275,7 @@ def test_one_sweep_matches_forward_then_backward(dtype, n, k, negatives_grad):
         assert a.shape == b.shape, what
         if b.numel():  # (dnegatives is empty when no queue gradient is asked for)
             assert a.dtype == (wide if what[1:] in ("query", "key", "negatives") else b.dtype), what
-            assert_within_eager_error(a.to(b.dtype), b, r, dtype, what)
+            assert_within_eager_error(a.to(b.dtype), b, r, dtype, what, logit_bound(temperature=0.07))
 
 
 def test_one_sweep_rescales_tiles_whose_max_came_late():

@@ -237,25 +237,26 @@ SSLK_MULTIVERSION void softmax_step(Acc* s, int64_t m, int64_t n, Acc* row_max, 
 }
 
 // Transposed tiles S^T, dP^T [n x m] (key rows, query columns): P^T = exp(S^T - lse)
-// in place of S^T and dS^T = P^T (dP^T - D) in place of dP^T.
+// in place of S^T and dS^T = P^T (dP^T - D) in place of dP^T; each lse comes as its
+// parts hi + lo (detail::SplitLse), subtracted in turn.
 template <typename Acc>
 SSLK_MULTIVERSION void softmax_grad_transposed(Acc* st, Acc* dpt, int64_t n, int64_t m,
-                                               const Acc* lse, const Acc* delta) {
+                                               const Acc* lse_hi, const Acc* lse_lo, const Acc* delta) {
   for (int64_t r = 0; r < n; ++r) {
     Acc* sr = st + r * m;
     Acc* dr = dpt + r * m;
 #pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
-      const Acc pr = exp_vec(sr[i] - lse[i]);
+      const Acc pr = exp_vec((sr[i] - lse_hi[i]) - lse_lo[i]);
       sr[i] = pr;
       dr[i] = pr * (dr[i] - delta[i]);
     }
   }
 }
 
-template <typename Acc>
-Acc* lse_at(void* lse, const AttentionProblem& p, int64_t s, int64_t h) {
-  return static_cast<Acc*>(lse) + h * p.lse_head_stride + p.lse_base[s];
+// lse is float64 for every input dtype (see detail::lse_of).
+inline double* lse_at(void* lse, const AttentionProblem& p, int64_t s, int64_t h) {
+  return static_cast<double*>(lse) + h * p.lse_head_stride + p.lse_base[s];
 }
 
 // Key tile j of sequence s, head h: K and V gathered row-major, K^T [dh x n] beside.
@@ -339,12 +340,12 @@ Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_thr
           detail::gemm<Acc>(false, false, m, dh, n, Acc(1), sc, n, key.v, key.ldv, Acc(1), o, dh);
         }
       }
-      Acc* lse_row = lse_at<Acc>(lse, p, s, h) + q0;
+      double* lse_row = lse_at(lse, p, s, h) + q0;
       for (int64_t i = 0; i < mc; ++i) {
         Acc* o = obuf.data() + i * dh;
         const Acc inv = row_sum[i] > 0 ? Acc(1) / row_sum[i] : Acc(0);  // no keys: zero row
         for (int64_t c = 0; c < dh; ++c) o[c] *= inv;
-        lse_row[i] = row_sum[i] > 0 ? row_max[i] + std::log(row_sum[i]) : neg_inf;
+        lse_row[i] = detail::lse_of(row_max[i], row_sum[i]);
       }
       store_tile<Acc>(out_x, p.dtype, out_rows, s, q0, mc, h, dh, obuf.data());
     }
@@ -377,7 +378,7 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
     // (K, K^T, V, dK, dV); one query tile of S^T and dP^T.
     std::vector<Acc> qbuf(max_rows * dh), qtbuf(max_rows * dh), dobuf(max_rows * dh);
     std::vector<Acc> dotbuf(max_rows * dh), dqtbuf(max_rows * dh);
-    std::vector<Acc> lse_buf(max_rows), delta(max_rows);
+    std::vector<Acc> delta(max_rows);
     std::vector<Acc> kbuf(max_keys * dh), ktbuf(max_keys * dh), vbuf(max_keys * dh);
     std::vector<Acc> dkbuf(max_keys * dh), dvbuf(max_keys * dh);
     std::vector<Acc> stbuf(max_keys * kQueryTile), dptbuf(max_keys * kQueryTile);
@@ -393,7 +394,7 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
       Acc* qt_all = qtbuf.data();
       Acc* dot_all = dotbuf.data();
       Acc* dqt = dqtbuf.data();
-      const Acc* saved_lse = lse_at<Acc>(const_cast<void*>(lse), p, s, h);
+      const double* saved_lse = lse_at(const_cast<void*>(lse), p, s, h);
       transpose(q, nq, dh, qt_all, nq);
       transpose(d_o, nq, dh, dot_all, nq);
       int64_t ldo;
@@ -404,8 +405,8 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
         Acc acc = 0;
         for (int64_t c = 0; c < dh; ++c) acc += g[c] * oi[c];
         delta[i] = acc;
-        lse_buf[i] = saved_lse[i];
       }
+      const detail::SplitLse<Acc> lse_parts(saved_lse, nq);
       std::fill(dqt, dqt + nq * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
         KeyTile<Acc> key;
@@ -420,7 +421,8 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
           const Acc first = i == 0 ? Acc(0) : Acc(1);  // beta: the first q tile overwrites
           detail::gemm<Acc>(false, false, n, m, dh, scale, key.k, key.ldk, qt_all + r0, nq, Acc(0), st, m);
           detail::gemm<Acc>(false, false, n, m, dh, Acc(1), key.v, key.ldv, dot_all + r0, nq, Acc(0), dpt, m);
-          softmax_grad_transposed<Acc>(st, dpt, n, m, lse_buf.data() + r0, delta.data() + r0);
+          softmax_grad_transposed<Acc>(st, dpt, n, m, lse_parts.hi.data() + r0, lse_parts.lo.data() + r0,
+                                       delta.data() + r0);
           detail::gemm<Acc>(false, false, n, dh, m, Acc(1), st, m, d_o + r0 * lddo, lddo, first, dvt, dh);
           detail::gemm<Acc>(false, false, n, dh, m, scale, dpt, m, q + r0 * ldq, ldq, first, dkt, dh);
           detail::gemm<Acc>(false, false, dh, m, n, scale, key.kt, n, dpt, m, Acc(1), dqt + r0, nq);

@@ -61,4 +61,8 @@ int64_t choose_tile_rows(int64_t rows, int64_t cols) {
 }
 
 }  // namespace detail
+void convert_from_float32(const float* src, void* dst, DType dtype, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) detail::store_element<float>(dst, dtype, i, src[i]);
+}
+
 }  // namespace sslkernels

@@ -20,6 +20,8 @@ namespace sslkernels {
 namespace {
 
 using detail::exp_vec;
+using detail::lse_of;
+using detail::SplitLse;
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
@@ -140,38 +142,50 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
 
 // W_ij = w_i exp(S_ij - lse_i) + w_j exp(S_ij - lse_j) in place: the weight of pair
 // (i, j) in the gradient of sum_i w_i lse_i + sum_j w_j lse_j. Without column
-// statistics (lse_cols null) only the row term: W_ij = w_i exp(S_ij - lse_i).
+// statistics (lse_cols null) only the row term: W_ij = w_i exp(S_ij - lse_i). Each lse
+// comes as its two parts hi + lo (SplitLse), subtracted in turn.
 // When row_expect (col_expect) is given, it also accumulates sum_j p_ij S_ij per row
 // (sum_i p'_ij S_ij per column): the softmax expectation of the logits, which the
 // temperature gradient needs.
 template <typename Acc>
-SSLK_MULTIVERSION void softmax_weights(Acc* s, int64_t rows, int64_t cols, const Acc* lse_rows,
-                                       const Acc* lse_cols, const Acc* w_rows, const Acc* w_cols,
+SSLK_MULTIVERSION void softmax_weights(Acc* s, int64_t rows, int64_t cols, const Acc* hi_rows,
+                                       const Acc* lo_rows, const Acc* hi_cols, const Acc* lo_cols,
+                                       const Acc* w_rows, const Acc* w_cols,
                                        Acc* row_expect = nullptr, Acc* col_expect = nullptr) {
   for (int64_t i = 0; i < rows; ++i) {
     Acc* si = s + i * cols;
-    const Acc li = lse_rows[i], wi = w_rows[i];
+    const Acc hi = hi_rows[i], lo = lo_rows[i], wi = w_rows[i];
     if (row_expect != nullptr) {
       Acc expect = 0;
 #pragma omp simd reduction(+ : expect)
-      for (int64_t j = 0; j < cols; ++j) expect += exp_vec(si[j] - li) * si[j];
+      for (int64_t j = 0; j < cols; ++j) expect += exp_vec((si[j] - hi) - lo) * si[j];
       row_expect[i] += expect;
     }
     if (col_expect != nullptr)
-      for (int64_t j = 0; j < cols; ++j) col_expect[j] += exp_vec(si[j] - lse_cols[j]) * si[j];
-    if (lse_cols != nullptr) {
+      for (int64_t j = 0; j < cols; ++j) col_expect[j] += exp_vec((si[j] - hi_cols[j]) - lo_cols[j]) * si[j];
+    if (hi_cols != nullptr) {
       for (int64_t j = 0; j < cols; ++j)
-        si[j] = wi * exp_vec(si[j] - li) + w_cols[j] * exp_vec(si[j] - lse_cols[j]);
+        si[j] = wi * exp_vec((si[j] - hi) - lo) + w_cols[j] * exp_vec((si[j] - hi_cols[j]) - lo_cols[j]);
     } else {
-      for (int64_t j = 0; j < cols; ++j) si[j] = wi * exp_vec(si[j] - li);
+      for (int64_t j = 0; j < cols; ++j) si[j] = wi * exp_vec((si[j] - hi) - lo);
     }
   }
+}
+
+// A diagonal tile's S_ij and S_ji are two GEMM elements that may round differently
+// (OpenBLAS's edge kernels): both passes take the upper triangle for both, so that
+// the backward recomputes exactly the logits the forward's lse came from (one ulp of a
+// logit of 1e4 is 8e-3 relative in exp(s - lse)). Only the diagonal tiles pay this.
+template <typename Acc>
+void mirror_upper_triangle(Acc* s, int64_t rows, int64_t ld) {
+  for (int64_t i = 1; i < rows; ++i)
+    for (int64_t j = 0; j < i; ++j) s[i * ld + j] = s[j * ld + i];
 }
 
 // lse_i = log sum_{j != i} exp(z_i . z_j / t) for every stacked row: each symmetric
 // tile is multiplied once and folded into its rows (row view) and its columns.
 template <typename Acc>
-void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, Acc* lse, int num_threads) {
+void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, double* lse, int num_threads) {
   const int64_t m = rows.m, d = rows.d;
   const int64_t tile = detail::choose_tile_rows(m, d);
   RowStats<Acc> stats(m);
@@ -185,21 +199,31 @@ void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, Acc* lse, int nu
         Acc* s = scratch;
         detail::gemm<Acc>(false, true, nr, nc, d, inv_t, z + r0 * d, d, z + c0 * d, d, Acc(0), s, nc);
         const bool diagonal = r0 == c0;
-        if (diagonal)  // self-similarity masked; symmetric, so the row view suffices
+        if (diagonal) {  // self-similarity masked; symmetric, so the row view suffices
+          mirror_upper_triangle(s, nr, nc);
           for (int64_t i = 0; i < nr; ++i) s[i * nc + i] = -std::numeric_limits<Acc>::infinity();
+        }
         fold_tile<Acc>(s, nr, nc, row_max + r0, row_sum + r0, row_max + c0, row_sum + c0,
                        !diagonal, scratch + tile * tile);
       });
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < m; ++i) lse[i] = row_max[i] + std::log(row_sum[i]);
+  for (int64_t i = 0; i < m; ++i) lse[i] = lse_of(row_max[i], row_sum[i]);
 }
 
 // dz += coeff * W Z with W from softmax_weights (zero diagonal): the gradient of
-// coeff * t * sum_i w_i lse_i with respect to the (normalised) rows.
+// coeff * t * sum_i w_i lse_i with respect to the (normalised) rows. With `partner`
+// (NT-Xent: row i's positive), W_{i,partner(i)} -= 2 as well, the positive logit's
+// share of both rows' losses: the difference p_ij + p_ji - 2 is taken per element,
+// where it is exact, instead of subtracting 2 z_pos from the accumulated W Z (which
+// cancels to the small gradient of a peaked softmax and keeps W Z's rounding).
 template <typename Acc>
-void accumulate_lse_gradient(const StackedRows<Acc>& rows, const Acc* lse, const Acc* weight,
-                             Acc inv_t, Acc coeff, Acc* dz, int num_threads) {
+void accumulate_lse_gradient(const StackedRows<Acc>& rows, const double* lse, const Acc* weight,
+                             Acc inv_t, Acc coeff, Acc* dz, int num_threads,
+                             int64_t (*partner)(int64_t, int64_t) = nullptr, int64_t half = 0) {
   const int64_t m = rows.m, d = rows.d;
+  const SplitLse<Acc> split(lse, m);
+  const Acc* hi = split.hi.data();
+  const Acc* lo = split.lo.data();
   const int64_t tile = detail::choose_tile_rows(m, d);
   const Acc* z = rows.z.data();
   detail::for_each_symmetric_tile<Acc>(
@@ -208,9 +232,15 @@ void accumulate_lse_gradient(const StackedRows<Acc>& rows, const Acc* lse, const
         const Acc* zr = z + r0 * d;
         const Acc* zc = z + c0 * d;
         detail::gemm<Acc>(false, true, nr, nc, d, inv_t, zr, d, zc, d, Acc(0), w, nc);
-        softmax_weights<Acc>(w, nr, nc, lse + r0, lse + c0, weight + r0, weight + c0);
+        if (r0 == c0) mirror_upper_triangle(w, nr, nc);
+        softmax_weights<Acc>(w, nr, nc, hi + r0, lo + r0, hi + c0, lo + c0, weight + r0, weight + c0);
         if (r0 == c0)
           for (int64_t i = 0; i < nr; ++i) w[i * nc + i] = 0;  // no self-pairs
+        if (partner != nullptr)
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t j = partner(r0 + i, half);
+            if (j >= c0 && j < c0 + nc) w[i * nc + (j - c0)] -= Acc(2);
+          }
         detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, zc, d, Acc(1), dz + r0 * d, d);
         // A diagonal tile's W is symmetric and already holds both directions.
         if (r0 != c0)
@@ -269,7 +299,7 @@ inline int64_t nt_xent_positive(int64_t i, int64_t n) { return i < n ? i + n : i
 
 template <typename Acc>
 Status nt_xent_forward_impl(const MatrixView (&parts)[2], double temperature, bool normalize,
-                            Acc* lse, double* loss, int num_threads) {
+                            double* lse, double* loss, int num_threads) {
   StackedRows<Acc> rows;
   const Status st = load_rows<Acc>(parts, 2, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
@@ -280,14 +310,14 @@ Status nt_xent_forward_impl(const MatrixView (&parts)[2], double temperature, bo
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < m; ++i) {
     const Acc positive = dot(rows.row(i), rows.row(nt_xent_positive(i, n)), rows.d) * inv_t;
-    row_loss[i] = static_cast<double>(lse[i]) - static_cast<double>(positive);
+    row_loss[i] = lse[i] - static_cast<double>(positive);
   }
   *loss = mean_or_zero(row_loss, m);
   return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
 }
 
 template <typename Acc>
-Status nt_xent_backward_impl(const MatrixView (&parts)[2], const Acc* lse, double temperature,
+Status nt_xent_backward_impl(const MatrixView (&parts)[2], const double* lse, double temperature,
                              bool normalize, double grad_loss, void* const (&outs)[2],
                              int num_threads) {
   StackedRows<Acc> rows;
@@ -298,14 +328,9 @@ Status nt_xent_backward_impl(const MatrixView (&parts)[2], const Acc* lse, doubl
   const Acc coeff = static_cast<Acc>(grad_loss / (temperature * static_cast<double>(m)));
   const std::vector<Acc> weight(static_cast<size_t>(m), Acc(1));
   std::vector<Acc> dz(static_cast<size_t>(m * d), Acc(0));
-  accumulate_lse_gradient<Acc>(rows, lse, weight.data(), inv_t, coeff, dz.data(), num_threads);
-  // The positive logit s_{i,pos(i)} appears in the losses of rows i and pos(i).
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    const Acc* zp = rows.row(nt_xent_positive(i, n));
-    Acc* g = dz.data() + i * d;
-    for (int64_t k = 0; k < d; ++k) g[k] -= 2 * coeff * zp[k];
-  }
+  // The positive logit s_{i,pos(i)} appears in the losses of rows i and pos(i): - 2 in W.
+  accumulate_lse_gradient<Acc>(rows, lse, weight.data(), inv_t, coeff, dz.data(), num_threads,
+                               nt_xent_positive, n);
   store_input_gradient<Acc>(rows, normalize, dz.data(), parts, outs, 2, num_threads);
   return Status::Ok;
 }
@@ -356,7 +381,7 @@ bool valid_classes(int64_t m, const int64_t* class_ids, const int64_t* class_cou
 template <typename Acc>
 Status sup_con_forward_impl(const MatrixView& features, const int64_t* class_ids,
                             const int64_t* class_counts, int64_t num_classes, double temperature,
-                            bool normalize, Acc* lse, double* loss, int num_threads) {
+                            bool normalize, double* lse, double* loss, int num_threads) {
   StackedRows<Acc> rows;
   const Status st = load_rows<Acc>(&features, 1, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
@@ -373,7 +398,7 @@ Status sup_con_forward_impl(const MatrixView& features, const int64_t* class_ids
     Acc pos = 0;
     for (int64_t k = 0; k < d; ++k) pos += zi[k] * (c[k] - zi[k]);
     const Acc mean_positive = pos * inv_t / static_cast<Acc>(class_counts[class_ids[i]] - 1);
-    row_loss[i] = static_cast<double>(lse[i]) - static_cast<double>(mean_positive);
+    row_loss[i] = lse[i] - static_cast<double>(mean_positive);
   }
   *loss = mean_or_zero(row_loss, classes.anchors);
   return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
@@ -381,7 +406,7 @@ Status sup_con_forward_impl(const MatrixView& features, const int64_t* class_ids
 
 template <typename Acc>
 Status sup_con_backward_impl(const MatrixView& features, const int64_t* class_ids,
-                             const int64_t* class_counts, int64_t num_classes, const Acc* lse,
+                             const int64_t* class_counts, int64_t num_classes, const double* lse,
                              double temperature, bool normalize, double grad_loss, void* dfeatures,
                              int num_threads) {
   StackedRows<Acc> rows;
@@ -478,8 +503,8 @@ template <typename Acc>
 Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
                              const MatrixView& negatives, int64_t per_query, double temperature,
                              bool normalize,
-                             bool symmetric, bool in_batch_negatives, Acc* lse_query,
-                             Acc* lse_key, double* loss, int num_threads) {
+                             bool symmetric, bool in_batch_negatives, double* lse_query,
+                             double* lse_key, double* loss, int num_threads) {
   InfoNceRows<Acc> rows;
   const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
@@ -535,13 +560,13 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   for (int64_t i = 0; i < n; ++i) {
     const double positive = static_cast<double>(
         own_logit.empty() ? dot(rows.query.row(i), rows.key.row(i), d) * inv_t : own_logit[i]);
-    lse_query[i] = q_stats.max[i] + std::log(q_stats.sum[i]);
-    // (max - positive) + log(sum) rather than lse - positive: lse rounds at ulp(1 / t),
-    // the shifted terms do not (a tie with the positive gives log 2 exactly).
+    lse_query[i] = lse_of(q_stats.max[i], q_stats.sum[i]);
+    // (max - positive) + log(sum) rather than lse - positive: the shifted terms keep
+    // their accuracy when the loss is small (a tie with the positive gives log 2 exactly).
     double term = (static_cast<double>(q_stats.max[i]) - positive) + std::log(static_cast<double>(q_stats.sum[i]));
     if (symmetric) {
-      lse_key[i] = k_stats.max[i] + std::log(k_stats.sum[i]);
-      term = 0.5 * (term + static_cast<double>(lse_key[i]) - positive);
+      lse_key[i] = lse_of(k_stats.max[i], k_stats.sum[i]);
+      term = 0.5 * (term + lse_key[i] - positive);
     }
     row_loss[i] = term;
   }
@@ -551,8 +576,8 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
 
 template <typename Acc>
 Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
-                              const MatrixView& negatives, int64_t per_query, const Acc* lse_query,
-                              const Acc* lse_key, double temperature, bool normalize,
+                              const MatrixView& negatives, int64_t per_query, const double* lse_query,
+                              const double* lse_key, double temperature, bool normalize,
                               bool symmetric, bool in_batch_negatives, double grad_loss,
                               void* dquery, void* dkey, void* dnegatives, double* dtemperature,
                               int num_threads) {
@@ -573,14 +598,22 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
   std::vector<Acc> own_logit;  // without in-batch keys: the positives as the forward took them
+  const SplitLse<Acc> q_lse(lse_query, n), k_lse(lse_key, symmetric ? n : 0);
+  const Acc* q_hi = q_lse.hi.data();
+  const Acc* q_lo = q_lse.lo.data();
   if (in_batch_negatives) {
     detail::for_each_bipartite_tile<Acc>(
         n, n, tile, tile * tile, num_threads, /*columns_shared=*/true,
         [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
-          softmax_weights<Acc>(w, nr, nc, lse_query + r0, symmetric ? lse_key + c0 : nullptr,
-                               ones.data(), ones.data(), q_expect.data() + r0,
+          softmax_weights<Acc>(w, nr, nc, q_hi + r0, q_lo + r0, symmetric ? k_lse.hi.data() + c0 : nullptr,
+                               symmetric ? k_lse.lo.data() + c0 : nullptr, ones.data(), ones.data(),
+                               q_expect.data() + r0,
                                symmetric ? k_expect.data() + c0 : nullptr);
+          // The positive s_ii once per direction, subtracted per element (exact there)
+          // rather than from the accumulated gradient, where it cancels.
+          for (int64_t i = std::max(r0, c0); i < std::min(r0 + nr, c0 + nc); ++i)
+            w[(i - r0) * nc + (i - c0)] -= static_cast<Acc>(directions);
           detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, kz + c0 * d, d, Acc(1),
                             dq.data() + r0 * d, d);
           detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, q + r0 * d, d, Acc(1),
@@ -591,11 +624,12 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const Acc s_ii = own_logit[i];
-      const Acc p = exp_vec(s_ii - lse_query[i]);
+      const Acc p = exp_vec((s_ii - q_hi[i]) - q_lo[i]);
       q_expect[i] += p * s_ii;
+      const Acc w = p - Acc(1);  // with the positive's own - 1 (one direction)
       for (int64_t c = 0; c < d; ++c) {
-        dq[i * d + c] += coeff * p * kz[i * d + c];
-        dk[i * d + c] += coeff * p * q[i * d + c];
+        dq[i * d + c] += coeff * w * kz[i * d + c];
+        dk[i * d + c] += coeff * w * q[i * d + c];
       }
     }
   }
@@ -607,7 +641,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
         const int64_t r = i * per_query + j;
         const Acc* nr = rows.negatives.row(r);
         const Acc logit = dot(qi, nr, d) * inv_t;
-        const Acc p = exp_vec(logit - lse_query[i]);
+        const Acc p = exp_vec((logit - q_hi[i]) - q_lo[i]);
         q_expect[i] += p * logit;
         for (int64_t c = 0; c < d; ++c) dq[i * d + c] += coeff * p * nr[c];
         if (!dn.empty())
@@ -620,7 +654,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
         n, k, tile, tile * tile, num_threads, /*columns_shared=*/!dn.empty(),
         [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0), w, nc);
-          softmax_weights<Acc>(w, nr, nc, lse_query + r0, nullptr, ones.data(), nullptr,
+          softmax_weights<Acc>(w, nr, nc, q_hi + r0, q_lo + r0, nullptr, nullptr, ones.data(), nullptr,
                                q_expect.data() + r0, nullptr);
           detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, nz + c0 * d, d, Acc(1),
                             dq.data() + r0 * d, d);
@@ -629,8 +663,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
                               dn.data() + c0 * d, d);
         });
   }
-  // The positive logit s_ii enters each direction's loss once.
-  const Acc positive_coeff = coeff * static_cast<Acc>(directions);
+  // The positive logit s_ii entered each direction's weights above.
   std::vector<double> temperature_terms(static_cast<size_t>(n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
@@ -641,12 +674,6 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
     const double positive = static_cast<double>(own_logit.empty() ? dot(qi, ki, d) * inv_t : own_logit[i]);
     temperature_terms[i] = static_cast<double>(q_expect[i]) - positive +
                            (symmetric ? static_cast<double>(k_expect[i]) - positive : 0.0);
-    Acc* gq = dq.data() + i * d;
-    Acc* gk = dk.data() + i * d;
-    for (int64_t c = 0; c < d; ++c) {
-      gq[c] -= positive_coeff * ki[c];
-      gk[c] -= positive_coeff * qi[c];
-    }
   }
   if (dtemperature != nullptr)
     *dtemperature = -static_cast<double>(coeff) * serial_sum(temperature_terms);
@@ -715,9 +742,13 @@ struct ColumnJob {
 
 // One row of a fresh logit tile into the row's online state: the max grows to cover
 // the tile (rescaling the sum and the accumulated gradient row), and the logits
-// become exp(s - max) in place. Returns that max.
+// become exp(s - max) in place. Returns that max. `others` is the same sum without the
+// row's positive, column `positive` of this tile (-1: not in this tile), whose exp is left
+// out of the tile (0) so that the gradient row accumulates the negatives only: the
+// positive's weight p - 1 = -others / sum is formed at the end without cancelling.
 template <typename Acc>
-SSLK_MULTIVERSION Acc online_exp_row(Acc* s, int64_t cols, Acc& max, Acc& sum, Acc* grad_row, int64_t d) {
+SSLK_MULTIVERSION Acc online_exp_row(Acc* s, int64_t cols, Acc& max, Acc& sum, Acc& others, int64_t positive,
+                                     Acc* grad_row, int64_t d) {
   const Acc mx = max_of(s, cols, max);
   if (mx == -std::numeric_limits<Acc>::infinity()) {  // every logit so far -inf: nothing to add
     for (int64_t j = 0; j < cols; ++j) s[j] = 0;
@@ -727,18 +758,23 @@ SSLK_MULTIVERSION Acc online_exp_row(Acc* s, int64_t cols, Acc& max, Acc& sum, A
     if (sum > 0) {  // earlier tiles were taken against a smaller max
       const Acc f = exp_vec(max - mx);
       sum *= f;
+      others *= f;
       for (int64_t c = 0; c < d; ++c) grad_row[c] *= f;
     }
     max = mx;
   }
-  Acc acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < cols; ++j) {
-    const Acc e = exp_vec(s[j] - mx);
-    acc += e;
-    s[j] = e;
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) s[j] = exp_vec(s[j] - mx);
+  Acc own = 0;
+  if (positive >= 0) {
+    own = s[positive];
+    s[positive] = 0;
   }
-  sum += acc;
+  Acc acc_others = 0;
+#pragma omp simd reduction(+ : acc_others)
+  for (int64_t j = 0; j < cols; ++j) acc_others += s[j];
+  sum += acc_others + own;
+  others += acc_others;
   return mx;
 }
 
@@ -772,7 +808,8 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
   // Every kept entry is written before it is read: no zero fill (up to 16 MiB a thread).
   const std::unique_ptr<Acc[]> kept(new Acc[static_cast<size_t>(wave * strip_rows * kept_ld)]);
   std::vector<Acc> scaled_queries(static_cast<size_t>(wave * strip_rows * d));
-  std::vector<Acc> lse(static_cast<size_t>(n)), expect(static_cast<size_t>(n));
+  std::vector<double> lse(static_cast<size_t>(n));
+  std::vector<Acc> expect(static_cast<size_t>(n));
   const Acc* q = rows.query.z.data();
   // One job per kept column tile: its rows of the column gradient.
   std::vector<ColumnJob<Acc>> column_jobs;
@@ -785,6 +822,7 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
   {
     std::vector<Acc> dropped(k > 0 && !queue_grad ? static_cast<size_t>(strip_rows * padded_stride(std::min(kColumnTile, k))) : 0);  // a queue tile
     std::vector<Acc> row_max(static_cast<size_t>(strip_rows)), row_sum(static_cast<size_t>(strip_rows));
+    std::vector<Acc> row_others(static_cast<size_t>(strip_rows));  // row_sum without the positive
     // The max each kept tile's exps were taken against, per row (fixed up at the end).
     std::vector<Acc> tile_shift(static_cast<size_t>(strip_rows * kept_tiles));
     for (int64_t w0 = 0; w0 < strips; w0 += wave) {
@@ -795,6 +833,7 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
         Acc* gq = dq.data() + r0 * d;
         std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<Acc>::infinity());
         std::fill(row_sum.begin(), row_sum.end(), Acc(0));
+        std::fill(row_others.begin(), row_others.end(), Acc(0));
         int64_t kept_index = 0;  // kept tiles come in column_jobs' order
         for (const auto& seg : segments) {
           for (int64_t c0 = 0; c0 < seg.count; c0 += kColumnTile) {
@@ -806,7 +845,9 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
             detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, cand, d, Acc(0), t, ldt);
             for (int64_t i = 0; i < nr; ++i) {
               Acc* ti = t + i * ldt;
-              const Acc shift = online_exp_row(ti, nc, row_max[i], row_sum[i], gq + i * d, d);
+              // query r0 + i's positive is key r0 + i
+              const int64_t own = seg.kept_offset == 0 && r0 + i >= c0 && r0 + i < c0 + nc ? r0 + i - c0 : -1;
+              const Acc shift = online_exp_row(ti, nc, row_max[i], row_sum[i], row_others[i], own, gq + i * d, d);
               if (keep) tile_shift[i * kept_tiles + kept_index] = shift;
             }
             if (keep) ++kept_index;
@@ -824,15 +865,20 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
             Acc* ti = p + i * kept_ld + column_jobs[tix].kept_column;
             for (int64_t j = 0; j < column_jobs[tix].width; ++j) ti[j] *= f;
           }
-          // sum_j p_ij s_ij = q_i . (sum_j p_ij c_j) / t: the softmax expectation of the
-          // logits (for the temperature gradient) from the accumulated gradient row.
+          // The positive's weight p_ii - 1 = -others / sum, formed without cancelling: into
+          // the kept probabilities (key gradient) and the gradient row (query gradient).
+          p[i * kept_ld + r0 + i] = -row_others[i];
+          const Acc* ki = rows.key.row(r0 + i);
+          for (int64_t col = 0; col < d; ++col) gq[i * d + col] -= row_others[i] * ki[col];
+          // sum_j (p_ij - [j = i]) s_ij = q_i . (the gradient row) / t: E_i[s] - s_ii,
+          // the temperature gradient's term, from the accumulated gradient row.
           expect[r0 + i] = dot(q + (r0 + i) * d, gq + i * d, d) * inv_t / row_sum[i];
           const Acc c = coeff / row_sum[i];
           for (int64_t col = 0; col < d; ++col) {
             gq[i * d + col] *= c;
             sq[i * d + col] = c * q[(r0 + i) * d + col];
           }
-          lse[r0 + i] = row_max[i] + std::log(row_sum[i]);
+          lse[r0 + i] = lse_of(row_max[i], row_sum[i]);
         }
       }
       // Column gradients of this wave, per column block, strips in order.
@@ -856,12 +902,8 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
     const Acc* qi = rows.query.row(i);
     const Acc* ki = rows.key.row(i);
     const Acc positive = dot(qi, ki, d) * inv_t;
-    row_loss[i] = static_cast<double>(lse[i]) - static_cast<double>(positive);
-    temperature_terms[i] = static_cast<double>(expect[i]) - static_cast<double>(positive);
-    for (int64_t c = 0; c < d; ++c) {
-      dq[i * d + c] -= coeff * ki[c];
-      dk[i * d + c] -= coeff * qi[c];
-    }
+    row_loss[i] = lse[i] - static_cast<double>(positive);
+    temperature_terms[i] = static_cast<double>(expect[i]);  // the positive is in it already
   }
   *loss = mean_or_zero(row_loss, n);
   if (!std::isfinite(*loss)) return Status::NonFiniteResult;
@@ -909,7 +951,7 @@ Status nt_xent_forward(const MatrixView& z1, const MatrixView& z2, double temper
   if (z1.dtype == DType::Float64)
     return nt_xent_forward_impl<double>(parts, temperature, normalize, static_cast<double*>(lse),
                                         loss, num_threads);
-  return nt_xent_forward_impl<float>(parts, temperature, normalize, static_cast<float*>(lse), loss,
+  return nt_xent_forward_impl<float>(parts, temperature, normalize, static_cast<double*>(lse), loss,
                                      num_threads);
 }
 
@@ -923,7 +965,7 @@ Status nt_xent_backward(const MatrixView& z1, const MatrixView& z2, const void* 
   if (z1.dtype == DType::Float64)
     return nt_xent_backward_impl<double>(parts, static_cast<const double*>(lse), temperature,
                                          normalize, grad_loss, outs, num_threads);
-  return nt_xent_backward_impl<float>(parts, static_cast<const float*>(lse), temperature, normalize,
+  return nt_xent_backward_impl<float>(parts, static_cast<const double*>(lse), temperature, normalize,
                                       grad_loss, outs, num_threads);
 }
 
@@ -938,7 +980,7 @@ Status sup_con_forward(const MatrixView& features, const int64_t* class_ids,
     return sup_con_forward_impl<double>(features, class_ids, class_counts, num_classes, temperature,
                                         normalize, static_cast<double*>(lse), loss, num_threads);
   return sup_con_forward_impl<float>(features, class_ids, class_counts, num_classes, temperature,
-                                     normalize, static_cast<float*>(lse), loss, num_threads);
+                                     normalize, static_cast<double*>(lse), loss, num_threads);
 }
 
 Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
@@ -954,7 +996,7 @@ Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
                                          static_cast<const double*>(lse), temperature, normalize,
                                          grad_loss, dfeatures, num_threads);
   return sup_con_backward_impl<float>(features, class_ids, class_counts, num_classes,
-                                      static_cast<const float*>(lse), temperature, normalize,
+                                      static_cast<const double*>(lse), temperature, normalize,
                                       grad_loss, dfeatures, num_threads);
 }
 
@@ -979,7 +1021,7 @@ Status info_nce_forward(const MatrixView& query, const MatrixView& key, const Ma
                                          in_batch_negatives, static_cast<double*>(lse_query), static_cast<double*>(lse_key),
                                          loss, num_threads);
   return info_nce_forward_impl<float>(query, key, negatives, per_query, temperature, normalize, symmetric,
-                                      in_batch_negatives, static_cast<float*>(lse_query), static_cast<float*>(lse_key),
+                                      in_batch_negatives, static_cast<double*>(lse_query), static_cast<double*>(lse_key),
                                       loss, num_threads);
 }
 
@@ -1001,8 +1043,8 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                                           symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
                                           num_threads);
   return info_nce_backward_impl<float>(query, key, negatives, per_query,
-                                       static_cast<const float*>(lse_query),
-                                       static_cast<const float*>(lse_key), temperature, normalize,
+                                       static_cast<const double*>(lse_query),
+                                       static_cast<const double*>(lse_key), temperature, normalize,
                                        symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
                                        num_threads);
 }

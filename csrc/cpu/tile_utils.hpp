@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -60,6 +61,8 @@ inline uint16_t float_to_half(float f) {  // round to nearest even
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // overflows to inf
   if (abs < 0x38800000u) {                         // half subnormal or zero
     if (abs < 0x33000000u) return sign;
+    // value = mant 2^(e - 150) = half_mant 2^-24: half_mant = mant >> (126 - e), 14..25
+    // bits dropped (the shift was one too many before: every subnormal came out halved).
     const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
     // value = mant * 2^(e - 150) and a subnormal half counts units of 2^-24: shift by 126 - e
     const int shift = 126 - static_cast<int>(abs >> 23);
@@ -236,6 +239,31 @@ void for_each_bipartite_tile(int64_t row_count, int64_t col_count, int64_t tile,
 // Tile height for a (rows x rows) logit matrix over `cols` features: big enough to
 // keep BLAS efficient, small enough that a round has pairs for several threads.
 int64_t choose_tile_rows(int64_t rows, int64_t cols);
+
+
+// Saved log-sum-exps are float64 whatever the inputs: a float32 lse of a row whose
+// logits are ~1e4 is off by up to half an ulp, 5e-4, and every probability recomputed
+// from it by that much relative (the backward's gradients then lose 4 digits against
+// eager's). Forward: lse = max + log(sum) in float64 from the accumulator's stats.
+template <typename Acc>
+inline double lse_of(Acc max, Acc sum) {
+  return sum > 0 ? static_cast<double>(max) + std::log(static_cast<double>(sum))
+                 : -std::numeric_limits<double>::infinity();
+}
+
+// Backward: each saved lse split into accumulator-typed parts, lse = hi + lo, so that
+// p = exp((s - hi) - lo) stays in the accumulator's type per element: s - hi is exact
+// (Sterbenz) for every logit near its row's lse, the ones whose p matters.
+template <typename Acc>
+struct SplitLse {
+  std::vector<Acc> hi, lo;
+  SplitLse(const double* lse, int64_t m) : hi(static_cast<size_t>(m)), lo(static_cast<size_t>(m)) {
+    for (int64_t i = 0; i < m; ++i) {
+      hi[i] = static_cast<Acc>(lse[i]);
+      lo[i] = std::isfinite(lse[i]) ? static_cast<Acc>(lse[i] - static_cast<double>(hi[i])) : Acc(0);
+    }
+  }
+};
 
 }  // namespace detail
 }  // namespace sslkernels

@@ -175,7 +175,7 @@ void test_nt_xent(int64_t n, int64_t d, double t, bool normalize, int layout, in
   const Vec z1 = a.logical(), z2 = b.logical();
   Vec lse_ref;
   const double want = nt_xent_ref(z1, z2, n, d, t, normalize, &lse_ref);
-  std::vector<T> lse(static_cast<size_t>(2 * n), T(NAN));
+  std::vector<double> lse(static_cast<size_t>(2 * n), NAN);
   double loss = NAN;
   const DType dt = dtype_of<T>();
   check(nt_xent_forward(a.view(dt), b.view(dt), t, normalize, lse.data(), &loss, threads) == Status::Ok,
@@ -235,7 +235,7 @@ void test_sup_con(int64_t n, int64_t d, int64_t classes, double t, int layout, i
   for (int64_t i = 0; i < n; ++i) { ids[i] = (i * 7 + 3) % classes; ++counts[ids[i]]; }
   Vec lse_ref;
   const double want = sup_con_ref(f, ids, n, d, t, true, &lse_ref);
-  std::vector<T> lse(static_cast<size_t>(n), T(NAN));
+  std::vector<double> lse(static_cast<size_t>(n), NAN);
   double loss = NAN;
   const DType dt = dtype_of<T>();
   check(sup_con_forward(a.view(dt), ids.data(), counts.data(), classes, t, true, lse.data(), &loss, threads) ==
@@ -309,7 +309,7 @@ void test_info_nce(const InfoNceCase& c, double t, int threads) {
   const Vec qv = q.logical(), kv = k.logical();
   const Vec negv = rows ? neg.logical() : Vec();
   const double want = info_nce_ref(qv, kv, negv, c, t);
-  std::vector<T> lse_q(static_cast<size_t>(n), T(NAN)), lse_k(static_cast<size_t>(n), T(NAN));
+  std::vector<double> lse_q(static_cast<size_t>(n), NAN), lse_k(static_cast<size_t>(n), NAN);
   double loss = NAN;
   check(info_nce_forward(q.view(dt), k.view(dt), nv, c.per_query, t, c.normalize, c.symmetric, c.in_batch,
                          lse_q.data(), c.symmetric ? lse_k.data() : nullptr, &loss, threads) == Status::Ok,
@@ -505,7 +505,8 @@ void test_attention(const AttnCase& c, int threads) {
                      AttentionRows{nullptr, kc.data(), ki.data(), c.Kk}, out_base.data(), lse_base.data(),
                      c.Kq, scale};
   const int64_t out_rows = S * c.Kq;
-  std::vector<T> out(static_cast<size_t>(out_rows * H * Dh), T(0)), lse(static_cast<size_t>(S * H * c.Kq), T(0));
+  std::vector<T> out(static_cast<size_t>(out_rows * H * Dh), T(0));
+  std::vector<double> lse(static_cast<size_t>(S * H * c.Kq), 0.0);
   check(attention_forward(p, out.data(), lse.data(), threads) == Status::Ok, tag + " forward status");
   const Vec g = randn(out_rows * H * Dh);  // upstream gradient
   // f(q, k, v) = sum(out * g), in double, on the logical tensors.
@@ -587,7 +588,8 @@ void test_attention(const AttnCase& c, int threads) {
 void test_loss_statuses() {
   const int64_t n = 5, d = 3;
   const Stored<float> a(randn(n * d), n, d, 0), b(randn(n * d), n, d, 0);
-  std::vector<float> lse(2 * n), dz1(n * d), dz2(n * d);
+  std::vector<double> lse(2 * n);
+  std::vector<float> dz1(n * d), dz2(n * d);
   double loss = 0;
   const MatrixView va = a.view(DType::Float32), vb = b.view(DType::Float32);
   for (double t : {0.0, -1.0, static_cast<double>(NAN), static_cast<double>(INFINITY)})
@@ -653,7 +655,7 @@ void test_loss_statuses() {
 int overflow_on_purpose() {
   const int64_t n = 5, d = 3;
   const Stored<float> a(randn(n * d), n, d, 0);
-  std::vector<float> lse(static_cast<size_t>(2 * n - 1));
+  std::vector<double> lse(static_cast<size_t>(2 * n - 1));
   double loss = 0;
   nt_xent_forward(a.view(DType::Float32), a.view(DType::Float32), 0.5, true, lse.data(), &loss, 1);
   std::printf("no sanitizer report for a write past the end\n");

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton interpreter tests need triton")
 
 from sslkernels.reference import info_nce_reference  # noqa: E402
-from tests.interpret.test_sup_con_triton import _check  # noqa: E402  (the same rule and floors)
+from tests._utils import assert_within_eager_error, logit_bound  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 
@@ -64,14 +64,6 @@ def _fused(k, q, key, neg, t, symmetric, in_batch, normalize, grad=1.0, negative
     return out, lse, dneg
 
 
-def _scales(q, t, normalize):
-    """Natural magnitudes of (loss, dq, dk, dt, dneg): the reference can be exactly 0."""
-    norm = float(q.double().norm(dim=1).mean())
-    n = q.shape[0]
-    grad = 1.0 / (t * n * norm) if normalize else norm / (t * n)
-    return 1.0, grad, grad, 1.0 / t, grad
-
-
 def _ids(cases, letter):
     return [f"{n}x{d}{letter}{k}{'-sym' if s else ''}{'' if b else '-moco'}" for n, d, k, s, b in cases]
 
@@ -83,8 +75,9 @@ def _check_all(kernels, q, key, neg, tval, symmetric, in_batch, normalize):
     fused, lse, dneg = _fused(kernels, q, key, neg, t, symmetric, in_batch, normalize)
     eager = _reference(q, key, neg, t, symmetric, in_batch, normalize)
     ref = _reference(*(None if x is None else x.double() for x in (q, key, neg)), t, symmetric, in_batch, normalize)
-    for what, f, e, r, sc in zip(NAMES, fused, eager, ref, _scales(q, tval, normalize)):
-        _check(f, e, r, q.dtype, what, sc)
+    terms = logit_bound(q, key, neg, temperature=tval, normalize=normalize)
+    for what, f, e, r in zip(NAMES, fused, eager, ref):
+        assert_within_eager_error(f, e, r, q.dtype, what, terms)
     return fused, lse, dneg
 
 
@@ -94,10 +87,11 @@ def _check_all(kernels, q, key, neg, tval, symmetric, in_batch, normalize):
 def test_matches_float64_reference(contrastive_kernels, poisoned_outputs, dtype, case, normalize):
     n, d, k, symmetric, in_batch = case
     q, key, neg = _inputs(n, d, k, dtype, normalize)
-    fused, lse, dneg = _check_all(contrastive_kernels, q, key, neg, 0.07 if normalize else 0.5, symmetric, in_batch,
-                                  normalize)
+    # float16 at t = 0.2: at 0.07 eager's own error let a gradient 10% off pass the rule
+    t = (0.2 if dtype == torch.float16 else 0.07) if normalize else 0.5
+    fused, lse, dneg = _check_all(contrastive_kernels, q, key, neg, t, symmetric, in_batch, normalize)
     assert fused[0].dtype == dtype and fused[0].dim() == 0
-    assert lse.shape == ((2 * n) if symmetric else n,) and lse.dtype == torch.float32
+    assert lse.shape == ((2 * n) if symmetric else n,) and lse.dtype == torch.float64
     for g, x in zip(fused[1:3], (q, key)):
         assert g.dtype == dtype and g.shape == x.shape and g.is_contiguous()
     assert fused[3].dtype == torch.float64 and fused[3].dim() == 0
@@ -197,9 +191,9 @@ def test_the_rule_rejects_a_wrong_result(contrastive_kernels):
     wrong, _, _ = _fused(contrastive_kernels, q, key, neg, t * 1.02, True, True, True)
     eager = _reference(q, key, neg, t, True, True, True)
     ref = _reference(q.double(), key.double(), neg.double(), t, True, True, True)
-    for what, f, e, r, sc in zip(NAMES, wrong, eager, ref, _scales(q, 0.07, True)):
+    for what, f, e, r in zip(NAMES, wrong, eager, ref):
         with pytest.raises(AssertionError):
-            _check(f, e, r, torch.float32, what, sc)
+            assert_within_eager_error(f, e, r, torch.float32, what)
 
 
 @pytest.mark.parametrize("negatives_grad", [True, False])
@@ -216,7 +210,7 @@ def test_one_sweep_op_on_the_triton_path(contrastive_kernels, poisoned_outputs, 
     fused = (loss, dq, dk, dt) + ((dneg,) if neg is not None and negatives_grad else ())
     eager = _reference(q, key, neg, t, False, True, True)
     ref = _reference(*(None if x is None else x.double() for x in (q, key, neg)), t, False, True, True)
-    for what, f, e, r, sc in zip(NAMES, fused, eager, ref, _scales(q, 0.07, True)):
-        _check(f, e, r, q.dtype, what, sc)
+    for what, f, e, r in zip(NAMES, fused, eager, ref):
+        assert_within_eager_error(f, e, r, q.dtype, what, logit_bound(temperature=0.07))
     if neg is None or not negatives_grad:
         assert dneg.shape == (0,)

@@ -30,4 +30,8 @@ enum class Status : int {
   NonFiniteThirdInput = 5,   // NaN/Inf in the third matrix argument
 };
 
+// dst[i] = src[i] rounded to `dtype` (to nearest even), exactly as every kernel stores its
+// results: exposed so that the tests compare it with torch's own conversion.
+void convert_from_float32(const float* src, void* dst, DType dtype, int64_t count);
+
 }  // namespace sslkernels

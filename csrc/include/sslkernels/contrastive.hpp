@@ -10,7 +10,8 @@ namespace sslkernels {
 // NT-Xent (SimCLR) over the 2N rows of cat(z1, z2), temperature t:
 //   loss = mean_i [ lse_i - s_{i,pos(i)} ],  lse_i = log sum_{j != i} exp(s_ij),
 //   s_ij = zhat_i . zhat_j / t, pos(i) = i +- N, zhat = x / max(|x|, 1e-12) when normalize.
-// Writes lse[2N] (float64 when the inputs are float64, else float32) and the scalar loss.
+// Writes lse[2N] (float64 whatever the inputs: a float32 lse would cost the backward its
+// accuracy at large logits) and the scalar loss.
 Status nt_xent_forward(const MatrixView& z1, const MatrixView& z2, double temperature,
                        bool normalize, void* lse, double* loss, int num_threads);
 

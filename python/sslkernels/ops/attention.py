@@ -10,7 +10,8 @@ sslkernels::varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale) -> 
 sslkernels::varlen_attention_backward(grad_out, q, k, v, cu_seqlens, max_seqlen, out, lse, scale)
     -> (dq, dk, dv)
 
-lse is float32 (float64 for float64 inputs), -inf for rows that attend to nothing,
+lse is float64 whatever the inputs (the backward recomputes the probabilities from it:
+a float32 lse of logits ~1e4 would be off by up to 5e-4, and so each probability), -inf for rows that attend to nothing,
 with the same layout on every backend so the fake kernels serve both. Autograd saves
 the inputs, the output and lse: nothing of size [B, K, Kv].
 
@@ -143,7 +144,7 @@ def masked_patch_attention_forward(
 def _(q, k, v, index, kv_index, scale):
     b, kq = index.shape
     h, dh = q.shape[2], q.shape[3]
-    return q.new_empty((b, kq, h, dh)), q.new_empty((b, h, kq), dtype=_stats_dtype(q.dtype))
+    return q.new_empty((b, kq, h, dh)), q.new_empty((b, h, kq), dtype=torch.float64)
 
 
 @masked_patch_attention_forward.register_kernel("cpu")
@@ -154,7 +155,7 @@ def _(q, k, v, index, kv_index, scale):
     b, kq = index.shape
     h, dh = q.shape[2], q.shape[3]
     out = torch.zeros((b, kq, h, dh), dtype=q.dtype)  # padding rows stay zero
-    lse = torch.full((b, h, kq), float("-inf"), dtype=_stats_dtype(q.dtype))
+    lse = torch.full((b, h, kq), float("-inf"), dtype=torch.float64)
     problem.forward(out, lse, "masked_patch_attention")
     return out, lse
 
@@ -216,7 +217,7 @@ def varlen_attention_forward(
 @varlen_attention_forward.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, scale):
     t, h, dh = q.shape
-    return q.new_empty((t, h, dh)), q.new_empty((h, t), dtype=_stats_dtype(q.dtype))
+    return q.new_empty((t, h, dh)), q.new_empty((h, t), dtype=torch.float64)
 
 
 @varlen_attention_forward.register_kernel("cpu")
@@ -224,7 +225,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
     problem = _varlen_problem(q, k, v, cu_seqlens, max_seqlen, scale)
     t, h, dh = q.shape
     out = torch.empty((t, h, dh), dtype=q.dtype)  # every token belongs to a sequence
-    lse = torch.empty((h, t), dtype=_stats_dtype(q.dtype))
+    lse = torch.empty((h, t), dtype=torch.float64)
     problem.forward(out, lse, "varlen_attention")
     return out, lse
 

@@ -12,7 +12,9 @@ sslkernels::info_nce_backward(grad_loss, query, key, negatives?, temperature, ls
 sslkernels::info_nce_loss_and_grads(query, key, negatives?, temperature, normalize, negatives_grad)
                               -> (loss, dquery, dkey, dnegatives, dtemperature)
 
-Autograd saves the inputs and lse (one float per row): nothing of size N x N. The
+Autograd saves the inputs and lse (one float64 per row, whatever the inputs' dtype: the
+backward recomputes every probability from it, and a float32 lse of logits ~1e4 is off
+by up to 5e-4, so would be each probability): nothing of size N x N. The
 last op (one-direction InfoNCE with in-batch keys and a shared queue or none) gives
 the gradients for grad_loss = 1 with the loss, in one sweep over the logit tiles;
 autograd keeps them (N x D each, float32 for half inputs) and scales them by
@@ -42,13 +44,13 @@ def nt_xent_forward(z1: Tensor, z2: Tensor, temperature: float, normalize: bool)
 
 @nt_xent_forward.register_fake
 def _(z1, z2, temperature, normalize):
-    return z1.new_empty(()), z1.new_empty((2 * z1.shape[0],), dtype=_stats_dtype(z1.dtype))
+    return z1.new_empty(()), z1.new_empty((2 * z1.shape[0],), dtype=torch.float64)
 
 
 @nt_xent_forward.register_kernel("cpu")
 def _(z1, z2, temperature, normalize):
     n, d = z1.shape
-    lse = torch.empty(2 * n, dtype=_stats_dtype(z1.dtype))
+    lse = torch.empty(2 * n, dtype=torch.float64)
     loss64 = torch.empty((), dtype=torch.float64)
     status = _ext._C.nt_xent_forward(
         z1=z1.data_ptr(), z2=z2.data_ptr(), dtype=_ext.DTYPE_CODES[z1.dtype], n=n, d=d,
@@ -123,14 +125,14 @@ def sup_con_forward(features: Tensor, labels: Tensor, temperature: float, normal
 
 @sup_con_forward.register_fake
 def _(features, labels, temperature, normalize):
-    return features.new_empty(()), features.new_empty((features.shape[0],), dtype=_stats_dtype(features.dtype))
+    return features.new_empty(()), features.new_empty((features.shape[0],), dtype=torch.float64)
 
 
 @sup_con_forward.register_kernel("cpu")
 def _(features, labels, temperature, normalize):
     n, d = features.shape
     class_ids, counts = _compact_classes(labels)
-    lse = torch.empty(n, dtype=_stats_dtype(features.dtype))
+    lse = torch.empty(n, dtype=torch.float64)
     loss64 = torch.empty((), dtype=torch.float64)
     status = _ext._C.sup_con_forward(
         features=features.data_ptr(), dtype=_ext.DTYPE_CODES[features.dtype], n=n, d=d,
@@ -302,13 +304,13 @@ def info_nce_forward(
 @info_nce_forward.register_fake
 def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
     rows = query.shape[0] * (2 if symmetric else 1)
-    return query.new_empty(()), query.new_empty((rows,), dtype=_stats_dtype(query.dtype))
+    return query.new_empty(()), query.new_empty((rows,), dtype=torch.float64)
 
 
 @info_nce_forward.register_kernel("cpu")
 def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
     n, d = query.shape
-    lse = torch.empty(n * (2 if symmetric else 1), dtype=_stats_dtype(query.dtype))
+    lse = torch.empty(n * (2 if symmetric else 1), dtype=torch.float64)
     loss64 = torch.empty((), dtype=torch.float64)
     neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
     status = _ext._C.info_nce_forward(
