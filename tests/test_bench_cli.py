@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -198,6 +199,11 @@ def test_headline_default_with_progress_lines_and_no_optional_modules(tmp_path, 
         "memory nt_xent N=64 D=16 float32 fwdbwd fused",
     ]
     assert "ETA ?" in steps[0] and all("ETA " in s and "ETA ?" not in s for s in steps[1:])
+    with open(out / "run.json") as f:
+        run = json.load(f)
+    assert run["suite"] == "headline"
+    assert [s["step"] for s in run["step_seconds"]] == [s.split("  ", 1)[1] for s in steps]
+    assert all(s["seconds"] > 0 for s in run["step_seconds"])
     rows = _csv_rows(out / "results.csv")
     assert [(r["op"], r["n"], r["d"], r["pass"]) for r in rows] == [("nt_xent", "64", "16", "fwdbwd")]
     assert float(rows[0]["fused_peak_mib"]) >= 0

@@ -253,6 +253,8 @@ class Progress:
         self.timing_s: List[float] = []
         self.startup_s: List[float] = []
         self.pass_s: Dict[Tuple[str, str], float] = {}
+        self.steps: List[Tuple[str, float]] = []   # (what, seconds) of every step that ran
+        self._what = ""
         self.t0 = time.perf_counter()
         self._step_t0 = self.t0
         self.bar = None
@@ -274,6 +276,7 @@ class Progress:
 
     def begin(self, what: str) -> None:
         self._step_t0 = time.perf_counter()
+        self._what = what
         if not self.enabled:
             return
         eta = f"ETA {_clock(self.eta())}"
@@ -304,6 +307,7 @@ class Progress:
         self._advance()
 
     def _advance(self) -> None:
+        self.steps.append((self._what, round(time.perf_counter() - self._step_t0, 2)))
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -430,7 +434,8 @@ def run(args) -> int:
                    "repeat": repeat, "warmup": warmup, "seconds": round(elapsed, 1),
                    "load_average_start": load_start, "load_average_end": load_end,
                    "other_processes_cores": None if others is None else round(others, 2),
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "step_seconds": [{"step": w, "seconds": t} for w, t in progress.steps]}, f, indent=2)
 
     print()
     print(format_table(rows))
