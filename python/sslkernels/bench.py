@@ -33,7 +33,8 @@ import torch
 from sslkernels import _benchmark as B
 
 DEFAULT_PASSES = ("fwd", "fwdbwd")   # --full and --quick; the headline suite runs each op's headline pass
-DEFAULT_REPEAT = 5
+DEFAULT_REPEAT = 5     # --full
+HEADLINE_REPEAT = 3    # the default suite: its cases take 0.1-4 s a call, so 3 keep it within ~3 min on 2 cores
 DEFAULT_WARMUP = 1
 QUICK_REPEAT = 3
 
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fwd, bwd (backward alone after an untimed forward), fwdbwd; default: fwdbwd "
                         "(fwd for forward-only ops), with --full / --quick: fwd fwdbwd")
     p.add_argument("--repeat", type=_positive, default=None,
-                   help=f"timed calls per impl, the median is reported (default {DEFAULT_REPEAT}, --quick {QUICK_REPEAT})")
+                   help=f"timed calls per impl, the median is reported (default {HEADLINE_REPEAT}, --full {DEFAULT_REPEAT}, "
+                        f"--quick {QUICK_REPEAT})")
     p.add_argument("--warmup", type=_nonneg, default=None, help=f"untimed calls per impl first (default {DEFAULT_WARMUP})")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's own)")
@@ -336,7 +338,7 @@ def run(args) -> int:
             print(f"sslkernels bench: no selected op has a size parameter {name!r}", file=sys.stderr)
             return 2
     suite = "full" if args.full else "quick" if args.quick else "headline"
-    repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    repeat = args.repeat or {"quick": QUICK_REPEAT, "headline": HEADLINE_REPEAT}.get(suite, DEFAULT_REPEAT)
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     threads = torch.get_num_threads()
 
