@@ -35,7 +35,7 @@ build_repaired() {
   local py="$1" tag="$2" raw="$work/raw-$2" dist="$work/dist-$2"
   local extra=()
   [ -n "${3:-}" ] && extra=(--find-links "$3")
-  "$py" -m pip wheel "${PIP_Q[@]}" "${extra[@]}" --no-deps -Cbuild-dir="$work/build-$tag" -w "$raw" . >&2
+  "$py" -m pip wheel "${PIP_Q[@]}" "${extra[@]}" --no-deps --config-settings=build-dir="$work/build-$tag" -w "$raw" . >&2
   "$DEV_PY" -m auditwheel repair --exclude libscipy_openblas.so -w "$dist" "$raw"/sslkernels-*.whl \
     > "$work/repair-$tag.log" 2>&1 || { cat "$work/repair-$tag.log" >&2; exit 1; }
   local wheel
