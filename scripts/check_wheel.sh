@@ -7,10 +7,11 @@
 #      fused forward+backward, and the console script `sslkernels bench` (tests/test_bench_cli.py
 #      -k fresh_venv: the bar's `--ops nt_xent --n 256 --d 32 --quick` writes its CSV);
 #   3. the same on a second Python version with the oldest torch the README claims
-#      (SSLK_OTHER_PYTHON, default pyenv's 3.10; SSLK_OTHER_TORCH, default torch==2.4.1).
+#      (SSLK_OTHER_PYTHON, default pyenv's 3.10; SSLK_OTHER_TORCH, default torch==2.5.1; 2.4.1
+#      fails at import, README).
 # Offline-capable: the second Python's torch and build requirements are kept in a wheelhouse
 # (SSLK_WHEELHOUSE, default ~/.cache/sslkernels-wheelhouse) and installed from it with
-# --no-index when they are there; only a first run downloads them (about 2.8 GB, PyPI's torch
+# --no-index when they are there; only a first run downloads them (about 3 GB, PyPI's torch
 # for Linux is a CUDA build). SSLK_OTHER_PYTHON=none skips step 3. SSLK_WHEEL_DIR=DIR keeps
 # the repaired wheels there (e.g. a cp312 one to carry to the GPU machine).
 set -euo pipefail
@@ -21,7 +22,7 @@ PYTHON="${SSLK_PYTHON:-python3}"
 TORCH_SPEC="${SSLK_TORCH:-torch==2.13.0}"
 DEV_PY="${SSLK_VENV:-.venv}/bin/python"
 OTHER_PYTHON="${SSLK_OTHER_PYTHON:-3.10}"
-OTHER_TORCH="${SSLK_OTHER_TORCH:-torch==2.4.1}"
+OTHER_TORCH="${SSLK_OTHER_TORCH:-torch==2.5.1}"
 WHEELHOUSE="${SSLK_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/sslkernels-wheelhouse}"
 PIP_Q=(--quiet --disable-pip-version-check)
 work="$(mktemp -d)"
