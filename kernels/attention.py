@@ -35,21 +35,19 @@ cu_seqlens are clamped to [0, T].
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .contrastive import _precision
+from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx
+from sslkernels.kernels.contrastive import _precision
+from sslkernels.kernels._common import interpret_mode, split_float as _split, stats_dtype as _stats_dtype
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpret_mode()
 MAX_HEAD_DIM = 128  # BLOCK_D = next power of two of the head dim, at most 128
-# SSLKERNELS_AUTOTUNE=0: the first config of each family (quick compile, no tuning).
-AUTOTUNE = (not INTERPRET) and os.environ.get("SSLKERNELS_AUTOTUNE", "1") != "0"
+AUTOTUNE = autotune_enabled(INTERPRET)  # off: the first config of each family
 
 __all__ = [
     "masked_patch_attention_forward",
@@ -429,16 +427,6 @@ def _acc(dtype: torch.dtype):
     return _TL_ACC.get(dtype, tl.float32)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _split(x: float):
-    """A float64 scalar as a float32 (hi, lo) pair (Triton passes floats as float32)."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
 def _block_d(dh: int) -> int:
     return max(16, triton.next_power_of_2(int(dh)))
 
@@ -461,10 +449,6 @@ def _align(*tensors) -> int:
         for v in s[:3]:
             g = math.gcd(g, v)
     return g
-
-
-def _device_ctx(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _meta(dtype: torch.dtype, dh: int, indexed: bool) -> dict:

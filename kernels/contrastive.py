@@ -51,18 +51,26 @@ upstream gradient is read on the device through its pointer (no host sync).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# SSLKERNELS_AUTOTUNE=0: one default config per kernel (quick compile, no tuning).
-AUTOTUNE = (not INTERPRET) and os.environ.get("SSLKERNELS_AUTOTUNE", "1") != "0"
+from sslkernels.kernels import _common
+from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx, dot_precision
+from sslkernels.kernels._common import interpret_mode, split_float as _split, stats_dtype as _acc_dtype
+
+INTERPRET = interpret_mode()
+AUTOTUNE = autotune_enabled(INTERPRET)  # off: one default config per kernel
+# The fp32 products when TF32 is off, for every family (attention reads `_precision`
+# here); the GPU checks set this module attribute to compare "tf32x3" with "ieee".
+FP32_PRECISION = _common.FP32_PRECISION
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return dot_precision(dtype, FP32_PRECISION)
+
 
 _EPS = 1e-12  # F.normalize's eps
 _MAX_ROW_STRIDE = 2**31 // 512  # in-tile offsets (< 256 rows) stay int32
@@ -830,50 +838,12 @@ def _lse_bwd_kernel(
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# fp32 products when torch's TF32 switch is off: "tf32x3" (three TF32 tensor-core
-# products with split operands, ~fp32 accuracy) or "ieee" (FMA units). On an H200
-# IEEE ran NT-Xent fwd+bwd (N = 8192, D = 128) 2.7x slower than eager cuBLAS.
-FP32_PRECISION = os.environ.get("SSLKERNELS_FP32_DOT", "tf32x3")
-if FP32_PRECISION not in ("tf32x3", "ieee"):
-    raise ValueError(f"SSLKERNELS_FP32_DOT must be 'tf32x3' or 'ieee', got {FP32_PRECISION!r}")
-
-
-def _tf32_allowed() -> bool:
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9; reading allow_tf32
-    if precision in ("tf32", "ieee"):                        # after setting it raises
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's TF32 switch for matmuls (as eager's Z @ Z.T does)."""
-    if dtype != torch.float32:
-        return "ieee"
-    return "tf32" if _tf32_allowed() else FP32_PRECISION
-
-
-def _split(x: float):
-    """A float64 scalar as a float32 (hi, lo) pair: hi + lo carries ~48 bits."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
 def _unit_stride(z: torch.Tensor) -> torch.Tensor:
     """Read in place unless the feature dimension is strided (or a row stride so large
     that in-tile int32 offsets, at most 256 rows x stride, could overflow)."""
     if z.stride(-1) == 1 and abs(z.stride(0)) < _MAX_ROW_STRIDE:
         return z
     return z.contiguous()
-
-
-def _device_ctx(z: torch.Tensor):
-    """Launch on the inputs' GPU (the interpreter runs CPU tensors: no context)."""
-    return torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
 
 
 def _small_blocks(d: int):

@@ -54,14 +54,15 @@ No host sync in the launcher; outputs come from torch.empty on the input's devic
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from sslkernels.kernels._common import device_ctx, interpret_mode
+
+INTERPRET = interpret_mode()
 MAX_DIM = 128
 # Partner columns through tl.gather (registers) instead of the scratch tile; off until
 # a GPU run shows it correct and faster (benchmarks/gpu_check.py times both).
@@ -215,7 +216,7 @@ def jacobi_svdvals(A: torch.Tensor, max_sweeps: int = 30, num_warps: int | None 
         info.zero_()
         return S, info
     block_m, block_n = _blocks(m, n)
-    ctx = torch.cuda.device(A.device) if A.is_cuda else contextlib.nullcontext()
+    ctx = device_ctx(A)
     with ctx:
         use_gather = USE_GATHER if gather is None else bool(gather)
         scratch = torch.empty((0 if use_gather else b * (block_m + 1) * block_n,), dtype=dtype, device=A.device)

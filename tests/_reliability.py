@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import sslkernels
+from sslkernels.reference import koleo_reference
 from sslkernels.reference import (info_nce_reference, masked_patch_attention_reference, nt_xent_reference,
                                   sup_con_reference, varlen_attention_reference)
 
@@ -465,7 +466,118 @@ VARLEN_ATTENTION = OpSpec(
     thread_bitwise=True, magnitude=_attention_magnitude,
 )
 
+# ---------------------------------------------------------------- sigreg
+
+
+def _build_sigreg(s, dtype, scale, seed):
+    g = _gen(seed)
+    lead = (s["b"],) if s.get("b") else ()
+    directions = _randn(g, s["d"], s["s"], dtype=torch.float64)
+    return {"proj": _randn(g, *lead, s["n"], s["d"], scale=scale, dtype=dtype),
+            "directions": (directions / directions.norm(dim=0)).to(dtype)}
+
+
+def _sigreg_reference(proj, directions, knots=17, t_max=3.0):
+    from sslkernels.reference import sigreg_reference
+
+    return sigreg_reference(proj, directions, knots, t_max)
+
+
+SIGREG = OpSpec(
+    name="sigreg", call=sslkernels.sigreg, build=_build_sigreg, reference=_sigreg_reference,
+    sizes=st.fixed_dictionaries({"b": st.sampled_from([0, 0, 1, 3]), "n": ROWS, "d": COLS,
+                                 "s": st.one_of(st.sampled_from([1, 7, 33, 257]), st.integers(1, 40))}),
+    options=st.fixed_dictionaries({"knots": st.sampled_from([2, 5, 17]), "t_max": st.floats(0.5, 5.0)}),
+    small={"b": 0, "n": 9, "d": 5, "s": 7}, large={"b": 2, "n": 300, "d": 33, "s": 257},
+    args={"proj": Arg((2,), more_dims_ok=True), "directions": Arg((2,))}, grads=("proj", "directions"),
+    mismatches=(("one more feature", "directions", _extra_row),),
+    bad_scalars=_bad("knots", (1, ValueError), (0, ValueError), (2.5, TypeError), ("17", TypeError),
+                     (True, TypeError)) + _bad("t_max", (0.0, ValueError), (-1.0, ValueError),
+                                               (float("nan"), ValueError), (float("inf"), ValueError),
+                                               ("3", TypeError)),
+    thread_bitwise=True,
+)
+
+# ---------------------------------------------------------------- koleo
+
+
+def _build_koleo(s, dtype, scale, seed):
+    return {"x": _randn(_gen(seed), s["n"], s["d"], scale=scale, dtype=dtype)}
+
+
+def _koleo_call(fn):
+    """`group_parts` (tests only) cuts the batch into that many groups."""
+    def call(x, eps=1e-8, topk=1, group_size=None, group_parts=None):
+        if group_parts is not None and group_parts > 1:
+            group_size = x.shape[0] // group_parts
+        return fn(x, eps=eps, topk=topk, group_size=group_size)
+    return call
+
+
+KOLEO = OpSpec(
+    name="koleo", call=_koleo_call(sslkernels.koleo), build=_build_koleo,
+    reference=_koleo_call(koleo_reference),
+    # n = 12 m: every group of 1, 2 or 3 holds at least 4 rows (> topk); 132 and 264 span tiles
+    sizes=st.fixed_dictionaries({"n": st.one_of(st.sampled_from([12, 132, 264]), st.integers(1, 12).map(lambda m: 12 * m)),
+                                 "d": COLS}),
+    options=st.fixed_dictionaries({"topk": st.integers(1, 3), "group_parts": st.integers(1, 3),
+                                   "eps": st.sampled_from([1e-8, 1e-6])}),
+    small={"n": 7, "d": 5}, large={"n": 300, "d": 33}, defaults={},
+    args={"x": Arg((2,))}, grads=("x",),
+    bad_scalars=_bad("eps", (0.0, ValueError), (-1e-8, ValueError), (float("nan"), ValueError),
+                     ("1e-8", TypeError), (True, TypeError))
+    + _bad("topk", (0, ValueError), (7, ValueError), (1.5, TypeError), (True, TypeError))
+    + _bad("group_size", (3, ValueError), (1, ValueError), ("7", TypeError), (7.0, TypeError)),
+    thread_bitwise=True,
+)
+
+
 # Every public function of sslkernels that the reliability tests cover.
+# ---------------------------------------------------------------- siglip (issue 13)
+
+
+def _build_siglip(s, dtype, scale, seed):
+    g = _gen(seed)
+    image = _randn(g, s["n"], s["d"], scale=scale, dtype=torch.float64)
+    text = 0.6 * image + 0.8 * _randn(g, s["n"], s["d"], scale=scale, dtype=torch.float64)
+    return {"image_features": image.to(dtype), "text_features": text.to(dtype)}
+
+
+def _siglip_bound(tensors, options, what="output"):
+    """Size of SigLIP's intermediates: L = |scale| max|x| max|y| + |bias| bounds every logit;
+    the loss sums M terms of up to L per image, a gradient row M terms of |scale| max|x| (L
+    rounding of the logit behind each sigmoid) over N."""
+    x, y = tensors["image_features"].double(), tensors["text_features"].double()
+    nx, ny = float(x.norm(dim=1).max()), float(y.norm(dim=1).max())
+    scale = abs(float(options.get("logit_scale", 1.0)))
+    bias = options.get("logit_bias")
+    logit = scale * nx * ny + (abs(float(bias)) if bias is not None else 0.0)
+    rows = x.shape[0]
+    if what == "output":
+        return rows * max(1.0, logit)
+    return scale * max(nx, ny) * max(1.0, logit)
+
+
+SIGLIP = OpSpec(
+    name="siglip_loss", call=sslkernels.siglip_loss, build=_build_siglip,
+    reference=lambda image_features, text_features, logit_scale, logit_bias=None: sslkernels.reference.siglip_reference(
+        image_features, text_features, logit_scale, logit_bias),
+    sizes=st.fixed_dictionaries({"n": ROWS, "d": COLS}),
+    options=st.fixed_dictionaries({"logit_scale": st.floats(0.5, 20.0),
+                                   "logit_bias": st.one_of(st.none(), st.floats(-10.0, 5.0))}),
+    small={"n": 7, "d": 5}, large={"n": 300, "d": 33}, defaults={"logit_scale": 10.0, "logit_bias": -10.0},
+    args={"image_features": Arg((2,)), "text_features": Arg((2,))}, grads=("image_features", "text_features"),
+    mismatches=(("one more row", "text_features", _extra_row), ("one more column", "text_features", _extra_col)),
+    bad_scalars=_bad("logit_scale", (float("nan"), ValueError), (float("inf"), ValueError), ("10", TypeError),
+                     (None, TypeError), (True, TypeError), (torch.ones(2), ValueError),
+                     (torch.tensor(3), TypeError), (torch.tensor(float("nan")), ValueError),
+                     (torch.tensor(1.0, device="meta"), ValueError))
+    + _bad("logit_bias", (float("-inf"), ValueError), (True, TypeError), ("0", TypeError),
+           (torch.zeros(3), ValueError), (torch.tensor(float("nan")), ValueError)),
+    thread_bitwise=True, magnitude=_siglip_bound,
+)
+
+
 OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR,
-       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION]
+       MASKED_PATCH_ATTENTION, VARLEN_ATTENTION, SIGREG, SIGLIP, KOLEO]
 BY_NAME = {spec.name: spec for spec in OPS}

@@ -77,3 +77,34 @@ def import_bypassing_init(dotted: str, extra_packages=(), stub_modules=()):
         for k in [k for k in sys.modules if owned(k)]:
             del sys.modules[k]
         sys.modules.update(saved)
+
+
+def run_gloo_ranks(worker, world: int, out_dir: str, module: str, timeout_s: float) -> list:
+    """Runs worker(rank, world, port, out_dir) in `world` processes and returns the dict each
+    rank saved as out_dir/rank{r}.pt, asserting that none hung and none saved an "error".
+
+    forkserver: `import sslkernels` (seconds) runs once in the server (with `module`, the
+    test module holding `worker`), not in every rank, and the ranks are forked from a
+    process that has run no OpenMP region."""
+    import os
+    import socket
+
+    ctx = torch.multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "sslkernels", module])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=worker, args=(r, world, port, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, f"{len(hung)} of {world} ranks still running after {timeout_s} s (hang)"
+    results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    return results

@@ -113,8 +113,8 @@ def test_patch_vit_refuses_what_it_cannot_carry():
     with pytest.raises(TypeError, match="`model`"):
         sslkernels.patch_vit("vit")
     blk = IJEPABlock(8, 2)
-    blk.attn.q_norm = nn.LayerNorm(4)
-    with pytest.raises(NotImplementedError, match="q_norm"):
+    blk.attn.q_norm = nn.LayerNorm(4)  # a norm its forward never applies: the output check refuses the swap
+    with pytest.raises(NotImplementedError, match="computes something else"):
         sslkernels.patch_vit(blk)
 
 
@@ -142,10 +142,21 @@ def test_patch_vit_on_timm_vision_transformer(timm):
     assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_patch_vit_refuses_timm_qk_norm(timm):
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, qk_norm=True)
-    with pytest.raises(NotImplementedError, match="q_norm"):
-        sslkernels.patch_vit(model)
+def test_patch_vit_carries_timm_qk_norm(timm):
+    torch.manual_seed(4)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, qk_norm=True,
+                              num_classes=10).eval()
+    with torch.no_grad():  # LayerNorms start at weight 1 / bias 0: move them so they count
+        for blk in model.blocks:
+            for p in list(blk.attn.q_norm.parameters()) + list(blk.attn.k_norm.parameters()):
+                p.add_(0.2 * torch.randn_like(p))
+    img = torch.randn(2, 3, 32, 32)
+    before = model(img)
+    keys = list(model.state_dict())
+    sslkernels.patch_vit(model)
+    assert all(isinstance(b.attn, sslkernels.nn.Attention) for b in model.blocks)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(img), before, rtol=1e-4, atol=1e-5)
 
 
 def test_jepa_context_encoder_sees_every_visible_patch():
@@ -194,11 +205,29 @@ def test_patch_vit_refuses_a_forward_that_computes_something_else():
     assert isinstance(model[0], _WrongScaleAttention)  # nothing half-swapped
 
 
+@pytest.mark.parametrize("make", [
+    lambda t: t.layers.Attention(32, 4, gated=True, qkv_bias=True),
+    lambda t: t.layers.Attention(32, 4, attn_head_dim=16),
+    lambda t: t.layers.Attention(32, 4, dim_out=16),
+    lambda t: t.layers.Attention(32, 4, scale_norm=True, norm_layer=nn.LayerNorm),
+    lambda t: t.layers.Attention(32, 4, qk_norm=True, scale_norm=True, gated=True, attn_head_dim=6, dim_out=20,
+                                 norm_layer=nn.LayerNorm),
+], ids=["gated", "attn_head_dim", "dim_out", "scale_norm", "all"])
+def test_patch_vit_carries_timm_attention_options(timm, make):
+    torch.manual_seed(10)
+    model = nn.Sequential(make(timm)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 7, 32)
+    before = model(x)
+    keys = list(model.state_dict())
+    sslkernels.patch_vit(model)
+    assert isinstance(model[0], sslkernels.nn.Attention) and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("make, match", [
-    (lambda t: t.layers.Attention(32, 4, gated=True), "gate"),
-    (lambda t: t.layers.Attention(32, 4, attn_head_dim=16), "attn_head_dim"),
-    (lambda t: t.layers.Attention(32, 4, dim_out=16), "dim_out"),
-    (lambda t: t.layers.Attention(32, 4, scale_norm=True, norm_layer=nn.LayerNorm), r"Attention\.norm is LayerNorm"),
     (lambda t: t.layers.AttentionRope(32, 4), "forward takes rope"),
     (lambda t: __import__("timm.models.beit", fromlist=["Attention"]).Attention(32, 4, qkv_bias=True,
                                                                                window_size=(3, 3)),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sslkernels.reference.contrastive import info_nce_reference, nt_xent_reference, sup_con_reference
+from tests._utils import run_gloo_ranks
 
 B, D, M, K = 5, 7, 3, 11  # rows per rank, features, hard negatives per query, queue rows
 EVEN = 4  # rows per rank of the sup_con_even case (B is odd; ring SupCon splits the rows in two)
@@ -109,7 +109,7 @@ def _cases(rank: int, world: int, mode: str):
         "q": loc["q"], "k": loc["k"], "queue": d["queue"]}
     ntx = sslkernels.nn.NTXentLoss(T_NTX, gather_distributed=True, distributed_mode=mode)
     yield "NTXentLoss", lambda z1, z2: ntx(z1, z2), {"z1": loc["z1"], "z2": loc["z2"]}
-    sup = sslkernels.nn.SupConLoss(T_SUP, gather_distributed=True, distributed_mode=mode)
+    sup = sslkernels.nn.SupConLoss(T_SUP, gather_distributed=True, distributed_mode=mode, reduction="mean")
     yield "SupConLoss", lambda feats, labels: sup(feats, labels), {"feats": loc["feats"], "labels": loc["labels"]}
     nce = sslkernels.nn.InfoNCELoss(T_NCE, symmetric=True, gather_distributed=True, distributed_mode=mode)
     yield "InfoNCELoss", lambda q, k: nce(q, k), {"q": loc["q"], "k": loc["k"]}
@@ -315,38 +315,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RESULTS = {}
 
 
 def _results(world: int, tmp_path_factory) -> list:
     """Every rank's result dict, from one spawn per world size (cached)."""
     if world not in _RESULTS:
-        # forkserver: `import sslkernels` (seconds) runs once in the server, not in every rank,
-        # and the ranks are forked from a process that has run no OpenMP region.
-        ctx = torch.multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "sslkernels", "tests.test_distributed"])
         out = str(tmp_path_factory.mktemp(f"world{world}"))
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(JOIN_TIMEOUT_S)
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join()
-        assert not hung, f"{len(hung)} of {world} ranks still running after {JOIN_TIMEOUT_S} s (hang)"
-        results = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
-        for r, res in enumerate(results):
-            assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-        _RESULTS[world] = results
+        _RESULTS[world] = run_gloo_ranks(_worker, world, out, "tests.test_distributed", JOIN_TIMEOUT_S)
     return _RESULTS[world]
 
 

@@ -42,7 +42,7 @@ def _rows(n: int, d: int, start: int = 0) -> torch.Tensor:
 
 
 def _buffered(m: RankMeMonitor) -> torch.Tensor:
-    return m._buf[:m.num_buffered]
+    return m._ring.buf[:m.num_buffered]
 
 
 def _sorted_rows(z: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_ring_buffer_keeps_the_most_recent_rows(batch):
         got = _buffered(m)
         assert got.dtype == torch.float32 and got.shape == (min(cap, (i + 1) * batch), 5)
         torch.testing.assert_close(_sorted_rows(got), _sorted_rows(want), rtol=0, atol=0)
-    assert m.capacity == cap and m._buf.shape == (cap, 5)
+    assert m.capacity == cap and m._ring.buf.shape == (cap, 5)
 
 
 def test_buffer_is_allocated_once_and_detached():
@@ -92,13 +92,13 @@ def test_buffer_is_allocated_once_and_detached():
     w = torch.randn(4, 4, requires_grad=True)
     z = torch.randn(3, 4) @ w
     m(z)
-    buf = m._buf
+    buf = m._ring.buf
     ptr = buf.data_ptr()
     for _ in range(5):
         m(torch.randn(3, 4) @ w)
-    assert m._buf.data_ptr() == ptr
-    assert not m._buf.requires_grad and m._buf.grad_fn is None
-    assert m._buf.device == z.device
+    assert m._ring.buf.data_ptr() == ptr
+    assert not m._ring.buf.requires_grad and m._ring.buf.grad_fn is None
+    assert m._ring.buf.device == z.device
 
 
 def test_empty_batch_is_a_step_without_rows():
@@ -189,7 +189,7 @@ def test_low_and_high_precision_input(metrics, dtype):
         z = torch.randn(17, 33).to(dtype)
         seen.append(z)
         out = m(z)
-    assert m._buf.dtype == torch.float32
+    assert m._ring.buf.dtype == torch.float32
     rows = torch.cat(seen).float()  # exactly what the buffer holds
     assert out["rankme"] == pytest.approx(float(metrics.rankme(rows)), rel=1e-6)
     assert out["nesum"] == pytest.approx(float(metrics.nesum(rows)), rel=1e-5)
@@ -407,11 +407,11 @@ def _dist_worker(rank: int, port: int, out_path: str) -> None:
         try:
             m = RankMeMonitor(every=4, max_samples=40, metrics=("rankme", "nesum"))
             res["twin"] = [m(z) for z in _rank_batches(rank, 4)][-1]
-            res["twin_group"] = m._meta_group is not False
+            res["twin_group"] = m._gatherer.meta_group is not False
             m = RankMeMonitor(every=4, max_samples=40, metrics=("rankme", "nesum"),
                               process_group=dist.new_group([0, 1]))
             res["custom"] = [m(z) for z in _rank_batches(rank, 4)][-1]
-            res["custom_group"] = m._meta_group is not False
+            res["custom_group"] = m._gatherer.meta_group is not False
         finally:
             dist.get_backend = real_backend
         dist.barrier()

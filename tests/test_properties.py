@@ -103,3 +103,29 @@ def test_lidar_with_eps_0_and_rank_deficient_between_scatter_is_finite():
     views = torch.randn(2, 2, 2, generator=torch.Generator().manual_seed(0))
     value = sslkernels.lidar(views, eps=0.0)
     assert torch.isfinite(value) and 1.0 <= float(value) <= 2.0
+
+
+# ---------------------------------------------------------------- siglip (issue 13)
+
+
+@given(n=st.integers(1, 70), d=st.integers(1, 20), seed=st.integers(0, 2**16),
+       logit_scale=st.floats(0.5, 20.0), logit_bias=st.floats(-10.0, 5.0))
+def test_siglip_symmetries(n, d, seed, logit_scale, logit_bias):
+    """The labels are symmetric in i, j: swapping images and texts, or permuting the pairs,
+    leaves the loss (float64, so exactly enough) unchanged and permutes the gradients."""
+    import sslkernels
+
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, d, generator=g, dtype=torch.float64)
+    text = torch.randn(n, d, generator=g, dtype=torch.float64)
+    perm = torch.randperm(n, generator=g)
+    loss = sslkernels.siglip_loss(image, text, logit_scale, logit_bias)
+    swapped = sslkernels.siglip_loss(text, image, logit_scale, logit_bias)
+    permuted = sslkernels.siglip_loss(image[perm], text[perm], logit_scale, logit_bias)
+    tol = 1e-12 * max(1.0, float(loss.abs()))
+    assert abs(float(swapped - loss)) <= tol and abs(float(permuted - loss)) <= tol
+    x = image.clone().requires_grad_()
+    xp = image[perm].clone().requires_grad_()
+    (dx,) = torch.autograd.grad(sslkernels.siglip_loss(x, text, logit_scale, logit_bias), x)
+    (dxp,) = torch.autograd.grad(sslkernels.siglip_loss(xp, text[perm], logit_scale, logit_bias), xp)
+    torch.testing.assert_close(dxp, dx[perm], rtol=1e-10, atol=1e-14)

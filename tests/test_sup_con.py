@@ -130,8 +130,8 @@ def test_module_is_drop_in():
     "features,labels,kw,exc,match",
     [
         (torch.randn(4, 3), torch.arange(5), {}, ValueError, "`labels` must have shape"),
-        (torch.randn(4, 3), torch.zeros(4), {}, TypeError, "`labels` must hold integer"),
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.bool), {}, TypeError, "`labels` must hold integer"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.complex64), {}, TypeError, "`labels` must hold integer"),
+        (torch.randn(4, 3), torch.tensor([0.0, float("nan"), 1.0, 0.0]), {}, ValueError, "`labels` contains NaN"),
         (torch.randn(4, 3), [0, 1, 2, 3], {}, TypeError, "`labels` must be a torch.Tensor"),
         (torch.randn(4), torch.arange(4), {}, ValueError, "`features` must be 2-D"),
         (torch.randint(0, 3, (4, 3)), torch.arange(4), {}, TypeError, "`features` must be float"),

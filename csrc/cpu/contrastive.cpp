@@ -442,6 +442,38 @@ Status load_info_nce(const MatrixView& query, const MatrixView& key, const Matri
   return Status::Ok;
 }
 
+// s_ii = q_i . k_i / t for every query. With a shared queue (`like_queue_tiles`) they come
+// out of the same BLAS product as the queue tiles (same row block of queries, same
+// alpha), not a plain dot: a queue row equal to the key then gives the very same logit
+// and the two tie exactly (lightly's bank of the previous keys gives log 2 there, where
+// a few ulps of 1 / t would show). Per-query negatives are plain dots, and so are the
+// positives beside them. Forward and backward both take the logits from here.
+template <typename Acc>
+std::vector<Acc> own_key_logits(const InfoNceRows<Acc>& rows, Acc inv_t, int64_t tile, bool like_queue_tiles,
+                                int num_threads) {
+  const int64_t n = rows.query.m, d = rows.query.d;
+  std::vector<Acc> logits(static_cast<size_t>(n));
+  if (!like_queue_tiles) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) logits[i] = dot(rows.query.row(i), rows.key.row(i), d) * inv_t;
+    return logits;
+  }
+  const Acc* q = rows.query.z.data();
+  const Acc* kz = rows.key.z.data();
+  const int64_t row_blocks = (n + tile - 1) / tile;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> block(static_cast<size_t>(tile * tile));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < row_blocks; ++b) {
+      const int64_t r0 = b * tile, nr = std::min(tile, n - r0);
+      detail::gemm<Acc>(false, true, nr, nr, d, inv_t, q + r0 * d, d, kz + r0 * d, d, Acc(0), block.data(), nr);
+      for (int64_t i = 0; i < nr; ++i) logits[r0 + i] = block[i * nr + i];
+    }
+  }
+  return logits;
+}
+
 template <typename Acc>
 Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
                              const MatrixView& negatives, int64_t per_query, double temperature,
@@ -457,6 +489,7 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   RowStats<Acc> q_stats(n), k_stats(n);
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
+  std::vector<Acc> own_logit;  // without in-batch keys: the positives (own_key_logits)
   if (in_batch_negatives) {
     detail::for_each_bipartite_tile<Acc>(
         n, n, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/symmetric,
@@ -468,9 +501,9 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
                          scratch + tile * tile);
         });
   } else {  // only the own key: the statistics start from the positive logit
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+    own_logit = own_key_logits<Acc>(rows, inv_t, tile, per_query == 0, num_threads);
     for (int64_t i = 0; i < n; ++i) {
-      q_stats.max[i] = dot(rows.query.row(i), rows.key.row(i), d) * inv_t;
+      q_stats.max[i] = own_logit[i];
       q_stats.sum[i] = 1;
     }
   }
@@ -500,9 +533,12 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   std::vector<double> row_loss(static_cast<size_t>(n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const double positive = static_cast<double>(dot(rows.query.row(i), rows.key.row(i), d) * inv_t);
+    const double positive = static_cast<double>(
+        own_logit.empty() ? dot(rows.query.row(i), rows.key.row(i), d) * inv_t : own_logit[i]);
     lse_query[i] = q_stats.max[i] + std::log(q_stats.sum[i]);
-    double term = static_cast<double>(lse_query[i]) - positive;
+    // (max - positive) + log(sum) rather than lse - positive: lse rounds at ulp(1 / t),
+    // the shifted terms do not (a tie with the positive gives log 2 exactly).
+    double term = (static_cast<double>(q_stats.max[i]) - positive) + std::log(static_cast<double>(q_stats.sum[i]));
     if (symmetric) {
       lse_key[i] = k_stats.max[i] + std::log(k_stats.sum[i]);
       term = 0.5 * (term + static_cast<double>(lse_key[i]) - positive);
@@ -536,6 +572,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   std::vector<Acc> q_expect(static_cast<size_t>(n), Acc(0)), k_expect(static_cast<size_t>(n), Acc(0));
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
+  std::vector<Acc> own_logit;  // without in-batch keys: the positives as the forward took them
   if (in_batch_negatives) {
     detail::for_each_bipartite_tile<Acc>(
         n, n, tile, tile * tile, num_threads, /*columns_shared=*/true,
@@ -550,9 +587,10 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
                             dk.data() + c0 * d, d);
         });
   } else {  // only the own key among the candidates: p_ii for query i and key i
+    own_logit = own_key_logits<Acc>(rows, inv_t, tile, per_query == 0, num_threads);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      const Acc s_ii = dot(rows.query.row(i), rows.key.row(i), d) * inv_t;
+      const Acc s_ii = own_logit[i];
       const Acc p = exp_vec(s_ii - lse_query[i]);
       q_expect[i] += p * s_ii;
       for (int64_t c = 0; c < d; ++c) {
@@ -600,7 +638,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
     const Acc* ki = rows.key.row(i);
     // d loss / d t = -(1/t) sum_ij (d loss / d s_ij) s_ij = -coeff sum_i (E_i[s] - s_ii),
     // summed over the directions, with E_i[s] the softmax expectation of row i's logits.
-    const double positive = static_cast<double>(dot(qi, ki, d) * inv_t);
+    const double positive = static_cast<double>(own_logit.empty() ? dot(qi, ki, d) * inv_t : own_logit[i]);
     temperature_terms[i] = static_cast<double>(q_expect[i]) - positive +
                            (symmetric ? static_cast<double>(k_expect[i]) - positive : 0.0);
     Acc* gq = dq.data() + i * d;

@@ -61,10 +61,11 @@ inline uint16_t float_to_half(float f) {  // round to nearest even
   if (abs < 0x38800000u) {                         // half subnormal or zero
     if (abs < 0x33000000u) return sign;
     const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    // value = mant * 2^(e - 150) and a subnormal half counts units of 2^-24: shift by 126 - e
     const int shift = 126 - static_cast<int>(abs >> 23);
-    uint32_t half_mant = mant >> (shift + 1);
-    const uint32_t rem = mant & ((1u << (shift + 1)) - 1u);
-    const uint32_t halfway = 1u << shift;
+    uint32_t half_mant = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u);
+    const uint32_t halfway = 1u << (shift - 1);
     if (rem > halfway || (rem == halfway && (half_mant & 1u))) ++half_mant;
     return sign | static_cast<uint16_t>(half_mant);
   }

@@ -15,6 +15,9 @@ from sslkernels._config import debug_enabled, set_debug
 from sslkernels.functional import info_nce, nt_xent, sup_con
 from sslkernels.functional import svdvals, svdvals_ex
 from sslkernels.functional import masked_patch_attention, varlen_attention
+from sslkernels.functional import sigreg
+from sslkernels.functional import siglip_loss
+from sslkernels.functional import koleo
 from sslkernels.metrics import alpha_req, effective_rank, lidar, nesum, rankme
 from sslkernels.monitor import RankMeMonitor
 from sslkernels import masks  # noqa: F401
@@ -27,4 +30,5 @@ __all__ = [
     "pack_patches", "unpack_patches", "PackedPatches", "patch_vit", "masks",
     "masked_patch_attention", "varlen_attention",
     "svdvals", "svdvals_ex", "RankMeMonitor", "rankme", "effective_rank", "lidar", "alpha_req", "nesum", "metrics",
-    "info_nce", "nt_xent", "sup_con", "nn", "reference", "set_debug", "debug_enabled", "__version__"]
+    "info_nce", "nt_xent", "sup_con", "sigreg",
+    "siglip_loss", "koleo", "nn", "reference", "set_debug", "debug_enabled", "__version__"]

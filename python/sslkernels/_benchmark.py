@@ -232,6 +232,50 @@ register_op(
 )
 
 
+# ---- SigLIP's sigmoid loss (issue 13)
+
+
+def _image_text_pairs(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Unit image / text rows (as open_clip's models return them), correlated pairs, and a
+    learnable scale and bias at SigLIP's initialisation (scale 10, bias -10)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d = sizes["n"], sizes["d"]
+    image = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    text = torch.nn.functional.normalize(image + 0.8 * torch.randn(n, d, generator=g), dim=1)
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    return (image.to(device=device, dtype=dtype).requires_grad_(True),
+            text.to(device=device, dtype=dtype).requires_grad_(True), scale, bias)
+
+
+def _siglip_eager(image, text, scale, bias):
+    from sslkernels.reference import siglip_reference
+
+    return siglip_reference(image, text, scale, bias)
+
+
+def _siglip_fused(image, text, scale, bias):
+    import sslkernels
+
+    return sslkernels.siglip_loss(image, text, scale, bias)
+
+
+register_op(
+    BenchOp(
+        name="siglip",
+        params=("n", "d"),
+        default_sizes={"n": (8192,), "d": (256,)},
+        quick_sizes={"n": (1024,), "d": (128,)},
+        make_inputs=_image_text_pairs,
+        eager=_siglip_eager,
+        fused=_siglip_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"]},
+        shape_label=lambda s: f"N={s['n']} D={s['d']}",
+        description="SigLIP sigmoid loss (open_clip SigLipLoss), learnable scale 10 and bias -10",
+    )
+)
+
+
 
 # ---- attention over kept patches / packed sequences
 
@@ -392,6 +436,75 @@ register_op(
         shape_label=lambda s: f"N={s['n']} D={s['d']} rank={min(s['rank'], s['n'], s['d'])}",
         description="RankMe (paper's definition) of an N x D embedding of the given rank (forward only)",
         passes=("fwd",),
+    )
+)
+
+def _projections_and_directions(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d, s = sizes["n"], sizes["d"], sizes["s"]
+    proj = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    directions = torch.randn(d, s, generator=g)
+    directions = (directions / directions.norm(dim=0)).to(device=device, dtype=dtype)
+    return proj.requires_grad_(True), directions  # nn.SIGReg samples the directions: no gradient
+
+
+def _sigreg_eager(proj, directions):
+    from sslkernels.reference import sigreg_reference
+
+    return sigreg_reference(proj, directions, 17, 3.0)
+
+
+def _sigreg_fused(proj, directions):
+    import sslkernels
+
+    return sslkernels.sigreg(proj, directions, knots=17, t_max=3.0)
+
+def _koleo_rows(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(sizes["n"], sizes["d"], generator=g, dtype=torch.float32)
+    return (x.to(device=device, dtype=dtype).requires_grad_(True),)
+
+
+def _koleo_eager(x):
+    from sslkernels.reference import koleo_reference
+
+    return koleo_reference(x)  # lightly's: normalize, x @ x.T, diagonal out, argmax, PairwiseDistance
+
+
+def _koleo_fused(x):
+    import sslkernels
+
+    return sslkernels.koleo(x)
+
+
+register_op(
+    BenchOp(
+        name="sigreg",
+        params=("n", "d", "s"),
+        default_sizes={"n": (4096,), "d": (512,), "s": (1024,)},
+        quick_sizes={"n": (1024,), "d": (128,), "s": (256,)},
+        make_inputs=_projections_and_directions,
+        eager=_sigreg_eager,
+        fused=_sigreg_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"], "s": 8},
+        shape_label=lambda s: f"N={s['n']} D={s['d']} S={s['s']}",
+        description="LeJEPA SIGReg, 17 knots, t_max 3 (lightly's formulas); S unit directions, gradient to proj",
+    )
+)
+
+
+register_op(
+    BenchOp(
+        name="koleo",
+        params=("n", "d"),
+        default_sizes={"n": (4096, 16384), "d": (256,)},
+        quick_sizes={"n": (2048,), "d": (128,)},
+        make_inputs=_koleo_rows,
+        eager=_koleo_eager,
+        fused=_koleo_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"]},
+        shape_label=lambda s: f"N={s['n']} D={s['d']}",
+        description="KoLeo (lightly / DINOv2), eps 1e-8, topk 1, whole batch",
     )
 )
 

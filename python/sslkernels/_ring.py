@@ -49,17 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sslkernels._common import stats_dtype as _stats
+from sslkernels._common import torch_distributed as _dist
+
 _FEATURES_TAG, _GRADS_TAG = 0, 1
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
-def _stats(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Ring:

@@ -1,10 +1,14 @@
 """Checks shared by every public function; each error names the argument."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
+
+from sslkernels._common import torch_distributed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -54,6 +58,15 @@ def check_nonempty_rows(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` has zero features (shape {tuple(x.shape)}); need D >= 1")
 
 
+def check_embedding_pair(a, b, name_a: str, name_b: str) -> None:
+    """Two [N, D] embeddings of one batch (the views, query and key, image and text):
+    float tensors of the same shape, dtype and device, N and D >= 1."""
+    check_float_tensor(a, name_a, 2)
+    check_float_tensor(b, name_b, 2)
+    check_same(a, b, name_a, name_b)
+    check_nonempty_rows(a, name_a)
+
+
 def check_temperature(temperature, name: str = "temperature") -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(temperature).__name__}")
@@ -70,16 +83,36 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 
 def check_labels(labels, name: str, length: int, device: torch.device) -> torch.Tensor:
-    """Integer class labels [length] on `device`, returned as int64."""
+    """Class labels [length] on `device`, compared by value as pytorch-metric-learning
+    does (``labels[i] == labels[j]``): integer, bool or floating-point. Returned as int64
+    ids with the same equalities: integers as they are, bools as 0 / 1, floats as the
+    bit pattern of their float64 value (exact for every float dtype; -0.0 taken as 0.0).
+    NaN labels (equal to nothing, not even themselves) are refused: always on the CPU,
+    on CUDA in debug mode (the check is a host sync). Complex labels are refused."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"`{name}` must hold integer class ids (int64), got {labels.dtype}")
+    if labels.is_complex():
+        raise TypeError(f"`{name}` must hold integer, bool or real floating-point class labels, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != length:
         raise ValueError(f"`{name}` must have shape [{length}], got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"`{name}` is on {labels.device} but the features are on {device}")
-    return labels.to(torch.int64)
+    if not labels.is_floating_point():
+        return labels.to(torch.int64)
+    from sslkernels._config import debug_enabled
+
+    if labels.device.type == "cpu" or debug_enabled():
+        if bool(torch.isnan(labels).any()):
+            raise ValueError(f"`{name}` contains NaN; a NaN label equals no other label, give it a class id")
+    # float64 holds every float16 / bfloat16 / float32 value exactly, so equal bits <=> equal values
+    return (labels.to(torch.float64) + 0.0).view(torch.int64)
+
+
+def check_choice(value, name: str, choices) -> str:
+    """One of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def temperature_tensor(temperature, device: torch.device, name: str = "temperature") -> torch.Tensor:
@@ -107,6 +140,50 @@ def temperature_tensor(temperature, device: torch.device, name: str = "temperatu
     return temperature
 
 
+def _single_value(x, name: str, device: torch.device) -> torch.Tensor:
+    """A number or a one-element floating tensor (shape [], [1], [1, 1], ...: what
+    broadcasts against a logit matrix) as a 0-dim tensor; a tensor keeps its autograd
+    (the reshape is a view), so its gradient comes back in its own shape."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"`{name}` must be a real number or a floating-point tensor, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
+    if x.numel() != 1:
+        raise NotImplementedError(f"`{name}` of shape {tuple(x.shape)}: only a single value (shape [] or [1]) is "
+                                  "built (one scale / bias shared by every logit)")
+    if x.device.type != "cpu" and x.device != device:
+        raise ValueError(f"`{name}` is on {x.device}; put it on the CPU or on {device}")
+    return x.reshape(())
+
+
+def clip_logit_scale(logit_scale, device: torch.device) -> torch.Tensor:
+    """open_clip's exponentiated ``logit_scale`` (number, 0-dim or [1] tensor) as a 0-dim
+    tensor, finite and > 0 (checked on the CPU always, on CUDA in debug mode)."""
+    scale = _single_value(logit_scale, "logit_scale", device)
+    from sslkernels._config import debug_enabled
+
+    if scale.device.type == "cpu" or debug_enabled():
+        value = float(scale.detach())
+        if not math.isfinite(value) or value <= 0.0:
+            raise ValueError(f"`logit_scale` must be finite and > 0 (it is exp of the log-scale), got {value}")
+    return scale
+
+
+def clip_logit_bias(logit_bias, device: torch.device):
+    """open_clip's ``logit_bias`` (None, a number, or a 0-dim / [1] tensor) as a 0-dim
+    tensor or None; finite (checked on the CPU always, on CUDA in debug mode)."""
+    if logit_bias is None:
+        return None
+    bias = _single_value(logit_bias, "logit_bias", device)
+    from sslkernels._config import debug_enabled
+
+    if (bias.device.type == "cpu" or debug_enabled()) and not math.isfinite(float(bias.detach())):
+        raise ValueError(f"`logit_bias` must be finite, got {float(bias.detach())}")
+    return bias
+
+
 def check_negatives(negatives, query: torch.Tensor):
     """Extra negatives of info_nce: None, a shared [K, D] queue or per-query [N, M, D].
 
@@ -132,7 +209,38 @@ def check_negatives(negatives, query: torch.Tensor):
         raise ValueError(f"`negatives` is on {negatives.device} but `query` is on {query.device}")
     if negatives.numel() == 0:
         return None, False
+    if negatives.dim() == 3:
+        check_per_query_negatives_limit(negatives.device, negatives.shape[1], negatives.shape[2])
     return negatives, negatives.requires_grad
+
+
+# ---------------------------------------------------------------- CUDA limits
+# What the Triton kernels cannot take, refused before any launch with the limit named (the
+# CPU core has none of these). The second and third launch-grid axes of a CUDA kernel hold at
+# most 65535 programs; per-query negatives keep their in-tile offsets in int32.
+CUDA_GRID_YZ_MAX = 65535
+CUDA_PER_QUERY_SPAN_MAX = 2**22  # M * D of per-query negatives (kernels/contrastive.py _MAX_PER_QUERY_SPAN)
+
+
+def check_per_query_negatives_limit(device, m: int, d: int) -> None:
+    """Per-query negatives [N, M, D] on CUDA: M <= 65535 (a grid axis) and M * D < 2^22."""
+    if torch.device(device).type != "cuda":
+        return
+    if m > CUDA_GRID_YZ_MAX or m * d >= CUDA_PER_QUERY_SPAN_MAX:
+        raise NotImplementedError(
+            f"info_nce on CUDA: per-query `negatives` [N, M, D] need M <= {CUDA_GRID_YZ_MAX} and "
+            f"M * D < {CUDA_PER_QUERY_SPAN_MAX} (the Triton kernel's limits), got M = {m}, D = {d}; "
+            "split the negatives, or run on the CPU")
+
+
+def check_attention_grid(device, batch: int, heads: int) -> None:
+    """Attention on CUDA launches batch * heads programs along a grid axis: at most 65535."""
+    if torch.device(device).type != "cuda":
+        return
+    if batch * heads > CUDA_GRID_YZ_MAX:
+        raise NotImplementedError(
+            f"attention on CUDA: batch * heads = {batch} * {heads} = {batch * heads} is over the Triton "
+            f"kernels' limit of {CUDA_GRID_YZ_MAX} (one launch-grid axis); split the batch")
 
 
 # ---------------------------------------------------------------- attention
@@ -163,6 +271,8 @@ def check_attention_qkv(q, k, v, ndim: int) -> None:
         )
     if q.shape[-2] < 1:
         raise ValueError(f"`q` has no heads (shape {tuple(q.shape)})")
+    if ndim == 4:
+        check_attention_grid(q.device, q.shape[0], q.shape[2])
 
 
 def attention_scale(scale, head_dim: int) -> float:
@@ -205,9 +315,9 @@ def check_patch_index_values(index: torch.Tensor, name: str, length: int) -> Non
         raise ValueError(f"`{name}` holds a position twice in one row; positions must be unique per sample")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen) -> int:
-    """Structure of packed-sequence offsets: int32/int64 [B + 1] on `device`; returns
-    max_seqlen as an int (>= 0)."""
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen, heads: int = 1) -> int:
+    """Structure of packed-sequence offsets: int32/int64 [B + 1] on `device` (B * heads
+    within the CUDA grid limit); returns max_seqlen as an int (>= 0)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"`cu_seqlens` must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -220,6 +330,7 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen) -
         raise TypeError(f"`max_seqlen` must be an int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"`max_seqlen` must be >= 0, got {max_seqlen}")
+    check_attention_grid(device, cu_seqlens.shape[0] - 1, heads)
     return max_seqlen
 
 
@@ -237,3 +348,296 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
     longest = int(lengths.max())
     if longest > max_seqlen:
         raise ValueError(f"`max_seqlen` = {max_seqlen} is shorter than the longest sequence ({longest})")
+
+
+# ---------------------------------------------------------------- sigreg
+
+
+def check_sigreg(proj, directions, knots, t_max) -> tuple[int, float]:
+    """proj [..., N, D] and directions [D, S]: float tensors of one dtype and device, no
+    empty side; knots an int >= 2, t_max finite and > 0. Returns (knots, t_max)."""
+    if not isinstance(proj, torch.Tensor) or proj.dim() < 2:
+        check_float_tensor(proj, "proj", 2)
+    check_float_tensor(proj, "proj", proj.dim())
+    check_float_tensor(directions, "directions", 2)
+    if directions.dtype != proj.dtype:
+        raise TypeError(f"`directions` must share the dtype of `proj` ({proj.dtype}), got {directions.dtype}")
+    if directions.device != proj.device:
+        raise ValueError(f"`directions` is on {directions.device} but `proj` is on {proj.device}")
+    if proj.numel() == 0:
+        raise ValueError(f"`proj` is empty (shape {tuple(proj.shape)}); need N >= 1 rows of D >= 1 features")
+    if directions.shape[0] != proj.shape[-1]:
+        raise ValueError(
+            f"`directions` must be [D, S] with D = {proj.shape[-1]} (the features of `proj`), "
+            f"got shape {tuple(directions.shape)}"
+        )
+    if directions.shape[1] < 1:
+        raise ValueError(f"`directions` has no directions (shape {tuple(directions.shape)}); need S >= 1")
+    if isinstance(knots, bool) or not isinstance(knots, numbers.Integral):
+        raise TypeError(f"`knots` must be an int, got {type(knots).__name__}")
+    if int(knots) < 2:
+        raise ValueError(f"`knots` must be >= 2, got {int(knots)}")
+    if isinstance(t_max, bool) or not isinstance(t_max, numbers.Real):
+        raise TypeError(f"`t_max` must be a real number, got {type(t_max).__name__}")
+    if not math.isfinite(float(t_max)) or float(t_max) <= 0.0:
+        raise ValueError(f"`t_max` must be finite and > 0, got {float(t_max)}")
+    return int(knots), float(t_max)
+
+
+def check_num_vectors(num_vectors) -> int:
+    if isinstance(num_vectors, bool) or not isinstance(num_vectors, numbers.Integral):
+        raise TypeError(f"`num_vectors` must be an int, got {type(num_vectors).__name__}")
+    if int(num_vectors) < 1:
+        raise ValueError(f"`num_vectors` must be >= 1, got {int(num_vectors)}")
+    return int(num_vectors)
+# ---------------------------------------------------------------- siglip
+
+
+def check_siglip_features(image_features, text_features) -> None:
+    """image [N, D] and text [N, D]: float tensors of one dtype and device, N, D >= 1."""
+    check_float_tensor(image_features, "image_features", 2)
+    check_float_tensor(text_features, "text_features", 2)
+    check_same(image_features, text_features, "image_features", "text_features")
+    check_nonempty_rows(image_features, "image_features")
+
+
+def logit_scalar(value, name: str, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """SigLIP's logit_scale / logit_bias: a real number or a 0-dim floating tensor (which
+    may require grad), as a 0-dim tensor on `device`.
+
+    open_clip passes ``logit_scale`` already exponentiated: it multiplies the logits as
+    given, any sign. A Python number becomes a float64 scalar on `device`; a tensor on
+    the CPU is moved to `device` (differentiably). The value (finite) is checked on the
+    CPU always and on CUDA in debug mode only (the check is a host sync).
+    """
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`{name}` must be a real number or a 0-dim tensor, got {type(value).__name__}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"`{name}` must be finite, got {number}")
+        return torch.full((), number, dtype=dtype, device=device)
+    if not value.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}")
+    if value.numel() != 1 or value.dim() > 1:
+        raise ValueError(f"`{name}` must be a 0-dim tensor (or one element), got shape {tuple(value.shape)}")
+    if value.device.type != "cpu" and value.device != device:
+        raise ValueError(f"`{name}` is on {value.device}; put it on the CPU or on {device}")
+    from sslkernels._config import debug_enabled
+
+    # Under torch.compile the value is data-dependent: the op's CPU kernel checks it instead.
+    if (value.device.type == "cpu" or debug_enabled()) and not torch.compiler.is_compiling():
+        number = float(value.detach())
+        if not math.isfinite(number):
+            raise ValueError(f"`{name}` must be finite, got {number}")
+    return value.reshape(()).to(device)
+# ---------------------------------------------------------------- distributed
+DISTRIBUTED_MODES = ("all_gather", "ring")
+
+
+def check_distributed_mode(mode) -> str:
+    if not isinstance(mode, str) or mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"`mode` must be one of {DISTRIBUTED_MODES}, got {mode!r}")
+    return mode
+
+
+def check_process_group(process_group, name: str = "process_group"):
+    """``process_group`` (a ``torch.distributed.ProcessGroup``, e.g. ``dist.group.WORLD``)
+    checked; raises when torch.distributed is unavailable or not initialised."""
+    dist = torch_distributed()
+    if not dist.is_available():
+        raise ValueError(f"`{name}` was given but torch.distributed is not available in this torch build")
+    if not dist.is_initialized():
+        raise ValueError(f"`{name}` was given but torch.distributed is not initialised (call init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"`{name}` must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
+            f"got {type(process_group).__name__}"
+        )
+    return process_group
+
+
+# ---------------------------------------------------------------- singular values and metrics
+
+
+def check_matrices(A, name: str, min_dim: int = 2, max_dim: int = None) -> None:
+    """Structural checks of a batch of matrices ``[..., m, n]``; errors name the argument."""
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be float32, float16, bfloat16 or float64, got {A.dtype}")
+    if A.dim() < min_dim or (max_dim is not None and A.dim() > max_dim):
+        want = f"{min_dim}-D" if max_dim == min_dim else (
+            f"{min_dim}-D or {max_dim}-D" if max_dim == min_dim + 1 else f"at least {min_dim}-D")
+        raise ValueError(f"`{name}` must be {want}, got shape {tuple(A.shape)}")
+    if A.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"`{name}` is on {A.device}; sslkernels supports cpu and cuda tensors")
+    check_dims(A, name)
+    if A.shape[-2] < 1 or A.shape[-1] < 1:
+        raise ValueError(f"`{name}` has a zero-size matrix dimension (shape {tuple(A.shape)})")
+    if A.numel() == 0:
+        raise ValueError(f"`{name}` is an empty batch (shape {tuple(A.shape)})")
+
+
+def check_max_sweeps(max_sweeps) -> int:
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
+        raise TypeError(f"`max_sweeps` must be an int, got {type(max_sweeps).__name__}")
+    if not 1 <= max_sweeps <= MAX_CPU_DIM:
+        raise ValueError(f"`max_sweeps` must be in [1, 2**31 - 1], got {max_sweeps}")
+    return max_sweeps
+
+
+def check_nonnegative(value, name: str) -> float:
+    """A finite real number >= 0 (a metric's eps, LiDAR's delta)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"`{name}` must be finite and >= 0, got {value}")
+    return value
+
+
+def check_fit_range(fit_range, rank: int):
+    """alpha-ReQ's 1-based ranks ``lo <= i < hi``, clipped to `rank` = min(N, D): (lo, hi)."""
+    if (not isinstance(fit_range, (tuple, list)) or len(fit_range) != 2
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in fit_range)):
+        raise TypeError(f"`fit_range` must be a pair of ints (lo, hi), got {fit_range!r}")
+    lo, hi = fit_range
+    hi = min(hi, rank + 1)
+    if lo < 1 or hi - lo < 2:
+        raise ValueError(
+            f"`fit_range` {tuple(fit_range)} leaves fewer than 2 ranks to fit in 1..{rank} "
+            f"(min(N, D) = {rank}); need 1 <= lo and at least two ranks lo <= i < hi")
+    return lo, hi
+
+
+def check_views(views) -> None:
+    """LiDAR's ``[N, Q, D]`` views: N >= 2 samples of Q >= 2 views each."""
+    if not isinstance(views, torch.Tensor):
+        raise TypeError(f"`views` must be a torch.Tensor, got {type(views).__name__}")
+    if views.dim() != 3:
+        raise ValueError(f"`views` must be 3-D [N, Q, D], got shape {tuple(views.shape)}")
+    check_matrices(views, "views", 3, 3)
+    if views.shape[0] < 2 or views.shape[1] < 2:
+        raise ValueError(f"`views` needs N >= 2 samples and Q >= 2 views each, got shape {tuple(views.shape)}")
+
+
+# ---------------------------------------------------------------- the monitor
+
+
+class EmbeddingDTypeError(TypeError, ValueError):
+    """Non-floating embeddings: a TypeError (wrong type of data) that is also a ValueError."""
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def check_metric_names(metrics, valid) -> tuple:
+    """A metric name or names from `valid`, deduplicated in order."""
+    names = (metrics,) if isinstance(metrics, str) else metrics
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(f"`metrics` must be a str or a sequence of str, got {type(metrics).__name__}") from None
+    if not names:
+        raise ValueError(f"`metrics` is empty; choose from {list(valid)}")
+    out = []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"`metrics` must hold str names, got {name!r}")
+        if name == "lidar":
+            raise NotImplementedError(
+                "`metrics`: 'lidar' needs several augmented views per sample ([N, Q, D]), which this "
+                "monitor does not buffer; call sslkernels.lidar(views) on a held-out batch of views instead")
+        if name not in valid:
+            raise ValueError(f"`metrics`: unknown metric {name!r}; valid names are {list(valid)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def check_metric_kwargs(metric_kwargs, names, functions) -> dict:
+    """``{metric name: {keyword: value}}`` for the monitored `names`, each dict bound
+    against the signature of ``getattr(functions, name)`` (the metrics module)."""
+    if metric_kwargs is None:
+        return {}
+    if not isinstance(metric_kwargs, Mapping):
+        raise TypeError(f"`metric_kwargs` must be a dict of dicts, got {type(metric_kwargs).__name__}")
+    out = {}
+    for name, kwargs in metric_kwargs.items():
+        if name not in names:
+            raise ValueError(
+                f"`metric_kwargs` has options for {name!r}, which is not among the monitored "
+                f"`metrics` {list(names)}")
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"`metric_kwargs[{name!r}]` must be a dict, got {type(kwargs).__name__}")
+        kwargs = dict(kwargs)
+        try:
+            inspect.signature(getattr(functions, name)).bind(None, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"`metric_kwargs[{name!r}]` does not fit sslkernels.{name}: {e}") from None
+        out[name] = kwargs
+    return out
+
+
+def check_monitor_embeddings(z, dim, device) -> None:
+    """A monitor's ``embeddings [B, D]``; `dim` / `device`: those its buffer fixed, or None."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"`embeddings` must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 2:
+        raise ValueError(f"`embeddings` must be 2-D [batch, dim], got shape {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise EmbeddingDTypeError(
+            f"`embeddings` must be a floating-point tensor (float16/bfloat16/float32/float64), got {z.dtype}")
+    if z.shape[1] < 1:
+        raise ValueError(f"`embeddings` has zero features (shape {tuple(z.shape)})")
+    if dim is not None:
+        if z.shape[1] != dim:
+            raise ValueError(
+                f"`embeddings` has dim {z.shape[1]}, but this monitor buffers dim {dim} "
+                f"(fixed by the first call; call reset() to change it)")
+        if z.device != device:
+            raise ValueError(
+                f"`embeddings` is on {z.device}, but this monitor's buffer is on {device} "
+                f"(fixed by the first call; call reset() to change it)")
+# ---------------------------------------------------------------- koleo
+def check_koleo(x, eps, topk, group_size, name: str = "x", batch_rows: int = None) -> tuple:
+    """KoLeo arguments: x a float [N, D] tensor with N, D >= 1; eps finite and > 0; topk an
+    int >= 1; group_size None (the whole batch) or an int dividing the batch that exceeds
+    topk. `batch_rows` is the size of the batch the groups cut (the gathered batch under
+    gather_distributed; N by default). Returns (eps, topk, group_size) as float, int, int."""
+    check_float_tensor(x, name, 2)
+    check_nonempty_rows(x, name)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"`eps` must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0.0:
+        raise ValueError(f"`eps` must be finite and > 0, got {eps}")
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
+        raise TypeError(f"`topk` must be an int, got {type(topk).__name__}")
+    topk = int(topk)
+    if topk < 1:
+        raise ValueError(f"`topk` must be >= 1, got {topk}")
+    rows = x.shape[0] if batch_rows is None else int(batch_rows)
+    if group_size is None:
+        if rows <= topk:
+            raise ValueError(
+                f"`{name}` has {rows} rows: KoLeo needs more rows than `topk` = {topk} (a row is never its own neighbour)")
+        group = rows
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"`group_size` must be an int or None, got {type(group_size).__name__}")
+        group = int(group_size)
+        if group <= topk:
+            raise ValueError(f"`group_size` = {group} must be larger than `topk` = {topk}")
+        if rows % group != 0:
+            raise ValueError(f"`group_size` = {group} must divide the batch of {rows} rows")
+    # NaN / Inf: the ops check them (the CPU search always, the CUDA one in debug mode), so
+    # no host-side pass here breaks torch.compile's graph.
+    return eps, topk, group

@@ -66,34 +66,16 @@ from typing import List, Optional
 import torch
 
 from sslkernels import _ring
+from sslkernels._common import torch_distributed as _dist
+from sslkernels._validation import DISTRIBUTED_MODES as MODES  # noqa: F401  (re-exported)
+from sslkernels._validation import check_distributed_mode as check_mode
+from sslkernels._validation import check_process_group as resolve_group  # noqa: F401  (re-exported)
+from sslkernels.ops import contrastive as _ops
 
-MODES = ("all_gather", "ring")
 RING_DETACHED_CLIP = (
     "ClipLoss(gather_with_grad=False) with distributed_mode='ring' is not built (open_clip's "
     "detached-candidates gradient); use gather_with_grad=True (exact) or distributed_mode='all_gather'"
 )
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
-def resolve_group(process_group, name: str = "process_group"):
-    """``process_group`` (a ``torch.distributed.ProcessGroup``, e.g. ``dist.group.WORLD``)
-    checked; raises when torch.distributed is unavailable or not initialised."""
-    dist = _dist()
-    if not dist.is_available():
-        raise ValueError(f"`{name}` was given but torch.distributed is not available in this torch build")
-    if not dist.is_initialized():
-        raise ValueError(f"`{name}` was given but torch.distributed is not initialised (call init_process_group)")
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(
-            f"`{name}` must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
-            f"got {type(process_group).__name__}"
-        )
-    return process_group
 
 
 def default_group():
@@ -103,12 +85,6 @@ def default_group():
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
-
-
-def check_mode(mode) -> str:
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def check_same_batch_size(rows: int, group, device: torch.device, name: str) -> None:
@@ -178,40 +154,40 @@ def _cat(x: torch.Tensor, group, with_grad: bool = True) -> torch.Tensor:
 
 
 def nt_xent(z1, z2, temperature: float, normalize: bool, group, mode: str) -> torch.Tensor:
-    """Global NT-Xent over every rank's rows on every rank (see the module docstring)."""
-    from sslkernels import functional
-
-    check_mode(mode)
+    """Global NT-Xent over every rank's rows on every rank (see the module docstring).
+    The arguments are validated by the caller (`sslkernels.nt_xent`)."""
     check_same_batch_size(z1.shape[0], group, z1.device, "z1")
     if mode == "ring":
         return _ring.nt_xent(z1, z2, temperature, normalize, group)
     dtype = z1.dtype
     z1, z2 = _wide(z1, z2)
-    return functional.nt_xent(_cat(z1, group), _cat(z2, group), temperature=temperature,
-                              normalize=normalize).to(dtype)
+    return _ops.nt_xent_loss(_cat(z1, group), _cat(z2, group), temperature, normalize=normalize).to(dtype)
 
 
 def sup_con(features, labels, temperature: float, normalize: bool, group, mode: str) -> torch.Tensor:
-    """Global SupCon over every rank's rows and labels on every rank (see the module docstring)."""
-    from sslkernels import functional
-
-    check_mode(mode)
+    """Global SupCon over every rank's rows and labels on every rank (see the module docstring).
+    The arguments are validated by the caller (`sslkernels.sup_con`)."""
     check_same_batch_size(features.shape[0], group, features.device, "features")
     if mode == "ring":
         return _ring.sup_con(features, labels, temperature, normalize, group)
     dtype = features.dtype
     (features,) = _wide(features)
-    return functional.sup_con(_cat(features, group), _cat(labels, group, with_grad=False),
-                              temperature=temperature, normalize=normalize).to(dtype)
+    return _ops.sup_con_loss(_cat(features, group), _cat(labels, group, with_grad=False), temperature,
+                             normalize=normalize).to(dtype)
 
 
 def _one_direction(query, key, temperature, remote_keys, shared, normalize):
     """Local queries against [local keys | remote keys | shared queue], one fused call."""
-    from sslkernels import functional
-
     extra = list(remote_keys) + ([shared] if shared is not None else [])
     negatives = torch.cat(extra) if extra else None
-    return functional.info_nce(query, key, temperature, negatives=negatives, normalize=normalize)
+    return _info_nce(query, key, negatives, temperature, normalize=normalize, symmetric=False)
+
+
+def _info_nce(query, key, negatives, temperature, *, normalize, symmetric, in_batch_negatives=True):
+    """The ops layer's InfoNCE; `negatives` get a gradient when they require one."""
+    return _ops.info_nce_loss(query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
+                              in_batch_negatives=in_batch_negatives,
+                              negatives_grad=negatives is not None and negatives.requires_grad)
 
 
 def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetric: bool, normalize: bool,
@@ -223,14 +199,13 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
     rank computes the loss on the gathered batch and returns the global mean; ring
     mode keeps local anchors and returns the same global value). A shared queue
     [K, D] must be the same on every rank (as MoCo's, filled from gathered keys).
+    The arguments are validated by the caller (`sslkernels.info_nce`): `temperature` is
+    a 0-dim tensor and empty `negatives` are None.
     """
-    from sslkernels import functional
-
-    check_mode(mode)
     check_same_batch_size(query.shape[0], group, query.device, "query")
     if not in_batch_negatives:  # own key + queue: nothing crosses ranks
-        return functional.info_nce(query, key, temperature, negatives=negatives, symmetric=symmetric,
-                                   normalize=normalize, in_batch_negatives=False)
+        return _info_nce(query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
+                         in_batch_negatives=False)
     per_query = negatives is not None and negatives.dim() == 3
     if mode == "ring":
         return _ring.info_nce(query, key, temperature, negatives, symmetric, normalize, group,
@@ -241,12 +216,10 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
 
 
 def _info_nce_all_gather(query, key, negatives, temperature, symmetric, normalize, per_query, group):
-    from sslkernels import functional
-
     if per_query:
         all_n = _cat(negatives, group, with_grad=negatives.requires_grad)
-        return functional.info_nce(_cat(query, group), _cat(key, group), temperature, negatives=all_n,
-                                   symmetric=symmetric, normalize=normalize)
+        return _info_nce(_cat(query, group), _cat(key, group), all_n, temperature, normalize=normalize,
+                         symmetric=symmetric)
     remote_k = _others(gather_with_grad(key, group), group)
     loss = _one_direction(query, key, temperature, remote_k, negatives, normalize)
     if not symmetric:
@@ -265,6 +238,8 @@ def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: b
     candidates (this rank's included) are detached. Either way it is not the
     gradient of the global loss (the cross-rank terms are dropped).
     ``mode="ring"`` is built for ``gather_with_grad=True`` (symmetric ring InfoNCE).
+    The features are validated by the caller (`sslkernels.nn.ClipLoss`); `temperature`
+    is a 0-dim tensor.
     """
     check_mode(mode)
     if mode == "ring" and not gather_with_grad_:
@@ -277,8 +252,6 @@ def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: b
 
 
 def _clip_all_gather(image, text, temperature, group, local_loss, gather_with_grad_):
-    from sslkernels import functional
-
     if local_loss:
         if gather_with_grad_:
             remote_txt = _others(gather_with_grad(text, group), group)
@@ -291,5 +264,150 @@ def _clip_all_gather(image, text, temperature, group, local_loss, gather_with_gr
         i2t = _one_direction(image, cand_txt, temperature, remote_txt, None, False)
         t2i = _one_direction(text, cand_img, temperature, remote_img, None, False)
         return 0.5 * (i2t + t2i)
-    return functional.info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_),
-                               temperature, symmetric=True, normalize=False)
+    return _info_nce(_cat(image, group, gather_with_grad_), _cat(text, group, gather_with_grad_), None,
+                     temperature, normalize=False, symmetric=True)
+
+
+# ---------------------------------------------------------------- sigreg
+
+
+def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of `x` over the ranks; the backward sums the ranks' gradients
+    (``torch.distributed.nn.functional.all_reduce``)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, group=group)
+
+
+def sigreg(proj: torch.Tensor, directions: torch.Tensor, knots: int, t_max: float, group) -> torch.Tensor:
+    """SIGReg over every rank's rows (lightly's ``gather_distributed``): the per-rank cos /
+    sin statistics and row counts are summed across ranks, and every rank returns the
+    global loss. Its gradient on a rank's rows is W x dL/dproj (every rank's identical
+    loss contributes through the all-reduce's backward), which DDP averages back to
+    dL/dproj, as for the other global losses above."""
+    from sslkernels.ops import sigreg as ops
+
+    cos_sum, sin_sum = ops.sigreg_stats(proj, directions, knots, t_max)
+    cos_sum = all_reduce_with_grad(cos_sum, group)
+    sin_sum = all_reduce_with_grad(sin_sum, group)
+    num_samples = torch.tensor(float(proj.shape[1]), dtype=cos_sum.dtype, device=cos_sum.device)
+    _dist().all_reduce(num_samples, group=group)
+    return ops.loss_from_stats(cos_sum, sin_sum, num_samples, knots, t_max).to(proj.dtype)
+
+
+# ---------------------------------------------------------------- the monitor's rows
+
+
+class RowGatherer:
+    """Gathers the rows that each rank's monitor buffered (:class:`sslkernels.monitor.RowRing`;
+    ranks may hold different numbers of rows) for one evaluation.
+
+    Every rank exchanges ``(rows held, D, capacity)`` as host integers over a CPU (gloo)
+    group, so the accelerator stream is not touched; then ``all_gather`` (or ``gather``
+    to rank 0 under ``rank_zero_only``) sends each rank's first ``max(rows held)`` rows,
+    and every receiver trims each rank's block to the rows it really holds. Every check
+    sees the same metadata on every rank, so a mismatch raises on all ranks alike
+    (before any large transfer: nothing hangs). Without a gloo group for the metadata
+    (no gloo in the build, or a custom ``process_group`` on NCCL) it travels on the
+    device, at the cost of one more sync.
+    """
+
+    def __init__(self, process_group=None) -> None:
+        self.process_group = process_group
+        self.meta_group = None  # None: not tried yet; False: none can be made
+
+    def exchange_meta(self, d, local: List[int], device: Optional[torch.device]) -> List[List[int]]:
+        """All ranks' ``local`` host ints, without touching the accelerator stream when possible."""
+        backend = d.get_backend(self.process_group)
+        world = d.get_world_size(self.process_group)
+        if "gloo" in backend:  # "gloo", or "cpu:gloo,cuda:nccl": CPU tensors travel on this group
+            group = self.process_group
+        else:
+            # A CPU (gloo) twin of the default group carries the metadata. new_group() must be
+            # entered by every rank of the default group, so a custom process_group (whose
+            # non-members never get here) sends its metadata on the device instead.
+            if self.meta_group is None:
+                self.meta_group = False
+                if self.process_group is None:
+                    try:
+                        self.meta_group = d.new_group(backend="gloo")
+                    except Exception:  # noqa: BLE001  (no gloo in this build)
+                        self.meta_group = False
+            group = self.meta_group if self.meta_group is not False else None
+        if group is None and "gloo" not in backend:  # metadata on the device: one more sync
+            device = device or (torch.device("cuda", torch.cuda.current_device())
+                                if "nccl" in backend else torch.device("cpu"))
+            t = torch.tensor(local, dtype=torch.int64, device=device)
+            out = [torch.empty_like(t) for _ in range(world)]
+            d.all_gather(out, t, group=self.process_group)
+            return torch.stack(out).tolist()
+        t = torch.tensor(local, dtype=torch.int64)
+        out = [torch.empty_like(t) for _ in range(world)]
+        d.all_gather(out, t, group=group)
+        return [o.tolist() for o in out]
+
+    def gather(self, d, ring, max_samples: int, rank_zero_only: bool):
+        """(every rank's rows [N <= max_samples, D], count of non-finite rows as a device
+        tensor), or None off rank 0 under `rank_zero_only`. A rank that has buffered
+        nothing yet allocates an empty `ring` and takes part with no rows."""
+        group = self.process_group
+        meta = self.exchange_meta(d, [ring.count, -1 if ring.dim is None else ring.dim, ring.capacity], ring.device)
+        counts = [m[0] for m in meta]
+        per_rank = {r: m[1] for r, m in enumerate(meta) if m[0] > 0}
+        if len(set(per_rank.values())) > 1:
+            raise ValueError(f"`embeddings` have different dims across ranks: {per_rank} (rank: dim)")
+        if sum(counts) == 0:
+            raise RuntimeError("RankMeMonitor.compute(): no embeddings buffered yet on any rank")
+        dim = next(iter(per_rank.values()))
+        rows = max(counts)
+        capacities = [m[2] if m[2] > 0 else rows for m in meta]
+        if rows > min(capacities):
+            raise ValueError(
+                f"ranks hold up to {rows} rows but the smallest buffer has {min(capacities)}: every rank "
+                f"must create its monitor with the same `max_samples`")
+        world = d.get_world_size(group)
+        if not ring.allocated:  # this rank has seen nothing yet: take part with an empty block
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if "nccl" in d.get_backend(group) else torch.device("cpu"))
+            ring.allocate(dim, device, max(rows, -(-max_samples // world)), fill=torch.zeros)
+        rank = d.get_rank(group)
+        send = ring.buf[:rows]
+        bad = ring.num_nonfinite().to(torch.float32).reshape(1)
+        if rank_zero_only:
+            dst = 0 if group is None else d.get_global_rank(group, 0)
+            blocks = [torch.empty(rows, dim, dtype=torch.float32, device=ring.device) for _ in range(world)] \
+                if rank == 0 else None
+            d.gather(send, blocks, dst=dst, group=group)
+            d.reduce(bad, dst=dst, group=group)
+            if rank != 0:
+                return None
+        else:
+            blocks = [torch.empty(rows, dim, dtype=torch.float32, device=ring.device) for _ in range(world)]
+            d.all_gather(blocks, send, group=group)
+            d.all_reduce(bad, group=group)
+        z = torch.cat([blk[:c] for blk, c in zip(blocks, counts) if c > 0])[:max_samples]
+        return z, bad[0]
+
+
+# ---------------------------------------------------------------- koleo
+
+
+def koleo(x: torch.Tensor, eps: float, topk: int, group_size, group) -> torch.Tensor:
+    """KoLeo with every rank's rows as candidates (DINOv3's KoLeoLossDistributed): the
+    batch is all-gathered with gradient, this rank's rows are the queries, and
+    ``group_size`` (None: the global batch) cuts the gathered batch into groups, each a
+    whole number of ranks. Each rank returns the loss over its own rows; the DDP average
+    of the ranks' gradients is the gradient of the mean of the ranks' losses."""
+    from sslkernels._validation import check_koleo
+    from sslkernels.ops.koleo import koleo_loss
+
+    dist = _dist()
+    rows = x.shape[0]
+    check_same_batch_size(rows, group, x.device, "x")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    eps, topk, group_rows = check_koleo(x, eps, topk, group_size, batch_rows=world * rows)
+    if group_rows % rows != 0:
+        raise ValueError(f"`group_size` = {group_rows} must be a multiple of the per-rank batch of {rows} rows")
+    (wide,) = _wide(x)
+    gathered = _cat(wide, group)
+    return koleo_loss(gathered, eps, topk, group_rows, query_offset=rank * rows, query_count=rows).to(x.dtype)

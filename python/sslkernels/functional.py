@@ -4,10 +4,20 @@ from __future__ import annotations
 import torch
 
 from sslkernels import _validation as v
-from sslkernels import distributed as _distributed
-from sslkernels import ops  # noqa: F401  (registers torch.ops.sslkernels.*)
 from sslkernels.ops import attention as _attention_ops  # noqa: F401  (registers the attention ops)
+from sslkernels.ops import contrastive as _contrastive_ops
+from sslkernels.ops import koleo as _koleo_ops
+from sslkernels.ops import siglip as _siglip_ops
+from sslkernels.ops import sigreg as _sigreg_ops
+from sslkernels.ops import spectral as _spectral_ops  # noqa: F401  (registers the svdvals op)
 from sslkernels import _validation as _checks  # attention arguments shadow `v`
+
+
+def _distributed():
+    """sslkernels.distributed, imported only for a call with a process group."""
+    from sslkernels import distributed
+
+    return distributed
 
 
 def nt_xent(
@@ -41,22 +51,18 @@ def nt_xent(
             and each rank computes its own anchors only (O(N D) memory, no
             redundant work); same value and gradients.
     """
-    v.check_float_tensor(z1, "z1", 2)
-    v.check_float_tensor(z2, "z2", 2)
-    v.check_same(z1, z2, "z1", "z2")
-    v.check_nonempty_rows(z1, "z1")
+    v.check_embedding_pair(z1, z2, "z1", "z2")
     temperature = v.check_temperature(temperature)
-    _distributed.check_mode(mode)
+    v.check_distributed_mode(mode)
     if process_group is not None:
-        return _distributed.nt_xent(z1, z2, temperature, bool(normalize),
-                                    _distributed.resolve_group(process_group), mode)
-    loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
-    return loss
+        return _distributed().nt_xent(z1, z2, temperature, bool(normalize), v.check_process_group(process_group),
+                                      mode)
+    return _contrastive_ops.nt_xent_loss(z1, z2, temperature, normalize=normalize)
 
 
 def sup_con(
     features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, normalize: bool = True,
-    process_group=None, mode: str = "all_gather",
+    process_group=None, mode: str = "all_gather", reduction: str = "mean",
 ) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, the "L_out" form), fused.
 
@@ -71,7 +77,8 @@ def sup_con(
 
     Args:
         features: ``[N, D]`` (all views stacked), float32/float16/bfloat16/float64.
-        labels: integer ``[N]`` class ids (any values), same device.
+        labels: ``[N]`` class labels, same device: integer, bool or floating-point, compared
+            by value as pytorch-metric-learning does (NaN and complex refused).
         temperature: finite, > 0.
         process_group: a ``torch.distributed.ProcessGroup``: the loss over the rows and
             labels of every rank (same N on all ranks; positives found across ranks),
@@ -81,17 +88,28 @@ def sup_con(
             times redundant work); ``"ring"``: rows and labels pass round the ring
             one block at a time, each rank computing its own anchors (O(N D)
             memory); same value and gradients.
+        reduction: ``"mean"`` (default): the mean over the anchors with a positive;
+            ``"nonzero"``: pytorch-metric-learning's default (``AvgNonZeroReducer``), the
+            mean over the anchors whose loss is non-zero, i.e. above the rounding level
+            of the computation (a few ulps of ``1 / temperature``: an anchor whose only
+            positive nearly duplicates it), 0 when none is or when the batch has no
+            negative pair. Never negative. Still fused (one more O(N D) pass); the
+            anchors left out keep their gradient, which is below that rounding level.
+            Single process only (NotImplementedError with ``process_group``).
     """
     v.check_float_tensor(features, "features", 2)
     v.check_nonempty_rows(features, "features")
     labels = v.check_labels(labels, "labels", features.shape[0], features.device)
     temperature = v.check_temperature(temperature)
-    _distributed.check_mode(mode)
+    v.check_distributed_mode(mode)
+    reduction = v.check_choice(reduction, "reduction", _contrastive_ops.SUP_CON_REDUCTIONS)
     if process_group is not None:
-        return _distributed.sup_con(features, labels, temperature, bool(normalize),
-                                    _distributed.resolve_group(process_group), mode)
-    loss, _ = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, bool(normalize))
-    return loss
+        if reduction != "mean":
+            raise NotImplementedError("sslkernels.sup_con: reduction='nonzero' is not built with a process_group "
+                                      "(use reduction='mean')")
+        return _distributed().sup_con(features, labels, temperature, bool(normalize),
+                                      v.check_process_group(process_group), mode)
+    return _contrastive_ops.sup_con_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
 
 
 def info_nce(
@@ -148,70 +166,24 @@ def info_nce(
     (O(N D) memory per rank), with the same values and gradients. See
     :mod:`sslkernels.distributed`.
     """
-    v.check_float_tensor(query, "query", 2)
-    v.check_float_tensor(key, "key", 2)
-    v.check_same(query, key, "query", "key")
-    v.check_nonempty_rows(query, "query")
+    v.check_embedding_pair(query, key, "query", "key")
     temperature = v.temperature_tensor(temperature, query.device)
     negatives, negatives_grad = v.check_negatives(negatives, query)
     if symmetric and not in_batch_negatives:
         raise ValueError("`symmetric=True` needs `in_batch_negatives=True` (the key -> query candidates are the queries)")
-    _distributed.check_mode(mode)
+    v.check_distributed_mode(mode)
     if process_group is not None:
-        return _distributed.info_nce(
+        return _distributed().info_nce(
             query, key, temperature, negatives, bool(symmetric), bool(normalize), bool(in_batch_negatives),
-            _distributed.resolve_group(process_group), mode,
+            v.check_process_group(process_group), mode,
         )
-    one_sweep = (query.device.type == "cpu" and not symmetric and in_batch_negatives
-                 and (negatives is None or negatives.dim() == 2))
-    if one_sweep and _grad_wanted(query, key, negatives, temperature):
-        # A training step on the C++ path: loss and gradients in one sweep (each logit
-        # tile multiplied once) instead of a forward and a backward that recomputes the
-        # tiles. (The Triton kernels have no such variant: on CUDA the op would only run
-        # the same two kernels earlier, so CUDA keeps the forward / backward ops.)
-        loss, *_ = torch.ops.sslkernels.info_nce_loss_and_grads(
-            query, key, negatives, temperature, bool(normalize), negatives_grad
-        )
-        return loss
-    loss, _ = torch.ops.sslkernels.info_nce_forward(
-        query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
-        negatives_grad,
+    return _contrastive_ops.info_nce_loss(
+        query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
+        in_batch_negatives=in_batch_negatives, negatives_grad=negatives_grad,
     )
-    return loss
-
-
-def _grad_wanted(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------- singular values
-
-
-def _check_matrices(A, name: str, min_dim: int = 2, max_dim: int = None) -> None:
-    """Structural checks of a batch of matrices ``[..., m, n]``; errors name the argument."""
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(A).__name__}")
-    if A.dtype not in v.FLOAT_DTYPES:
-        raise TypeError(f"`{name}` must be float32, float16, bfloat16 or float64, got {A.dtype}")
-    if A.dim() < min_dim or (max_dim is not None and A.dim() > max_dim):
-        want = f"{min_dim}-D" if max_dim == min_dim else (
-            f"{min_dim}-D or {max_dim}-D" if max_dim == min_dim + 1 else f"at least {min_dim}-D")
-        raise ValueError(f"`{name}` must be {want}, got shape {tuple(A.shape)}")
-    if A.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"`{name}` is on {A.device}; sslkernels supports cpu and cuda tensors")
-    v.check_dims(A, name)
-    if A.shape[-2] < 1 or A.shape[-1] < 1:
-        raise ValueError(f"`{name}` has a zero-size matrix dimension (shape {tuple(A.shape)})")
-    if A.numel() == 0:
-        raise ValueError(f"`{name}` is an empty batch (shape {tuple(A.shape)})")
-
-
-def _check_max_sweeps(max_sweeps) -> int:
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
-        raise TypeError(f"`max_sweeps` must be an int, got {type(max_sweeps).__name__}")
-    if not 1 <= max_sweeps <= v.MAX_CPU_DIM:
-        raise ValueError(f"`max_sweeps` must be in [1, 2**31 - 1], got {max_sweeps}")
-    return max_sweeps
 
 
 def svdvals_ex(A: torch.Tensor, max_sweeps: int = 30):
@@ -234,8 +206,8 @@ def svdvals_ex(A: torch.Tensor, max_sweeps: int = 30):
     under ``sslkernels.set_debug(True)``), zero-size dims or an empty batch, and
     TypeError for non-float dtypes.
     """
-    _check_matrices(A, "A")
-    max_sweeps = _check_max_sweeps(max_sweeps)
+    v.check_matrices(A, "A")
+    max_sweeps = v.check_max_sweeps(max_sweeps)
     batch_shape = A.shape[:-2]
     m, n = A.shape[-2:]
     S, info = torch.ops.sslkernels.svdvals_ex(A.reshape(-1, m, n), max_sweeps)
@@ -335,7 +307,119 @@ def varlen_attention(
     _checks.check_attention_qkv(q, k, v, 3)
     if q.shape != k.shape:
         raise ValueError(f"`q` and `k` must have the same shape [T, H, Dh], got {tuple(q.shape)} and {tuple(k.shape)}")
-    max_seqlen = _checks.check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    max_seqlen = _checks.check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen, heads=q.shape[1])
     scale = _checks.attention_scale(scale, q.shape[-1])
     out, _ = torch.ops.sslkernels.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
     return out
+
+
+# ================================================================ sigreg (issue 13)
+
+
+def sigreg(
+    proj: torch.Tensor, directions: torch.Tensor, knots: int = 17, t_max: float = 3.0, process_group=None,
+) -> torch.Tensor:
+    """LeJEPA's SIGReg along the given directions, as lightly's ``SIGReg`` computes it.
+
+    ``x = proj @ directions``; ``t = linspace(0, t_max, knots)``;
+    ``err[..., s, k] = (mean_n cos(t_k x_ns) - phi_k)^2 + (mean_n sin(t_k x_ns))^2`` with
+    ``phi = exp(-t^2 / 2)``; the loss is the mean over ``(..., s)`` of
+    ``N * sum_k err[..., s, k] * w_k * phi_k``, ``w`` the trapezoid weights ``2 dt``
+    (``dt`` at both ends). Fused: never holds the ``N x S x knots`` tensor (x is formed
+    tile by tile; one sin and one cos per element, the other knots by angle addition).
+
+    Args:
+        proj: ``[..., N, D]`` float32 / float16 / bfloat16 / float64, cpu or cuda.
+        directions: ``[D, S]``, same dtype and device, used as given (not normalised).
+        knots: int >= 2. t_max: finite, > 0.
+        process_group: a ``torch.distributed.ProcessGroup``: the cos / sin statistics
+            (and N) are summed over its ranks (exact gradients; every rank returns the
+            global loss). Each rank must pass the same ``directions``.
+
+    Returns a 0-dim tensor of proj's dtype; gradients flow to ``proj`` and to
+    ``directions`` when it requires grad. NaN/Inf (ValueError): always on the CPU, on
+    CUDA under ``sslkernels.set_debug(True)``.
+    """
+    knots, t_max = v.check_sigreg(proj, directions, knots, t_max)
+    proj3 = proj.reshape(-1, proj.shape[-2], proj.shape[-1])
+    if process_group is not None:
+        return _distributed().sigreg(proj3, directions, knots, t_max, v.check_process_group(process_group))
+    return _sigreg_ops.sigreg(proj3, directions, knots, t_max)
+# ================================================================ end sigreg
+# ---------------------------------------------------------------- siglip (issue 13)
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    process_group=None,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss, as open_clip's ``SigLipLoss`` computes it, fused.
+
+    ``logits_ij = logit_scale * image_i . text_j + logit_bias``, ``labels_ij`` = +1 where
+    i == j and -1 elsewhere, ``loss = -sum_ij log sigmoid(labels_ij logits_ij) / N``
+    (a 0-dim tensor of the features' dtype; accumulated in float32, float64 for float64
+    inputs). Nothing is normalised here (open_clip's model does that) and
+    ``logit_scale`` multiplies as given (open_clip passes it already exponentiated).
+
+    The (N x N) logits are never held: on the CPU one sweep over their tiles computes
+    the loss and, when a gradient is wanted (grad mode on and an input requiring
+    grad), every gradient, which autograd keeps (2 N x D floats) for the backward; on
+    CUDA a row pass and a column pass of Triton kernels do the same.
+
+    Args:
+        image_features, text_features: ``[N, D]``, same shape, dtype (float32, float16,
+            bfloat16 or float64) and device (cpu or cuda).
+        logit_scale, logit_bias: real numbers or 0-dim tensors (on the CPU or the
+            features' device); a tensor that requires grad gets its exact gradient.
+            ``logit_bias=None`` adds nothing.
+        process_group: a ``torch.distributed.ProcessGroup``: this rank's images meet
+            every rank's texts, which travel round a ring one block at a time (O(N D)
+            memory per rank); each rank returns the loss of its own images (open_clip's
+            SigLipLoss with ``world_size > 1``), and each rank's features get the
+            gradient of the sum of every rank's loss (see :mod:`sslkernels._ring_siglip`).
+            Same N on all ranks.
+    """
+    v.check_siglip_features(image_features, text_features)
+    device = image_features.device
+    logit_scale = v.logit_scalar(logit_scale, "logit_scale", device)
+    if logit_bias is not None:
+        logit_bias = v.logit_scalar(logit_bias, "logit_bias", device)
+    if process_group is not None:
+        from sslkernels import _ring_siglip
+
+        return _ring_siglip.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                        v.check_process_group(process_group))
+    return _siglip_ops.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+# ============================================================================ koleo
+
+
+def koleo(x: torch.Tensor, eps: float = 1e-8, topk: int = 1, group_size: int = None) -> torch.Tensor:
+    """The KoLeo regulariser as lightly's ``KoLeoLoss`` (DINOv2) and DINOv3 compute it, fused.
+
+    Rows are L2-normalised (``F.normalize(x, eps=eps)``). Each row's nearest neighbour
+    (its ``topk`` nearest) by cosine similarity within its group of ``group_size``
+    consecutive rows is found, never the row itself; ties go to the smaller index. With
+    ``dist = PairwiseDistance(p=2, eps=eps)(row, neighbour)`` (which adds eps to the
+    difference), ``loss = -mean(log(dist + eps))`` over the rows and their neighbours.
+    Duplicate rows are each other's neighbours at distance ``eps * sqrt(D)``, as in
+    lightly. Gradients flow through the distances (to both rows of a pair); the search
+    is not differentiable.
+
+    The search never holds the N x N similarities: tiles through OpenBLAS (CPU, each
+    symmetric tile multiplied once) or ``tl.dot`` (CUDA) and a running top-k per row.
+
+    Args:
+        x: ``[N, D]`` float32 / float16 / bfloat16 / float64, cpu or cuda, N, D >= 1.
+        eps: finite, > 0.
+        topk: neighbours per row, >= 1, smaller than the group.
+        group_size: None (the whole batch) or a divisor of N larger than ``topk``.
+
+    Returns a 0-dim tensor of x's dtype (accumulated in float64 on the CPU, float32 on
+    CUDA).
+    """
+    eps, topk, group = v.check_koleo(x, eps, topk, group_size)
+    return _koleo_ops.koleo_loss(x, eps, topk, group)
+# ======================================================================== end koleo

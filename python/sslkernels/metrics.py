@@ -16,16 +16,19 @@ stable-ssl uses eps = 1e-5. ``rankme``'s keyword options name each of these.
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Tuple
+from typing import Mapping, Sequence, Tuple
 
 import torch
 
+from sslkernels._common import stats_dtype
 from sslkernels._config import debug_enabled
-from sslkernels._validation import check_finite
-from sslkernels.functional import _check_matrices, svdvals
+from sslkernels._validation import check_finite, check_fit_range, check_matrices, check_nonnegative, check_views
+from sslkernels.functional import svdvals
 
 __all__ = ["rankme", "effective_rank", "lidar", "alpha_req", "nesum"]
+
+#: The metrics of one ``[N, D]`` matrix (what :class:`sslkernels.RankMeMonitor` evaluates).
+MONITOR_METRICS = ("rankme", "effective_rank", "nesum", "alpha_req")
 
 
 def _svdvals(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -39,20 +42,7 @@ def _svdvals(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _check_eps(eps, name: str = "eps") -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(eps).__name__}")
-    value = float(eps)
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"`{name}` must be finite and >= 0, got {value}")
-    return value
-
-
-def _check_embeddings(Z, name: str, batched: bool = True) -> None:
-    _check_matrices(Z, name, 2, 3 if batched else 2)
+    return stats_dtype(x.dtype)
 
 
 def _centred(Z: torch.Tensor) -> torch.Tensor:
@@ -85,8 +75,8 @@ def rankme(Z: torch.Tensor, eps: float = 1e-7, *, center: bool = False, squared:
             (sirbastiano's ``rankme`` package; 0 when min(N, D) == 1).
     stable-ssl's callback is the default with ``eps=1e-5``.
     """
-    _check_embeddings(Z, "Z")
-    eps = _check_eps(eps)
+    check_matrices(Z, "Z", 2, 3)
+    eps = check_nonnegative(eps, "eps")
     x = _centred(Z) if center else Z
     s = _svdvals(x, "Z")
     w = s * s if squared else s
@@ -103,7 +93,7 @@ def effective_rank(Z: torch.Tensor) -> torch.Tensor:
     """Effective rank (Roy & Vetterli, EUSIPCO 2007) of ``Z [N, D]`` or ``[B, N, D]``:
     ``exp(-sum p_k log p_k)``, ``p = sigma / sum(sigma)`` (no eps, 0 log 0 = 0).
     All-zero ``Z`` gives 0."""
-    _check_embeddings(Z, "Z")
+    check_matrices(Z, "Z", 2, 3)
     s = _svdvals(Z, "Z")
     H, total = _entropy_of(s, 0.0)
     value = torch.exp(H)
@@ -122,7 +112,7 @@ def nesum(Z: torch.Tensor) -> torch.Tensor:
     """NESum (He & Ozay, ICML 2022): ``sum_i lambda_i / lambda_1`` over the
     eigenvalues of the feature covariance of ``Z [N, D]`` or ``[B, N, D]``
     (TF-GNN's ``numerical_rank``). A constant (zero-covariance) ``Z`` gives 0."""
-    _check_embeddings(Z, "Z")
+    check_matrices(Z, "Z", 2, 3)
     lam = _covariance_eigenvalues(Z)
     top = lam[..., 0]
     value = lam.sum(dim=-1) / torch.where(top > 0, top, torch.ones_like(top))
@@ -138,17 +128,8 @@ def alpha_req(Z: torch.Tensor, fit_range: Tuple[int, int] = (10, 100)) -> torch.
     min(N, D)); returns ``alpha = -slope``. Eigenvalues are floored at 1e-30 before
     the log (a collapsed spectrum gives a large alpha rather than NaN).
     """
-    _check_embeddings(Z, "Z")
-    if (not isinstance(fit_range, (tuple, list)) or len(fit_range) != 2
-            or not all(isinstance(r, int) and not isinstance(r, bool) for r in fit_range)):
-        raise TypeError(f"`fit_range` must be a pair of ints (lo, hi), got {fit_range!r}")
-    lo, hi = fit_range
-    k = min(Z.shape[-2], Z.shape[-1])
-    hi = min(hi, k + 1)
-    if lo < 1 or hi - lo < 2:
-        raise ValueError(
-            f"`fit_range` {tuple(fit_range)} leaves fewer than 2 ranks to fit in 1..{k} "
-            f"(min(N, D) = {k}); need 1 <= lo and at least two ranks lo <= i < hi")
+    check_matrices(Z, "Z", 2, 3)
+    lo, hi = check_fit_range(fit_range, min(Z.shape[-2], Z.shape[-1]))
     lam = _covariance_eigenvalues(Z)[..., lo - 1:hi - 1]
     i = torch.arange(lo, hi, dtype=torch.float64, device=lam.device)
     x = torch.log(i)
@@ -178,18 +159,12 @@ def lidar(views: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> torch.
     builds it that way). Some re-implementations put ``eps`` after the division
     (``p = lambda / sum(lambda) + eps``) or use ``delta = 1e-6``: pass ``delta`` to match.
     """
-    if not isinstance(views, torch.Tensor):
-        raise TypeError(f"`views` must be a torch.Tensor, got {type(views).__name__}")
-    if views.dim() != 3:
-        raise ValueError(f"`views` must be 3-D [N, Q, D], got shape {tuple(views.shape)}")
-    _check_matrices(views, "views", 3, 3)
+    check_views(views)
     n, q, d = views.shape
-    if n < 2 or q < 2:
-        raise ValueError(f"`views` needs N >= 2 samples and Q >= 2 views each, got shape {tuple(views.shape)}")
-    delta = _check_eps(delta, "delta")
+    delta = check_nonnegative(delta, "delta")
     if delta <= 0:
         raise ValueError(f"`delta` must be > 0 (it makes Sigma_w positive definite), got {delta}")
-    eps = _check_eps(eps)
+    eps = check_nonnegative(eps, "eps")
     if views.device.type == "cpu" or debug_enabled():  # before Cholesky turns NaN into a LinAlgError
         check_finite(views, "views")
     x = views.double()
@@ -208,3 +183,12 @@ def lidar(views: torch.Tensor, delta: float = 1e-4, eps: float = 1e-7) -> torch.
     # 0 log 0 = 0: with eps = 0 a rank-deficient Sigma_b (N - 1 < D) has zero eigenvalues
     H = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum()
     return torch.exp(H).to(_out_dtype(views))
+
+
+def evaluate(Z: torch.Tensor, names: Sequence[str], options: Mapping[str, Mapping] = None) -> torch.Tensor:
+    """The metrics ``names`` of ``Z [N, D]`` (options ``{name: {keyword: value}}``) as one
+    float64 vector on Z's device: no host transfer, so a caller can copy it (and anything
+    stacked with it) to the host once."""
+    options = options or {}
+    values = [globals()[name](Z, **options.get(name, {})).to(torch.float64).reshape(()) for name in names]
+    return torch.stack(values)

@@ -40,3 +40,8 @@ def contrastive_kernels():
 @pytest.fixture(scope="session")
 def spectral_kernels():
     return interpreted_kernels("spectral")
+
+
+@pytest.fixture(scope="session")
+def sigreg_kernels():
+    return interpreted_kernels("sigreg")

@@ -45,6 +45,18 @@ class MemoryBank(nn.Module):
             self.bank_ptr[0] = ptr + batch.shape[0]
 
 
+def _bank_disabled(size) -> bool:
+    """lightly's rule: 0 (or a size whose first entry, the number of rows, is 0) means
+    no memory bank."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size == 0):
+        return True
+    try:
+        entries = tuple(size)
+    except TypeError:
+        return False  # MemoryBank names the argument
+    return len(entries) in (1, 2) and all(isinstance(x, int) and x >= 0 for x in entries) and entries[0] == 0
+
+
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
@@ -82,7 +94,7 @@ class NTXentLoss(nn.Module):
         if self.gather_distributed and not torch.distributed.is_available():
             raise ValueError("`gather_distributed=True` but torch.distributed is not available in this torch build")
         self.distributed_mode = _distributed.check_mode(distributed_mode)
-        self.memory_bank = None if memory_bank_size in (0, None, (0,)) else MemoryBank(
+        self.memory_bank = None if _bank_disabled(memory_bank_size) else MemoryBank(
             memory_bank_size, gather_distributed=self.gather_distributed)
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
@@ -90,12 +102,20 @@ class NTXentLoss(nn.Module):
             group = _distributed.default_group() if self.gather_distributed else None
             return functional.nt_xent(out0, out1, temperature=self.temperature, normalize=True,
                                       process_group=group, mode=self.distributed_mode)
+        # Normalised once here (autograd through F.normalize keeps the gradients exact), so
+        # the positive the loss sees and the row the bank stores are the very same vector,
+        # as in lightly: a bank row equal to the positive ties with it exactly.
+        v.check_float_tensor(out0, "out0", 2)
+        v.check_float_tensor(out1, "out1", 2)
+        v.check_same(out0, out1, "out0", "out1")
+        v.check_nonempty_rows(out0, "out0")
+        out0, out1 = _unit_rows(out0), _unit_rows(out1)
         bank = self.memory_bank.bank.clone()  # the loss keeps it for backward; enqueue edits the buffer
         loss = functional.info_nce(
-            out0, out1, self.temperature, negatives=bank.to(out0.dtype), normalize=True, in_batch_negatives=False
+            out0, out1, self.temperature, negatives=bank.to(out0.dtype), normalize=False, in_batch_negatives=False
         )
         if out0.requires_grad:
-            self.memory_bank.enqueue(_unit_rows(out1))
+            self.memory_bank.enqueue(out1)
         return loss
 
     def extra_repr(self) -> str:
@@ -106,28 +126,34 @@ class SupConLoss(nn.Module):
     """Drop-in for ``pytorch_metric_learning.losses.SupConLoss(temperature)``.
 
     ``forward(embeddings, labels)`` returns the supervised contrastive loss with
-    cosine similarity (rows L2-normalised), averaged over the anchors that have a
-    positive, fused and never holding the (N x N) similarity matrix.
+    cosine similarity (rows L2-normalised), fused and never holding the (N x N)
+    similarity matrix. ``labels`` are compared by value, as pml does: integer, bool
+    or floating-point (NaN and complex labels raise).
 
-    One difference on a degenerate batch: when every row shares one label (no
-    negative anywhere) pytorch-metric-learning returns 0, while this module (like
-    the paper's L_out, whose denominator is every other row) returns the loss over
-    the positives. Not built yet (they raise NotImplementedError): ``indices_tuple``,
-    ``ref_emb`` / ``ref_labels``, and custom ``distance`` / ``reducer`` /
-    ``embedding_regularizer`` arguments.
+    ``reduction="nonzero"`` (default) averages as pml's default reducer
+    (``AvgNonZeroReducer``): over the anchors whose loss is non-zero, 0 when the
+    batch has no negative pair; see ``reduction`` in :func:`sslkernels.sup_con` for
+    how "non-zero" is read. ``reduction="mean"`` averages over every anchor with a
+    positive (the paper's L_out). Not built yet (they raise NotImplementedError):
+    ``indices_tuple``, ``ref_emb`` / ``ref_labels``, and custom ``distance`` /
+    ``reducer`` / ``embedding_regularizer`` arguments.
 
     ``gather_distributed=True`` (torch.distributed initialised, more than one rank):
-    the loss over every rank's rows and labels, exact gradients;
-    ``distributed_mode`` ``"all_gather"`` (default) or ``"ring"`` (O(b D) memory per
-    rank), as in :class:`NTXentLoss`.
+    the loss over every rank's rows and labels, exact gradients, with
+    ``reduction="mean"`` only; ``distributed_mode`` ``"all_gather"`` (default) or
+    ``"ring"`` (O(b D) memory per rank), as in :class:`NTXentLoss`.
     """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False,
-                 distributed_mode: str = "all_gather", **kwargs):
+                 distributed_mode: str = "all_gather", reduction: str = "nonzero", **kwargs):
         super().__init__()
         self.temperature = v.check_temperature(temperature)
         self.gather_distributed = bool(gather_distributed)
         self.distributed_mode = _distributed.check_mode(distributed_mode)
+        self.reduction = v.check_choice(reduction, "reduction", ("mean", "nonzero"))
+        if self.gather_distributed and self.reduction != "mean":
+            raise NotImplementedError("sslkernels.nn.SupConLoss: gather_distributed=True is built for "
+                                      "reduction='mean' only (pass it explicitly)")
         if kwargs:
             raise NotImplementedError(
                 f"sslkernels.nn.SupConLoss: options {sorted(kwargs)} are not built yet "
@@ -143,7 +169,7 @@ class SupConLoss(nn.Module):
             raise ValueError("sslkernels.nn.SupConLoss: `labels` is required")
         group = _distributed.default_group() if self.gather_distributed else None
         return functional.sup_con(embeddings, labels, temperature=self.temperature, normalize=True,
-                                  process_group=group, mode=self.distributed_mode)
+                                  process_group=group, mode=self.distributed_mode, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -186,16 +212,19 @@ class InfoNCELoss(nn.Module):
 
 
 class ClipLoss(nn.Module):
-    """Drop-in for ``open_clip.loss.ClipLoss`` on one process.
+    """Drop-in for ``open_clip.loss.ClipLoss``.
 
-    ``forward(image_features, text_features, logit_scale)`` with features already
-    normalised (as open_clip's models return them) and ``logit_scale`` the
-    exponentiated scale (a tensor that may require grad): the mean of the
-    image -> text and text -> image cross-entropies of ``logit_scale * I T^T``,
-    fused in one pass and never holding the (N x N) logits. As CLIP does, the scale
-    is clamped at 100 (``logit_scale.clamp(max=100)``, no gradient above it); open_clip
-    clamps the log-scale parameter in its training loop instead, so the two agree
-    whenever ``logit_scale <= 100``.
+    ``forward(image_features, text_features, logit_scale, logit_bias=None,
+    output_dict=False)`` with features already normalised (as open_clip's models
+    return them) and ``logit_scale`` the exponentiated scale (a number, or a 0-dim or
+    ``[1]`` tensor that may require grad; its gradient comes back in its own shape):
+    the mean of the image -> text and text -> image cross-entropies of
+    ``logit_scale * I T^T + logit_bias``, fused in one pass and never holding the
+    (N x N) logits. As in open_clip the loss does not clamp the scale (open_clip's
+    training loop clamps the log-scale parameter). ``logit_bias`` (a number, 0-dim or
+    ``[1]`` tensor) shifts every logit alike, which cross-entropy ignores: the loss is
+    the same as without it and its gradient is exactly 0 (open_clip's is 0 up to
+    rounding). ``output_dict=True`` returns ``{"contrastive_loss": loss}``.
 
     ``world_size > 1`` (torch.distributed initialised, default group) follows open_clip:
     ``local_loss=True`` returns the mean over this rank's pairs against every rank's
@@ -209,7 +238,8 @@ class ClipLoss(nn.Module):
     rank, same value and gradients; built for ``gather_with_grad=True`` only, else
     NotImplementedError). See :mod:`sslkernels.distributed`.
 
-    Not built yet (they raise NotImplementedError): ``use_horovod`` and ``logit_bias``.
+    Not built (they raise NotImplementedError): ``use_horovod``, a ``logit_scale`` /
+    ``logit_bias`` with more than one element.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -232,17 +262,17 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
-        if logit_bias is not None:
-            raise NotImplementedError("sslkernels.nn.ClipLoss: logit_bias (SigLIP-style) is not built yet")
-        if not isinstance(logit_scale, torch.Tensor):
-            logit_scale = torch.tensor(float(logit_scale), dtype=torch.float64)
-        temperature = 1.0 / logit_scale.clamp(max=100.0)
+        device = image_features.device if isinstance(image_features, torch.Tensor) else torch.device("cpu")
+        temperature = 1.0 / v.clip_logit_scale(logit_scale, device)
+        bias = v.clip_logit_bias(logit_bias, device)
         if self.world_size > 1:
             loss = self._distributed_loss(image_features, text_features, temperature)
         else:
             loss = functional.info_nce(
                 image_features, text_features, temperature, symmetric=True, normalize=False
             )
+        if bias is not None:  # a shift of every logit: no change, a zero gradient in the graph
+            loss = loss + (bias * 0).to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, image_features, text_features, temperature):
@@ -254,11 +284,9 @@ class ClipLoss(nn.Module):
                 f"`rank={self.rank}, world_size={self.world_size}` disagree with torch.distributed "
                 f"(rank {dist.get_rank()} of {dist.get_world_size()})"
             )
-        # Same checks as the one-process path, before any collective.
-        v.check_float_tensor(image_features, "image_features", 2)
-        v.check_float_tensor(text_features, "text_features", 2)
-        v.check_same(image_features, text_features, "image_features", "text_features")
-        v.check_nonempty_rows(image_features, "image_features")
+        # Same checks as the one-process path (sslkernels.info_nce), before any collective.
+        v.check_embedding_pair(image_features, text_features, "image_features", "text_features")
+        temperature = v.temperature_tensor(temperature, image_features.device)
         return _distributed.clip(image_features, text_features, temperature, dist.group.WORLD,
                                  local_loss=bool(self.local_loss), gather_with_grad_=bool(self.gather_with_grad),
                                  mode=self.distributed_mode)

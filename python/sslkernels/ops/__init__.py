@@ -2,6 +2,6 @@
 
 Importing this package registers every op under the `sslkernels` namespace.
 """
-from sslkernels.ops import contrastive, spectral  # noqa: F401
+from sslkernels.ops import contrastive, koleo, siglip, sigreg, spectral  # noqa: F401
 
-__all__ = ["contrastive", "spectral"]
+__all__ = ["contrastive", "koleo", "siglip", "sigreg", "spectral"]

@@ -26,25 +26,20 @@ import torch
 from torch import Tensor
 
 from sslkernels import _ext
+from sslkernels._common import no_kernel as _no_kernel
+from sslkernels._common import stats_dtype as _stats_dtype
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_cu_seqlens_values, check_finite, check_patch_index_values
 from sslkernels.ops._triton import launchers
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_kernel(op: str, device: torch.device):
-    return NotImplementedError(f"sslkernels::{op} has no kernel for device '{device.type}' (cpu and cuda only)")
-
-
-def _operand(x: Tensor, packed: bool):
-    """(pointer, (seq_stride, token_stride, head_stride)) of a [B, L, H, Dh] or packed
-    [T, H, Dh] tensor for the C++ core, which needs a unit stride over Dh only."""
-    if packed:
-        return x.data_ptr(), (0, x.stride(0), x.stride(1))
-    return x.data_ptr(), (x.stride(0), x.stride(1), x.stride(2))
+def _operand(name: str, x: Tensor, packed: bool) -> dict:
+    """The C++ core's keyword arguments `name`, `name_seq_stride`, `name_token_stride`,
+    `name_head_stride` of a [B, L, H, Dh] or packed [T, H, Dh] tensor (the core needs
+    a unit stride over Dh only)."""
+    seq, token, head = (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
+    return {name: x.data_ptr(), f"{name}_seq_stride": seq, f"{name}_token_stride": token,
+            f"{name}_head_stride": head}
 
 
 def _unit_last(x: Tensor) -> Tensor:
@@ -66,21 +61,25 @@ class _Problem:
         self.scale = float(scale)
 
     @staticmethod
-    def _rows(base, count, index):
+    def _rows(name: str, base, count, index) -> dict:
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        return (ptr(base), ptr(count), ptr(index), 0 if index is None else index.stride(0))
+        return {f"{name}_base": ptr(base), f"{name}_count": ptr(count), f"{name}_index": ptr(index),
+                f"{name}_index_stride": 0 if index is None else index.stride(0)}
 
-    def args(self):
+    def args(self) -> dict:
+        """The C++ core's keyword arguments of the problem (bindings_attention.cpp)."""
         q = self.q
-        return (
-            _ext.DTYPE_CODES[q.dtype], self.out_base.shape[0], q.shape[-2], q.shape[-1],
-            _operand(q, self.packed), _operand(self.k, self.packed), _operand(self.v, self.packed),
-            self._rows(*self.query_rows), self._rows(*self.key_rows),
-            self.out_base.data_ptr(), self.lse_base.data_ptr(), self.lse_head_stride, self.scale,
+        return dict(
+            dtype=_ext.DTYPE_CODES[q.dtype], num_seq=self.out_base.shape[0], heads=q.shape[-2],
+            head_dim=q.shape[-1], **_operand("q", q, self.packed), **_operand("k", self.k, self.packed),
+            **_operand("v", self.v, self.packed), **self._rows("query", *self.query_rows),
+            **self._rows("key", *self.key_rows), out_base=self.out_base.data_ptr(),
+            lse_base=self.lse_base.data_ptr(), lse_head_stride=self.lse_head_stride, scale=self.scale,
         )
 
     def forward(self, out: Tensor, lse: Tensor, op: str) -> None:
-        status = _ext._C.attention_forward(*self.args(), out.data_ptr(), lse.data_ptr(), _ext.num_threads())
+        status = _ext._C.attention_forward(**self.args(), out=out.data_ptr(), lse=lse.data_ptr(),
+                                           num_threads=_ext.num_threads())
         _ext.raise_for_status(status, op, "q", "k", "v")
 
     def backward(self, grad_out: Tensor, out: Tensor, lse: Tensor, alloc, op: str):
@@ -88,8 +87,9 @@ class _Problem:
         grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
         dq, dk, dv = _grads_like(self.q, self.k, self.v, alloc)
         status = _ext._C.attention_backward(
-            *self.args(), grad_out.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            _operand(dq, self.packed), _operand(dk, self.packed), _operand(dv, self.packed), _ext.num_threads(),
+            **self.args(), grad_out=grad_out.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+            **_operand("dq", dq, self.packed), **_operand("dk", dk, self.packed), **_operand("dv", dv, self.packed),
+            num_threads=_ext.num_threads(),
         )
         _ext.raise_for_status(status, op, "q", "k", "v")
         return dq, dk, dv

@@ -25,18 +25,11 @@ import torch
 from torch import Tensor
 
 from sslkernels import _ext
+from sslkernels._common import no_kernel as _no_kernel
+from sslkernels._common import stats_dtype as _stats_dtype
 from sslkernels._config import debug_enabled
 from sslkernels._validation import check_finite
 from sslkernels.ops._triton import launchers
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 inputs are computed in float64 (gradcheck); everything else in float32.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_kernel(op: str, device: torch.device):
-    return NotImplementedError(f"sslkernels::{op} has no kernel for device '{device.type}' (cpu and cuda only)")
 
 
 # ---------------------------------------------------------------- forward
@@ -58,9 +51,10 @@ def _(z1, z2, temperature, normalize):
     lse = torch.empty(2 * n, dtype=_stats_dtype(z1.dtype))
     loss64 = torch.empty((), dtype=torch.float64)
     status = _ext._C.nt_xent_forward(
-        z1.data_ptr(), z2.data_ptr(), _ext.DTYPE_CODES[z1.dtype], n, d,
-        z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        float(temperature), bool(normalize), lse.data_ptr(), loss64.data_ptr(), _ext.num_threads(),
+        z1=z1.data_ptr(), z2=z2.data_ptr(), dtype=_ext.DTYPE_CODES[z1.dtype], n=n, d=d,
+        z1_row_stride=z1.stride(0), z1_col_stride=z1.stride(1), z2_row_stride=z2.stride(0),
+        z2_col_stride=z2.stride(1), temperature=float(temperature), normalize=bool(normalize),
+        lse=lse.data_ptr(), loss=loss64.data_ptr(), num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "nt_xent", "z1", "z2")
     return loss64.to(z1.dtype), lse
@@ -98,10 +92,11 @@ def _(grad_loss, z1, z2, lse, temperature, normalize):
     dz2 = torch.empty((n, d), dtype=z2.dtype)
     lse = lse.contiguous()
     status = _ext._C.nt_xent_backward(
-        z1.data_ptr(), z2.data_ptr(), _ext.DTYPE_CODES[z1.dtype], n, d,
-        z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        lse.data_ptr(), float(temperature), bool(normalize), float(grad_loss),
-        dz1.data_ptr(), dz2.data_ptr(), _ext.num_threads(),
+        z1=z1.data_ptr(), z2=z2.data_ptr(), dtype=_ext.DTYPE_CODES[z1.dtype], n=n, d=d,
+        z1_row_stride=z1.stride(0), z1_col_stride=z1.stride(1), z2_row_stride=z2.stride(0),
+        z2_col_stride=z2.stride(1), lse=lse.data_ptr(), temperature=float(temperature),
+        normalize=bool(normalize), grad_loss=float(grad_loss), dz1=dz1.data_ptr(), dz2=dz2.data_ptr(),
+        num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "nt_xent backward", "z1", "z2")
     return dz1, dz2
@@ -138,9 +133,10 @@ def _(features, labels, temperature, normalize):
     lse = torch.empty(n, dtype=_stats_dtype(features.dtype))
     loss64 = torch.empty((), dtype=torch.float64)
     status = _ext._C.sup_con_forward(
-        features.data_ptr(), _ext.DTYPE_CODES[features.dtype], n, d, features.stride(0), features.stride(1),
-        class_ids.data_ptr(), counts.data_ptr(), counts.numel(),
-        float(temperature), bool(normalize), lse.data_ptr(), loss64.data_ptr(), _ext.num_threads(),
+        features=features.data_ptr(), dtype=_ext.DTYPE_CODES[features.dtype], n=n, d=d,
+        row_stride=features.stride(0), col_stride=features.stride(1), class_ids=class_ids.data_ptr(),
+        class_counts=counts.data_ptr(), num_classes=counts.numel(), temperature=float(temperature),
+        normalize=bool(normalize), lse=lse.data_ptr(), loss=loss64.data_ptr(), num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "sup_con", "features", "labels")
     return loss64.to(features.dtype), lse
@@ -172,9 +168,11 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
     dfeatures = torch.empty((n, d), dtype=features.dtype)
     lse = lse.contiguous()
     status = _ext._C.sup_con_backward(
-        features.data_ptr(), _ext.DTYPE_CODES[features.dtype], n, d, features.stride(0), features.stride(1),
-        class_ids.data_ptr(), counts.data_ptr(), counts.numel(), lse.data_ptr(),
-        float(temperature), bool(normalize), float(grad_loss), dfeatures.data_ptr(), _ext.num_threads(),
+        features=features.data_ptr(), dtype=_ext.DTYPE_CODES[features.dtype], n=n, d=d,
+        row_stride=features.stride(0), col_stride=features.stride(1), class_ids=class_ids.data_ptr(),
+        class_counts=counts.data_ptr(), num_classes=counts.numel(), lse=lse.data_ptr(),
+        temperature=float(temperature), normalize=bool(normalize), grad_loss=float(grad_loss),
+        dfeatures=dfeatures.data_ptr(), num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "sup_con backward", "features", "labels")
     return dfeatures
@@ -185,27 +183,97 @@ def _(grad_loss, features, labels, lse, temperature, normalize):
     return launchers("contrastive").sup_con_backward(grad_loss, features, labels, lse, temperature, normalize)
 
 
+# pytorch-metric-learning's SupConLoss averages with AvgNonZeroReducer: the mean over
+# the anchors whose loss is > 0, and 0 for a batch with no negative pair. An anchor whose
+# only positive is (nearly) its duplicate has a loss far below the rounding of
+# lse_i - mean_positive_i (a few ulps of 1/t), so "non-zero" is read as "above that
+# rounding level": NONZERO_ULPS ulps of |lse_i| + |mean_positive_i| in the stats dtype.
+NONZERO_ULPS = 4.0
+
+
+@torch.library.custom_op("sslkernels::sup_con_anchor_losses", mutates_args=())
+def sup_con_anchor_losses(
+    features: Tensor, labels: Tensor, lse: Tensor, temperature: float, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    """(kept [N] float64: each anchor's loss where it is above the rounding level, else 0;
+    counts [2] float64: anchors with a positive, anchors kept). O(N D): the positives
+    come from class sums, the denominators from the forward's lse. No gradient (the
+    caller uses it as constants)."""
+    z = features.double()
+    if normalize:
+        z = torch.nn.functional.normalize(z, dim=1, eps=1e-12)
+    _, class_ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    class_sum = torch.zeros(counts.numel(), z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, class_ids, z)
+    positives = counts[class_ids] - 1
+    is_anchor = positives > 0
+    mean_positive = (z * (class_sum[class_ids] - z)).sum(1) / (temperature * positives.clamp(min=1).to(z.dtype))
+    loss = lse.double() - mean_positive
+    rounding = NONZERO_ULPS * torch.finfo(lse.dtype).eps * (lse.double().abs() + mean_positive.abs())
+    kept = is_anchor & (loss > rounding) & (counts.numel() > 1)  # one class: no negative pair, pml's 0
+    counts_out = torch.stack([is_anchor.sum(), kept.sum()]).double()
+    return torch.where(kept, loss, torch.zeros_like(loss)), counts_out
+
+
+@sup_con_anchor_losses.register_fake
+def _(features, labels, lse, temperature, normalize):
+    n = features.shape[0]
+    return features.new_empty((n,), dtype=torch.float64), features.new_empty((2,), dtype=torch.float64)
+
+
+SUP_CON_REDUCTIONS = ("mean", "nonzero")
+
+
+def sup_con(features: Tensor, labels: Tensor, temperature: float, normalize: bool, reduction: str) -> Tensor:
+    """The SupCon loss with its averaging chosen here: "mean" over the anchors with a
+    positive (the paper's L_out), or "nonzero" (pytorch-metric-learning's default
+    AvgNonZeroReducer, see sup_con_anchor_losses). Both stay fused: "nonzero" adds an
+    O(N D) pass and rescales the fused mean's gradient by |anchors| / |kept|, so the
+    anchors left out still contribute their gradient, which is below the rounding
+    level (|d loss_i / d s| <= 2 loss_i)."""
+    loss, lse = torch.ops.sslkernels.sup_con_forward(features, labels, temperature, normalize)
+    if reduction == "mean":
+        return loss
+    kept, counts = torch.ops.sslkernels.sup_con_anchor_losses(features.detach(), labels, lse.detach(),
+                                                              temperature, normalize)
+    num_anchors, num_kept = counts.unbind()
+    divisor = num_kept.clamp(min=1)
+    value = (kept.sum() / divisor).to(loss.dtype)
+    scale = torch.where(num_kept > 0, num_anchors / divisor, torch.zeros_like(divisor)).to(loss.dtype)
+    # value of the non-zero mean, gradient of the fused mean times |anchors| / |kept|
+    return value + (loss - loss.detach()) * scale
+
+
 # ---------------------------------------------------------------- InfoNCE / CLIP
 # lse holds the query-direction statistics [N], then (symmetric) the key direction [N].
 # `temperature` is a 0-dim tensor so that a learnable one gets its (exact) gradient;
 # `negatives_grad` says whether the queue needs a gradient (a MoCo queue does not).
 
 
+def _query_key_args(query: Tensor, key: Tensor) -> dict:
+    """The C++ core's keyword arguments for the [N, D] query and key."""
+    n, d = query.shape
+    return dict(query=query.data_ptr(), key=key.data_ptr(), dtype=_ext.DTYPE_CODES[query.dtype], n=n, d=d,
+                q_row_stride=query.stride(0), q_col_stride=query.stride(1),
+                k_row_stride=key.stride(0), k_col_stride=key.stride(1))
+
+
 def _negatives_args(x: Optional[Tensor]):
-    """(rows tensor, pointer, rows, row stride, column stride, per-query count) for the
-    C++ core; the caller keeps the rows tensor alive while the kernel runs.
+    """(rows tensor, the C++ core's keyword arguments for the negatives); the caller
+    keeps the rows tensor alive while the kernel runs.
 
     A shared queue [K, D] goes as is (per-query count 0); per-query hard negatives
     [N, M, D] go as their [N M, D] rows (a view when the layout allows, else a copy)
-    with count M.
+    with count M. No negatives: zero rows (the pointer is ignored).
     """
-    if x is None:
-        return None, 0, 0, 0, 0, 0
     per_query = 0
-    if x.dim() == 3:
+    if x is not None and x.dim() == 3:
         per_query = x.shape[1]
         x = x.reshape(-1, x.shape[2])
-    return x, x.data_ptr(), x.shape[0], x.stride(0), x.stride(1), per_query
+    view = dict(negatives=0, negatives_rows=0, n_row_stride=0, n_col_stride=0, negatives_per_query=per_query)
+    if x is not None:
+        view.update(negatives=x.data_ptr(), negatives_rows=x.shape[0], n_row_stride=x.stride(0),
+                    n_col_stride=x.stride(1))
+    return x, view
 
 
 def _gradient_buffers(query: Tensor, key: Tensor, negatives: Optional[Tensor], negatives_grad: bool,
@@ -242,12 +310,12 @@ def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negativ
     n, d = query.shape
     lse = torch.empty(n * (2 if symmetric else 1), dtype=_stats_dtype(query.dtype))
     loss64 = torch.empty((), dtype=torch.float64)
-    neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
+    neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
     status = _ext._C.info_nce_forward(
-        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k, per_query,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
-        float(temperature), bool(normalize), bool(symmetric), bool(in_batch_negatives),
-        lse.data_ptr(), _lse_key_ptr(lse, n, symmetric), loss64.data_ptr(), _ext.num_threads(),
+        **_query_key_args(query, key), **negatives_view,
+        temperature=float(temperature), normalize=bool(normalize), symmetric=bool(symmetric),
+        in_batch_negatives=bool(in_batch_negatives), lse_query=lse.data_ptr(),
+        lse_key=_lse_key_ptr(lse, n, symmetric), loss=loss64.data_ptr(), num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "info_nce", "query", "key", "negatives")
     return loss64.to(query.dtype), lse
@@ -285,15 +353,15 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
     n, d = query.shape
     dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad)
     dtemp64 = torch.empty((), dtype=torch.float64)
-    neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
+    neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
     lse = lse.contiguous()
     status = _ext._C.info_nce_backward(
-        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k, per_query,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
-        lse.data_ptr(), _lse_key_ptr(lse, n, symmetric),
-        float(temperature), bool(normalize), bool(symmetric), bool(in_batch_negatives), float(grad_loss),
-        dquery.data_ptr(), dkey.data_ptr(), dneg.data_ptr() if want_dneg else 0, dtemp64.data_ptr(),
-        _ext.num_threads(),
+        **_query_key_args(query, key), **negatives_view,
+        lse_query=lse.data_ptr(), lse_key=_lse_key_ptr(lse, n, symmetric),
+        temperature=float(temperature), normalize=bool(normalize), symmetric=bool(symmetric),
+        in_batch_negatives=bool(in_batch_negatives), grad_loss=float(grad_loss),
+        dquery=dquery.data_ptr(), dkey=dkey.data_ptr(), dnegatives=dneg.data_ptr() if want_dneg else 0,
+        dtemperature=dtemp64.data_ptr(), num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "info_nce backward", "query", "key", "negatives")
     return dquery, dkey, dneg, dtemp64.to(temperature.dtype)
@@ -336,15 +404,14 @@ def _(query, key, negatives, temperature, normalize, negatives_grad):
                                                       _stats_dtype(query.dtype))
     loss64 = torch.empty((), dtype=torch.float64)
     dtemp64 = torch.empty((), dtype=torch.float64)
-    neg_rows, neg_ptr, k, neg_s0, neg_s1, per_query = _negatives_args(negatives)  # noqa: F841 (kept alive)
-    if per_query:
+    neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
+    if negatives_view.pop("negatives_per_query"):
         raise ValueError("info_nce_loss_and_grads takes a shared [K, D] queue, not per-query negatives")
     status = _ext._C.info_nce_loss_and_grads(
-        query.data_ptr(), key.data_ptr(), neg_ptr, _ext.DTYPE_CODES[query.dtype], n, d, k,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), neg_s0, neg_s1,
-        float(temperature), bool(normalize), loss64.data_ptr(),
-        dquery.data_ptr(), dkey.data_ptr(), dneg.data_ptr() if want_dneg else 0, dtemp64.data_ptr(),
-        _ext.num_threads(),
+        **_query_key_args(query, key), **negatives_view,
+        temperature=float(temperature), normalize=bool(normalize), loss=loss64.data_ptr(),
+        dquery=dquery.data_ptr(), dkey=dkey.data_ptr(), dnegatives=dneg.data_ptr() if want_dneg else 0,
+        dtemperature=dtemp64.data_ptr(), num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "info_nce", "query", "key", "negatives")
     return loss64.to(query.dtype), dquery, dkey, dneg, dtemp64
@@ -439,3 +506,48 @@ def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
 _register_loss_autograd(nt_xent_forward, torch.ops.sslkernels.nt_xent_backward, (True, True))
 _register_loss_autograd(sup_con_forward, torch.ops.sslkernels.sup_con_backward, (True, False))
 _register_loss_autograd(info_nce_forward, torch.ops.sslkernels.info_nce_backward, (True, True, True, True))
+
+
+# ---------------------------------------------------------------- routes
+# What functional.py, nn/ and distributed.py call, on arguments already validated: each
+# picks the op for its arguments and returns the loss.
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, *, normalize: bool) -> Tensor:
+    loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
+    return loss
+
+
+def sup_con_loss(features: Tensor, labels: Tensor, temperature: float, *, normalize: bool,
+                 reduction: str = "mean") -> Tensor:
+    return sup_con(features, labels, temperature, bool(normalize), reduction)
+
+
+def _grad_wanted(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def info_nce_loss(query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, *,
+                  normalize: bool, symmetric: bool, in_batch_negatives: bool, negatives_grad: bool) -> Tensor:
+    """InfoNCE / CLIP through the fastest op for the call: `temperature` a 0-dim tensor,
+    `negatives` None (not empty), a shared [K, D] queue or per-query [N, M, D].
+
+    A training step on the C++ path (a CPU tensor requires grad, grad mode on) of the
+    one-direction loss with in-batch keys and a shared queue or none takes the one-sweep
+    op: loss and gradients together, each logit tile multiplied once, instead of a
+    forward and a backward that recomputes the tiles. The Triton kernels have no such
+    variant (on CUDA the op would only run the same two kernels earlier), so CUDA, and
+    every other case, keeps the forward / backward ops.
+    """
+    one_sweep = (query.device.type == "cpu" and not symmetric and in_batch_negatives
+                 and (negatives is None or negatives.dim() == 2))
+    if one_sweep and _grad_wanted(query, key, negatives, temperature):
+        loss, *_ = torch.ops.sslkernels.info_nce_loss_and_grads(
+            query, key, negatives, temperature, bool(normalize), bool(negatives_grad)
+        )
+        return loss
+    loss, _ = torch.ops.sslkernels.info_nce_forward(
+        query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
+        bool(negatives_grad),
+    )
+    return loss
