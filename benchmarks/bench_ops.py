@@ -33,7 +33,7 @@ def pytest_generate_tests(metafunc):
         cases = [
             (name, sizes, pass_)
             for name in sorted(B.OPS)
-            for sizes in B.get_op(name).grid(quick=quick)
+            for sizes in B.get_op(name).grid(suite="quick" if quick else "full")
             for pass_ in B.get_op(name).passes
         ]
         ids = [f"{n}-" + "-".join(f"{k}{v}" for k, v in s.items()) + f"-{p}" for n, s, p in cases]

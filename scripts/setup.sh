@@ -2,7 +2,7 @@
 # Create (or reuse) .venv, install torch, Triton, the test/bench tools and sslkernels itself.
 # Usage: bash scripts/setup.sh [--editable]
 # Environment: SSLK_VENV (default .venv), SSLK_TORCH (default torch==2.13.0, a CPU build here;
-# any torch>=2.4 works), SSLK_PYTHON (default python3).
+# torch>=2.5: what ran, README), SSLK_PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

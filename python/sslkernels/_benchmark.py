@@ -4,7 +4,8 @@ Three pieces, used the same way by both front ends:
 
 * ``OPS``: the registry of benchmarked ops. Each :class:`BenchOp` names its size
   parameters, builds inputs, and gives an eager and a fused callable. A new op
-  (info_nce, sup_con, attention, svdvals) plugs in with one :func:`register_op`.
+  plugs in with one :func:`register_op`, and its headline case (what a plain
+  ``sslkernels bench`` runs) with one line in ``HEADLINE_CASES``.
 * :func:`make_pass`: turns (callable, inputs, pass) into a ``(setup, target)``
   pair. ``setup`` is never timed (it clears gradients and, for ``bwd``, runs a
   fresh forward); ``target`` is the timed region and synchronises CUDA before
@@ -63,7 +64,7 @@ class BenchOp:
 
     name: str
     params: Tuple[str, ...]                      # size parameter names, e.g. ("n", "d")
-    default_sizes: Dict[str, Tuple[int, ...]]     # the default suite's grid
+    default_sizes: Dict[str, Tuple[int, ...]]     # the whole grid: `sslkernels bench --full`, pytest benchmarks/
     quick_sizes: Dict[str, Tuple[int, ...]]       # --quick / SSLK_BENCH_QUICK grid
     make_inputs: Callable[[Sizes, torch.dtype, torch.device], Tuple[torch.Tensor, ...]]
     eager: Callable[..., torch.Tensor]
@@ -80,12 +81,27 @@ class BenchOp:
             return self.fused
         raise ValueError(f"impl must be 'eager' or 'fused', got {which!r}")
 
-    def grid(self, overrides: Optional[Dict[str, Sequence[int]]] = None, quick: bool = False) -> List[Sizes]:
-        """Cartesian product of the size grid (quick or default), with per-parameter overrides."""
-        base = self.quick_sizes if quick else self.default_sizes
+    def grid(self, overrides: Optional[Dict[str, Sequence[int]]] = None, suite: str = "full") -> List[Sizes]:
+        """Cartesian product of one suite's sizes, with per-parameter overrides.
+
+        ``suite``: "full" (``default_sizes``), "quick" (``quick_sizes``) or "headline"
+        (the one case in ``HEADLINE_CASES``; an op without an entry there falls back to
+        its first quick case)."""
+        if suite == "headline":
+            one = HEADLINE_CASES.get(self.name) or {p: self.quick_sizes[p][0] for p in self.params}
+            base = {p: (one[p],) for p in self.params}
+        elif suite in ("full", "quick"):
+            base = self.default_sizes if suite == "full" else self.quick_sizes
+        else:
+            raise ValueError(f"suite must be 'full', 'quick' or 'headline', got {suite!r}")
         overrides = overrides or {}
         axes = [tuple(overrides.get(p) or base[p]) for p in self.params]
         return [dict(zip(self.params, combo)) for combo in itertools.product(*axes)]
+
+    @property
+    def headline_passes(self) -> Tuple[str, ...]:
+        """The pass a headline row reports: a training step where the op has a backward."""
+        return ("fwdbwd",) if "fwdbwd" in self.passes else ("fwd",)
 
 
 OPS: Dict[str, BenchOp] = {}
@@ -491,6 +507,23 @@ register_op(
         description="KoLeo (lightly / DINOv2), eps 1e-8, topk 1, whole batch",
     )
 )
+
+# ---------------------------------------------------------------- the default suite
+
+# What a plain `sslkernels bench` (and scripts/bench.sh) runs: one headline case per op,
+# the shapes benchmarks/RESULTS.md quotes, at the op's headline pass (fwd+bwd where it has
+# a backward). A new op adds one line; an op without a line runs its first --quick case.
+# Budget: the whole default suite in about 2-3 minutes on 2 idle cores, memory included.
+HEADLINE_CASES: Dict[str, Sizes] = {
+    "nt_xent": {"n": 8192, "d": 128},
+    "sup_con": {"n": 8192, "d": 128, "classes": 100},
+    "info_nce": {"n": 8192, "d": 256, "k": 16384},
+    "masked_patch_attention": {"b": 32, "l": 196, "h": 12, "dh": 64, "lo": 78, "hi": 196},
+    "varlen_attention": {"b": 32, "tokens": 147, "h": 12, "dh": 64},
+    "svdvals": {"b": 512, "n": 128},
+    "rankme": {"n": 25600, "d": 2048, "rank": 2048},
+}
+
 
 # ---------------------------------------------------------------- passes
 

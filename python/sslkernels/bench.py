@@ -1,7 +1,8 @@
 """``sslkernels bench``: speed and peak memory of the fused ops against eager PyTorch.
 
-    sslkernels bench                          # default suite, results in ./bench-results/
-    sslkernels bench --quick                  # one small case, a few seconds
+    sslkernels bench                          # headline cases, ~3 min on 2 cores; results in ./bench-results/
+    sslkernels bench --full                   # the whole grid of every op (~12 min on 2 cores)
+    sslkernels bench --quick                  # one small case per op
     sslkernels bench --n 4096 --d 128 --passes fwd bwd fwdbwd --repeat 10
     python -m sslkernels.bench --device cuda --dtype bfloat16
 
@@ -10,27 +11,30 @@ For every (op, shape, dtype, pass) it times eager and fused on the same inputs
 each above its inputs (CPU: a fresh subprocess per measurement, peak RSS; CUDA:
 ``torch.cuda.max_memory_allocated``), prints one table and writes
 ``results.csv``, ``results.png`` and ``run.json`` (machine, command, runtime)
-to ``--out``. The measuring code lives in ``sslkernels._benchmark``, shared
+to ``--out``. tqdm (progress bar) and matplotlib (PNG) are optional: without them
+progress comes as plain lines and no PNG is drawn (``pip install "sslkernels[bench]"``). The measuring code lives in ``sslkernels._benchmark``, shared
 with the pytest-benchmark suite in ``benchmarks/``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
 import shlex
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from sslkernels import _benchmark as B
 
-DEFAULT_PASSES = ("fwd", "fwdbwd")
-DEFAULT_REPEAT = 5
+DEFAULT_PASSES = ("fwd", "fwdbwd")   # --full and --quick; the headline suite runs each op's headline pass
+DEFAULT_REPEAT = 5     # --full
+HEADLINE_REPEAT = 3    # the default suite: its cases take 0.1-4 s a call, so 3 keep it within ~3 min on 2 cores
 DEFAULT_WARMUP = 1
 QUICK_REPEAT = 3
 
@@ -78,26 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=None, metavar="OP",
                    help=f"ops to benchmark (registered: {', '.join(sorted(B.OPS))}; default: all)")
     p.add_argument("--n", nargs="+", type=_positive, default=None, metavar="N",
-                   help="rows per view (contrastive losses); default 1024 4096 8192")
+                   help="rows per view (contrastive losses); headline 8192, --full 1024 4096 8192")
     p.add_argument("--d", nargs="+", type=_positive, default=None, metavar="D",
-                   help="embedding dimension; default 128 256")
+                   help="embedding dimension; headline 128 (256 for info_nce), --full 128 256")
     p.add_argument("--size", action="append", type=_parse_size, default=[], metavar="NAME=V1,V2",
                    help="any size parameter of an op, e.g. --size n=512,2048 (repeatable)")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(B.DTYPES), metavar="DTYPE",
                    help="float32 (default), float16, bfloat16, float64")
     p.add_argument("--passes", nargs="+", default=None, choices=B.PASSES, metavar="PASS",
-                   help="fwd, bwd (backward alone after an untimed forward), fwdbwd; default: fwd fwdbwd")
+                   help="fwd, bwd (backward alone after an untimed forward), fwdbwd; default: fwdbwd "
+                        "(fwd for forward-only ops), with --full / --quick: fwd fwdbwd")
     p.add_argument("--repeat", type=_positive, default=None,
-                   help=f"timed calls per impl, the median is reported (default {DEFAULT_REPEAT}, --quick {QUICK_REPEAT})")
+                   help=f"timed calls per impl, the median is reported (default {HEADLINE_REPEAT}, --full {DEFAULT_REPEAT}, "
+                        f"--quick {QUICK_REPEAT})")
     p.add_argument("--warmup", type=_nonneg, default=None, help=f"untimed calls per impl first (default {DEFAULT_WARMUP})")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    p.add_argument("--quick", action="store_true",
-                   help="smallest shape only (N=1024, D=128 for nt_xent) and 3 repetitions, unless given explicitly")
+    suite = p.add_mutually_exclusive_group()
+    suite.add_argument("--full", action="store_true",
+                       help="the whole size grid of every op instead of the headline cases (~12 min on 2 cores)")
+    suite.add_argument("--quick", action="store_true",
+                       help="smallest shape only (N=1024, D=128 for nt_xent) and 3 repetitions, unless given explicitly")
     p.add_argument("--out", default="bench-results", help="output folder for results.csv / .png / run.json (default ./bench-results)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     return p
 
 
@@ -189,6 +198,127 @@ def write_plot(path: str, rows: List[dict], title: str) -> None:
     plt.close(fig)
 
 
+def plan_cases(ops, overrides: Dict[str, List[int]], suite: str, dtypes: Sequence[str],
+               passes: Optional[Sequence[str]] = None) -> List[tuple]:
+    """Every (op, sizes, dtype, pass) a run measures, grouped by (op, sizes, dtype).
+
+    ``suite`` is "headline" (the default: each op's headline case and pass), "full" or
+    "quick"; ``overrides`` replace a size axis; ``passes`` (None: the suite's own) are
+    filtered by what each op has (forward-only ops skip bwd)."""
+    cases = []
+    for op in ops:
+        wanted = passes or (op.headline_passes if suite == "headline" else DEFAULT_PASSES)
+        for sizes in op.grid({k: v for k, v in overrides.items() if k in op.params}, suite=suite):
+            for dtype in dtypes:
+                cases += [(op, sizes, dtype, p) for p in wanted if p in op.passes]
+    return cases
+
+
+EXTRAS_HINT = 'pip install "sslkernels[bench]" brings it'
+
+
+def _optional_module(name: str, without: str):
+    """``import name``, or None after a one-line hint on stderr saying what the run does without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        print(f"sslkernels bench: {name} is not installed: {without} ({EXTRAS_HINT})", file=sys.stderr, flush=True)
+        return None
+
+
+def _clock(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"
+
+
+class Progress:
+    """Steps done out of all, elapsed time and an ETA: a tqdm bar, or one plain line per step.
+
+    The ETA adds up an estimate for every step still to run: a timing step costs the mean
+    of the timing steps so far; a memory step costs a subprocess start-up (the mean
+    measured on the memory steps so far, ``STARTUP_GUESS_S`` before the first) plus one
+    pass of its case as the timing step measured it.
+    """
+
+    STARTUP_GUESS_S = 3.0
+
+    def __init__(self, timing_steps: int, memory_steps: Sequence[Tuple[str, str]], tqdm_module=None,
+                 enabled: bool = True, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.timing_left = timing_steps
+        self.memory_left = list(memory_steps)      # (case key, impl), in the order they run
+        self.total = timing_steps + len(self.memory_left)
+        self.done = 0
+        self.timing_s: List[float] = []
+        self.startup_s: List[float] = []
+        self.pass_s: Dict[Tuple[str, str], float] = {}
+        self.steps: List[Tuple[str, float]] = []   # (what, seconds) of every step that ran
+        self._what = ""
+        self.t0 = time.perf_counter()
+        self._step_t0 = self.t0
+        self.bar = None
+        if enabled and tqdm_module is not None:
+            self.bar = tqdm_module.tqdm(total=self.total, file=self.stream, dynamic_ncols=True, unit="step",
+                                        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                   "[{elapsed}{postfix}]")
+
+    def eta(self) -> Optional[float]:
+        """Seconds still to go, or None before anything has been measured."""
+        if not self.timing_s and self.timing_left:
+            return None
+        timing = self.timing_left * (sum(self.timing_s) / len(self.timing_s)) if self.timing_left else 0.0
+        startup = sum(self.startup_s) / len(self.startup_s) if self.startup_s else self.STARTUP_GUESS_S
+        known = list(self.pass_s.values())
+        fallback = sum(known) / len(known) if known else 0.0
+        memory = sum(startup + self.pass_s.get(step, fallback) for step in self.memory_left)
+        return timing + memory
+
+    def begin(self, what: str) -> None:
+        self._step_t0 = time.perf_counter()
+        self._what = what
+        if not self.enabled:
+            return
+        eta = f"ETA {_clock(self.eta())}"
+        if self.bar is not None:
+            self.bar.set_description_str(what, refresh=False)
+            self.bar.set_postfix_str(eta)
+        else:
+            elapsed = _clock(time.perf_counter() - self.t0)
+            width = len(str(self.total))
+            print(f"[{self.done + 1:>{width}}/{self.total}] {elapsed} elapsed, {eta}  {what}",
+                  file=self.stream, flush=True)
+
+    def timed(self, key: str, eager_ms: float, fused_ms: float) -> None:
+        """A timing step ended; its medians predict that case's memory steps."""
+        self.timing_s.append(time.perf_counter() - self._step_t0)
+        self.timing_left -= 1
+        for impl, ms in (("eager", eager_ms), ("fused", fused_ms)):
+            if ms == ms:   # not NaN
+                self.pass_s[(key, impl)] = ms / 1e3
+        self._advance()
+
+    def measured(self, key: str, impl: str) -> None:
+        """A memory step ended: what it took beyond one pass is the subprocess start-up."""
+        took = time.perf_counter() - self._step_t0
+        self.startup_s.append(max(0.0, took - self.pass_s.get((key, impl), 0.0)))
+        if (key, impl) in self.memory_left:
+            self.memory_left.remove((key, impl))
+        self._advance()
+
+    def _advance(self) -> None:
+        self.steps.append((self._what, round(time.perf_counter() - self._step_t0, 2)))
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(args) -> int:
     t_start = time.perf_counter()
     if args.threads:
@@ -207,14 +337,27 @@ def run(args) -> int:
         if not any(name in op.params for op in ops):
             print(f"sslkernels bench: no selected op has a size parameter {name!r}", file=sys.stderr)
             return 2
-    passes = list(args.passes or DEFAULT_PASSES)
-    repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    suite = "full" if args.full else "quick" if args.quick else "headline"
+    repeat = args.repeat or {"quick": QUICK_REPEAT, "headline": HEADLINE_REPEAT}.get(suite, DEFAULT_REPEAT)
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     threads = torch.get_num_threads()
+
+    cases = plan_cases(ops, overrides, suite, args.dtype, args.passes)
+    passes = sorted({c[3] for c in cases}, key=B.PASSES.index)
+
+    def case_key(op, sizes, dtype, p) -> str:
+        return json.dumps([op.name, sizes, dtype, p])
+
+    tqdm_module = None
+    if not args.no_progress:
+        tqdm_module = _optional_module("tqdm", "progress comes as plain lines, no bar")
+    plot = not args.no_plot and _optional_module("matplotlib", "no results.png, the table and CSV as usual") is not None
 
     machine = B.machine_info(device)
     mdesc = B.describe_machine(machine)
     print(mdesc, flush=True)
+    print(f"{len(cases)} cases ({suite} suite" + ("; --full runs the whole grid" if suite == "headline" else "")
+          + f"), {repeat} timed calls each", flush=True)
     load_start = B.load_average()
     if device == "cpu":
         pre = B.CpuContention().start()
@@ -225,47 +368,39 @@ def run(args) -> int:
                   "disturbed (the figure for the whole run is printed at the end)", flush=True)
     contention = B.CpuContention().start()
 
-    cases = []   # (op, sizes, dtype, pass)
-    for op in ops:
-        for sizes in op.grid({k: v for k, v in overrides.items() if k in op.params}, quick=args.quick):
-            for dtype in args.dtype:
-                for p in (q for q in passes if q in op.passes):  # forward-only ops skip bwd
-                    cases.append((op, sizes, dtype, p))
-    units = len(cases) * (1 + (0 if args.no_memory else 2))
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=units, desc="bench", unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    memory_steps = [] if args.no_memory else [(case_key(*c), impl) for c in cases for impl in B.IMPLS]
+    progress = Progress(len(cases), memory_steps, tqdm_module=tqdm_module, enabled=not args.no_progress)
     rows: List[dict] = []
     dev = torch.device(device)
     try:
-        # Timing first, grouped by shape so inputs are built once per (op, sizes, dtype).
+        # Timing first, inputs built once per (op, sizes, dtype).
         timings = {}
-        for op in ops:
-            seen = []
-            for c_op, sizes, dtype, p in cases:
-                if c_op is op and (sizes, dtype) not in seen:
-                    seen.append((sizes, dtype))
-            for sizes, dtype in seen:
-                inputs = op.make_inputs(sizes, B.DTYPES[dtype], dev)
-                for p in (q for q in passes if q in op.passes):  # forward-only ops skip bwd
-                    bar.set_description(f"time {op.name} {op.shape_label(sizes)} {dtype} {p}")
-                    timings[(op.name, json.dumps(sizes), dtype, p)] = B.time_pair(op, inputs, p, repeat, warmup)
-                    bar.update(1)
-                del inputs
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+        groups: List[tuple] = []
+        for op, sizes, dtype, _ in cases:
+            if (op, sizes, dtype) not in groups:
+                groups.append((op, sizes, dtype))
+        for op, sizes, dtype in groups:
+            inputs = op.make_inputs(sizes, B.DTYPES[dtype], dev)
+            for p in (c[3] for c in cases if c[:3] == (op, sizes, dtype)):
+                key = case_key(op, sizes, dtype, p)
+                progress.begin(f"time {op.name} {op.shape_label(sizes)} {dtype} {p}")
+                timings[key] = t = B.time_pair(op, inputs, p, repeat, warmup)
+                progress.timed(key, t.eager_median, t.fused_median)
+            del inputs
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         # Then memory, one fresh subprocess per (case, impl) on CPU.
         for op, sizes, dtype, p in cases:
-            t = timings[(op.name, json.dumps(sizes), dtype, p)]
+            key = case_key(op, sizes, dtype, p)
+            t = timings[key]
             peaks = {}
             for impl in B.IMPLS:
                 if args.no_memory:
                     peaks[impl] = B.Peak(None, "skipped (--no-memory)")
                     continue
-                bar.set_description(f"memory {op.name} {op.shape_label(sizes)} {dtype} {p} {impl}")
+                progress.begin(f"memory {op.name} {op.shape_label(sizes)} {dtype} {p} {impl}")
                 peaks[impl] = B.measure_peak(op, sizes, dtype, impl, p, device=device, threads=threads)
-                bar.update(1)
+                progress.measured(key, impl)
             methods = sorted({pk.method for pk in peaks.values()})
             rows.append({
                 "op": op.name, "shape": op.shape_label(sizes), **{k: v for k, v in sizes.items()},
@@ -280,7 +415,7 @@ def run(args) -> int:
                                            "triton_version", "gpu_name")},
             })
     finally:
-        bar.close()
+        progress.close()
 
     elapsed = time.perf_counter() - t_start
     load_end = B.load_average()
@@ -292,16 +427,17 @@ def run(args) -> int:
     csv_path = os.path.join(args.out, "results.csv")
     write_csv(csv_path, rows, size_cols)
     png_path = None
-    if not args.no_plot:
+    if plot:
         png_path = os.path.join(args.out, "results.png")
         write_plot(png_path, rows, mdesc)
     command = "sslkernels bench " + " ".join(shlex.quote(a) for a in args._argv)
     with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump({"command": command.strip(), "source_revision": B.source_revision(), "machine": machine, "device": device, "passes": passes,
+        json.dump({"command": command.strip(), "source_revision": B.source_revision(), "machine": machine, "device": device, "suite": suite, "passes": passes,
                    "repeat": repeat, "warmup": warmup, "seconds": round(elapsed, 1),
                    "load_average_start": load_start, "load_average_end": load_end,
                    "other_processes_cores": None if others is None else round(others, 2),
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "step_seconds": [{"step": w, "seconds": t} for w, t in progress.steps]}, f, indent=2)
 
     print()
     print(format_table(rows))
