@@ -35,6 +35,7 @@ class Arg:
     values_checked: bool = True  # NaN / Inf in it raise ValueError naming it
     more_dims_ok: bool = False   # any rank above max(ranks) is accepted too (batch dims)
     expand_ok: bool = True       # its rows may all be one row (stride 0): a valid value
+    bad_dtypes: Optional[Tuple[torch.dtype, ...]] = None  # refused dtypes (None: by kind)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,9 @@ SUP_CON = OpSpec(
     sizes=st.fixed_dictionaries({"n": ROWS, "d": COLS, "classes": st.integers(1, 9)}),
     options=_contrastive_options(), small={"n": 9, "d": 5, "classes": 3},
     large={"n": 301, "d": 20, "classes": 12}, defaults={"temperature": 0.1},
-    args={"features": Arg((2,)), "labels": Arg((1,), kind="int", values_checked=False)}, grads=("features",),
+    args={"features": Arg((2,)), "labels": Arg((1,), kind="int", values_checked=False,
+                                                            bad_dtypes=(torch.complex64,))},  # float / bool: labels by value (pml)
+    grads=("features",),
     mismatches=(("one more label", "labels", _extra_row),),
     bad_scalars=_TEMPERATURE_CASES, thread_bitwise=True, magnitude=_logit_bound,
 )

@@ -105,7 +105,8 @@ def cases_for(spec):
                 add(f"{name}-rank{r}", _replace(name, lambda t, r=r: _to_rank(t, r)), ValueError, [name])
         add(f"{name}-list", _replace(name, lambda t: t.tolist()), TypeError, [name])
         add(f"{name}-numpy", _replace(name, lambda t: t.numpy()), TypeError, [name])
-        bad_dtypes = (torch.int64, torch.bool, torch.complex64) if arg.kind == "float" else (torch.float32, torch.bool)
+        bad_dtypes = arg.bad_dtypes or ((torch.int64, torch.bool, torch.complex64) if arg.kind == "float"
+                                        else (torch.float32, torch.bool))
         for dt in bad_dtypes:
             add(f"{name}-{str(dt).split('.')[-1]}", _replace(name, lambda t, dt=dt: t.to(dt)), TypeError, [name])
         if len(tensors) > 1:

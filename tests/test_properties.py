@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tests._reliability import OPS
@@ -71,6 +71,9 @@ def test_fused_matches_float64_reference(spec, data):
     fused = _outputs_and_grads(spec.call, tensors, options, spec.grads)
     eager = _outputs_and_grads(spec.reference, tensors, options, spec.grads)
     ref = _outputs_and_grads(spec.reference, as64, options, spec.grads)
+    # a true result beyond the dtype's range (float16's 65504: a SigLIP sum of N^2 terms at
+    # scale 100) has no representable answer to judge
+    assume(all(r.abs().max() <= torch.finfo(dtype).max for r in ref))
     names = ["output"] + [f"grad {k}" for k in spec.grads if k in tensors]
     for name, f, e, r in zip(names, fused, eager, ref):
         what = "output" if name == "output" else name[5:]

@@ -337,7 +337,11 @@ class CompileTarget:
 def jit_fn(kernel):
     """The jitted function under autotune / heuristics wrappers (a JITFunction, or the
     interpreter's InterpretedFunction when TRITON_INTERPRET=1)."""
-    while not hasattr(kernel, "arg_names"):
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    # not by attribute: an Autotuner has arg_names too, and a JITFunction has .fn
+    while not isinstance(kernel, (JITFunction, InterpretedFunction)):
         kernel = kernel.fn
     return kernel
 

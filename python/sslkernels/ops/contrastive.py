@@ -210,7 +210,9 @@ def sup_con_anchor_losses(
     is_anchor = positives > 0
     mean_positive = (z * (class_sum[class_ids] - z)).sum(1) / (temperature * positives.clamp(min=1).to(z.dtype))
     loss = lse.double() - mean_positive
-    rounding = NONZERO_ULPS * torch.finfo(lse.dtype).eps * (lse.double().abs() + mean_positive.abs())
+    # The rounding level of the kernel's own arithmetic (float32 but for float64 inputs),
+    # not of the lse's storage, which is float64 for every dtype.
+    rounding = NONZERO_ULPS * torch.finfo(_stats_dtype(features.dtype)).eps * (lse.double().abs() + mean_positive.abs())
     kept = is_anchor & (loss > rounding) & (counts.numel() > 1)  # one class: no negative pair, pml's 0
     counts_out = torch.stack([is_anchor.sum(), kept.sum()]).double()
     return torch.where(kept, loss, torch.zeros_like(loss)), counts_out
