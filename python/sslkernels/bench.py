@@ -309,7 +309,7 @@ class Progress:
         self._advance()
 
     def _advance(self) -> None:
-        self.steps.append((self._what, round(time.perf_counter() - self._step_t0, 2)))
+        self.steps.append((self._what, round(time.perf_counter() - self._step_t0, 4)))
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
