@@ -257,16 +257,19 @@ SSLK_MULTIVERSION void softmax_grad_transposed(Acc* st, Acc* dpt, int64_t n, int
   }
 }
 
-// delta[i] += sum_r P^T[r, i] dP^T[r, i] (float64) for transposed tiles S^T, dP^T [n x m],
-// P^T = exp(S^T - lse) as softmax_grad_transposed forms it.
+// delta[i] += sum_r P^T[r, i] dP^T[r, i] and mass[i] += sum_r P^T[r, i] (float64) for
+// transposed tiles S^T, dP^T [n x m], P^T = exp(S^T - lse) as softmax_grad_transposed forms it.
 template <typename Acc>
 SSLK_MULTIVERSION void accumulate_delta(const Acc* st, const Acc* dpt, int64_t n, int64_t m,
-                                        const Acc* lse_hi, const Acc* lse_lo, double* delta) {
+                                        const Acc* lse_hi, const Acc* lse_lo, double* delta, double* mass) {
   for (int64_t r = 0; r < n; ++r) {
     const Acc* sr = st + r * m;
     const Acc* dr = dpt + r * m;
-    for (int64_t i = 0; i < m; ++i)
-      delta[i] += static_cast<double>(exp_vec((sr[i] - lse_hi[i]) - lse_lo[i])) * static_cast<double>(dr[i]);
+    for (int64_t i = 0; i < m; ++i) {
+      const double pr = static_cast<double>(exp_vec((sr[i] - lse_hi[i]) - lse_lo[i]));
+      delta[i] += pr * static_cast<double>(dr[i]);
+      mass[i] += pr;
+    }
   }
 }
 
@@ -396,7 +399,7 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
     std::vector<Acc> qbuf(max_rows * dh), qtbuf(max_rows * dh), dobuf(max_rows * dh);
     std::vector<Acc> dotbuf(max_rows * dh), dqtbuf(max_rows * dh);
     std::vector<Acc> delta(max_rows);
-    std::vector<double> delta_sum(max_rows);
+    std::vector<double> delta_sum(max_rows), mass(max_rows);
     std::vector<Acc> kbuf(max_keys * dh), ktbuf(max_keys * dh), vbuf(max_keys * dh);
     std::vector<Acc> dkbuf(max_keys * dh), dvbuf(max_keys * dh);
     std::vector<Acc> stbuf(max_keys * kQueryTile), dptbuf(max_keys * kQueryTile);
@@ -421,8 +424,11 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
       // cancels for a peaked row (dP_ij ~ D_i where P_ij ~ 1), and only a D formed from
       // the same P keeps that difference; the forward's O (other rounding, then stored in
       // the input dtype) left dq 4x eager's error at logits ~100. Costs two of the five
-      // products once more.
+      // products once more. D is the mean of dP under this P, sum P dP / sum P: S^T here
+      // is another product than the forward's S (the saved lse's), and at logits ~1e4
+      // their ulps (2e-3) leave sum P off 1 by that much, which sum P dP alone would keep.
       std::fill(delta_sum.begin(), delta_sum.begin() + nq, 0.0);
+      std::fill(mass.begin(), mass.begin() + nq, 0.0);
       for (int64_t j = 0; j < kt.count; ++j) {
         KeyTile<Acc> key;
         key.load(p, s, h, kt, j, kbuf.data(), vbuf.data(), ktbuf.data());
@@ -434,10 +440,10 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
           detail::gemm<Acc>(false, false, n, m, dh, scale, key.k, key.ldk, qt_all + r0, nq, Acc(0), st, m);
           detail::gemm<Acc>(false, false, n, m, dh, Acc(1), key.v, key.ldv, dot_all + r0, nq, Acc(0), dpt, m);
           accumulate_delta<Acc>(st, dpt, n, m, lse_parts.hi.data() + r0, lse_parts.lo.data() + r0,
-                                delta_sum.data() + r0);
+                                delta_sum.data() + r0, mass.data() + r0);
         }
       }
-      for (int64_t i = 0; i < nq; ++i) delta[i] = static_cast<Acc>(delta_sum[i]);
+      for (int64_t i = 0; i < nq; ++i) delta[i] = static_cast<Acc>(mass[i] > 0 ? delta_sum[i] / mass[i] : 0.0);
       std::fill(dqt, dqt + nq * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
         KeyTile<Acc> key;
