@@ -305,10 +305,11 @@ def _logit_tile(
 
 @triton.jit
 def _store_lse(lse_ptr, offs, m_i, l_i, mask):
-    """Save lse (natural log) in float64 from the base-2 stats m_i + log2(l_i): a float32
-    lse of logits ~1e4 is off by up to 5e-4, and so would be every probability the
-    backward recomputes from it. Returns the base-2 lse, float64."""
-    lse2 = m_i.to(tl.float64) + tl.log2(l_i).to(tl.float64)
+    """Save lse (natural log) in float64 from the base-2 stats m_i + log2(1 + l_i) (l_i: the
+    sum beside the max's own 1, _online_lse): a float32 lse of logits ~1e4 is off by up
+    to 5e-4, and so would be every probability the backward recomputes from it. Returns
+    the base-2 lse, float64."""
+    lse2 = m_i.to(tl.float64) + tl.log2(1.0 + l_i.to(tl.float64))
     tl.store(lse_ptr + offs, lse2 * 0.6931471805599453, mask=mask)
     return lse2
 
@@ -324,14 +325,46 @@ def _load_lse2(lse_ptr, offs, mask, ACC):
 
 
 @triton.jit
+def _symmetric_logits(acc, scale, r_i, norm_ptr, N, col_idx, col_ok, NORMALIZE: tl.constexpr, ACC: tl.constexpr):
+    """Base-2 logits (x_i . x_j) (log2(e) / t) (r_i r_j) of a tile, rounded the same for
+    (i, j) and (j, i): the backward weighs S_ij against both lse_i and lse_j, and lse_j
+    came from row j's own program. ((x . y) r_i) r_j, as before, rounds the two apart by
+    ~1e-6 at logits ~10, which the positive's small 1 - p against lse_j kept (2-5x
+    eager's error at t = 0.1 with normalize)."""
+    s = acc * scale[:, None]
+    if NORMALIZE:
+        s = s * (r_i[:, None] * _rnorm(norm_ptr, N, col_idx, col_ok).to(ACC)[None, :])
+    return s
+
+
+@triton.jit
+def _expm1_base2(x):
+    """2^x - 1 without cancelling near 0: (u - 1) y / ln u with u = 2^x rounded and y = x ln 2
+    (Kahan), the rounding of u cancelling between the two; u - 1 where u is 0 or 1."""
+    y = x * 0.6931471805599453
+    u = tl.exp2(x)
+    um1 = u - 1.0
+    safe = (u != 1.0) & (u > 0.0)
+    return tl.where(u == 1.0, y, tl.where(safe, um1 * y / tl.log(tl.where(safe, u, 2.0)), um1))
+
+
+@triton.jit
 def _online_lse(m_i, l_i, s):
     """Fold a tile of base-2 logits s [BLOCK_M, BLOCK_N] (masked entries -inf) into the
-    running row max m_i and sum l_i of exp2(s - m_i); a row masked so far keeps -inf."""
+    running row max m_i and l_i = sum_j exp2(s_j - m_i) - 1, the sum beside the max's own
+    1 (start: -inf, -1); a row masked so far keeps -inf and -1. A peaked row's sum is
+    1 + a small rest: summed whole in float32 it is rounded at 1's ulp, 6e-8, and that
+    moves every p of the row, the positive's 1 - p (the gradient) by 2-8x eager's error
+    at t = 0.07. Kept apart, the rest keeps its own relative accuracy; the max's 1 is
+    counted exactly (ties: each element equal to the max adds 1, the max itself none)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(p, axis=1)
-    return m_new, l_i
+    at_max = s == m_use[:, None]
+    p = tl.where(at_max, 0.0, tl.exp2(s - m_use[:, None]))
+    ties = tl.sum(at_max.to(l_i.dtype), axis=1)
+    moved = m_new > m_i  # the max is in this tile: its 1 leaves the sum, the old one scales
+    old = tl.where(moved, (l_i + 1.0) * tl.exp2(m_i - m_use) - 1.0, l_i)
+    return m_new, old + tl.sum(p, axis=1) + ties
 
 
 @triton.jit
@@ -405,15 +438,15 @@ def _nt_xent_fwd_kernel(
     scale = tl.zeros([BLOCK_M], dtype=ACC) + scale_hi + scale_lo
     ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
     if NORMALIZE:
-        row_scale = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC) * scale
+        r_i = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC)
     else:
-        row_scale = scale
+        r_i = scale  # unread
 
     q = _hoisted_row_tile(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, row_ok, D,
                           HOIST, BLOCK_M, BLOCK_K)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    l_i = tl.full([BLOCK_M], -1.0, ACC)  # the sum beside the max's 1 (_online_lse)
     lcols = tl.arange(0, BLOCK_N)
     nbj = tl.cdiv(N, BLOCK_N)
     for t in range(0, 2 * nbj):  # z1's column tiles, then z2's
@@ -423,17 +456,15 @@ def _nt_xent_fwd_kernel(
         col_ok = cols < N
         acc, kt = _logit_tile(q, z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, row_ok, cview, col0,
                               lcols, col_ok, D, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
-        s = acc * row_scale[:, None]  # base-2 logits
-        if NORMALIZE:
-            s = s * _rnorm(norm_ptr, N, cview * N + cols, col_ok).to(ACC)[None, :]
+        s = _symmetric_logits(acc, scale, r_i, norm_ptr, N, cview * N + cols, col_ok, NORMALIZE, ACC)
         keep = col_ok[None, :] & ((cols[None, :] != rows[:, None]) | (cview != view))
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i = _online_lse(m_i, l_i, s)
 
     # positive logit: row-wise dot of x_i with its other view
-    spos = _row_dot(z1_ptr, z2_ptr, stride1, stride2, view, 1 - view, row0, lrows, row_ok, D, ACC) * row_scale
+    spos = _row_dot(z1_ptr, z2_ptr, stride1, stride2, view, 1 - view, row0, lrows, row_ok, D, ACC) * scale
     if NORMALIZE:
-        spos = spos * _rnorm(norm_ptr, N, (1 - view) * N + rows, row_ok).to(ACC)
+        spos = spos * (r_i * _rnorm(norm_ptr, N, (1 - view) * N + rows, row_ok).to(ACC))
 
     idx = view * N + rows
     lse2 = _store_lse(lse_ptr, idx, m_i, l_i, row_ok)
@@ -461,9 +492,8 @@ def _nt_xent_bwd_kernel(
     hi_i, lo_i = _load_lse2(lse_ptr, view * N + rows, row_ok, ACC)
     if NORMALIZE:
         r_i = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC)
-        row_scale = r_i * scale
     else:
-        row_scale = scale
+        r_i = scale  # unread
 
     q = _hoisted_row_tile(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, row_ok, D,
                           HOIST, BLOCK_M, BLOCK_K)
@@ -478,15 +508,22 @@ def _nt_xent_bwd_kernel(
         col_ok = cols < N
         sacc, kt = _logit_tile(q, z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, row_ok, cview, col0,
                                lcols, col_ok, D, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
-        s = sacc * row_scale[:, None]
+        s = _symmetric_logits(sacc, scale, r_i, norm_ptr, N, cview * N + cols, col_ok, NORMALIZE, ACC)
         if NORMALIZE:
             r_j = _rnorm(norm_ptr, N, cview * N + cols, col_ok).to(ACC)
-            s = s * r_j[None, :]
         hi_j, lo_j = _load_lse2(lse_ptr, cview * N + cols, col_ok, ACC)
         w = tl.exp2((s - hi_i[:, None]) - lo_i[:, None]) + tl.exp2((s - hi_j[None, :]) - lo_j[None, :])
-        # diagonal -> 0; positive pair -> W - 2 (the "- 2 zhat_pos(i)" term); padding -> 0
+        # diagonal -> 0; positive pair -> (p_ij - 1) + (p_ji - 1) (the "- 2 zhat_pos(i)"
+        # term), each by expm1: a peaked row's p is within ulps of 1, and p_ij + p_ji - 2
+        # (rounded at 2) keeps only that rounding of the small 1 - p; padding -> 0
         eq = cols[None, :] == rows[:, None]
-        w = tl.where(eq, tl.where(cview == view, 0.0, w - 2.0), w)
+        if cview != view:
+            s_pos = tl.sum(tl.where(eq, s, 0.0), axis=1)
+            hp_j, lp_j = _load_lse2(lse_ptr, cview * N + rows, row_ok, ACC)
+            w_pos = _expm1_base2((s_pos - hi_i) - lo_i) + _expm1_base2((s_pos - hp_j) - lp_j)
+            w = tl.where(eq, w_pos[:, None], w)
+        else:
+            w = tl.where(eq, 0.0, w)
         w = tl.where(col_ok[None, :], w, 0.0)
         if NORMALIZE:
             w = w * r_j[None, :]  # multiplied onto the raw x_j: no normalised copy
@@ -557,11 +594,11 @@ def _norm_bwd_kernel(
 
 
 @triton.jit
-def _candidate_tile(q, a_ptr, x_ptr, stride_a, stride_x, nx_ptr, NX, row0, lrows, row_ok, t, row_scale, D,
+def _candidate_tile(q, a_ptr, x_ptr, stride_a, stride_x, nx_ptr, NX, row0, lrows, row_ok, t, scale, r_a, D,
                     NORMALIZE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, HOIST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Column tile t of the candidates X [NX, D] against the program's rows of A: base-2
-    logits s = (a_i . x_j) r_i r_j log2(e) / t (row_scale = r_i log2(e) / t), the column
+    logits s = (a_i . x_j) (log2(e) / t) (r_i r_j) (_symmetric_logits; r_a = r_i), the column
     tile kt (HOIST), the columns' 1 / ||x_j|| (1 without normalisation) and indices."""
     col0 = t * BLOCK_N
     lcols = tl.arange(0, BLOCK_N)
@@ -569,10 +606,10 @@ def _candidate_tile(q, a_ptr, x_ptr, stride_a, stride_x, nx_ptr, NX, row0, lrows
     col_ok = cols < NX
     sacc, kt = _logit_tile(q, a_ptr, x_ptr, stride_a, stride_x, 0, row0, lrows, row_ok, 1, col0,
                            lcols, col_ok, D, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
-    s = sacc * row_scale[:, None]
+    s = sacc * scale[:, None]
     if NORMALIZE:
         r_j = _rnorm(nx_ptr, NX, cols, col_ok).to(ACC)
-        s = s * r_j[None, :]
+        s = s * (r_a[:, None] * r_j[None, :])
     else:
         r_j = tl.full([BLOCK_N], 1.0, ACC)
     return s, kt, r_j, col0, lcols, cols, col_ok
@@ -590,14 +627,14 @@ def _value_tile(kt, a_ptr, x_ptr, stride_a, stride_x, col0, lcols, col_ok, dcols
 
 
 @triton.jit
-def _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows, row_ok, row_scale, D,
+def _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows, row_ok, scale, r_a, D,
                      NORMALIZE: tl.constexpr, ACC: tl.constexpr):
     """Base-2 logit of row i of A with its mm-th own negative, row i M + mm of C [N M, D]
     (a view of rows stride_c * M apart, starting mm rows in)."""
     s_m = _row_dot(a_ptr, c_ptr + mm * stride_c, stride_a, stride_c * M, 0, 1, row0, lrows, row_ok, D, ACC)
-    s_m = s_m * row_scale
+    s_m = s_m * scale
     if NORMALIZE:
-        s_m = s_m * _rnorm(nc_ptr, NC, rows * M + mm, row_ok).to(ACC)
+        s_m = s_m * (r_a * _rnorm(nc_ptr, NC, rows * M + mm, row_ok).to(ACC))
     return s_m
 
 
@@ -656,21 +693,21 @@ def _lse_fwd_kernel(
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
     ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
     if NORMALIZE:
-        row_scale = _rnorm(na_ptr, NA, rows, row_ok).to(ACC) * scale
+        r_a = _rnorm(na_ptr, NA, rows, row_ok).to(ACC)
     else:
-        row_scale = scale
+        r_a = scale  # unread
     q = _hoisted_row_tile(a_ptr, a_ptr, stride_a, stride_a, 0, row0, lrows, row_ok, D, HOIST, BLOCK_M, BLOCK_K)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    l_i = tl.full([BLOCK_M], -1.0, ACC)  # the sum beside the max's 1 (_online_lse)
     spos = tl.zeros([BLOCK_M], dtype=ACC)
     if B_MODE != 0:
         if not LABELS:  # the partner's logit (base 2)
-            spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * row_scale
+            spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * scale
             if NORMALIZE:
-                spos = spos * _rnorm(nb_ptr, NB, rows, row_ok).to(ACC)
+                spos = spos * (r_a * _rnorm(nb_ptr, NB, rows, row_ok).to(ACC))
         if B_MODE == 2:  # the own key only: the statistics start from it
             m_i = spos
-            l_i = tl.full([BLOCK_M], 1.0, ACC)
+            l_i = tl.zeros([BLOCK_M], dtype=ACC)  # the positive is the max: its 1 apart
     if LABELS:
         lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
         psum = tl.zeros([BLOCK_M], dtype=ACC)
@@ -678,7 +715,7 @@ def _lse_fwd_kernel(
     if B_MODE == 1:
         for t in range(0, tl.cdiv(NB, BLOCK_N)):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
-                q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, row_scale, D,
+                q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
             keep = col_ok[None, :] & (rows[:, None] >= 0)
             if LABELS:  # SupCon: B = A, self-pairs out; positives: same label
@@ -692,14 +729,14 @@ def _lse_fwd_kernel(
     if HAS_C:
         for t in range(0, tl.cdiv(NC, BLOCK_N)):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
-                q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, row_scale, D,
+                q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
             s = tl.where(col_ok[None, :] & (rows[:, None] >= 0), s, float("-inf"))
             m_i, l_i = _online_lse(m_i, l_i, s)
     if PER_Q:
         for mm in range(0, M):
             s_m = _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows,
-                                   row_ok, row_scale, D, NORMALIZE, ACC)
+                                   row_ok, scale, r_a, D, NORMALIZE, ACC)
             m_i, l_i = _online_lse(m_i, l_i, s_m[:, None])
 
     lse2 = _store_lse(lse_ptr, rows, m_i, l_i, row_ok)
@@ -744,9 +781,9 @@ def _lse_bwd_kernel(
         hi_i, lo_i = _load_lse2(lse_r_ptr, rows, row_ok, ACC)
     if NORMALIZE:
         r_i = _rnorm(na_ptr, NA, rows, row_ok).to(ACC)
-        row_scale = r_i * scale
     else:
-        row_scale = scale
+        r_i = scale  # unread
+    r_a = r_i
     if LABELS:
         lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
         cnt_i = tl.load(cnt_ptr + rows, mask=row_ok, other=0).to(ACC)
@@ -759,14 +796,14 @@ def _lse_bwd_kernel(
     expect = tl.zeros([BLOCK_M], dtype=ACC)
     spos = tl.zeros([BLOCK_M], dtype=ACC)
     if (EXPECT or B_MODE == 2) and not LABELS:  # the partner's logit (rows of A and B pair up)
-        spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * row_scale
+        spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * scale
         if NORMALIZE:
             rb_i = _rnorm(nb_ptr, NB, rows, row_ok).to(ACC)
-            spos = spos * rb_i
+            spos = spos * (r_a * rb_i)
     if B_MODE == 1:
         for t in range(0, tl.cdiv(NB, BLOCK_N)):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
-                q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, row_scale, D,
+                q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
             w = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             if LABELS:
@@ -814,7 +851,7 @@ def _lse_bwd_kernel(
     if HAS_C:
         for t in range(0, tl.cdiv(NC, BLOCK_N)):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
-                q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, row_scale, D,
+                q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
             w = tl.where(col_ok[None, :], tl.exp2((s - hi_i[:, None]) - lo_i[:, None]), 0.0)
             if EXPECT:
@@ -826,7 +863,7 @@ def _lse_bwd_kernel(
     if PER_Q:  # row i's own negatives: p_im n^_im, row by row
         for mm in range(0, M):
             s_m = _per_query_logit(a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, M, mm, row0, lrows, rows,
-                                   row_ok, row_scale, D, NORMALIZE, ACC)
+                                   row_ok, scale, r_a, D, NORMALIZE, ACC)
             p = tl.exp2((s_m - hi_i) - lo_i)
             if EXPECT:
                 expect += p * (s_m - spos)

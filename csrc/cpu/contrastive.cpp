@@ -58,23 +58,27 @@ Status load_rows(const MatrixView* parts, int num_parts, bool normalize, Stacked
     const auto [part, r] = locate(parts, num_parts, i);
     const MatrixView& src = parts[part];
     Acc* dst = out.z.data() + i * d;
-    Acc sq = 0;
+    // The squared norm in float64 and each element divided by the norm (F.normalize's
+    // x / max(|x|, eps)), not multiplied by a rounded 1 / |x|: that reciprocal's rounding
+    // scales the whole row by one error, which every logit of a peaked softmax (t = 0.07)
+    // carries into p_ii and hence into its small, cancelling gradient 1 - p_ii.
+    double sq = 0;
     bool finite = true;
     for (int64_t k = 0; k < d; ++k) {
       const Acc v = detail::load_element<Acc>(src.data, src.dtype, r * src.row_stride + k * src.col_stride);
       finite = finite && std::isfinite(v);
       dst[k] = v;
-      sq += v * v;
+      sq += static_cast<double>(v) * static_cast<double>(v);
     }
     if (!finite) {
       if (part == 0) bad_first = 1; else bad_second = 1;
       continue;
     }
-    const Acc norm = std::sqrt(sq);
-    out.norms[i] = norm;
+    const double norm = std::sqrt(sq);
+    out.norms[i] = static_cast<Acc>(norm);
     if (normalize) {
-      const Acc inv = Acc(1) / std::max(norm, static_cast<Acc>(kNormEps));
-      for (int64_t k = 0; k < d; ++k) dst[k] *= inv;
+      const double denom = std::max(norm, kNormEps);
+      for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<Acc>(static_cast<double>(dst[k]) / denom);
     }
   }
   if (bad_first) return Status::NonFiniteFirstInput;
@@ -85,10 +89,11 @@ Status load_rows(const MatrixView* parts, int num_parts, bool normalize, Stacked
 // Online log-sum-exp state of one row: running max and sum of exp(s - max).
 template <typename Acc>
 struct RowStats {
-  std::vector<Acc> max, sum;
+  std::vector<Acc> max;
+  std::vector<double> sum;  // float64: see fold_tile
   explicit RowStats(int64_t m)
       : max(static_cast<size_t>(m), -std::numeric_limits<Acc>::infinity()),
-        sum(static_cast<size_t>(m), Acc(0)) {}
+        sum(static_cast<size_t>(m), 0.0) {}
 };
 
 // max(init, s[0..n)). Written as a compare-select: GCC vectorises this reduction
@@ -102,10 +107,14 @@ SSLK_MULTIVERSION Acc max_of(const Acc* s, int64_t n, Acc init) {
 }
 
 // Fold a tile S [rows x cols] into the stats of its rows (row view) and, when
-// `columns_too`, of its columns (column view, the transposed tile).
+// `columns_too`, of its columns (column view, the transposed tile). The sums of
+// exp(s - max) are float64 (each term still the accumulator's exp): a peaked softmax's
+// sum is 1 + a small rest, which a float sum rounds at 1's ulp, 6e-8, into every p of
+// the row, and the gradient, 1 - p_ii, is small enough for that to show (2-3x eager's
+// error at t = 0.07); the rescaling factor exp(old max - new max) likewise.
 template <typename Acc>
-SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* row_max, Acc* row_sum,
-                                 Acc* col_max, Acc* col_sum, bool columns_too, Acc* col_scratch) {
+SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* row_max, double* row_sum,
+                                 Acc* col_max, double* col_sum, bool columns_too, Acc* col_scratch) {
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   // Pass 1: tile maxima, rows and columns at once.
   Acc* tile_col_max = col_scratch;
@@ -119,23 +128,23 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
     // Row update; a row whose candidates are all masked so far keeps -inf.
     const Acc new_max = std::max(row_max[i], mx);
     if (new_max == neg_inf) continue;
-    Acc acc = 0;
+    double acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < cols; ++j) acc += exp_vec(si[j] - new_max);
-    row_sum[i] = row_sum[i] * exp_vec(row_max[i] - new_max) + acc;
+    for (int64_t j = 0; j < cols; ++j) acc += static_cast<double>(exp_vec(si[j] - new_max));
+    row_sum[i] = row_sum[i] * std::exp(static_cast<double>(row_max[i]) - static_cast<double>(new_max)) + acc;
     row_max[i] = new_max;
   }
   if (!columns_too) return;
   // Pass 2: column sums against the new column maxima.
-  Acc* col_acc = col_scratch + cols;
-  for (int64_t j = 0; j < cols; ++j) col_acc[j] = 0;
+  std::vector<double> col_acc(static_cast<size_t>(cols), 0.0);
   for (int64_t i = 0; i < rows; ++i) {
     const Acc* si = s + i * cols;
-    for (int64_t j = 0; j < cols; ++j) col_acc[j] += exp_vec(si[j] - tile_col_max[j]);
+    for (int64_t j = 0; j < cols; ++j) col_acc[j] += static_cast<double>(exp_vec(si[j] - tile_col_max[j]));
   }
   for (int64_t j = 0; j < cols; ++j) {
     if (tile_col_max[j] == neg_inf) continue;
-    col_sum[j] = col_sum[j] * exp_vec(col_max[j] - tile_col_max[j]) + col_acc[j];
+    col_sum[j] = col_sum[j] * std::exp(static_cast<double>(col_max[j]) - static_cast<double>(tile_col_max[j])) +
+                 col_acc[j];
     col_max[j] = tile_col_max[j];
   }
 }
@@ -182,6 +191,15 @@ void mirror_upper_triangle(Acc* s, int64_t rows, int64_t ld) {
     for (int64_t j = 0; j < i; ++j) s[i * ld + j] = s[j * ld + i];
 }
 
+// w p - 1 for p = exp(s - lse), the positive's weight minus its one-hot target, as
+// w expm1(s - lse) + (w - 1): a peaked softmax has p within a few ulps of 1, where
+// exp(...) - 1 (or p_row + p_col - 2, rounded at 2) keeps only the rounding of p and
+// loses the small 1 - p that the whole gradient is (eager pays p's rounding once).
+template <typename Acc>
+Acc positive_weight(Acc s, Acc hi, Acc lo, Acc w) {
+  return w * std::expm1((s - hi) - lo) + (w - Acc(1));
+}
+
 // lse_i = log sum_{j != i} exp(z_i . z_j / t) for every stacked row: each symmetric
 // tile is multiplied once and folded into its rows (row view) and its columns.
 template <typename Acc>
@@ -190,11 +208,11 @@ void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, double* lse, int
   const int64_t tile = detail::choose_tile_rows(m, d);
   RowStats<Acc> stats(m);
   Acc* row_max = stats.max.data();
-  Acc* row_sum = stats.sum.data();
+  double* row_sum = stats.sum.data();
   const Acc* z = rows.z.data();
-  // Scratch per thread: one logit tile plus two column vectors for fold_tile.
+  // Scratch per thread: one logit tile plus a column vector for fold_tile.
   detail::for_each_symmetric_tile<Acc>(
-      m, tile, tile * tile + 2 * tile, num_threads,
+      m, tile, tile * tile + tile, num_threads,
       [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
         Acc* s = scratch;
         detail::gemm<Acc>(false, true, nr, nc, d, inv_t, z + r0 * d, d, z + c0 * d, d, Acc(0), s, nc);
@@ -233,14 +251,21 @@ void accumulate_lse_gradient(const StackedRows<Acc>& rows, const double* lse, co
         const Acc* zc = z + c0 * d;
         detail::gemm<Acc>(false, true, nr, nc, d, inv_t, zr, d, zc, d, Acc(0), w, nc);
         if (r0 == c0) mirror_upper_triangle(w, nr, nc);
-        softmax_weights<Acc>(w, nr, nc, hi + r0, lo + r0, hi + c0, lo + c0, weight + r0, weight + c0);
-        if (r0 == c0)
-          for (int64_t i = 0; i < nr; ++i) w[i * nc + i] = 0;  // no self-pairs
+        // The positives' logits, before softmax_weights overwrites them.
+        std::vector<std::pair<int64_t, Acc>> positives;
         if (partner != nullptr)
           for (int64_t i = 0; i < nr; ++i) {
             const int64_t j = partner(r0 + i, half);
-            if (j >= c0 && j < c0 + nc) w[i * nc + (j - c0)] -= Acc(2);
+            if (j >= c0 && j < c0 + nc) positives.emplace_back(i * nc + (j - c0), w[i * nc + (j - c0)]);
           }
+        softmax_weights<Acc>(w, nr, nc, hi + r0, lo + r0, hi + c0, lo + c0, weight + r0, weight + c0);
+        if (r0 == c0)
+          for (int64_t i = 0; i < nr; ++i) w[i * nc + i] = 0;  // no self-pairs
+        for (const auto& [at, s_pos] : positives) {  // (w_i p_ij - 1) + (w_j p_ji - 1)
+          const int64_t i = at / nc, j = at % nc;
+          w[at] = positive_weight(s_pos, hi[r0 + i], lo[r0 + i], weight[r0 + i]) +
+                  positive_weight(s_pos, hi[c0 + j], lo[c0 + j], weight[c0 + j]);
+        }
         detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, zc, d, Acc(1), dz + r0 * d, d);
         // A diagonal tile's W is symmetric and already holds both directions.
         if (r0 != c0)
@@ -517,7 +542,7 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   std::vector<Acc> own_logit;  // without in-batch keys: the positives (own_key_logits)
   if (in_batch_negatives) {
     detail::for_each_bipartite_tile<Acc>(
-        n, n, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/symmetric,
+        n, n, tile, tile * tile + tile, num_threads, /*columns_shared=*/symmetric,
         [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0),
                             scratch, nc);
@@ -547,7 +572,7 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   } else if (k > 0) {
     const Acc* nz = rows.negatives.z.data();
     detail::for_each_bipartite_tile<Acc>(
-        n, k, tile, tile * tile + 2 * tile, num_threads, /*columns_shared=*/false,
+        n, k, tile, tile * tile + tile, num_threads, /*columns_shared=*/false,
         [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0),
                             scratch, nc);
@@ -606,14 +631,21 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
         n, n, tile, tile * tile, num_threads, /*columns_shared=*/true,
         [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
+          const int64_t diag_begin = std::max(r0, c0), diag_end = std::min(r0 + nr, c0 + nc);
+          std::vector<Acc> s_pos(static_cast<size_t>(std::max(diag_end - diag_begin, int64_t(0))));
+          for (int64_t i = diag_begin; i < diag_end; ++i) s_pos[i - diag_begin] = w[(i - r0) * nc + (i - c0)];
           softmax_weights<Acc>(w, nr, nc, q_hi + r0, q_lo + r0, symmetric ? k_lse.hi.data() + c0 : nullptr,
                                symmetric ? k_lse.lo.data() + c0 : nullptr, ones.data(), ones.data(),
                                q_expect.data() + r0,
                                symmetric ? k_expect.data() + c0 : nullptr);
-          // The positive s_ii once per direction, subtracted per element (exact there)
+          // The positive s_ii, p_ii - 1 once per direction, per element (positive_weight)
           // rather than from the accumulated gradient, where it cancels.
-          for (int64_t i = std::max(r0, c0); i < std::min(r0 + nr, c0 + nc); ++i)
-            w[(i - r0) * nc + (i - c0)] -= static_cast<Acc>(directions);
+          for (int64_t i = diag_begin; i < diag_end; ++i) {
+            const Acc s_ii = s_pos[i - diag_begin];
+            Acc w_ii = positive_weight(s_ii, q_hi[i], q_lo[i], Acc(1));
+            if (symmetric) w_ii += positive_weight(s_ii, k_lse.hi[i], k_lse.lo[i], Acc(1));
+            w[(i - r0) * nc + (i - c0)] = w_ii;
+          }
           detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, kz + c0 * d, d, Acc(1),
                             dq.data() + r0 * d, d);
           detail::gemm<Acc>(true, false, nc, d, nr, coeff, w, nc, q + r0 * d, d, Acc(1),
@@ -626,7 +658,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
       const Acc s_ii = own_logit[i];
       const Acc p = exp_vec((s_ii - q_hi[i]) - q_lo[i]);
       q_expect[i] += p * s_ii;
-      const Acc w = p - Acc(1);  // with the positive's own - 1 (one direction)
+      const Acc w = positive_weight(s_ii, q_hi[i], q_lo[i], Acc(1));  // p - 1 (one direction)
       for (int64_t c = 0; c < d; ++c) {
         dq[i * d + c] += coeff * w * kz[i * d + c];
         dk[i * d + c] += coeff * w * q[i * d + c];

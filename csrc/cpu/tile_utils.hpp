@@ -245,8 +245,8 @@ int64_t choose_tile_rows(int64_t rows, int64_t cols);
 // logits are ~1e4 is off by up to half an ulp, 5e-4, and every probability recomputed
 // from it by that much relative (the backward's gradients then lose 4 digits against
 // eager's). Forward: lse = max + log(sum) in float64 from the accumulator's stats.
-template <typename Acc>
-inline double lse_of(Acc max, Acc sum) {
+template <typename Acc, typename Sum>
+inline double lse_of(Acc max, Sum sum) {
   return sum > 0 ? static_cast<double>(max) + std::log(static_cast<double>(sum))
                  : -std::numeric_limits<double>::infinity();
 }
