@@ -11,7 +11,7 @@ import torch
 
 import sslkernels
 from sslkernels.reference import (info_nce_reference, masked_patch_attention_reference, nt_xent_reference,
-                                  sup_con_reference)
+                                  sup_con_reference, varlen_attention_reference)
 from tests._utils import assert_within_eager_error, logit_bound, loss_and_grads
 
 SCALES = [10.0, 100.0]
@@ -81,3 +81,35 @@ def test_attention_large_logits(s):
     ref = out_and_grads(masked_patch_attention_reference, q, k, v)
     for name, f, e, r in zip(("out", "dq", "dk", "dv"), fused, eager, ref):
         assert_within_eager_error(f, e, r, torch.float32, f"attention s={s} {name}")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known limit of the CPU attention backward: D = rowsum(dO * O) from the saved output (as "
+    "FlashAttention) loses digits against eager's sum(P * dP) when the softmax saturates at a "
+    "tiny head dim; computing D from the backward's own P fixes it but costs ~30% of the "
+    "backward (measured: masked-patch fwd+bwd 55.9 -> 75.3 ms at the JEPA shape), so it waits "
+    "for a row-resident variant for L <= 512"))
+def test_attention_saturated_softmax_head_dim_1():
+    """varlen, q.k up to ~400 at Dh = 1 (inputs x 10): over 30 seeds the fused dq / dk exceed twice
+    eager's error on some."""
+    worst = []
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(7, 2, 1, generator=g, dtype=torch.float64) * f for f in (10.0, 10.0, 1.0))
+        cu = torch.tensor([0, 7], dtype=torch.int32)
+        grad_out = torch.randn(7, 2, 1, generator=g, dtype=torch.float64)
+
+        def out_and_grads(fn, *x):
+            leaves = [t.detach().clone().requires_grad_(True) for t in x]
+            out = fn(*leaves, cu, 7)
+            return (out.detach(), *torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))
+
+        fused = out_and_grads(sslkernels.varlen_attention, q.float(), k.float(), v.float())
+        eager = out_and_grads(varlen_attention_reference, q.float(), k.float(), v.float())
+        ref = out_and_grads(varlen_attention_reference, q, k, v)
+        for name, f, e, r in zip(("out", "dq", "dk", "dv"), fused, eager, ref):
+            try:
+                assert_within_eager_error(f, e, r, torch.float32, f"attention Dh=1 seed={seed} {name}")
+            except AssertionError as err:
+                worst.append(str(err))
+    assert not worst, "\n".join(worst[:5])

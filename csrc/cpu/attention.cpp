@@ -9,7 +9,7 @@
 //           V are loaded once for the chunk, then per query tile S = Q K^T, online
 //           max / sum-exp, O += P V; at the end O /= l, lse = m + log l.
 // backward: one task per (sequence, head) in a fixed order (FA2 recurrence from the
-//           saved lse and D_i = rowsum(P_i * dP_i), a first pass), computed transposed so that every
+//           saved lse and D_i = rowsum(dO_i * O_i)), computed transposed so that every
 //           product is NN: S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
 //           dS^T = P^T (dP^T - D), dV += P^T dO, dK += c dS^T Q, dQ^T += c K^T dS^T.
 //           Every row's gradient is summed in one thread in one order.
@@ -217,24 +217,21 @@ inline Acc max_of(const Acc* x, int64_t n) {
 // row max / sum, turns S into exp(S - new max) and returns in `rescale` the factor
 // the running output rows must be multiplied by.
 template <typename Acc>
-SSLK_MULTIVERSION void softmax_step(Acc* s, int64_t m, int64_t n, Acc* row_max, double* row_sum,
+SSLK_MULTIVERSION void softmax_step(Acc* s, int64_t m, int64_t n, Acc* row_max, Acc* row_sum,
                                     Acc* rescale) {
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   for (int64_t i = 0; i < m; ++i) {
     Acc* si = s + i * n;
     const Acc new_max = std::max(row_max[i], max_of(si, n));
-    // The sum in float64: a peaked row's 1 + small rest, rounded at 1's ulp in float, moves
-    // the lse and so every p the backward recomputes (its small dS = P (dP - D) with it).
-    double sum = 0;
+    Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
       const Acc e = exp_vec(si[j] - new_max);
       si[j] = e;
-      sum += static_cast<double>(e);
+      sum += e;
     }
-    const bool first = row_max[i] == neg_inf;
-    rescale[i] = first ? Acc(0) : exp_vec(row_max[i] - new_max);  // first tile: 0
-    row_sum[i] = (first ? 0.0 : row_sum[i] * std::exp(static_cast<double>(row_max[i]) - static_cast<double>(new_max))) + sum;
+    rescale[i] = row_max[i] == neg_inf ? Acc(0) : exp_vec(row_max[i] - new_max);  // first tile: 0
+    row_sum[i] = row_sum[i] * rescale[i] + sum;
     row_max[i] = new_max;
   }
 }
@@ -253,22 +250,6 @@ SSLK_MULTIVERSION void softmax_grad_transposed(Acc* st, Acc* dpt, int64_t n, int
       const Acc pr = exp_vec((sr[i] - lse_hi[i]) - lse_lo[i]);
       sr[i] = pr;
       dr[i] = pr * (dr[i] - delta[i]);
-    }
-  }
-}
-
-// delta[i] += sum_r P^T[r, i] dP^T[r, i] and mass[i] += sum_r P^T[r, i] (float64) for
-// transposed tiles S^T, dP^T [n x m], P^T = exp(S^T - lse) as softmax_grad_transposed forms it.
-template <typename Acc>
-SSLK_MULTIVERSION void accumulate_delta(const Acc* st, const Acc* dpt, int64_t n, int64_t m,
-                                        const Acc* lse_hi, const Acc* lse_lo, double* delta, double* mass) {
-  for (int64_t r = 0; r < n; ++r) {
-    const Acc* sr = st + r * m;
-    const Acc* dr = dpt + r * m;
-    for (int64_t i = 0; i < m; ++i) {
-      const double pr = static_cast<double>(exp_vec((sr[i] - lse_hi[i]) - lse_lo[i]));
-      delta[i] += pr * static_cast<double>(dr[i]);
-      mass[i] += pr;
     }
   }
 }
@@ -325,8 +306,7 @@ Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_thr
   {
     std::vector<Acc> qbuf(max_chunk * dh), kbuf(max_keys * dh), vbuf(max_keys * dh), ktbuf(max_keys * dh);
     std::vector<Acc> sbuf(kQueryTile * max_keys), obuf(max_chunk * dh);
-    std::vector<Acc> row_max(max_chunk), rescale(kQueryTile);
-    std::vector<double> row_sum(max_chunk);
+    std::vector<Acc> row_max(max_chunk), row_sum(max_chunk), rescale(kQueryTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_tasks; ++task) {
       const auto [s, h, chunk] = tasks[task];
@@ -338,7 +318,7 @@ Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_thr
       const Acc* q = load_tile<Acc>(p.q, p.dtype, p.query, s, q0, mc, h, dh, qbuf.data(), &ldq);
       if (!tile_finite(q, ldq, mc, dh)) bad_q = 1;
       std::fill(row_max.begin(), row_max.begin() + mc, neg_inf);
-      std::fill(row_sum.begin(), row_sum.begin() + mc, 0.0);
+      std::fill(row_sum.begin(), row_sum.begin() + mc, Acc(0));
       std::fill(obuf.begin(), obuf.begin() + mc * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
         KeyTile<Acc> key;
@@ -363,7 +343,7 @@ Status forward_impl(const AttentionProblem& p, void* out, void* lse, int num_thr
       double* lse_row = lse_at(lse, p, s, h) + q0;
       for (int64_t i = 0; i < mc; ++i) {
         Acc* o = obuf.data() + i * dh;
-        const Acc inv = row_sum[i] > 0 ? static_cast<Acc>(1.0 / row_sum[i]) : Acc(0);  // no keys: zero row
+        const Acc inv = row_sum[i] > 0 ? Acc(1) / row_sum[i] : Acc(0);  // no keys: zero row
         for (int64_t c = 0; c < dh; ++c) o[c] *= inv;
         lse_row[i] = detail::lse_of(row_max[i], row_sum[i]);
       }
@@ -391,7 +371,7 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
   // Query-side rows of the output (out, grad_out): contiguous [rows, H, Dh].
   const AttentionRows out_rows{p.out_base, p.query.count, nullptr, 0};
   const AttentionOperand grad_out_x{grad_out, 0, heads * dh, dh};
-  (void)out;  // D comes from the backward's own P (see below), not from the saved output
+  const AttentionOperand out_x{out, 0, heads * dh, dh};
 #pragma omp parallel num_threads(num_threads)
   {
     // Whole-sequence query side (Q, Q^T, dO, dO^T, dQ^T, lse, D); one key tile
@@ -399,7 +379,6 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
     std::vector<Acc> qbuf(max_rows * dh), qtbuf(max_rows * dh), dobuf(max_rows * dh);
     std::vector<Acc> dotbuf(max_rows * dh), dqtbuf(max_rows * dh);
     std::vector<Acc> delta(max_rows);
-    std::vector<double> delta_sum(max_rows), mass(max_rows);
     std::vector<Acc> kbuf(max_keys * dh), ktbuf(max_keys * dh), vbuf(max_keys * dh);
     std::vector<Acc> dkbuf(max_keys * dh), dvbuf(max_keys * dh);
     std::vector<Acc> stbuf(max_keys * kQueryTile), dptbuf(max_keys * kQueryTile);
@@ -418,32 +397,16 @@ Status backward_impl(const AttentionProblem& p, const void* grad_out, const void
       const double* saved_lse = lse_at(const_cast<void*>(lse), p, s, h);
       transpose(q, nq, dh, qt_all, nq);
       transpose(d_o, nq, dh, dot_all, nq);
-      const detail::SplitLse<Acc> lse_parts(saved_lse, nq);
-      // D_i = sum_j P_ij dP_ij from this backward's own P, in a first pass over the key
-      // tiles, rather than dO_i . O_i from the saved output: dS_ij = P_ij (dP_ij - D_i)
-      // cancels for a peaked row (dP_ij ~ D_i where P_ij ~ 1), and only a D formed from
-      // the same P keeps that difference; the forward's O (other rounding, then stored in
-      // the input dtype) left dq 4x eager's error at logits ~100. Costs two of the five
-      // products once more. D is the mean of dP under this P, sum P dP / sum P: S^T here
-      // is another product than the forward's S (the saved lse's), and at logits ~1e4
-      // their ulps (2e-3) leave sum P off 1 by that much, which sum P dP alone would keep.
-      std::fill(delta_sum.begin(), delta_sum.begin() + nq, 0.0);
-      std::fill(mass.begin(), mass.begin() + nq, 0.0);
-      for (int64_t j = 0; j < kt.count; ++j) {
-        KeyTile<Acc> key;
-        key.load(p, s, h, kt, j, kbuf.data(), vbuf.data(), ktbuf.data());
-        const int64_t n = key.n;
-        for (int64_t i = 0; i < qt.count; ++i) {
-          const int64_t r0 = qt.begin(i), m = qt.rows(i, nq);
-          Acc* st = stbuf.data();
-          Acc* dpt = dptbuf.data();
-          detail::gemm<Acc>(false, false, n, m, dh, scale, key.k, key.ldk, qt_all + r0, nq, Acc(0), st, m);
-          detail::gemm<Acc>(false, false, n, m, dh, Acc(1), key.v, key.ldv, dot_all + r0, nq, Acc(0), dpt, m);
-          accumulate_delta<Acc>(st, dpt, n, m, lse_parts.hi.data() + r0, lse_parts.lo.data() + r0,
-                                delta_sum.data() + r0, mass.data() + r0);
-        }
+      int64_t ldo;
+      const Acc* o = load_tile<Acc>(out_x, p.dtype, out_rows, s, 0, nq, h, dh, dqt, &ldo);  // dQ^T's buffer, free until now
+      for (int64_t i = 0; i < nq; ++i) {
+        const Acc* g = d_o + i * lddo;
+        const Acc* oi = o + i * ldo;
+        Acc acc = 0;
+        for (int64_t c = 0; c < dh; ++c) acc += g[c] * oi[c];
+        delta[i] = acc;
       }
-      for (int64_t i = 0; i < nq; ++i) delta[i] = static_cast<Acc>(mass[i] > 0 ? delta_sum[i] / mass[i] : 0.0);
+      const detail::SplitLse<Acc> lse_parts(saved_lse, nq);
       std::fill(dqt, dqt + nq * dh, Acc(0));
       for (int64_t j = 0; j < kt.count; ++j) {
         KeyTile<Acc> key;
