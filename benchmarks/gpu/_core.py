@@ -427,3 +427,15 @@ def compile_target(t: CompileTarget, sass: bool = True) -> CompileResult:
                 res.hgmma = len(re.findall(r"\bHGMMA\.", out.stdout))
                 res.hmma = len(re.findall(r"\bHMMA\.", out.stdout))
     return res
+
+
+def timing_grid(ctx, family: str, ns, ds, dts, label):
+    """(dtype name, d, n) of a section's timing grid, dtype outermost; a case that would
+    start with under 25 s left before the run's deadline is logged and skipped."""
+    for dt in dts:
+        for d in ds:
+            for n in ns:
+                if ctx.time_left() < 25:
+                    ctx.log(f"{family} timing {label(n, d)} {dt}: skipped (deadline)")
+                    continue
+                yield dt, d, n

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.gpu._core import (DTYPES, CompileTarget, Ctx, Row, free, judge_all, log_timing, loss_and_grads,
+from benchmarks.gpu._core import (DTYPES, CompileTarget, Ctx, Row, timing_grid, free, judge_all, log_timing, loss_and_grads,
                                   median_ms, run_check, time_pass, timed)
 
 NAME = "koleo"
@@ -141,38 +141,33 @@ def time(ctx: Ctx) -> list[Row]:
 
     rows = []
     ns, ds, dts = (R_TIME_N, R_TIME_D, R_TIME_DTYPES) if ctx.rehearse else (TIME_N, TIME_D, TIME_DTYPES)
-    for dt in dts:
-        for d in ds:
-            for n in ns:
-                if ctx.time_left() < 25:
-                    ctx.log(f"koleo timing {label(n, d)} {dt}: skipped (deadline)")
-                    continue
-                dtype = DTYPES[dt]
-                x = make_inputs(ctx, n, d, dtype, seed=1)
-                for mode in ("fwd", "fwdbwd"):
-                    row = Row("koleo", label(n, d), dt, mode)
-                    for impl, fn in (("fused", sslkernels.koleo), ("eager", koleo_reference)):
-                        a = x.detach().clone().requires_grad_(True)
-                        timed(ctx, row, impl, lambda: time_pass(ctx, fn, (a,), [a], mode))
-                    log_timing(ctx, row)
-                    rows.append(row)
-                row = Row("koleo[search]", label(n, d), dt, "fwd")
-                search = torch.ops.sslkernels.koleo_neighbors
-                timed(ctx, row, "fused", lambda: (median_ms(ctx, lambda: search(x, 0, n, n, 1, 1e-8)), None))
-                timed(ctx, row, "eager", lambda: (median_ms(ctx, lambda: _eager_search(x)), None))
-                log_timing(ctx, row)
-                rows.append(row)
-                from sslkernels.kernels import koleo as KK
+    for dt, d, n in timing_grid(ctx, "koleo", ns, ds, dts, label):
+        dtype = DTYPES[dt]
+        x = make_inputs(ctx, n, d, dtype, seed=1)
+        for mode in ("fwd", "fwdbwd"):
+            row = Row("koleo", label(n, d), dt, mode)
+            for impl, fn in (("fused", sslkernels.koleo), ("eager", koleo_reference)):
+                a = x.detach().clone().requires_grad_(True)
+                timed(ctx, row, impl, lambda: time_pass(ctx, fn, (a,), [a], mode))
+            log_timing(ctx, row)
+            rows.append(row)
+        row = Row("koleo[search]", label(n, d), dt, "fwd")
+        search = torch.ops.sslkernels.koleo_neighbors
+        timed(ctx, row, "fused", lambda: (median_ms(ctx, lambda: search(x, 0, n, n, 1, 1e-8)), None))
+        timed(ctx, row, "eager", lambda: (median_ms(ctx, lambda: _eager_search(x)), None))
+        log_timing(ctx, row)
+        rows.append(row)
+        from sslkernels.kernels import koleo as KK
 
-                other = not KK.plan(d, 1, dtype)["HOIST"]  # the variant the op does not use by default
-                if KK.plan(d, 1, dtype, other)["HOIST"] == other:
-                    rv = Row(f"koleo[search hoist={other}]", label(n, d), dt, "fwd", eager_ms=row.eager_ms)
-                    timed(ctx, rv, "fused", lambda: (median_ms(
-                        ctx, lambda: KK.koleo_neighbors(x, 0, n, n, 1, 1e-8, hoist=other)), None))
-                    log_timing(ctx, rv)
-                    rows.append(rv)
-                del x
-                free(ctx)
+        other = not KK.plan(d, 1, dtype)["HOIST"]  # the variant the op does not use by default
+        if KK.plan(d, 1, dtype, other)["HOIST"] == other:
+            rv = Row(f"koleo[search hoist={other}]", label(n, d), dt, "fwd", eager_ms=row.eager_ms)
+            timed(ctx, rv, "fused", lambda: (median_ms(
+                ctx, lambda: KK.koleo_neighbors(x, 0, n, n, 1, 1e-8, hoist=other)), None))
+            log_timing(ctx, rv)
+            rows.append(rv)
+        del x
+        free(ctx)
     return rows
 
 

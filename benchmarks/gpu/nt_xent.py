@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from benchmarks.gpu._core import (DTYPES, CompileTarget, Ctx, Row, fp32_precision, free, judge_all,
+from benchmarks.gpu._core import (DTYPES, CompileTarget, Ctx, Row, timing_grid, fp32_precision, free, judge_all,
                                   log_timing, loss_and_grads, run_check, time_pass, timed)
 
 NAME = "nt_xent"
@@ -118,30 +118,25 @@ def time(ctx: Ctx) -> list[Row]:
         ns, ds, dts = R_TIME_N, R_TIME_D, R_TIME_DTYPES
     else:
         ns, ds, dts = (QUICK_N if ctx.quick else TIME_N), TIME_D, TIME_DTYPES
-    for dt in dts:
-        for d in ds:
-            for n in ns:
-                if ctx.time_left() < 25:
-                    ctx.log(f"nt_xent timing {label(n, d)} {dt}: skipped (deadline)")
-                    continue
-                dtype = DTYPES[dt]
-                verdict = ""
-                if n <= CHECK_TIMED_MAX_N:
-                    probe = run_check(ctx, Row("nt_xent", label(n, d), dt, "fwdbwd"),
-                                      lambda: check_case(ctx, n, d, dtype, TIME_T))
-                    verdict = probe.check
-                z1, z2 = make_inputs(ctx, n, d, dtype, seed=1)
-                for mode in ("fwd", "fwdbwd"):
-                    row = Row("nt_xent", label(n, d), dt, mode, check=verdict)
-                    for impl, fn in (("fused", sslkernels.nt_xent), ("eager", nt_xent_reference)):
-                        a = z1.detach().clone().requires_grad_(True)
-                        b = z2.detach().clone().requires_grad_(True)
-                        timed(ctx, row, impl, lambda: time_pass(ctx, lambda x, y: fn(x, y, temperature=TIME_T),
-                                                                (a, b), [a, b], mode))
-                    log_timing(ctx, row)
-                    rows.append(row)
-                del z1, z2
-                free(ctx)
+    for dt, d, n in timing_grid(ctx, "nt_xent", ns, ds, dts, label):
+        dtype = DTYPES[dt]
+        verdict = ""
+        if n <= CHECK_TIMED_MAX_N:
+            probe = run_check(ctx, Row("nt_xent", label(n, d), dt, "fwdbwd"),
+                              lambda: check_case(ctx, n, d, dtype, TIME_T))
+            verdict = probe.check
+        z1, z2 = make_inputs(ctx, n, d, dtype, seed=1)
+        for mode in ("fwd", "fwdbwd"):
+            row = Row("nt_xent", label(n, d), dt, mode, check=verdict)
+            for impl, fn in (("fused", sslkernels.nt_xent), ("eager", nt_xent_reference)):
+                a = z1.detach().clone().requires_grad_(True)
+                b = z2.detach().clone().requires_grad_(True)
+                timed(ctx, row, impl, lambda: time_pass(ctx, lambda x, y: fn(x, y, temperature=TIME_T),
+                                                        (a, b), [a, b], mode))
+            log_timing(ctx, row)
+            rows.append(row)
+        del z1, z2
+        free(ctx)
     rows += _fp32_products(ctx)
     return rows
 

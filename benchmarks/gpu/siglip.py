@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.gpu._core import (DTYPES, CompileTarget, Ctx, Row, free, judge_all, log_timing, run_check,
+from benchmarks.gpu._core import (DTYPES, CompileTarget, Ctx, Row, timing_grid, free, judge_all, log_timing, run_check,
                                   time_pass, timed)
 
 NAME = "siglip"
@@ -113,25 +113,20 @@ def time(ctx: Ctx) -> list[Row]:
         ns, ds, dts = R_TIME_N, R_TIME_D, R_TIME_DTYPES
     else:
         ns, ds, dts = (QUICK_N if ctx.quick else TIME_N), TIME_D, TIME_DTYPES
-    for dt in dts:
-        for d in ds:
-            for n in ns:
-                if ctx.time_left() < 25:
-                    ctx.log(f"siglip timing {label(n, d)} {dt}: skipped (deadline)")
-                    continue
-                dtype = DTYPES[dt]
-                image, text = make_inputs(ctx, n, d, dtype)
-                leaves = [image.requires_grad_(True), text.requires_grad_(True),
-                          torch.tensor(SCALE, device=ctx.device, requires_grad=True),
-                          torch.tensor(BIAS, device=ctx.device, requires_grad=True)]
-                for mode in ("fwd", "fwdbwd"):
-                    row = Row("siglip", label(n, d), dt, mode)
-                    timed(ctx, row, "fused", lambda: time_pass(ctx, sslkernels.siglip_loss, leaves, leaves, mode))
-                    timed(ctx, row, "eager", lambda: time_pass(ctx, siglip_reference, leaves, leaves, mode))
-                    log_timing(ctx, row)
-                    rows.append(row)
-                image = text = leaves = None
-                free(ctx)
+    for dt, d, n in timing_grid(ctx, "siglip", ns, ds, dts, label):
+        dtype = DTYPES[dt]
+        image, text = make_inputs(ctx, n, d, dtype)
+        leaves = [image.requires_grad_(True), text.requires_grad_(True),
+                  torch.tensor(SCALE, device=ctx.device, requires_grad=True),
+                  torch.tensor(BIAS, device=ctx.device, requires_grad=True)]
+        for mode in ("fwd", "fwdbwd"):
+            row = Row("siglip", label(n, d), dt, mode)
+            timed(ctx, row, "fused", lambda: time_pass(ctx, sslkernels.siglip_loss, leaves, leaves, mode))
+            timed(ctx, row, "eager", lambda: time_pass(ctx, siglip_reference, leaves, leaves, mode))
+            log_timing(ctx, row)
+            rows.append(row)
+        image = text = leaves = None
+        free(ctx)
     return rows
 
 
