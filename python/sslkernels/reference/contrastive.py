@@ -56,26 +56,55 @@ def info_nce_reference(
     symmetric: bool = False,
     normalize: bool = True,
     in_batch_negatives: bool = True,
+    logit_bias: torch.Tensor = None,
+    key_ids: torch.Tensor = None,
+    queue_ids: torch.Tensor = None,
 ) -> torch.Tensor:
     """InfoNCE / CLIP, eager: the (N x (N + K)) logits and F.cross_entropy, as MoCo and
     open_clip write it. Row i of `key` is the positive of row i of `query`; a shared
     `negatives` [K, D] (a queue) joins the query -> key candidates; `symmetric` adds the
     key -> query direction (candidates: the queries) and averages the two. Without
-    `in_batch_negatives` a query's candidates are its own key and the queue (MoCo)."""
+    `in_batch_negatives` a query's candidates are its own key and the queue (MoCo).
+
+    Retrieval terms, as the in-batch-softmax recommenders write them: `logit_bias`
+    [N + K] is added to every query's logit of candidate j (keys, then the queue; the
+    query -> key direction only), and a candidate whose id (`key_ids` [N], then
+    `queue_ids` [K]) equals the query's own key id, other than that key, is masked to
+    -inf (in both directions: a pair's id serves its query and its key)."""
     if normalize:
         query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
         negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
-    targets = torch.arange(query.shape[0], device=query.device)
+    n = query.shape[0]
+    targets = torch.arange(n, device=query.device)
+    bias_keys = logit_bias[:n] if logit_bias is not None else None
+    bias_queue = logit_bias[n:] if logit_bias is not None else None
+    same_key = None
+    if key_ids is not None:  # [N, N]: another key with the query's own id
+        same_key = (key_ids[:, None] == key_ids[None, :]) & ~torch.eye(n, dtype=torch.bool, device=query.device)
     if in_batch_negatives:
         logits = query @ key.T / temperature
+        if bias_keys is not None:
+            logits = logits + bias_keys[None, :]
+        if same_key is not None:
+            logits = logits.masked_fill(same_key, float("-inf"))
     else:  # MoCo: [own key | queue], positive at column 0
         logits = (query * key).sum(dim=1, keepdim=True) / temperature
+        if bias_keys is not None:
+            logits = logits + bias_keys[:, None]
         targets = torch.zeros_like(targets)
     if negatives is not None and negatives.dim() == 3:  # per-query hard negatives [N, M, D]
         logits = torch.cat([logits, torch.einsum("nd,nmd->nm", query, negatives) / temperature], dim=1)
     elif negatives is not None:
-        logits = torch.cat([logits, query @ negatives.T / temperature], dim=1)
+        queue = query @ negatives.T / temperature
+        if bias_queue is not None:
+            queue = queue + bias_queue[None, :]
+        if key_ids is not None:
+            queue = queue.masked_fill(key_ids[:, None] == queue_ids[None, :], float("-inf"))
+        logits = torch.cat([logits, queue], dim=1)
     loss = F.cross_entropy(logits, targets)
     if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(key @ query.T / temperature, targets))
+        logits_t = key @ query.T / temperature
+        if same_key is not None:
+            logits_t = logits_t.masked_fill(same_key, float("-inf"))
+        loss = 0.5 * (loss + F.cross_entropy(logits_t, targets))
     return loss
