@@ -75,20 +75,30 @@ int sup_con_backward_binding(std::uintptr_t features, int dtype, int64_t n, int6
       grad_loss, as_mut_ptr<void>(dfeatures), num_threads));
 }
 
+// The retrieval terms from their pointers (0: none).
+CandidateTerms candidate_terms(std::uintptr_t bias, std::uintptr_t anchor_ids, std::uintptr_t candidate_ids,
+                               bool positive_on_diagonal) {
+  return CandidateTerms{as_ptr<double>(bias), as_ptr<int64_t>(anchor_ids), as_ptr<int64_t>(candidate_ids),
+                        positive_on_diagonal};
+}
+
 int info_nce_forward_binding(std::uintptr_t query, std::uintptr_t key, std::uintptr_t negatives,
                              int dtype, int64_t n, int64_t d, int64_t negatives_rows,
                              int64_t negatives_per_query, int64_t q_row_stride, int64_t q_col_stride,
                              int64_t k_row_stride, int64_t k_col_stride, int64_t n_row_stride,
                              int64_t n_col_stride, double temperature, bool normalize, bool symmetric,
                              bool in_batch_negatives, std::uintptr_t lse_query,
-                             std::uintptr_t lse_key, std::uintptr_t loss, int num_threads) {
+                             std::uintptr_t lse_key, std::uintptr_t loss, std::uintptr_t bias,
+                             std::uintptr_t anchor_ids, std::uintptr_t candidate_ids,
+                             bool positive_on_diagonal, int num_threads) {
+  const CandidateTerms terms = candidate_terms(bias, anchor_ids, candidate_ids, positive_on_diagonal);
   const InfoNceViews v = info_nce_views(query, key, negatives, dtype, n, d, negatives_rows, q_row_stride,
                                         q_col_stride, k_row_stride, k_col_stride, n_row_stride, n_col_stride);
   py::gil_scoped_release release;
   return static_cast<int>(info_nce_forward(
       v.query, v.key, v.negatives, negatives_per_query,
       temperature, normalize, symmetric, in_batch_negatives, as_mut_ptr<void>(lse_query),
-      as_mut_ptr<void>(lse_key), as_mut_ptr<double>(loss), num_threads));
+      as_mut_ptr<void>(lse_key), as_mut_ptr<double>(loss), num_threads, terms));
 }
 
 int info_nce_backward_binding(std::uintptr_t query, std::uintptr_t key, std::uintptr_t negatives,
@@ -99,7 +109,10 @@ int info_nce_backward_binding(std::uintptr_t query, std::uintptr_t key, std::uin
                               double temperature, bool normalize, bool symmetric,
                               bool in_batch_negatives, double grad_loss, std::uintptr_t dquery,
                               std::uintptr_t dkey, std::uintptr_t dnegatives,
-                              std::uintptr_t dtemperature, int num_threads) {
+                              std::uintptr_t dtemperature, std::uintptr_t bias,
+                              std::uintptr_t anchor_ids, std::uintptr_t candidate_ids,
+                              bool positive_on_diagonal, int num_threads) {
+  const CandidateTerms terms = candidate_terms(bias, anchor_ids, candidate_ids, positive_on_diagonal);
   const InfoNceViews v = info_nce_views(query, key, negatives, dtype, n, d, negatives_rows, q_row_stride,
                                         q_col_stride, k_row_stride, k_col_stride, n_row_stride, n_col_stride);
   py::gil_scoped_release release;
@@ -107,7 +120,7 @@ int info_nce_backward_binding(std::uintptr_t query, std::uintptr_t key, std::uin
       v.query, v.key, v.negatives, negatives_per_query,
       as_ptr<void>(lse_query), as_ptr<void>(lse_key), temperature, normalize, symmetric,
       in_batch_negatives, grad_loss, as_mut_ptr<void>(dquery), as_mut_ptr<void>(dkey),
-      as_mut_ptr<void>(dnegatives), as_mut_ptr<double>(dtemperature), num_threads));
+      as_mut_ptr<void>(dnegatives), as_mut_ptr<double>(dtemperature), num_threads, terms));
 }
 
 int info_nce_loss_and_grads_binding(std::uintptr_t query, std::uintptr_t key,
@@ -117,14 +130,16 @@ int info_nce_loss_and_grads_binding(std::uintptr_t query, std::uintptr_t key,
                                     int64_t n_row_stride, int64_t n_col_stride, double temperature,
                                     bool normalize, std::uintptr_t loss, std::uintptr_t dquery,
                                     std::uintptr_t dkey, std::uintptr_t dnegatives,
-                                    std::uintptr_t dtemperature, int num_threads) {
+                                    std::uintptr_t dtemperature, std::uintptr_t bias,
+                                    std::uintptr_t anchor_ids, std::uintptr_t candidate_ids, int num_threads) {
+  const CandidateTerms terms = candidate_terms(bias, anchor_ids, candidate_ids, true);
   const InfoNceViews v = info_nce_views(query, key, negatives, dtype, n, d, negatives_rows, q_row_stride,
                                         q_col_stride, k_row_stride, k_col_stride, n_row_stride, n_col_stride);
   py::gil_scoped_release release;
   return static_cast<int>(info_nce_loss_and_grads(
       v.query, v.key, v.negatives, temperature,
       normalize, as_mut_ptr<double>(loss), as_mut_ptr<void>(dquery), as_mut_ptr<void>(dkey),
-      as_mut_ptr<void>(dnegatives), as_mut_ptr<double>(dtemperature), num_threads));
+      as_mut_ptr<void>(dnegatives), as_mut_ptr<double>(dtemperature), num_threads, terms));
 }
 
 }  // namespace
@@ -160,7 +175,9 @@ void register_contrastive(py::module_& m) {
         py::arg("q_col_stride"), py::arg("k_row_stride"), py::arg("k_col_stride"),
         py::arg("n_row_stride"), py::arg("n_col_stride"), py::arg("temperature"),
         py::arg("normalize"), py::arg("symmetric"), py::arg("in_batch_negatives"),
-        py::arg("lse_query"), py::arg("lse_key"), py::arg("loss"), py::arg("num_threads"),
+        py::arg("lse_query"), py::arg("lse_key"), py::arg("loss"),
+        py::arg("bias"), py::arg("anchor_ids"), py::arg("candidate_ids"), py::arg("positive_on_diagonal"),
+        py::arg("num_threads"),
         "Fused InfoNCE / CLIP forward: writes lse_query[N] (and lse_key[N] when symmetric) and the loss.");
   m.def("info_nce_backward", &info_nce_backward_binding, py::kw_only(), py::arg("query"),
         py::arg("key"), py::arg("negatives"), py::arg("dtype"), py::arg("n"), py::arg("d"),
@@ -169,7 +186,9 @@ void register_contrastive(py::module_& m) {
         py::arg("n_row_stride"), py::arg("n_col_stride"), py::arg("lse_query"), py::arg("lse_key"),
         py::arg("temperature"), py::arg("normalize"), py::arg("symmetric"),
         py::arg("in_batch_negatives"), py::arg("grad_loss"), py::arg("dquery"), py::arg("dkey"),
-        py::arg("dnegatives"), py::arg("dtemperature"), py::arg("num_threads"),
+        py::arg("dnegatives"), py::arg("dtemperature"),
+        py::arg("bias"), py::arg("anchor_ids"), py::arg("candidate_ids"), py::arg("positive_on_diagonal"),
+        py::arg("num_threads"),
         "Fused InfoNCE / CLIP backward: writes dquery, dkey and (if given) dnegatives and dtemperature.");
   m.def("info_nce_loss_and_grads", &info_nce_loss_and_grads_binding, py::kw_only(),
         py::arg("query"), py::arg("key"), py::arg("negatives"), py::arg("dtype"), py::arg("n"),
@@ -177,7 +196,7 @@ void register_contrastive(py::module_& m) {
         py::arg("k_row_stride"), py::arg("k_col_stride"), py::arg("n_row_stride"),
         py::arg("n_col_stride"), py::arg("temperature"), py::arg("normalize"), py::arg("loss"),
         py::arg("dquery"), py::arg("dkey"), py::arg("dnegatives"), py::arg("dtemperature"),
-        py::arg("num_threads"),
+        py::arg("bias"), py::arg("anchor_ids"), py::arg("candidate_ids"), py::arg("num_threads"),
         "Fused one-direction InfoNCE loss and its gradients (grad_loss = 1) in one sweep: writes "
         "the loss, dquery, dkey and (if given) dnegatives and dtemperature.");
 }

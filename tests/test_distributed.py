@@ -47,6 +47,9 @@ def _data(world: int) -> dict:
         "q": q, "k": q + 0.7 * r(n, D), "queue": r(K, D), "hard": r(n, M, D),
         "img": img, "txt": F.normalize(img + 0.8 * r(n, D), dim=1),
         "x": r(2 * n, D),
+        # info_nce's retrieval terms: few ids, so duplicates sit on every rank and in the queue
+        "ids": torch.randint(0, 4, (n,), generator=g), "queue_ids": torch.randint(0, 4, (K,), generator=g),
+        "bias": 0.5 * r(n + K),
     }
 
 
@@ -104,6 +107,16 @@ def _cases(rank: int, world: int, mode: str):
         q, k, temp, symmetric=True, process_group=grp, mode=mode), {"q": loc["q"], "k": loc["k"], "temp": temp}
     yield "info_nce_hard", lambda q, k, hard: sf.info_nce(q, k, T_NCE, hard, process_group=grp, mode=mode), {
         "q": loc["q"], "k": loc["k"], "hard": loc["hard"]}
+    n = world * B
+    local_bias = _local(d["bias"][:n], rank)
+    terms = dict(key_ids=_local(d["ids"], rank), queue_ids=d["queue_ids"],
+                 logit_bias=torch.cat([local_bias, d["bias"][n:]]))
+    yield "info_nce_terms", lambda q, k, queue, temp: sf.info_nce(
+        q, k, temp, queue, process_group=grp, mode=mode, **terms), {"q": loc["q"], "k": loc["k"],
+                                                                    "queue": d["queue"], "temp": temp}
+    yield "info_nce_terms_symmetric", lambda q, k, temp: sf.info_nce(
+        q, k, temp, symmetric=True, process_group=grp, mode=mode, logit_bias=local_bias,
+        key_ids=terms["key_ids"]), {"q": loc["q"], "k": loc["k"], "temp": temp}
     yield "info_nce_moco", lambda q, k, queue: sf.info_nce(
         q, k, T_NCE, queue, in_batch_negatives=False, process_group=grp, mode=mode), {
         "q": loc["q"], "k": loc["k"], "queue": d["queue"]}
@@ -348,6 +361,24 @@ def _global(world: int):
             loss = 0.5 * (loss + F.cross_entropy(_local(kn, r) @ qn.T / temp, tgt))
         return loss
 
+    n = world * B
+    ids, queue_ids, bias = d["ids"], d["queue_ids"], d["bias"]
+
+    def terms_local(r, q, k, temp, queue=None, symmetric=False):
+        """Rank r's queries against every candidate, the terms applied as the reference does."""
+        qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        rows = torch.arange(r * B, (r + 1) * B)
+        cand = torch.cat([kn] + ([F.normalize(queue, dim=1)] if queue is not None else []))
+        cand_ids = torch.cat([ids] + ([queue_ids] if queue is not None else []))
+        cols = torch.arange(cand.shape[0])
+        dup = (ids[rows, None] == cand_ids[None, :]) & (cols[None, :] != rows[:, None])
+        logits = (qn[rows] @ cand.T / temp + bias[: cand.shape[0]]).masked_fill(dup, float("-inf"))
+        loss = F.cross_entropy(logits, rows)
+        if symmetric:
+            dup_t = (ids[rows, None] == ids[None, :]) & (torch.arange(n)[None, :] != rows[:, None])
+            loss = 0.5 * (loss + F.cross_entropy((kn[rows] @ qn.T / temp).masked_fill(dup_t, float("-inf")), rows))
+        return loss
+
     def clip_ref(img, txt, scale):
         return info_nce_reference(img, txt, 1.0 / scale, symmetric=True, normalize=False)
 
@@ -374,6 +405,14 @@ def _global(world: int):
                            {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp},
                            lambda r, q, k, queue, temp: nce_local(r, q, k, temp, queue)),
         "info_nce_symmetric": sym,
+        "info_nce_terms": (lambda q, k, queue, temp: info_nce_reference(
+            q, k, temp, queue, logit_bias=bias, key_ids=ids, queue_ids=queue_ids),
+            {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp},
+            lambda r, q, k, queue, temp: terms_local(r, q, k, temp, queue)),
+        "info_nce_terms_symmetric": (lambda q, k, temp: info_nce_reference(
+            q, k, temp, symmetric=True, logit_bias=bias[:n], key_ids=ids),
+            {"q": d["q"], "k": d["k"], "temp": temp},
+            lambda r, q, k, temp: terms_local(r, q, k, temp, symmetric=True)),
         "InfoNCELoss": (lambda q, k: info_nce_reference(q, k, T_NCE, symmetric=True), {"q": d["q"], "k": d["k"]},
                         lambda r, q, k: nce_local(r, q, k, T_NCE, symmetric=True)),
         "info_nce_hard": (lambda q, k, hard: info_nce_reference(q, k, T_NCE, hard),

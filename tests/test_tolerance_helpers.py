@@ -24,6 +24,7 @@ import torch
 import sslkernels
 import tests.test_attention as attention_tests
 import tests.test_info_nce as info_nce_tests
+import tests.test_info_nce_terms as info_nce_terms_tests
 import tests.test_nt_xent as nt_xent_tests
 import tests.test_properties as property_tests
 import tests.test_sup_con as sup_con_tests
@@ -123,6 +124,8 @@ CONTRASTIVE = [
     (info_nce_tests, "test_matches_float64_reference", "info_nce", "n", {"poisoned_outputs": None}),
     (info_nce_tests, "test_moco_mode_without_in_batch_negatives", "info_nce", "n", {}),
     (info_nce_tests, "test_per_query_hard_negatives", "info_nce", "n", {}),
+    (info_nce_terms_tests, "test_matches_float64_reference", "info_nce", "n", {}),
+    (info_nce_terms_tests, "test_bias_and_queue_ids_in_moco_mode", "info_nce", None, {}),
 ]
 
 

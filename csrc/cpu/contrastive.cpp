@@ -524,16 +524,52 @@ std::vector<Acc> own_key_logits(const InfoNceRows<Acc>& rows, Acc inv_t, int64_t
   return logits;
 }
 
+// CandidateTerms in the accumulator's type, applied to each logit tile right after its
+// product: bias[j] added to query i's logit of candidate j, -inf where the pair's ids
+// match (a duplicate of the positive). -inf entries are what fold_tile, softmax_weights
+// and online_exp_row already skip: exp(-inf) = 0, in the lse and in every gradient.
+template <typename Acc>
+struct TileTerms {
+  std::vector<Acc> bias;  // empty: no bias
+  const int64_t* anchor_ids;
+  const int64_t* candidate_ids;
+  bool positive_on_diagonal;
+
+  TileTerms(const CandidateTerms& t, int64_t candidates)
+      : anchor_ids(t.anchor_ids), candidate_ids(t.candidate_ids), positive_on_diagonal(t.positive_on_diagonal) {
+    if (t.bias != nullptr) bias.assign(t.bias, t.bias + candidates);
+  }
+  Acc bias_of(int64_t j) const { return bias.empty() ? Acc(0) : bias[static_cast<size_t>(j)]; }
+  bool masked(int64_t i, int64_t j) const {
+    return anchor_ids != nullptr && anchor_ids[i] == candidate_ids[j] && !(positive_on_diagonal && i == j);
+  }
+  // s [nr x nc], row stride ld: queries r0.. against candidates c0.. (keys from 0, the queue from N).
+  void apply(Acc* s, int64_t ld, int64_t r0, int64_t nr, int64_t c0, int64_t nc) const {
+    if (!bias.empty())
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t j = 0; j < nc; ++j) s[i * ld + j] += bias[static_cast<size_t>(c0 + j)];
+    if (anchor_ids == nullptr) return;
+    for (int64_t i = 0; i < nr; ++i)
+      for (int64_t j = 0; j < nc; ++j)
+        if (masked(r0 + i, c0 + j)) s[i * ld + j] = -std::numeric_limits<Acc>::infinity();
+  }
+  // Query i's own-key logit s_ii (raw) with its terms.
+  Acc own(int64_t i, Acc s_ii) const {
+    return masked(i, i) ? -std::numeric_limits<Acc>::infinity() : s_ii + bias_of(i);
+  }
+};
+
 template <typename Acc>
 Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
                              const MatrixView& negatives, int64_t per_query, double temperature,
                              bool normalize,
                              bool symmetric, bool in_batch_negatives, double* lse_query,
-                             double* lse_key, double* loss, int num_threads) {
+                             double* lse_key, double* loss, int num_threads, const CandidateTerms& candidate_terms) {
   InfoNceRows<Acc> rows;
   const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
   const int64_t n = query.rows, d = query.cols, k = negatives.rows;
+  const TileTerms<Acc> terms(candidate_terms, n + k);
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
   const int64_t tile = detail::choose_tile_rows(n, d);
   RowStats<Acc> q_stats(n), k_stats(n);
@@ -546,6 +582,8 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
         [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0),
                             scratch, nc);
+          // Biased for both views: the key direction's lse_j comes out shifted by bias_j.
+          terms.apply(scratch, nc, r0, nr, c0, nc);
           fold_tile<Acc>(scratch, nr, nc, q_stats.max.data() + r0, q_stats.sum.data() + r0,
                          k_stats.max.data() + c0, k_stats.sum.data() + c0, symmetric,
                          scratch + tile * tile);
@@ -553,8 +591,8 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   } else {  // only the own key: the statistics start from the positive logit
     own_logit = own_key_logits<Acc>(rows, inv_t, tile, per_query == 0, num_threads);
     for (int64_t i = 0; i < n; ++i) {
-      q_stats.max[i] = own_logit[i];
-      q_stats.sum[i] = 1;
+      q_stats.max[i] = terms.own(i, own_logit[i]);
+      q_stats.sum[i] = q_stats.max[i] == -std::numeric_limits<Acc>::infinity() ? 0 : 1;
     }
   }
   if (k > 0 && per_query > 0) {  // hard negatives: rows [i M, (i + 1) M) belong to query i
@@ -576,6 +614,7 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
         [&](Acc* scratch, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0),
                             scratch, nc);
+          terms.apply(scratch, nc, r0, nr, n + c0, nc);
           fold_tile<Acc>(scratch, nr, nc, q_stats.max.data() + r0, q_stats.sum.data() + r0,
                          nullptr, nullptr, false, scratch + tile * tile);
         });
@@ -583,15 +622,17 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   std::vector<double> row_loss(static_cast<size_t>(n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const double positive = static_cast<double>(
-        own_logit.empty() ? dot(rows.query.row(i), rows.key.row(i), d) * inv_t : own_logit[i]);
+    const Acc raw = own_logit.empty() ? dot(rows.query.row(i), rows.key.row(i), d) * inv_t : own_logit[i];
+    // the target's logit with its bias, as the tiles hold it (even where masked: the target stays)
+    const double positive = static_cast<double>(raw + terms.bias_of(i));
     lse_query[i] = lse_of(q_stats.max[i], q_stats.sum[i]);
     // (max - positive) + log(sum) rather than lse - positive: the shifted terms keep
     // their accuracy when the loss is small (a tie with the positive gives log 2 exactly).
     double term = (static_cast<double>(q_stats.max[i]) - positive) + std::log(static_cast<double>(q_stats.sum[i]));
-    if (symmetric) {
-      lse_key[i] = lse_of(k_stats.max[i], k_stats.sum[i]);
-      term = 0.5 * (term + lse_key[i] - positive);
+    if (symmetric) {  // the column statistics and the positive both carry bias_i: it cancels
+      const double shifted = lse_of(k_stats.max[i], k_stats.sum[i]);
+      lse_key[i] = shifted - static_cast<double>(terms.bias_of(i));
+      term = 0.5 * (term + shifted - positive);
     }
     row_loss[i] = term;
   }
@@ -605,11 +646,12 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
                               const double* lse_key, double temperature, bool normalize,
                               bool symmetric, bool in_batch_negatives, double grad_loss,
                               void* dquery, void* dkey, void* dnegatives, double* dtemperature,
-                              int num_threads) {
+                              int num_threads, const CandidateTerms& candidate_terms) {
   InfoNceRows<Acc> rows;
   const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
   const int64_t n = query.rows, d = query.cols, k = negatives.rows;
+  const TileTerms<Acc> terms(candidate_terms, n + k);
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
   // Each direction is a mean over N anchors; CLIP averages the two directions.
   const double directions = symmetric ? 2.0 : 1.0;
@@ -618,12 +660,14 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
   const std::vector<Acc> ones(static_cast<size_t>(std::max(n, int64_t(1))), Acc(1));
   std::vector<Acc> dq(static_cast<size_t>(n * d), Acc(0)), dk(static_cast<size_t>(n * d), Acc(0));
   std::vector<Acc> dn(dnegatives != nullptr ? static_cast<size_t>(k * d) : 0, Acc(0));
-  // Softmax expectations of the logits per query (and per key for CLIP).
-  std::vector<Acc> q_expect(static_cast<size_t>(n), Acc(0)), k_expect(static_cast<size_t>(n), Acc(0));
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
   std::vector<Acc> own_logit;  // without in-batch keys: the positives as the forward took them
-  const SplitLse<Acc> q_lse(lse_query, n), k_lse(lse_key, symmetric ? n : 0);
+  // The tiles hold biased logits, so the key direction's columns take lse_j + bias_j.
+  std::vector<double> key_lse(symmetric ? static_cast<size_t>(n) : 0);
+  for (int64_t j = 0; j < static_cast<int64_t>(key_lse.size()); ++j)
+    key_lse[j] = lse_key[j] + static_cast<double>(terms.bias_of(j));
+  const SplitLse<Acc> q_lse(lse_query, n), k_lse(key_lse.data(), symmetric ? n : 0);
   const Acc* q_hi = q_lse.hi.data();
   const Acc* q_lo = q_lse.lo.data();
   if (in_batch_negatives) {
@@ -631,13 +675,12 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
         n, n, tile, tile * tile, num_threads, /*columns_shared=*/true,
         [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, kz + c0 * d, d, Acc(0), w, nc);
+          terms.apply(w, nc, r0, nr, c0, nc);
           const int64_t diag_begin = std::max(r0, c0), diag_end = std::min(r0 + nr, c0 + nc);
           std::vector<Acc> s_pos(static_cast<size_t>(std::max(diag_end - diag_begin, int64_t(0))));
           for (int64_t i = diag_begin; i < diag_end; ++i) s_pos[i - diag_begin] = w[(i - r0) * nc + (i - c0)];
           softmax_weights<Acc>(w, nr, nc, q_hi + r0, q_lo + r0, symmetric ? k_lse.hi.data() + c0 : nullptr,
-                               symmetric ? k_lse.lo.data() + c0 : nullptr, ones.data(), ones.data(),
-                               q_expect.data() + r0,
-                               symmetric ? k_expect.data() + c0 : nullptr);
+                               symmetric ? k_lse.lo.data() + c0 : nullptr, ones.data(), ones.data());
           // The positive s_ii, p_ii - 1 once per direction, per element (positive_weight)
           // rather than from the accumulated gradient, where it cancels.
           for (int64_t i = diag_begin; i < diag_end; ++i) {
@@ -655,9 +698,7 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
     own_logit = own_key_logits<Acc>(rows, inv_t, tile, per_query == 0, num_threads);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      const Acc s_ii = own_logit[i];
-      const Acc p = exp_vec((s_ii - q_hi[i]) - q_lo[i]);
-      q_expect[i] += p * s_ii;
+      const Acc s_ii = terms.own(i, own_logit[i]);
       const Acc w = positive_weight(s_ii, q_hi[i], q_lo[i], Acc(1));  // p - 1 (one direction)
       for (int64_t c = 0; c < d; ++c) {
         dq[i * d + c] += coeff * w * kz[i * d + c];
@@ -674,7 +715,6 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
         const Acc* nr = rows.negatives.row(r);
         const Acc logit = dot(qi, nr, d) * inv_t;
         const Acc p = exp_vec((logit - q_hi[i]) - q_lo[i]);
-        q_expect[i] += p * logit;
         for (int64_t c = 0; c < d; ++c) dq[i * d + c] += coeff * p * nr[c];
         if (!dn.empty())
           for (int64_t c = 0; c < d; ++c) dn[r * d + c] = coeff * p * qi[c];
@@ -686,8 +726,8 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
         n, k, tile, tile * tile, num_threads, /*columns_shared=*/!dn.empty(),
         [&](Acc* w, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
           detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, nz + c0 * d, d, Acc(0), w, nc);
-          softmax_weights<Acc>(w, nr, nc, q_hi + r0, q_lo + r0, nullptr, nullptr, ones.data(), nullptr,
-                               q_expect.data() + r0, nullptr);
+          terms.apply(w, nc, r0, nr, n + c0, nc);
+          softmax_weights<Acc>(w, nr, nc, q_hi + r0, q_lo + r0, nullptr, nullptr, ones.data(), nullptr);
           detail::gemm<Acc>(false, false, nr, d, nc, coeff, w, nc, nz + c0 * d, d, Acc(1),
                             dq.data() + r0 * d, d);
           if (!dn.empty())
@@ -695,20 +735,15 @@ Status info_nce_backward_impl(const MatrixView& query, const MatrixView& key,
                               dn.data() + c0 * d, d);
         });
   }
-  // The positive logit s_ii entered each direction's weights above.
+  // Every logit (both directions, the queue, hard negatives) is one query's row times a
+  // candidate over t, plus a constant: scaling the (unit) queries and t together leaves
+  // the loss unchanged, so d loss / d t = -(1/t) sum_i q_i . d loss / d q_i, with each
+  // weight's p - 1 already taken per element in dq, and the bias left out by itself.
   std::vector<double> temperature_terms(static_cast<size_t>(n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const Acc* qi = rows.query.row(i);
-    const Acc* ki = rows.key.row(i);
-    // d loss / d t = -(1/t) sum_ij (d loss / d s_ij) s_ij = -coeff sum_i (E_i[s] - s_ii),
-    // summed over the directions, with E_i[s] the softmax expectation of row i's logits.
-    const double positive = static_cast<double>(own_logit.empty() ? dot(qi, ki, d) * inv_t : own_logit[i]);
-    temperature_terms[i] = static_cast<double>(q_expect[i]) - positive +
-                           (symmetric ? static_cast<double>(k_expect[i]) - positive : 0.0);
-  }
-  if (dtemperature != nullptr)
-    *dtemperature = -static_cast<double>(coeff) * serial_sum(temperature_terms);
+  for (int64_t i = 0; i < n; ++i)
+    temperature_terms[i] = static_cast<double>(dot(rows.query.row(i), dq.data() + i * d, d));
+  if (dtemperature != nullptr) *dtemperature = -serial_sum(temperature_terms) / temperature;
   void* const q_out[1] = {dquery};
   void* const k_out[1] = {dkey};
   store_input_gradient<Acc>(rows.query, normalize, dq.data(), &query, q_out, 1, num_threads);
@@ -749,6 +784,7 @@ template <typename Acc>
 struct CandidateSegment {
   const Acc* rows;
   int64_t count;
+  int64_t first_candidate;  // its first column among the candidates (keys 0, the queue N)
   int64_t kept_offset;
   Acc* column_grad;
 };
@@ -814,19 +850,20 @@ template <typename Acc>
 Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& key,
                                     const MatrixView& negatives, double temperature, bool normalize,
                                     double* loss, void* dquery, void* dkey, void* dnegatives,
-                                    double* dtemperature, int num_threads) {
+                                    double* dtemperature, int num_threads, const CandidateTerms& candidate_terms) {
   InfoNceRows<Acc> rows;
   const Status st = load_info_nce<Acc>(query, key, negatives, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
   const int64_t n = query.rows, d = query.cols, k = negatives.rows;
+  const TileTerms<Acc> terms(candidate_terms, n + k);
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
   const Acc coeff = static_cast<Acc>(1.0 / (temperature * static_cast<double>(n)));
   const bool queue_grad = dnegatives != nullptr && k > 0;
   std::vector<Acc> dq(static_cast<size_t>(n * d), Acc(0)), dk(static_cast<size_t>(n * d), Acc(0));
   std::vector<Acc> dn(queue_grad ? static_cast<size_t>(k * d) : 0, Acc(0));
-  std::vector<CandidateSegment<Acc>> segments{{rows.key.z.data(), n, 0, dk.data()}};
+  std::vector<CandidateSegment<Acc>> segments{{rows.key.z.data(), n, 0, 0, dk.data()}};
   if (k > 0)
-    segments.push_back({rows.negatives.z.data(), k, queue_grad ? n : -1, queue_grad ? dn.data() : nullptr});
+    segments.push_back({rows.negatives.z.data(), k, n, queue_grad ? n : -1, queue_grad ? dn.data() : nullptr});
   const int64_t kept_width = n + (queue_grad ? k : 0);
   const int64_t kept_ld = padded_stride(kept_width);
   // Rows per strip from the sizes only (never the thread count: results stay bitwise
@@ -842,6 +879,9 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
   std::vector<Acc> scaled_queries(static_cast<size_t>(wave * strip_rows * d));
   std::vector<double> lse(static_cast<size_t>(n));
   std::vector<Acc> expect(static_cast<size_t>(n));
+  // Each query's own logit as its tile holds it (bias included): the loss lse - s_ii then
+  // subtracts the very logit the lse was taken over (a lone candidate gives exactly 0).
+  std::vector<Acc> positive_logit(static_cast<size_t>(n));
   const Acc* q = rows.query.z.data();
   // One job per kept column tile: its rows of the column gradient.
   std::vector<ColumnJob<Acc>> column_jobs;
@@ -875,10 +915,12 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
             const int64_t ldt = keep ? kept_ld : padded_stride(nc);
             const Acc* cand = seg.rows + c0 * d;
             detail::gemm<Acc>(false, true, nr, nc, d, inv_t, q + r0 * d, d, cand, d, Acc(0), t, ldt);
+            terms.apply(t, ldt, r0, nr, seg.first_candidate + c0, nc);
             for (int64_t i = 0; i < nr; ++i) {
               Acc* ti = t + i * ldt;
               // query r0 + i's positive is key r0 + i
               const int64_t own = seg.kept_offset == 0 && r0 + i >= c0 && r0 + i < c0 + nc ? r0 + i - c0 : -1;
+              if (own >= 0) positive_logit[r0 + i] = ti[own];
               const Acc shift = online_exp_row(ti, nc, row_max[i], row_sum[i], row_others[i], own, gq + i * d, d);
               if (keep) tile_shift[i * kept_tiles + kept_index] = shift;
             }
@@ -931,10 +973,7 @@ Status info_nce_loss_and_grads_impl(const MatrixView& query, const MatrixView& k
   std::vector<double> row_loss(static_cast<size_t>(n)), temperature_terms(static_cast<size_t>(n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const Acc* qi = rows.query.row(i);
-    const Acc* ki = rows.key.row(i);
-    const Acc positive = dot(qi, ki, d) * inv_t;
-    row_loss[i] = lse[i] - static_cast<double>(positive);
+    row_loss[i] = lse[i] - static_cast<double>(positive_logit[i]);
     temperature_terms[i] = static_cast<double>(expect[i]);  // the positive is in it already
   }
   *loss = mean_or_zero(row_loss, n);
@@ -1040,21 +1079,33 @@ bool valid_info_nce(const MatrixView& query, const MatrixView& key, const Matrix
          (per_query == 0 || negatives.rows == query.rows * per_query);
 }
 
+// The terms index the keys and a shared queue: per-query negatives have no shared columns.
+bool valid_terms(const CandidateTerms& terms, const MatrixView& query, const MatrixView& negatives,
+                 int64_t per_query) {
+  const bool any = terms.bias != nullptr || terms.anchor_ids != nullptr || terms.candidate_ids != nullptr;
+  if (!any) return true;
+  if (per_query > 0 || (terms.anchor_ids == nullptr) != (terms.candidate_ids == nullptr)) return false;
+  const int64_t candidates = query.rows + negatives.rows;
+  for (int64_t j = 0; terms.bias != nullptr && j < candidates; ++j)
+    if (!std::isfinite(terms.bias[j])) return false;
+  return true;
+}
+
 Status info_nce_forward(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
                         int64_t per_query, double temperature, bool normalize, bool symmetric,
                         bool in_batch_negatives, void* lse_query, void* lse_key, double* loss,
-                        int num_threads) {
+                        int num_threads, const CandidateTerms& terms) {
   if (!valid_info_nce(query, key, negatives, per_query, temperature) || (symmetric && lse_key == nullptr) ||
-      (symmetric && !in_batch_negatives))
+      (symmetric && !in_batch_negatives) || !valid_terms(terms, query, negatives, per_query))
     return Status::BadArgument;
   num_threads = std::max(1, num_threads);
   if (query.dtype == DType::Float64)
     return info_nce_forward_impl<double>(query, key, negatives, per_query, temperature, normalize, symmetric,
                                          in_batch_negatives, static_cast<double*>(lse_query), static_cast<double*>(lse_key),
-                                         loss, num_threads);
+                                         loss, num_threads, terms);
   return info_nce_forward_impl<float>(query, key, negatives, per_query, temperature, normalize, symmetric,
                                       in_batch_negatives, static_cast<double*>(lse_query), static_cast<double*>(lse_key),
-                                      loss, num_threads);
+                                      loss, num_threads, terms);
 }
 
 Status info_nce_backward(const MatrixView& query, const MatrixView& key,
@@ -1062,9 +1113,10 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                          const void* lse_key,
                          double temperature, bool normalize, bool symmetric,
                          bool in_batch_negatives, double grad_loss, void* dquery, void* dkey,
-                         void* dnegatives, double* dtemperature, int num_threads) {
+                         void* dnegatives, double* dtemperature, int num_threads, const CandidateTerms& terms) {
   if (!valid_info_nce(query, key, negatives, per_query, temperature) || !std::isfinite(grad_loss) ||
-      (symmetric && lse_key == nullptr) || (symmetric && !in_batch_negatives))
+      (symmetric && lse_key == nullptr) || (symmetric && !in_batch_negatives) ||
+      !valid_terms(terms, query, negatives, per_query))
     return Status::BadArgument;
   if (negatives.rows == 0) dnegatives = nullptr;
   num_threads = std::max(1, num_threads);
@@ -1073,26 +1125,27 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                                           static_cast<const double*>(lse_query),
                                           static_cast<const double*>(lse_key), temperature, normalize,
                                           symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
-                                          num_threads);
+                                          num_threads, terms);
   return info_nce_backward_impl<float>(query, key, negatives, per_query,
                                        static_cast<const double*>(lse_query),
                                        static_cast<const double*>(lse_key), temperature, normalize,
                                        symmetric, in_batch_negatives, grad_loss, dquery, dkey, dnegatives, dtemperature,
-                                       num_threads);
+                                       num_threads, terms);
 }
 
 Status info_nce_loss_and_grads(const MatrixView& query, const MatrixView& key,
                                const MatrixView& negatives, double temperature, bool normalize,
                                double* loss, void* dquery, void* dkey, void* dnegatives,
-                               double* dtemperature, int num_threads) {
-  if (!valid_info_nce(query, key, negatives, 0, temperature)) return Status::BadArgument;
+                               double* dtemperature, int num_threads, const CandidateTerms& terms) {
+  if (!valid_info_nce(query, key, negatives, 0, temperature) || !valid_terms(terms, query, negatives, 0))
+    return Status::BadArgument;
   if (negatives.rows == 0) dnegatives = nullptr;
   num_threads = std::max(1, num_threads);
   if (query.dtype == DType::Float64)
     return info_nce_loss_and_grads_impl<double>(query, key, negatives, temperature, normalize, loss,
-                                                dquery, dkey, dnegatives, dtemperature, num_threads);
+                                                dquery, dkey, dnegatives, dtemperature, num_threads, terms);
   return info_nce_loss_and_grads_impl<float>(query, key, negatives, temperature, normalize, loss,
-                                             dquery, dkey, dnegatives, dtemperature, num_threads);
+                                             dquery, dkey, dnegatives, dtemperature, num_threads, terms);
 }
 
 }  // namespace sslkernels

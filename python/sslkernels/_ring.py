@@ -119,19 +119,46 @@ def _ops():
     return torch.ops.sslkernels
 
 
-def _block_lse(anchors, block, temperature):
-    """Each anchor's log-sum-exp over the rows of `block` (same shape as `anchors`)."""
-    return _ops().info_nce_forward(anchors, block, None, temperature, False, False, True, False)[1]
+def _block_lse(anchors, block, temperature, terms=None):
+    """Each anchor's log-sum-exp over the rows of `block` (same shape as `anchors`);
+    `terms`: the block's retrieval terms (_BlockTerms.of)."""
+    return _ops().info_nce_forward(anchors, block, None, temperature, False, False, True, False,
+                                   **(terms or {}))[1]
 
 
-def _block_grads(grad, anchors, block, temperature, lse):
+class _BlockTerms:
+    """The retrieval terms of info_nce in ring mode: each block of keys travels with its
+    bias and ids (queries with their ids, in the key direction); a remote block holds no
+    positive, so its diagonal is masked like any other duplicate (positive_on_diagonal
+    False), and the target term stays with the local call."""
+
+    def __init__(self, n, logit_bias, key_ids, queue_ids):
+        self.key_bias = logit_bias[:n].contiguous() if logit_bias is not None else None
+        self.key_ids = key_ids
+        self.local = dict(logit_bias=logit_bias, anchor_ids=key_ids,
+                          candidate_ids=torch.cat([key_ids, queue_ids]) if queue_ids is not None else key_ids)
+
+    def travelling(self, with_bias: bool) -> List[torch.Tensor]:
+        """What travels with a block of keys (with_bias) or of queries."""
+        return [t for t in (self.key_bias if with_bias else None, self.key_ids) if t is not None]
+
+    def of(self, received: List[torch.Tensor], with_bias: bool) -> dict:
+        """The op's keyword arguments for a remote block, from what travelled with it."""
+        it = iter(received)
+        bias = next(it) if with_bias and self.key_bias is not None else None
+        ids = next(it) if self.key_ids is not None else None
+        return dict(logit_bias=bias, anchor_ids=self.key_ids, candidate_ids=ids, positive_on_diagonal=False)
+
+
+def _block_grads(grad, anchors, block, temperature, lse, terms=None):
     """(d anchors, d block) of ``grad * mean_i lse_i`` over the rows of `block`, given the
     final `lse`, in the statistics dtype: ``info_nce_backward`` minus its diagonal positive
     term (weight grad / rows). Its d temperature is not used: the Triton kernel's assumes
     that the softmax weights of the call sum to 1, which a block's do not (see
     `_logit_sum`)."""
     st = lse.dtype
-    da, db, _, _ = _ops().info_nce_backward(grad, anchors, block, None, temperature, lse, False, False, True, False)
+    da, db, _, _ = _ops().info_nce_backward(grad, anchors, block, None, temperature, lse, False, False, True, False,
+                                            **(terms or {}))
     c = grad.to(st) / (anchors.shape[0] * temperature.to(st))
     return da.to(st) + c * block.to(st), db.to(st) + c * anchors.to(st)
 
@@ -183,70 +210,95 @@ class _InfoNCE(torch.autograd.Function):
     Returns the mean over the local anchors (each direction; symmetric averages the two)."""
 
     @staticmethod
-    def forward(ctx, ring, symmetric, query, key, negatives, temperature):
+    def forward(ctx, ring, symmetric, terms, query, key, negatives, temperature):
         ops = _ops()
-        neg_grad = negatives is not None and ctx.needs_input_grad[4]
-        _, lse = ops.info_nce_forward(query, key, negatives, temperature, False, symmetric, True, neg_grad)
+        neg_grad = negatives is not None and ctx.needs_input_grad[5]
+        _, lse = ops.info_nce_forward(query, key, negatives, temperature, False, symmetric, True, neg_grad,
+                                      **terms.local)
         n = query.shape[0]
         parts = [lse[:n], lse[n:]] if symmetric else [lse]
 
         def work(block):
-            parts[0] = torch.logaddexp(parts[0], _block_lse(query, block[0], temperature))
+            keys, queries, key_terms, query_terms = _InfoNCE.unpack(block, symmetric, terms)
+            parts[0] = torch.logaddexp(parts[0], _block_lse(query, keys, temperature, key_terms))
             if symmetric:
-                parts[1] = torch.logaddexp(parts[1], _block_lse(key, block[1], temperature))
+                parts[1] = torch.logaddexp(parts[1], _block_lse(key, queries, temperature, query_terms))
 
-        ring.visit([key, query] if symmetric else [key], work)
+        ring.visit(_InfoNCE.pack(query, key, symmetric, terms), work)
         lse = torch.cat(parts)
         positive = _dot_rows(query, key, lse.dtype) / temperature.to(lse.dtype)
-        loss = sum((p - positive).mean() for p in parts) / len(parts)
-        ctx.ring, ctx.symmetric, ctx.neg_grad = ring, symmetric, neg_grad
+        query_positive = positive + terms.key_bias.to(lse.dtype) if terms.key_bias is not None else positive
+        losses = [(parts[0] - query_positive).mean()]
+        if symmetric:  # the key direction has no bias
+            losses.append((parts[1] - positive).mean())
+        loss = sum(losses) / len(losses)
+        ctx.ring, ctx.symmetric, ctx.neg_grad, ctx.terms = ring, symmetric, neg_grad, terms
         ctx.save_for_backward(query, key, negatives, temperature, lse)
         return loss.to(query.dtype)
+
+    @staticmethod
+    def pack(query, key, symmetric, terms) -> List[torch.Tensor]:
+        """What travels round the ring: the keys (and queries), then their terms."""
+        return [key] + ([query] if symmetric else []) + terms.travelling(True) + (
+            terms.travelling(False) if symmetric else [])
+
+    @staticmethod
+    def unpack(block, symmetric, terms):
+        """(keys, queries or None, the keys' op terms, the queries' op terms or None) of a block."""
+        rest = block[2:] if symmetric else block[1:]
+        key_part = len(terms.travelling(True))
+        key_terms = terms.of(rest[:key_part], True)
+        query_terms = terms.of(rest[key_part:], False) if symmetric else None
+        return block[0], block[1] if symmetric else None, key_terms, query_terms
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         query, key, negatives, temperature, lse = ctx.saved_tensors
-        symmetric, n = ctx.symmetric, query.shape[0]
+        symmetric, n, terms = ctx.symmetric, query.shape[0], ctx.terms
         dq, dk, dneg, _ = _ops().info_nce_backward(
-            grad, query, key, negatives, temperature, lse, False, symmetric, True, ctx.neg_grad)
+            grad, query, key, negatives, temperature, lse, False, symmetric, True, ctx.neg_grad, **terms.local)
         st = lse.dtype
         acc = {"q": dq.to(st), "k": dk.to(st)}
         logit_sum = [_logit_sum(query, acc["q"])]  # each local logit (queue, hard negatives too) holds one query
         g_dir = grad * 0.5 if symmetric else grad  # each direction's weight
 
         def work(block):
-            da, dkb = _block_grads(g_dir, query, block[0], temperature, lse[:n])
+            keys, queries, key_terms, query_terms = _InfoNCE.unpack(block, symmetric, terms)
+            da, dkb = _block_grads(g_dir, query, keys, temperature, lse[:n], key_terms)
             acc["q"] += da
             logit_sum.append(_logit_sum(query, da))
             if not symmetric:
                 return [dkb]
-            da, dqb = _block_grads(g_dir, key, block[1], temperature, lse[n:])
+            da, dqb = _block_grads(g_dir, key, queries, temperature, lse[n:], query_terms)
             acc["k"] += da
             logit_sum.append(_logit_sum(key, da))
             return [dkb, dqb]
 
-        returned = ctx.ring.visit_with_grads([key, query] if symmetric else [key], work)
+        returned = ctx.ring.visit_with_grads(_InfoNCE.pack(query, key, symmetric, terms), work)
         if returned is not None:
             acc["k"] += returned[0]
             if symmetric:
                 acc["q"] += returned[1]
         need = ctx.needs_input_grad
-        return (None, None, acc["q"].to(query.dtype) if need[2] else None,
-                acc["k"].to(key.dtype) if need[3] else None,
-                dneg if need[4] and ctx.neg_grad else None,
-                (-sum(logit_sum) / temperature.to(st)).to(temperature.dtype) if need[5] else None)
+        return (None, None, None, acc["q"].to(query.dtype) if need[3] else None,
+                acc["k"].to(key.dtype) if need[4] else None,
+                dneg if need[5] and ctx.neg_grad else None,
+                (-sum(logit_sum) / temperature.to(st)).to(temperature.dtype) if need[6] else None)
 
 
 def info_nce(query, key, temperature, negatives, symmetric: bool, normalize: bool, group,
-             global_value: bool) -> torch.Tensor:
+             global_value: bool, logit_bias=None, key_ids=None, queue_ids=None) -> torch.Tensor:
     """Local anchors against every rank's candidates, ring mode; `global_value` returns the
-    global loss's value (the all_gather mode's per-query hard negatives path does)."""
+    global loss's value (the all_gather mode's per-query hard negatives path does).
+    `logit_bias` [b + K] (this rank's keys, then the queue), `key_ids` [b], `queue_ids` [K]:
+    the retrieval terms of sslkernels.info_nce."""
     dtype = query.dtype
     if normalize:
         query, key = _unit(query), _unit(key)
         negatives = _unit(negatives) if negatives is not None else None
-    share = _InfoNCE.apply(Ring(group), bool(symmetric), query, key, negatives, temperature).to(dtype)
+    terms = _BlockTerms(query.shape[0], logit_bias, key_ids, queue_ids)
+    share = _InfoNCE.apply(Ring(group), bool(symmetric), terms, query, key, negatives, temperature).to(dtype)
     return _global_value(share, group) if global_value else share
 
 

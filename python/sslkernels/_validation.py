@@ -214,6 +214,64 @@ def check_negatives(negatives, query: torch.Tensor):
     return negatives, negatives.requires_grad
 
 
+def _check_ids(ids, name: str, length: int, device) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of integer ids, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer ids (int64), got {ids.dtype}")
+    if ids.dim() != 1 or ids.shape[0] != length:
+        raise ValueError(f"`{name}` must have shape [{length}], got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"`{name}` is on {ids.device} but `query` is on {device}")
+    return ids.to(torch.int64).contiguous()
+
+
+def check_retrieval_terms(logit_bias, key_ids, queue_ids, query: torch.Tensor, negatives):
+    """info_nce's `logit_bias` [N + K] (one float per query -> key candidate: the keys,
+    then the shared queue) and `key_ids` [N] / `queue_ids` [K] (integer ids of the
+    candidates). `negatives` as check_negatives returned them (None, [K, D] or [N, M, D]).
+    Returns (logit_bias, key_ids as int64, queue_ids as int64), each None when not given."""
+    if logit_bias is None and key_ids is None and queue_ids is None:
+        return None, None, None
+    n = query.shape[0]
+    if negatives is not None and negatives.dim() == 3:
+        raise NotImplementedError(
+            "info_nce: `logit_bias` and `key_ids` index the in-batch keys and a shared [K, D] queue; "
+            "per-query negatives [N, M, D] have no shared candidate columns")
+    k = negatives.shape[0] if negatives is not None else 0
+    if logit_bias is not None:
+        if not isinstance(logit_bias, torch.Tensor):
+            raise TypeError(f"`logit_bias` must be a torch.Tensor, got {type(logit_bias).__name__}")
+        if not logit_bias.is_floating_point():
+            raise TypeError(f"`logit_bias` must be a floating-point tensor, got {logit_bias.dtype}")
+        if logit_bias.dim() != 1 or logit_bias.shape[0] != n + k:
+            raise ValueError(f"`logit_bias` must have shape [N + K] = [{n + k}] (one entry per key, then per "
+                             f"queue row), got {tuple(logit_bias.shape)}")
+        if logit_bias.device != query.device:
+            raise ValueError(f"`logit_bias` is on {logit_bias.device} but `query` is on {query.device}")
+        if logit_bias.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "info_nce: a `logit_bias` that requires grad is not supported (it is the sampling "
+                "correction -log q_j, a constant); pass logit_bias.detach()")
+        from sslkernels._config import debug_enabled
+
+        # (under torch.compile the C++ core still refuses a non-finite bias)
+        if (query.device.type == "cpu" or debug_enabled()) and not torch.compiler.is_compiling():
+            check_finite(logit_bias, "logit_bias")
+    if queue_ids is not None and key_ids is None:
+        raise ValueError("`queue_ids` needs `key_ids`: the ids are compared with each query's own key id")
+    if key_ids is not None:
+        key_ids = _check_ids(key_ids, "key_ids", n, query.device)
+        if k > 0 and queue_ids is None:
+            raise ValueError("`key_ids` with a queue needs `queue_ids` [K], so that the queue's duplicates "
+                             "of a positive are masked too")
+        if queue_ids is not None:
+            if k == 0:
+                raise ValueError("`queue_ids` given without a queue (`negatives` [K, D])")
+            queue_ids = _check_ids(queue_ids, "queue_ids", k, query.device)
+    return logit_bias, key_ids, queue_ids
+
+
 # ---------------------------------------------------------------- CUDA limits
 # What the Triton kernels cannot take, refused before any launch with the limit named (the
 # CPU core has none of these). The second and third launch-grid axes of a CUDA kernel hold at

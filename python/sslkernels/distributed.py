@@ -176,22 +176,50 @@ def sup_con(features, labels, temperature: float, normalize: bool, group, mode: 
                              normalize=normalize).to(dtype)
 
 
-def _one_direction(query, key, temperature, remote_keys, shared, normalize):
-    """Local queries against [local keys | remote keys | shared queue], one fused call."""
+def _one_direction(query, key, temperature, remote_keys, shared, normalize, terms=None):
+    """Local queries against [local keys | remote keys | shared queue], one fused call;
+    `terms` (_GatheredTerms.direction) the retrieval terms of those candidates."""
     extra = list(remote_keys) + ([shared] if shared is not None else [])
     negatives = torch.cat(extra) if extra else None
-    return _info_nce(query, key, negatives, temperature, normalize=normalize, symmetric=False)
+    return _info_nce(query, key, negatives, temperature, normalize=normalize, symmetric=False, **(terms or {}))
 
 
-def _info_nce(query, key, negatives, temperature, *, normalize, symmetric, in_batch_negatives=True):
-    """The ops layer's InfoNCE; `negatives` get a gradient when they require one."""
+def _info_nce(query, key, negatives, temperature, *, normalize, symmetric, in_batch_negatives=True, **terms):
+    """The ops layer's InfoNCE; `negatives` get a gradient when they require one; `terms`:
+    logit_bias, key_ids, queue_ids."""
     return _ops.info_nce_loss(query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
                               in_batch_negatives=in_batch_negatives,
-                              negatives_grad=negatives is not None and negatives.requires_grad)
+                              negatives_grad=negatives is not None and negatives.requires_grad, **terms)
+
+
+class _GatheredTerms:
+    """info_nce's retrieval terms in all_gather mode: the other ranks' keys join as extra
+    negatives ahead of the queue, and their biases and ids (gathered, no gradient) join
+    the queue's in the same order."""
+
+    def __init__(self, n, logit_bias, key_ids, queue_ids, group):
+        self.key_bias = logit_bias[:n] if logit_bias is not None else None
+        self.queue_bias = logit_bias[n:] if logit_bias is not None else None
+        self.key_ids, self.queue_ids = key_ids, queue_ids
+        self.remote_bias = _others(gather_no_grad(self.key_bias.contiguous(), group), group) \
+            if logit_bias is not None else []
+        self.remote_ids = _others(gather_no_grad(key_ids, group), group) if key_ids is not None else []
+
+    def direction(self, with_bias: bool, with_queue: bool) -> dict:
+        """Terms of [local | remote | queue (with_queue)] candidates; the key direction has no bias."""
+        bias = None
+        if with_bias and self.key_bias is not None:
+            bias = torch.cat([self.key_bias, *self.remote_bias] + ([self.queue_bias] if with_queue else []))
+        extra_ids = None
+        if self.key_ids is not None:
+            parts = self.remote_ids + ([self.queue_ids] if with_queue and self.queue_ids is not None else [])
+            extra_ids = torch.cat(parts) if parts else None
+        return dict(logit_bias=bias, key_ids=self.key_ids, queue_ids=extra_ids)
 
 
 def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetric: bool, normalize: bool,
-             in_batch_negatives: bool, group, mode: str) -> torch.Tensor:
+             in_batch_negatives: bool, group, mode: str, logit_bias=None, key_ids=None,
+             queue_ids=None) -> torch.Tensor:
     """InfoNCE / CLIP with every rank's keys (and, symmetric, queries) as candidates.
 
     Local anchors (mean over this rank's queries) unless `negatives` are per-query
@@ -200,32 +228,40 @@ def info_nce(query, key, temperature, negatives: Optional[torch.Tensor], symmetr
     mode keeps local anchors and returns the same global value). A shared queue
     [K, D] must be the same on every rank (as MoCo's, filled from gathered keys).
     The arguments are validated by the caller (`sslkernels.info_nce`): `temperature` is
-    a 0-dim tensor and empty `negatives` are None.
+    a 0-dim tensor and empty `negatives` are None. The retrieval terms are this rank's:
+    `logit_bias` [b + K] (its keys, then the queue), `key_ids` [b], `queue_ids` [K]
+    (never with per-query negatives).
     """
     check_same_batch_size(query.shape[0], group, query.device, "query")
+    terms = dict(logit_bias=logit_bias, key_ids=key_ids, queue_ids=queue_ids)
     if not in_batch_negatives:  # own key + queue: nothing crosses ranks
         return _info_nce(query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
-                         in_batch_negatives=False)
+                         in_batch_negatives=False, **terms)
     per_query = negatives is not None and negatives.dim() == 3
     if mode == "ring":
         return _ring.info_nce(query, key, temperature, negatives, symmetric, normalize, group,
-                              global_value=per_query)
+                              global_value=per_query, **terms)
     dtype = query.dtype
+    gathered = None
+    if logit_bias is not None or key_ids is not None:
+        gathered = _GatheredTerms(query.shape[0], logit_bias, key_ids, queue_ids, group)
     return _info_nce_all_gather(*_wide(query, key, negatives), temperature, symmetric, normalize,
-                                per_query, group).to(dtype)
+                                per_query, group, gathered).to(dtype)
 
 
-def _info_nce_all_gather(query, key, negatives, temperature, symmetric, normalize, per_query, group):
+def _info_nce_all_gather(query, key, negatives, temperature, symmetric, normalize, per_query, group, terms=None):
     if per_query:
         all_n = _cat(negatives, group, with_grad=negatives.requires_grad)
         return _info_nce(_cat(query, group), _cat(key, group), all_n, temperature, normalize=normalize,
                          symmetric=symmetric)
     remote_k = _others(gather_with_grad(key, group), group)
-    loss = _one_direction(query, key, temperature, remote_k, negatives, normalize)
+    loss = _one_direction(query, key, temperature, remote_k, negatives, normalize,
+                          terms.direction(True, True) if terms is not None else None)
     if not symmetric:
         return loss
     remote_q = _others(gather_with_grad(query, group), group)
-    return 0.5 * (loss + _one_direction(key, query, temperature, remote_q, None, normalize))
+    return 0.5 * (loss + _one_direction(key, query, temperature, remote_q, None, normalize,
+                                        terms.direction(False, False) if terms is not None else None))
 
 
 def clip(image, text, temperature, group, local_loss: bool, gather_with_grad_: bool,

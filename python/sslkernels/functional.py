@@ -122,6 +122,9 @@ def info_nce(
     in_batch_negatives: bool = True,
     process_group=None,
     mode: str = "all_gather",
+    logit_bias: torch.Tensor = None,
+    key_ids: torch.Tensor = None,
+    queue_ids: torch.Tensor = None,
 ) -> torch.Tensor:
     """InfoNCE (MoCo / CPC) and, with ``symmetric=True``, the CLIP loss, fused.
 
@@ -165,21 +168,39 @@ def info_nce(
     queries) pass round the ring one block at a time instead of being all-gathered
     (O(N D) memory per rank), with the same values and gradients. See
     :mod:`sslkernels.distributed`.
+
+    Retrieval and recommendation terms (in-batch softmax with a sampling-bias correction):
+
+    - ``logit_bias`` ``[N + K]``, float: added to every query's logit of candidate ``j``
+      (the ``N`` keys, then the ``K`` queue rows), the positive included: the
+      ``-log q_j`` correction for a candidate sampled with probability ``q_j``. The key ->
+      query direction of ``symmetric=True`` has no bias. A constant: one that requires grad
+      raises ``NotImplementedError``.
+    - ``key_ids`` ``[N]`` (and ``queue_ids`` ``[K]`` with a queue), integer: a candidate whose
+      id equals the query's own key id, other than that key, is left out (a duplicate of
+      the positive is not a negative). With ``symmetric=True`` a pair's id serves its query
+      and its key, so the key -> query direction leaves out the same pairs.
+
+    Both work with ``process_group`` in either mode: each rank passes the bias of its own
+    keys (then the queue's, the same on every rank) and its keys' ids; they travel with the
+    keys. Per-query negatives ``[N, M, D]`` take neither (``NotImplementedError``).
     """
     v.check_embedding_pair(query, key, "query", "key")
     temperature = v.temperature_tensor(temperature, query.device)
     negatives, negatives_grad = v.check_negatives(negatives, query)
+    logit_bias, key_ids, queue_ids = v.check_retrieval_terms(logit_bias, key_ids, queue_ids, query, negatives)
+    terms = dict(logit_bias=logit_bias, key_ids=key_ids, queue_ids=queue_ids)
     if symmetric and not in_batch_negatives:
         raise ValueError("`symmetric=True` needs `in_batch_negatives=True` (the key -> query candidates are the queries)")
     v.check_distributed_mode(mode)
     if process_group is not None:
         return _distributed().info_nce(
             query, key, temperature, negatives, bool(symmetric), bool(normalize), bool(in_batch_negatives),
-            v.check_process_group(process_group), mode,
+            v.check_process_group(process_group), mode, **terms,
         )
     return _contrastive_ops.info_nce_loss(
         query, key, negatives, temperature, normalize=normalize, symmetric=symmetric,
-        in_batch_negatives=in_batch_negatives, negatives_grad=negatives_grad,
+        in_batch_negatives=in_batch_negatives, negatives_grad=negatives_grad, **terms,
     )
 
 

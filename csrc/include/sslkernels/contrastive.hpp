@@ -46,10 +46,28 @@ Status sup_con_backward(const MatrixView& features, const int64_t* class_ids,
 // shared queue, rows [i per_query, (i + 1) per_query) of `negatives` belong to query i
 // (negatives.rows == N per_query). Without in_batch_negatives the other keys are not
 // candidates (MoCo, lightly's memory bank: own key + the queue); not with symmetric.
+//
+// Retrieval terms (`terms`, all optional; not with per_query > 0), over the candidates
+// j = keys [0, N) then the queue [N, N + K):
+// - bias[N + K] (float64) is added to every query -> key logit of candidate j:
+//   s_ij = q_i . x_j / t + bias[j]. The key -> query direction has none.
+// - anchor_ids[N] and candidate_ids[N + K] (int64, both or neither): candidate j leaves
+//   query i's candidates when anchor_ids[i] == candidate_ids[j], unless j == i and
+//   positive_on_diagonal; the same pair leaves key j's candidates (symmetric).
+// The target stays key i, even when masked (positive_on_diagonal false: a ring's remote
+// block, whose lse and gradients are all that is used).
+// lse_key is the key direction's, without bias, in both cases.
+struct CandidateTerms {
+  const double* bias = nullptr;
+  const int64_t* anchor_ids = nullptr;
+  const int64_t* candidate_ids = nullptr;
+  bool positive_on_diagonal = true;
+};
+
 Status info_nce_forward(const MatrixView& query, const MatrixView& key, const MatrixView& negatives,
                         int64_t per_query, double temperature, bool normalize, bool symmetric,
                         bool in_batch_negatives, void* lse_query, void* lse_key, double* loss,
-                        int num_threads);
+                        int num_threads, const CandidateTerms& terms = {});
 
 // dquery, dkey: contiguous [N, D]; dnegatives: contiguous [K, D] or null to skip it;
 // dtemperature: the gradient with respect to t (exact), or null to skip it.
@@ -58,7 +76,8 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
                          const void* lse_key,
                          double temperature, bool normalize, bool symmetric,
                          bool in_batch_negatives, double grad_loss, void* dquery, void* dkey,
-                         void* dnegatives, double* dtemperature, int num_threads);
+                         void* dnegatives, double* dtemperature, int num_threads,
+                         const CandidateTerms& terms = {});
 
 // The one-direction loss (in-batch keys, optional shared queue: symmetric false,
 // in_batch_negatives true, per_query 0) and its gradients for grad_loss = 1, in one
@@ -69,6 +88,6 @@ Status info_nce_backward(const MatrixView& query, const MatrixView& key,
 Status info_nce_loss_and_grads(const MatrixView& query, const MatrixView& key,
                                const MatrixView& negatives, double temperature, bool normalize,
                                double* loss, void* dquery, void* dkey, void* dnegatives,
-                               double* dtemperature, int num_threads);
+                               double* dtemperature, int num_threads, const CandidateTerms& terms = {});
 
 }  // namespace sslkernels

@@ -9,8 +9,16 @@ sslkernels::info_nce_forward(query, key, negatives?, temperature, normalize, sym
 sslkernels::info_nce_backward(grad_loss, query, key, negatives?, temperature, lse, normalize,
                               symmetric, in_batch_negatives, negatives_grad)
                               -> (dquery, dkey, dnegatives, dtemperature)
-sslkernels::info_nce_loss_and_grads(query, key, negatives?, temperature, normalize, negatives_grad)
+sslkernels::info_nce_loss_and_grads(query, key, negatives?, temperature, normalize, negatives_grad,
+                                    logit_bias?, anchor_ids?, candidate_ids?)
                               -> (loss, dquery, dkey, dnegatives, dtemperature)
+
+The InfoNCE ops end with the retrieval terms (logit_bias?, anchor_ids?, candidate_ids?,
+positive_on_diagonal = True), over the candidates "keys, then the queue" [N + K]:
+logit_bias[j] joins every query -> key logit of candidate j, and candidate j leaves query
+i's candidates (and query i key j's, symmetric) where anchor_ids[i] == candidate_ids[j],
+unless j == i and positive_on_diagonal. The target stays key i. The ring's remote blocks
+pass positive_on_diagonal = False (a remote key i with query i's id is a duplicate).
 
 Autograd saves the inputs and lse (one float64 per row, whatever the inputs' dtype: the
 backward recomputes every probability from it, and a float32 lse of logits ~1e4 is off
@@ -295,28 +303,55 @@ def _lse_key_ptr(lse: Tensor, n: int, symmetric: bool) -> int:
     return lse.data_ptr() + n * lse.element_size() if symmetric else 0
 
 
+def _terms_args(logit_bias: Optional[Tensor], anchor_ids: Optional[Tensor], candidate_ids: Optional[Tensor]):
+    """(tensors to keep alive, the C++ core's keyword arguments for the retrieval terms):
+    the bias as float64, the ids as int64, contiguous; 0 for what is not given."""
+    bias = logit_bias.detach().to(torch.float64).contiguous() if logit_bias is not None else None
+    ids = [x.to(torch.int64).contiguous() if x is not None else None for x in (anchor_ids, candidate_ids)]
+    ptrs = [x.data_ptr() if x is not None else 0 for x in (bias, *ids)]
+    return (bias, *ids), dict(bias=ptrs[0], anchor_ids=ptrs[1], candidate_ids=ptrs[2])
+
+
+def _cuda_terms(query: Tensor, logit_bias: Optional[Tensor], anchor_ids: Optional[Tensor],
+                candidate_ids: Optional[Tensor], positive_on_diagonal: bool) -> dict:
+    """The Triton launchers' keyword arguments for the retrieval terms: the bias in the
+    accumulator dtype, the ids as int64, contiguous."""
+    bias = None
+    if logit_bias is not None:
+        bias = logit_bias.detach().to(_stats_dtype(query.dtype)).contiguous()
+    ids = [x.to(torch.int64).contiguous() if x is not None else None for x in (anchor_ids, candidate_ids)]
+    return dict(logit_bias=bias, anchor_ids=ids[0], candidate_ids=ids[1],
+                positive_on_diagonal=bool(positive_on_diagonal))
+
+
 @torch.library.custom_op("sslkernels::info_nce_forward", mutates_args=())
 def info_nce_forward(
     query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, normalize: bool,
-    symmetric: bool, in_batch_negatives: bool, negatives_grad: bool,
+    symmetric: bool, in_batch_negatives: bool, negatives_grad: bool, logit_bias: Optional[Tensor] = None,
+    anchor_ids: Optional[Tensor] = None, candidate_ids: Optional[Tensor] = None,
+    positive_on_diagonal: bool = True,
 ) -> tuple[Tensor, Tensor]:
     raise _no_kernel("info_nce_forward", query.device)
 
 
 @info_nce_forward.register_fake
-def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
+def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad,
+      logit_bias=None, anchor_ids=None, candidate_ids=None, positive_on_diagonal=True):
     rows = query.shape[0] * (2 if symmetric else 1)
     return query.new_empty(()), query.new_empty((rows,), dtype=torch.float64)
 
 
 @info_nce_forward.register_kernel("cpu")
-def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
+def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad,
+      logit_bias=None, anchor_ids=None, candidate_ids=None, positive_on_diagonal=True):
     n, d = query.shape
     lse = torch.empty(n * (2 if symmetric else 1), dtype=torch.float64)
     loss64 = torch.empty((), dtype=torch.float64)
     neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
+    terms, terms_view = _terms_args(logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
     status = _ext._C.info_nce_forward(
-        **_query_key_args(query, key), **negatives_view,
+        **_query_key_args(query, key), **negatives_view, **terms_view,
+        positive_on_diagonal=bool(positive_on_diagonal),
         temperature=float(temperature), normalize=bool(normalize), symmetric=bool(symmetric),
         in_batch_negatives=bool(in_batch_negatives), lse_query=lse.data_ptr(),
         lse_key=_lse_key_ptr(lse, n, symmetric), loss=loss64.data_ptr(), num_threads=_ext.num_threads(),
@@ -326,14 +361,16 @@ def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negativ
 
 
 @info_nce_forward.register_kernel("cuda")
-def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad):
+def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad,
+      logit_bias=None, anchor_ids=None, candidate_ids=None, positive_on_diagonal=True):
     if debug_enabled():
         check_finite(query, "query")
         check_finite(key, "key")
         if negatives is not None:
             check_finite(negatives, "negatives")
     return launchers("contrastive").info_nce_forward(
-        query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad
+        query, key, negatives, temperature, normalize, symmetric, in_batch_negatives, negatives_grad,
+        **_cuda_terms(query, logit_bias, anchor_ids, candidate_ids, positive_on_diagonal),
     )
 
 
@@ -341,26 +378,32 @@ def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negativ
 def info_nce_backward(
     grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor,
     lse: Tensor, normalize: bool, symmetric: bool, in_batch_negatives: bool, negatives_grad: bool,
+    logit_bias: Optional[Tensor] = None, anchor_ids: Optional[Tensor] = None,
+    candidate_ids: Optional[Tensor] = None, positive_on_diagonal: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     raise _no_kernel("info_nce_backward", query.device)
 
 
 @info_nce_backward.register_fake
-def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad,
+      logit_bias=None, anchor_ids=None, candidate_ids=None, positive_on_diagonal=True):
     # contiguous, as the kernels return them (empty_like would copy a transposed layout)
     dneg = negatives.new_empty(negatives.shape) if negatives is not None and negatives_grad else query.new_empty((0,))
     return query.new_empty(query.shape), key.new_empty(key.shape), dneg, torch.empty_like(temperature)
 
 
 @info_nce_backward.register_kernel("cpu")
-def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad,
+      logit_bias=None, anchor_ids=None, candidate_ids=None, positive_on_diagonal=True):
     n, d = query.shape
     dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad)
     dtemp64 = torch.empty((), dtype=torch.float64)
     neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
+    terms, terms_view = _terms_args(logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
     lse = lse.contiguous()
     status = _ext._C.info_nce_backward(
-        **_query_key_args(query, key), **negatives_view,
+        **_query_key_args(query, key), **negatives_view, **terms_view,
+        positive_on_diagonal=bool(positive_on_diagonal),
         lse_query=lse.data_ptr(), lse_key=_lse_key_ptr(lse, n, symmetric),
         temperature=float(temperature), normalize=bool(normalize), symmetric=bool(symmetric),
         in_batch_negatives=bool(in_batch_negatives), grad_loss=float(grad_loss),
@@ -372,16 +415,19 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
 
 
 @info_nce_backward.register_kernel("cuda")
-def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad):
+def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad,
+      logit_bias=None, anchor_ids=None, candidate_ids=None, positive_on_diagonal=True):
     return launchers("contrastive").info_nce_backward(
-        grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad
+        grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, in_batch_negatives, negatives_grad,
+        **_cuda_terms(query, logit_bias, anchor_ids, candidate_ids, positive_on_diagonal),
     )
 
 
 @torch.library.custom_op("sslkernels::info_nce_loss_and_grads", mutates_args=())
 def info_nce_loss_and_grads(
     query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, normalize: bool,
-    negatives_grad: bool,
+    negatives_grad: bool, logit_bias: Optional[Tensor] = None, anchor_ids: Optional[Tensor] = None,
+    candidate_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     raise _no_kernel("info_nce_loss_and_grads", query.device)
 
@@ -393,7 +439,8 @@ def info_nce_loss_and_grads(
 
 
 @info_nce_loss_and_grads.register_fake
-def _(query, key, negatives, temperature, normalize, negatives_grad):
+def _(query, key, negatives, temperature, normalize, negatives_grad, logit_bias=None, anchor_ids=None,
+      candidate_ids=None):
     wide = _stats_dtype(query.dtype)
     want_dneg = negatives is not None and negatives_grad
     dneg = negatives.new_empty(negatives.shape, dtype=wide) if want_dneg else query.new_empty((0,))
@@ -402,7 +449,8 @@ def _(query, key, negatives, temperature, normalize, negatives_grad):
 
 
 @info_nce_loss_and_grads.register_kernel("cpu")
-def _(query, key, negatives, temperature, normalize, negatives_grad):
+def _(query, key, negatives, temperature, normalize, negatives_grad, logit_bias=None, anchor_ids=None,
+      candidate_ids=None):
     n, d = query.shape
     dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad,
                                                       _stats_dtype(query.dtype))
@@ -411,8 +459,9 @@ def _(query, key, negatives, temperature, normalize, negatives_grad):
     neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
     if negatives_view.pop("negatives_per_query"):
         raise ValueError("info_nce_loss_and_grads takes a shared [K, D] queue, not per-query negatives")
+    terms, terms_view = _terms_args(logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
     status = _ext._C.info_nce_loss_and_grads(
-        **_query_key_args(query, key), **negatives_view,
+        **_query_key_args(query, key), **negatives_view, **terms_view,
         temperature=float(temperature), normalize=bool(normalize), loss=loss64.data_ptr(),
         dquery=dquery.data_ptr(), dkey=dkey.data_ptr(), dnegatives=dneg.data_ptr() if want_dneg else 0,
         dtemperature=dtemp64.data_ptr(), num_threads=_ext.num_threads(),
@@ -421,30 +470,36 @@ def _(query, key, negatives, temperature, normalize, negatives_grad):
     return loss64.to(query.dtype), dquery, dkey, dneg, dtemp64
 
 
-def loss_and_grads_from_kernels(kernels, query, key, negatives, temperature, normalize, negatives_grad):
+def loss_and_grads_from_kernels(kernels, query, key, negatives, temperature, normalize, negatives_grad,
+                                logit_bias=None, anchor_ids=None, candidate_ids=None):
     """The one-sweep op's result from the Triton launchers `kernels` (the CUDA path;
     the interpreter tests pass interpreted ones): they recompute tiles anyway, so it
     is the forward, then the backward for grad_loss = 1. Unlike the C++ kernel, the
     Triton backward rounds the gradients to the inputs' dtype before they are widened
     here: `sslkernels.info_nce` does not send CUDA tensors to this op (it keeps the
     forward / backward ops there, which fold the upstream gradient in first)."""
-    loss, lse = kernels.info_nce_forward(query, key, negatives, temperature, normalize, False, True, negatives_grad)
+    terms = _cuda_terms(query, logit_bias, anchor_ids, candidate_ids, True)
+    loss, lse = kernels.info_nce_forward(query, key, negatives, temperature, normalize, False, True, negatives_grad,
+                                         **terms)
     dquery, dkey, dneg, dtemp = kernels.info_nce_backward(
-        torch.ones_like(loss), query, key, negatives, temperature, lse, normalize, False, True, negatives_grad
+        torch.ones_like(loss), query, key, negatives, temperature, lse, normalize, False, True, negatives_grad,
+        **terms,
     )
     wide = _stats_dtype(query.dtype)
     return loss, dquery.to(wide), dkey.to(wide), dneg.to(wide), dtemp.to(torch.float64)
 
 
 @info_nce_loss_and_grads.register_kernel("cuda")
-def _(query, key, negatives, temperature, normalize, negatives_grad):
+def _(query, key, negatives, temperature, normalize, negatives_grad, logit_bias=None, anchor_ids=None,
+      candidate_ids=None):
     if debug_enabled():
         check_finite(query, "query")
         check_finite(key, "key")
         if negatives is not None:
             check_finite(negatives, "negatives")
     return loss_and_grads_from_kernels(
-        launchers("contrastive"), query, key, negatives, temperature, normalize, negatives_grad
+        launchers("contrastive"), query, key, negatives, temperature, normalize, negatives_grad,
+        logit_bias, anchor_ids, candidate_ids,
     )
 
 
@@ -469,7 +524,7 @@ def _scale_saved_grads(ctx, grad_loss, *unused_grad_grads):
         (grad_loss.to(g.dtype) * g).to(dtype) if want and g.numel() else None
         for g, dtype, want in zip(ctx.saved_tensors, ctx.grad_dtypes, needed[:4])
     ]
-    return (*grads, None, None)
+    return (*grads, *[None] * (len(needed) - 4))
 
 
 info_nce_loss_and_grads.register_autograd(_scale_saved_grads, setup_context=_setup_saved_grads)
@@ -532,7 +587,9 @@ def _grad_wanted(*tensors) -> bool:
 
 
 def info_nce_loss(query: Tensor, key: Tensor, negatives: Optional[Tensor], temperature: Tensor, *,
-                  normalize: bool, symmetric: bool, in_batch_negatives: bool, negatives_grad: bool) -> Tensor:
+                  normalize: bool, symmetric: bool, in_batch_negatives: bool, negatives_grad: bool,
+                  logit_bias: Optional[Tensor] = None, key_ids: Optional[Tensor] = None,
+                  queue_ids: Optional[Tensor] = None) -> Tensor:
     """InfoNCE / CLIP through the fastest op for the call: `temperature` a 0-dim tensor,
     `negatives` None (not empty), a shared [K, D] queue or per-query [N, M, D].
 
@@ -542,16 +599,24 @@ def info_nce_loss(query: Tensor, key: Tensor, negatives: Optional[Tensor], tempe
     forward and a backward that recomputes the tiles. The Triton kernels have no such
     variant (on CUDA the op would only run the same two kernels earlier), so CUDA, and
     every other case, keeps the forward / backward ops.
+
+    The retrieval terms (validated: `logit_bias` [N + K], `key_ids` [N], `queue_ids` [K]
+    int64) go to the ops as the bias, anchor ids (each query's own key id) and candidate ids
+    (keys, then the queue).
     """
+    candidate_ids = key_ids
+    if key_ids is not None and queue_ids is not None:
+        candidate_ids = torch.cat([key_ids, queue_ids])
     one_sweep = (query.device.type == "cpu" and not symmetric and in_batch_negatives
                  and (negatives is None or negatives.dim() == 2))
     if one_sweep and _grad_wanted(query, key, negatives, temperature):
         loss, *_ = torch.ops.sslkernels.info_nce_loss_and_grads(
-            query, key, negatives, temperature, bool(normalize), bool(negatives_grad)
+            query, key, negatives, temperature, bool(normalize), bool(negatives_grad), logit_bias, key_ids,
+            candidate_ids,
         )
         return loss
     loss, _ = torch.ops.sslkernels.info_nce_forward(
         query, key, negatives, temperature, bool(normalize), bool(symmetric), bool(in_batch_negatives),
-        bool(negatives_grad),
+        bool(negatives_grad), logit_bias, key_ids, candidate_ids,
     )
     return loss

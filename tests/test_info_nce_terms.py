@@ -1,0 +1,236 @@
+"""info_nce's retrieval terms (issue 13): `logit_bias` (the sampling-bias correction
+-log q_j, query -> key direction) and `key_ids` / `queue_ids` (duplicates of a positive
+left out, both directions), on the C++ path, against the float64 eager oracle."""
+import pytest
+import torch
+
+import sslkernels
+from sslkernels.reference import info_nce_reference
+from tests._utils import assert_within_eager_error, logit_bound, loss_and_grads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _case(n, d, k, dtype, seed=0, num_ids=4):
+    """query, key, queue (or None), bias [N + K], key ids [N], queue ids [K] (or None)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g)
+    key = (q + 0.8 * torch.randn(n, d, generator=g)).to(dtype)
+    neg = torch.randn(k, d, generator=g).to(dtype) if k else None
+    bias = 1.5 * torch.randn(n + k, generator=g)
+    ids = torch.randint(0, num_ids, (n,), generator=g)
+    queue_ids = torch.randint(0, num_ids, (k,), generator=g) if k else None
+    return q.to(dtype), key, neg, bias, ids, queue_ids
+
+
+def _compare(dtype, args, terms, **kw):
+    """The fused loss and gradients within the rule of the eager ones, in `dtype` (the bias
+    rounded to it too, so that eager adds it in `dtype`; the oracle takes the same values)."""
+    bias = terms.get("logit_bias")
+    if bias is not None:
+        terms = dict(terms, logit_bias=bias.to(dtype))
+
+    def run(fn, wide=False):
+        extra = dict(terms, logit_bias=terms["logit_bias"].double()) if wide and bias is not None else terms
+        return lambda a, b, t, *c: fn(a, b, t, c[0] if c else None, **kw, **extra)
+
+    fused = loss_and_grads(run(sslkernels.info_nce), *args)
+    eager = loss_and_grads(run(info_nce_reference), *args)
+    ref = loss_and_grads(run(info_nce_reference, wide=True), *[a.double() for a in args])
+    # the logits' size: 1 / t (unit rows) or |x|^2 / t, plus the largest bias
+    bound = logit_bound(*args[:2], *args[3:], temperature=args[2], normalize=kw.get("normalize", True))
+    bound += float(bias.abs().max()) if bias is not None else 0.0
+    for what, f, e, r in zip(("loss", "grad query", "grad key", "grad t", "grad negatives"), fused, eager, ref):
+        assert_within_eager_error(f, e, r, dtype, what, bound)
+    return fused, ref
+
+
+def _which_terms(name, bias, ids, queue_ids):
+    return {"bias": dict(logit_bias=bias), "ids": dict(key_ids=ids, queue_ids=queue_ids),
+            "both": dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids)}[name]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,k,symmetric", [(1, 3, 0, False), (7, 40, 0, False), (7, 40, 5, False),
+                                             (300, 33, 270, False), (1, 3, 0, True), (7, 40, 0, True),
+                                             (300, 33, 0, True)])
+@pytest.mark.parametrize("which", ["bias", "ids", "both"])
+def test_matches_float64_reference(dtype, n, d, k, symmetric, which):
+    q, key, neg, bias, ids, queue_ids = _case(n, d, k, dtype)
+    terms = _which_terms(which, bias, ids, queue_ids)
+    t = torch.tensor(0.2, dtype=torch.float64)
+    _compare(dtype, (q, key, t) + ((neg,) if k else ()), terms, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("k", [0, 9])
+def test_forward_backward_ops_match_the_one_sweep(dtype, k):
+    """The one-direction loss takes the one-sweep op when a gradient is wanted; the
+    forward / backward ops (the ring's, CUDA's) must give the same loss and gradients."""
+    q, key, neg, bias, ids, queue_ids = _case(70, 24, k, dtype, seed=3)
+    cand = torch.cat([ids, queue_ids]) if k else ids
+    t = torch.tensor(0.15, dtype=dtype)
+
+    def two_ops(a, b, tt, *c):
+        loss, _ = torch.ops.sslkernels.info_nce_forward(a, b, c[0] if c else None, tt, True, False, True, bool(c),
+                                                        bias.to(dtype), ids, cand)
+        return loss
+
+    args = (q, key, t) + ((neg,) if k else ())
+    sweep = loss_and_grads(lambda a, b, tt, *c: sslkernels.info_nce(
+        a, b, tt, c[0] if c else None, logit_bias=bias, key_ids=ids, queue_ids=queue_ids), *args)
+    ops = loss_and_grads(two_ops, *args)
+    ref = loss_and_grads(lambda a, b, tt, *c: info_nce_reference(
+        a, b, tt, c[0] if c else None, logit_bias=bias.double(), key_ids=ids, queue_ids=queue_ids),
+        *[a.double() for a in args])
+    for what, s, o, r in zip(("loss", "grad query", "grad key", "grad t", "grad negatives"), sweep, ops, ref):
+        assert_within_eager_error(o, s, r, dtype, f"{what} (forward / backward ops)", logit_bound(temperature=0.15) + 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_and_queue_ids_in_moco_mode(dtype):
+    q, key, neg, bias, ids, queue_ids = _case(33, 16, 20, dtype, seed=5)
+    t = torch.tensor(0.2, dtype=torch.float64)
+    _compare(dtype, (q, key, t, neg), dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids),
+             in_batch_negatives=False)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_unnormalised_rows(normalize):
+    q, key, neg, bias, ids, queue_ids = _case(41, 12, 13, torch.float32, seed=7)
+    scale = 1.0 if normalize else 12 ** -0.5
+    args = (q * scale, key * scale, torch.tensor(0.3, dtype=torch.float64), neg * scale)
+    _compare(torch.float32, args, dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids), normalize=normalize)
+
+
+def test_the_terms_change_the_loss_as_the_formula_says():
+    """Bias: loss_i = -log softmax(s_i + b)_i; with every other candidate sharing the
+    positive's id, each loss is exactly 0 and so is every gradient."""
+    q, key, neg, bias, _, _ = _case(9, 8, 4, torch.float64, seed=11)
+    t = 0.5
+    s = torch.cat([torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(x, dim=1).T / t
+                   for x in (key, neg)], dim=1) + bias
+    want = (torch.logsumexp(s, dim=1) - s.diagonal()).mean()
+    torch.testing.assert_close(sslkernels.info_nce(q, key, t, neg, logit_bias=bias), want, rtol=1e-12, atol=0)
+    same = torch.zeros(9, dtype=torch.int64)
+    leaves = [x.clone().requires_grad_() for x in (q, key, neg)]
+    loss = sslkernels.info_nce(*leaves[:2], t, leaves[2], key_ids=same, queue_ids=torch.zeros(4, dtype=torch.int64),
+                               symmetric=False)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(float(x.grad.abs().max()) == 0.0 for x in leaves)
+
+
+def test_symmetric_bias_is_query_to_key_only():
+    """The key -> query direction of CLIP carries no bias: shifting every key's bias by a
+    constant changes nothing at all (softmax is shift-invariant in that direction too)."""
+    q, key, _, bias, ids, _ = _case(17, 8, 0, torch.float64, seed=2)
+    bias = bias.double()  # so that bias + 3 is exact
+    base = sslkernels.info_nce(q, key, 0.2, symmetric=True, logit_bias=bias, key_ids=ids)
+    shifted = sslkernels.info_nce(q, key, 0.2, symmetric=True, logit_bias=bias + 3.0, key_ids=ids)
+    torch.testing.assert_close(shifted, base, rtol=1e-12, atol=1e-12)
+    one_dir = sslkernels.info_nce(q, key, 0.2, logit_bias=bias, key_ids=ids)
+    back = sslkernels.info_nce(key, q, 0.2, key_ids=ids)
+    torch.testing.assert_close(base, 0.5 * (one_dir + back), rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    q, key, neg, bias, ids, queue_ids = _case(6, 5, 4, torch.float64, seed=4, num_ids=3)
+    t = torch.tensor(0.4, dtype=torch.float64)
+    for leaf in (q, key, neg, t):
+        leaf.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c, tt: sslkernels.info_nce(
+        a, b, tt, c, logit_bias=bias, key_ids=ids, queue_ids=queue_ids), (q, key, neg, t))
+    assert torch.autograd.gradcheck(lambda a, b, tt: sslkernels.info_nce(
+        a, b, tt, symmetric=True, logit_bias=bias[:6], key_ids=ids), (q, key, t))
+
+
+def test_opcheck():
+    q, key, neg, bias, ids, queue_ids = _case(7, 6, 5, torch.float32, seed=8)
+    t = torch.tensor(0.3)
+    cand = torch.cat([ids, queue_ids])
+    b64 = bias.double()
+    for sym, negatives, cand_ids, b in ((False, neg, cand, b64), (True, None, ids, b64[:7])):
+        torch.library.opcheck(torch.ops.sslkernels.info_nce_forward.default,
+                              (q.requires_grad_(), key, negatives, t, True, sym, True, False, b, ids, cand_ids, True))
+    torch.library.opcheck(torch.ops.sslkernels.info_nce_forward.default,
+                          (q, key, None, t, True, False, True, False, None, ids, ids, False))
+    torch.library.opcheck(torch.ops.sslkernels.info_nce_loss_and_grads.default,
+                          (q, key, neg, t, True, False, b64, ids, cand))
+
+
+def test_torch_compile_fullgraph_cpu():
+    q, key, neg, bias, ids, queue_ids = _case(19, 8, 6, torch.float32, seed=9)
+    fn = torch.compile(lambda a, b, c: sslkernels.info_nce(a, b, 0.1, c, logit_bias=bias, key_ids=ids,
+                                                           queue_ids=queue_ids), fullgraph=True)
+    torch.testing.assert_close(fn(q, key, neg), sslkernels.info_nce(q, key, 0.1, neg, logit_bias=bias, key_ids=ids,
+                                                                     queue_ids=queue_ids))
+
+
+def test_thread_count_independent():
+    q, key, neg, bias, ids, queue_ids = _case(700, 32, 300, torch.float32, seed=12)
+    out = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for symmetric in (False, True):
+                leaves = [x.clone().requires_grad_() for x in (q, key, neg)]
+                loss = sslkernels.info_nce(*leaves[:2], 0.1, None if symmetric else leaves[2], symmetric=symmetric,
+                                           logit_bias=bias[:700] if symmetric else bias, key_ids=ids,
+                                           queue_ids=None if symmetric else queue_ids)
+                loss.backward()
+                out.append([loss.detach()] + [x.grad for x in leaves if x.grad is not None])
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(out[:2], out[2:]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+N, K = 5, 3
+_q = torch.randn(N, 4)
+_queue = torch.randn(K, 4)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(logit_bias=torch.randn(N + K + 1)), ValueError, "logit_bias"),
+    (dict(logit_bias=torch.randn(N)), ValueError, r"logit_bias.*\[N \+ K\]"),
+    (dict(logit_bias=torch.randn(N + K, 1)), ValueError, "logit_bias"),
+    (dict(logit_bias=torch.arange(N + K)), TypeError, "logit_bias"),
+    (dict(logit_bias=[0.0] * (N + K)), TypeError, "logit_bias"),
+    (dict(logit_bias=torch.full((N + K,), float("nan"))), ValueError, "logit_bias.*NaN"),
+    (dict(logit_bias=torch.full((N + K,), float("inf"))), ValueError, "logit_bias.*NaN or Inf"),
+    (dict(logit_bias=torch.randn(N + K, requires_grad=True)), NotImplementedError, "logit_bias.*detach"),
+    (dict(key_ids=torch.arange(N).float(), queue_ids=torch.arange(K)), TypeError, "key_ids"),
+    (dict(key_ids=torch.ones(N, dtype=torch.bool), queue_ids=torch.arange(K)), TypeError, "key_ids"),
+    (dict(key_ids=torch.arange(N + 1), queue_ids=torch.arange(K)), ValueError, r"key_ids.*\[5\]"),
+    (dict(key_ids=torch.arange(N), queue_ids=torch.arange(K + 2)), ValueError, r"queue_ids.*\[3\]"),
+    (dict(key_ids=torch.arange(N), queue_ids=torch.arange(K).double()), TypeError, "queue_ids"),
+    (dict(key_ids=torch.arange(N)), ValueError, "queue_ids"),
+    (dict(queue_ids=torch.arange(K)), ValueError, "queue_ids.*key_ids"),
+    (dict(key_ids=[0] * N, queue_ids=torch.arange(K)), TypeError, "key_ids"),
+])
+def test_bad_terms_raise(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        sslkernels.info_nce(_q, _q + 0.1, 0.1, _queue, **kw)
+
+
+def test_terms_need_shared_candidates():
+    with pytest.raises(NotImplementedError, match="per-query negatives"):
+        sslkernels.info_nce(_q, _q, 0.1, torch.randn(N, 2, 4), key_ids=torch.arange(N))
+    with pytest.raises(ValueError, match="queue_ids.*without a queue"):
+        sslkernels.info_nce(_q, _q, 0.1, key_ids=torch.arange(N), queue_ids=torch.arange(K))
+    with pytest.raises(ValueError, match=r"logit_bias.*\[5\]"):
+        sslkernels.info_nce(_q, _q, 0.1, logit_bias=torch.randn(N + K))
+
+
+def test_int32_ids_and_a_bias_under_no_grad_are_taken():
+    bias = torch.randn(N + K, requires_grad=True)
+    ids = torch.tensor([0, 1, 0, 2, 1], dtype=torch.int32)
+    with torch.no_grad():
+        got = sslkernels.info_nce(_q, _q + 0.1, 0.1, _queue, logit_bias=bias, key_ids=ids,
+                                  queue_ids=torch.arange(K, dtype=torch.int16))
+    want = info_nce_reference(_q, _q + 0.1, 0.1, _queue, logit_bias=bias.detach(), key_ids=ids.long(),
+                              queue_ids=torch.arange(K))
+    torch.testing.assert_close(got, want)
