@@ -195,6 +195,45 @@ INFO_NCE = OpSpec(
 )
 
 
+
+def _build_info_nce_terms(s, dtype, scale, seed):
+    """info_nce's inputs plus its retrieval terms: a bias per candidate (keys, then the
+    queue) in the inputs' dtype, and few distinct ids, so that duplicates are common."""
+    out = _build_info_nce({**s, "per_query": 0}, dtype, scale, seed)
+    g = _gen(seed + 1)
+    n, k = s["n"], s["k"]
+    out["logit_bias"] = (2 * torch.randn(n + k, generator=g, dtype=torch.float64)).to(dtype)
+    out["key_ids"] = torch.randint(0, s["ids"], (n,), generator=g)
+    if k:
+        out["queue_ids"] = torch.randint(0, s["ids"], (k,), generator=g)
+    return out
+
+
+def _terms_logit_bound(tensors, options, what="output"):
+    """The logits' size: the embeddings' (as info_nce's) plus the largest bias."""
+    embeddings = {k: v for k, v in tensors.items() if k in ("query", "key", "negatives")}
+    bias = tensors.get("logit_bias")
+    return _logit_bound(embeddings, options, what) + (float(bias.double().abs().max()) if bias is not None else 0.0)
+
+
+_IDS = dict(kind="int", values_checked=False, bad_dtypes=(torch.float32, torch.bool, torch.complex64))
+
+INFO_NCE_TERMS = OpSpec(
+    name="info_nce_terms", call=sslkernels.info_nce, build=_build_info_nce_terms, reference=info_nce_reference,
+    sizes=st.fixed_dictionaries({"n": ROWS, "d": COLS, "k": st.sampled_from([0, 1, 5, 65]),
+                                 "ids": st.integers(1, 6)}),
+    options=_info_nce_options(), small={"n": 6, "d": 5, "k": 4, "ids": 3},
+    large={"n": 290, "d": 24, "k": 129, "ids": 20}, defaults={"temperature": 0.1},
+    # an empty queue would leave the bias K entries too long: no empty dims here
+    args={"query": Arg((2,)), "key": Arg((2,)), "negatives": Arg((2,)), "logit_bias": Arg((1,)),
+          "key_ids": Arg((1,), **_IDS), "queue_ids": Arg((1,), **_IDS)},
+    grads=("query", "key", "negatives"),
+    mismatches=(("one more bias", "logit_bias", _extra_row), ("one more id", "key_ids", _extra_row),
+                ("one more queue id", "queue_ids", _extra_row)),
+    bad_scalars=_TEMPERATURE_CASES, thread_bitwise=True, magnitude=_terms_logit_bound,
+)
+
+
 # ---------------------------------------------------------------- singular values and metrics
 
 
@@ -571,6 +610,6 @@ SIGLIP = OpSpec(
 )
 
 
-OPS = [NT_XENT, SUP_CON, INFO_NCE, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR,
+OPS = [NT_XENT, SUP_CON, INFO_NCE, INFO_NCE_TERMS, SVDVALS, SVDVALS_EX, RANKME, EFFECTIVE_RANK, NESUM, ALPHA_REQ, LIDAR,
        MASKED_PATCH_ATTENTION, VARLEN_ATTENTION, SIGREG, SIGLIP, KOLEO]
 BY_NAME = {spec.name: spec for spec in OPS}
