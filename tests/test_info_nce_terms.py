@@ -234,3 +234,11 @@ def test_int32_ids_and_a_bias_under_no_grad_are_taken():
     want = info_nce_reference(_q, _q + 0.1, 0.1, _queue, logit_bias=bias.detach(), key_ids=ids.long(),
                               queue_ids=torch.arange(K))
     torch.testing.assert_close(got, want)
+
+
+def test_module_passes_the_terms():
+    q, key, neg, bias, ids, queue_ids = _case(12, 6, 5, torch.float32, seed=13)
+    module = sslkernels.nn.InfoNCELoss(temperature=0.2)
+    got = module(q, key, neg, logit_bias=bias, key_ids=ids, queue_ids=queue_ids)
+    torch.testing.assert_close(got, info_nce_reference(q, key, 0.2, neg, logit_bias=bias, key_ids=ids,
+                                                       queue_ids=queue_ids))

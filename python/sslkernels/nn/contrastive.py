@@ -204,11 +204,14 @@ class InfoNCELoss(nn.Module):
             self.register_parameter("log_temperature", None)
             self.temperature = temperature
 
-    def forward(self, query, key, negatives=None):
+    def forward(self, query, key, negatives=None, *, logit_bias=None, key_ids=None, queue_ids=None):
+        """``logit_bias``, ``key_ids``, ``queue_ids``: the retrieval terms of
+        :func:`sslkernels.info_nce` (sampling-bias correction, duplicate masks)."""
         t = self.log_temperature.exp() if self.log_temperature is not None else self.temperature
         group = _distributed.default_group() if self.gather_distributed else None
         return functional.info_nce(query, key, t, negatives, self.symmetric, self.normalize, process_group=group,
-                                   mode=self.distributed_mode)
+                                   mode=self.distributed_mode, logit_bias=logit_bias, key_ids=key_ids,
+                                   queue_ids=queue_ids)
 
 
 class ClipLoss(nn.Module):
