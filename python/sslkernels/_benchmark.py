@@ -232,6 +232,52 @@ register_op(
 )
 
 
+# ---- InfoNCE for retrieval (issue 13): in-batch softmax with the -log q_j correction
+
+
+def _items_with_duplicates(sizes: Sizes, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Query / item embeddings of a recommender batch: item ids drawn from 4N (so about
+    one in eight items repeats within the batch) and a sampling-bias correction -log q_j
+    from a Zipf-like popularity."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d = sizes["n"], sizes["d"]
+    q = torch.randn(n, d, generator=g)
+    item = q + 0.5 * torch.randn(n, d, generator=g)
+    ids = torch.randint(0, 4 * n, (n,), generator=g)
+    popularity = 1.0 / (1.0 + ids.double())
+    bias = -torch.log(popularity / popularity.sum()).to(torch.float32)
+    return (q.to(device=device, dtype=dtype).requires_grad_(True),
+            item.to(device=device, dtype=dtype).requires_grad_(True), bias.to(device), ids.to(device))
+
+
+def _info_nce_retrieval_eager(query, item, bias, ids):
+    from sslkernels.reference import info_nce_reference
+
+    return info_nce_reference(query, item, 0.05, logit_bias=bias, key_ids=ids)
+
+
+def _info_nce_retrieval_fused(query, item, bias, ids):
+    import sslkernels
+
+    return sslkernels.info_nce(query, item, temperature=0.05, logit_bias=bias, key_ids=ids)
+
+
+register_op(
+    BenchOp(
+        name="info_nce_retrieval",
+        params=("n", "d"),
+        default_sizes={"n": (4096, 8192), "d": (128,)},
+        quick_sizes={"n": (1024,), "d": (64,)},
+        make_inputs=_items_with_duplicates,
+        eager=_info_nce_retrieval_eager,
+        fused=_info_nce_retrieval_fused,
+        warmup_sizes=lambda s: {"n": 8, "d": s["d"]},
+        shape_label=lambda s: f"N={s['n']} D={s['d']}",
+        description="InfoNCE with logit_bias (-log q_j) and duplicate-id masks, in-batch items, temperature 0.05",
+    )
+)
+
+
 # ---- SigLIP's sigmoid loss (issue 13)
 
 
@@ -518,6 +564,7 @@ HEADLINE_CASES: Dict[str, Sizes] = {
     "nt_xent": {"n": 8192, "d": 128},
     "sup_con": {"n": 8192, "d": 128, "classes": 100},
     "info_nce": {"n": 8192, "d": 256, "k": 16384},
+    "info_nce_retrieval": {"n": 8192, "d": 128},
     "masked_patch_attention": {"b": 32, "l": 196, "h": 12, "dh": 64, "lo": 78, "hi": 196},
     "varlen_attention": {"b": 32, "tokens": 147, "h": 12, "dh": 64},
     "svdvals": {"b": 512, "n": 128},
