@@ -524,6 +524,30 @@ std::vector<Acc> own_key_logits(const InfoNceRows<Acc>& rows, Acc inv_t, int64_t
   return logits;
 }
 
+// The body of TileTerms::apply, branch-free per element so that it vectorises (a tile pass
+// costs about 1/D of its product): bias[j] added, then -inf where candidate j has row i's
+// anchor id, row i's own key (j = i, column i - c0) restored when it is the positive.
+template <typename Acc>
+SSLK_MULTIVERSION void apply_tile_terms(Acc* s, int64_t ld, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                                        const Acc* bias, const int64_t* anchor_ids, const int64_t* candidate_ids,
+                                        bool positive_on_diagonal) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (int64_t i = 0; i < nr; ++i) {
+    Acc* si = s + i * ld;
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) si[j] += bias[j];
+    }
+    if (candidate_ids == nullptr) continue;
+    const int64_t anchor = anchor_ids[r0 + i], own = r0 + i - c0;
+    const bool keep_own = positive_on_diagonal && own >= 0 && own < nc;
+    const Acc own_logit = keep_own ? si[own] : Acc(0);
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) si[j] = candidate_ids[j] == anchor ? neg_inf : si[j];
+    if (keep_own) si[own] = own_logit;
+  }
+}
+
 // CandidateTerms in the accumulator's type, applied to each logit tile right after its
 // product: bias[j] added to query i's logit of candidate j, -inf where the pair's ids
 // match (a duplicate of the positive). -inf entries are what fold_tile, softmax_weights
@@ -545,13 +569,8 @@ struct TileTerms {
   }
   // s [nr x nc], row stride ld: queries r0.. against candidates c0.. (keys from 0, the queue from N).
   void apply(Acc* s, int64_t ld, int64_t r0, int64_t nr, int64_t c0, int64_t nc) const {
-    if (!bias.empty())
-      for (int64_t i = 0; i < nr; ++i)
-        for (int64_t j = 0; j < nc; ++j) s[i * ld + j] += bias[static_cast<size_t>(c0 + j)];
-    if (anchor_ids == nullptr) return;
-    for (int64_t i = 0; i < nr; ++i)
-      for (int64_t j = 0; j < nc; ++j)
-        if (masked(r0 + i, c0 + j)) s[i * ld + j] = -std::numeric_limits<Acc>::infinity();
+    apply_tile_terms(s, ld, r0, nr, c0, nc, bias.empty() ? nullptr : bias.data() + c0, anchor_ids,
+                     candidate_ids != nullptr ? candidate_ids + c0 : nullptr, positive_on_diagonal);
   }
   // Query i's own-key logit s_ii (raw) with its terms.
   Acc own(int64_t i, Acc s_ii) const {
