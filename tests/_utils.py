@@ -1,76 +1,21 @@
-"""Tolerance rule of the design: a fused result passes when its error against the
-float64 reference is at most twice the error of eager PyTorch in the same dtype, plus a
-floor for the rounding of the result itself that is relative to the result's own scale
-(RESOLUTION[dtype] * max|ref64|), never absolute: a gradient of size 1e-3 must not pass
-as zero. Every value-judging test (tests/, tests/interpret/, tests/test_properties.py)
-uses `assert_within_eager_error`; tests/test_tolerance_helpers.py proves it can fail."""
+"""Test helpers. The tolerance rule of the design lives in `sslkernels._tolerance` (one
+implementation, shared with the device run in benchmarks/gpu/_core.py): every
+value-judging test (tests/, tests/interpret/, tests/test_properties.py) uses
+`assert_within_eager_error`; tests/test_tolerance_helpers.py proves it can fail."""
 from __future__ import annotations
-
-import math
 
 import torch
 
-# Rounding floor per dtype, relative to the magnitude of the reference.
-# float64: eager is the oracle itself there (no eager term in the bound), so the floor alone
-# covers the fused path's own rounding, which a peaked softmax's cancelling gradient
-# (p_ii - 1 against its terms) lifts to ~2e-12 of the scale: 1e-11, relative still.
-RESOLUTION = {
-    torch.float64: 1e-11,
-    torch.float32: 2e-6,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
+from sslkernels._tolerance import RESOLUTION, logit_bound, max_abs_error, rounding_floor, within_eager_error
 
-
-def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-
-
-def rounding_floor(ref64: torch.Tensor, dtype, terms: float = 0.0) -> float:
-    """RESOLUTION[dtype] * max|ref64|. `terms` is the size of what the quantity is a
-    difference of, used only where its own scale says nothing: for a scalar (a loss near
-    0 is lse - s_pos, logits of size `terms`, and carries their rounding) and for a
-    reference that is zero up to float64's rounding of its terms (a gradient that cancels
-    exactly, as with one candidate per row or through the normalisation of 1-wide rows: a
-    zero result is then right). Other tensors get their own scale, so a zero or a wrong
-    gradient fails."""
-    scale = float(ref64.double().abs().max()) if ref64.numel() else 0.0
-    if ref64.dim() == 0 or scale <= RESOLUTION[torch.float64] * terms:
-        scale = max(scale, terms)
-    floor = RESOLUTION[dtype] * scale
-    if dtype == torch.float64:
-        # eager is the oracle there, so nothing measures the problem's conditioning: a
-        # gradient (p - 1) q / t of a saturated softmax is a few ulps of its terms off in
-        # any float64 evaluation. 8 ulps of the terms, far below any wrong gradient.
-        floor = max(floor, 8 * torch.finfo(torch.float64).eps * terms)
-    return floor
-
-
-def logit_bound(*tensors, temperature=1.0, normalize=True) -> float:
-    """The largest |logit| a contrastive loss over these rows can form, 1 / t for unit
-    rows, else max |x|^2 / t: the `terms` of a loss (lse_i - s_pos is a difference of
-    logits of that size, and cancels to 0 when a row's only candidate is its positive)."""
-    if normalize:
-        return 1.0 / float(temperature)
-    norms = [float(x.double().reshape(-1, x.shape[-1]).norm(dim=1).max()) for x in tensors
-             if x is not None and x.is_floating_point() and x.numel()]
-    return max(norms, default=0.0) ** 2 / float(temperature)
+__all__ = ["RESOLUTION", "assert_within_eager_error", "import_bypassing_init", "logit_bound", "loss_and_grads",
+           "max_abs_error", "rounding_floor", "run_gloo_ranks"]
 
 
 def assert_within_eager_error(fused, eager, ref64, dtype, what: str, terms: float = 0.0) -> None:
     """|fused - ref64| <= 2 |eager - ref64| + rounding_floor(ref64, dtype, terms)."""
-    assert fused.shape == ref64.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
-    assert torch.isfinite(fused.double()).all(), f"{what}: fused result has NaN/Inf (an element left unwritten?)"
-    err_fused = max_abs_error(fused, ref64)
-    err_eager = max_abs_error(eager, ref64)
-    if not math.isfinite(err_eager):  # eager overflowed (float16): no bound but finiteness
-        err_eager = math.inf
-    floor = rounding_floor(ref64, dtype, terms)
-    bound = 2 * err_eager + floor
-    assert err_fused <= bound, (
-        f"{what} ({dtype}): fused error {err_fused:.3e} > bound {bound:.3e} "
-        f"(eager error {err_eager:.3e}, floor {floor:.3e})"
-    )
+    verdict = within_eager_error(fused, eager, ref64, dtype, terms)
+    assert verdict.ok, verdict.describe(what, dtype)
 
 
 def loss_and_grads(fn, *args, **kwargs):

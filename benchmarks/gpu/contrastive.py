@@ -104,7 +104,13 @@ def check_case(ctx: Ctx, kind, n, d, extra, dtype, opts):
     eager = loss_and_grads(run["eager"], tensors, wants)
     ref = loss_and_grads(run["eager"], [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
                                         else x for x in tensors], wants)
-    return judge_all(names, fused, eager, ref, dtype, again)
+    from sslkernels._tolerance import logit_bound
+
+    # the loss and the temperature's gradient are scalars: differences of logits up to 1 / t
+    terms = logit_bound(*(x for x in tensors if isinstance(x, torch.Tensor) and x.dim() > 0),
+                        temperature=SUP_CON_T if kind == "sup_con" else INFO_NCE_T,
+                        normalize=opts.get("normalize", True))
+    return judge_all(names, fused, eager, ref, dtype, again, terms=terms)
 
 
 def check(ctx: Ctx) -> list[Row]:
