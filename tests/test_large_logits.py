@@ -113,3 +113,27 @@ def test_attention_saturated_softmax_head_dim_1():
             except AssertionError as err:
                 worst.append(str(err))
     assert not worst, "\n".join(worst[:5])
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip"])
+def test_small_loss_subtracts_the_positive_its_lse_was_taken_over(loss):
+    """A converged loss (0.01 here, from logits of ~90) is lse_i - s_pos, a difference that
+    cancels: the positive must be the very logit of the tile the lse came from, not a second
+    dot product one ulp apart (which made the fused loss 13x eager's error)."""
+    from sslkernels.reference import info_nce_reference, nt_xent_reference
+
+    g = torch.Generator().manual_seed(0)
+    z1 = 3 * torch.randn(7, 16, generator=g)
+    z2 = z1 + 2.4 * torch.randn(7, 16, generator=g)
+    fused_fn, eager_fn = {
+        "nt_xent": (lambda a, b: sslkernels.nt_xent(a, b, 0.1), lambda a, b: nt_xent_reference(a, b, 0.1)),
+        "info_nce": (lambda a, b: sslkernels.info_nce(a, b, 0.1), lambda a, b: info_nce_reference(a, b, 0.1)),
+        "clip": (lambda a, b: sslkernels.info_nce(a, b, 0.1, symmetric=True),
+                 lambda a, b: info_nce_reference(a, b, 0.1, symmetric=True)),
+    }[loss]
+    ref = eager_fn(z1.double(), z2.double())
+    assert float(ref) < 0.05  # the regime this is about
+    with torch.no_grad():
+        fused_err = float((fused_fn(z1, z2).double() - ref).abs())
+        eager_err = float((eager_fn(z1, z2).double() - ref).abs())
+    assert fused_err <= eager_err, f"{loss}: fused error {fused_err:.2e} > eager's {eager_err:.2e}"

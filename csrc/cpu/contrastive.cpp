@@ -200,10 +200,15 @@ Acc positive_weight(Acc s, Acc hi, Acc lo, Acc w) {
   return w * std::expm1((s - hi) - lo) + (w - Acc(1));
 }
 
+inline int64_t nt_xent_positive(int64_t i, int64_t n) { return i < n ? i + n : i - n; }
+
 // lse_i = log sum_{j != i} exp(z_i . z_j / t) for every stacked row: each symmetric
-// tile is multiplied once and folded into its rows (row view) and its columns.
+// tile is multiplied once and folded into its rows (row view) and its columns. With
+// `partner_logit`, it also keeps s_{i, i +- half} (NT-Xent's positive) as that tile holds it,
+// so that the loss subtracts the very logit its lse was taken over.
 template <typename Acc>
-void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, double* lse, int num_threads) {
+void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, double* lse, int num_threads,
+                       Acc* partner_logit = nullptr, int64_t half = 0) {
   const int64_t m = rows.m, d = rows.d;
   const int64_t tile = detail::choose_tile_rows(m, d);
   RowStats<Acc> stats(m);
@@ -220,6 +225,11 @@ void symmetric_row_lse(const StackedRows<Acc>& rows, Acc inv_t, double* lse, int
         if (diagonal) {  // self-similarity masked; symmetric, so the row view suffices
           mirror_upper_triangle(s, nr, nc);
           for (int64_t i = 0; i < nr; ++i) s[i * nc + i] = -std::numeric_limits<Acc>::infinity();
+        }
+        // The pair (i, i + half) lies in exactly one tile of the upper triangle: row i's view.
+        for (int64_t i = 0; partner_logit != nullptr && i < nr; ++i) {
+          const int64_t j = nt_xent_positive(r0 + i, half);
+          if (j > r0 + i && j >= c0 && j < c0 + nc) partner_logit[r0 + i] = partner_logit[j] = s[i * nc + (j - c0)];
         }
         fold_tile<Acc>(s, nr, nc, row_max + r0, row_sum + r0, row_max + c0, row_sum + c0,
                        !diagonal, scratch + tile * tile);
@@ -320,8 +330,6 @@ inline double mean_or_zero(const std::vector<double>& terms, int64_t count) {
 // ------------------------------------------------------------------------- NT-Xent
 // Rows i and i +- N of cat(z1, z2) are each other's positive; every row is an anchor.
 
-inline int64_t nt_xent_positive(int64_t i, int64_t n) { return i < n ? i + n : i - n; }
-
 template <typename Acc>
 Status nt_xent_forward_impl(const MatrixView (&parts)[2], double temperature, bool normalize,
                             double* lse, double* loss, int num_threads) {
@@ -329,14 +337,12 @@ Status nt_xent_forward_impl(const MatrixView (&parts)[2], double temperature, bo
   const Status st = load_rows<Acc>(parts, 2, normalize, rows, num_threads);
   if (st != Status::Ok) return st;
   const Acc inv_t = static_cast<Acc>(1.0 / temperature);
-  symmetric_row_lse<Acc>(rows, inv_t, lse, num_threads);
   const int64_t m = rows.m, n = parts[0].rows;
+  std::vector<Acc> positive(static_cast<size_t>(m));
+  symmetric_row_lse<Acc>(rows, inv_t, lse, num_threads, positive.data(), n);
   std::vector<double> row_loss(static_cast<size_t>(m));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    const Acc positive = dot(rows.row(i), rows.row(nt_xent_positive(i, n)), rows.d) * inv_t;
-    row_loss[i] = lse[i] - static_cast<double>(positive);
-  }
+  for (int64_t i = 0; i < m; ++i) row_loss[i] = lse[i] - static_cast<double>(positive[i]);
   *loss = mean_or_zero(row_loss, m);
   return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
 }
@@ -594,7 +600,9 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   RowStats<Acc> q_stats(n), k_stats(n);
   const Acc* q = rows.query.z.data();
   const Acc* kz = rows.key.z.data();
-  std::vector<Acc> own_logit;  // without in-batch keys: the positives (own_key_logits)
+  // The positives s_ii: from the in-batch tiles (the very logits the lse was taken
+  // over, bias included), else own_key_logits (raw, the bias added below).
+  std::vector<Acc> own_logit(static_cast<size_t>(n));
   if (in_batch_negatives) {
     detail::for_each_bipartite_tile<Acc>(
         n, n, tile, tile * tile + tile, num_threads, /*columns_shared=*/symmetric,
@@ -603,6 +611,8 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
                             scratch, nc);
           // Biased for both views: the key direction's lse_j comes out shifted by bias_j.
           terms.apply(scratch, nc, r0, nr, c0, nc);
+          for (int64_t i = std::max(r0, c0); i < std::min(r0 + nr, c0 + nc); ++i)
+            own_logit[i] = scratch[(i - r0) * nc + (i - c0)];
           fold_tile<Acc>(scratch, nr, nc, q_stats.max.data() + r0, q_stats.sum.data() + r0,
                          k_stats.max.data() + c0, k_stats.sum.data() + c0, symmetric,
                          scratch + tile * tile);
@@ -641,9 +651,10 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
   std::vector<double> row_loss(static_cast<size_t>(n));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const Acc raw = own_logit.empty() ? dot(rows.query.row(i), rows.key.row(i), d) * inv_t : own_logit[i];
-    // the target's logit with its bias, as the tiles hold it (even where masked: the target stays)
-    const double positive = static_cast<double>(raw + terms.bias_of(i));
+    Acc target = in_batch_negatives ? own_logit[i] : own_logit[i] + terms.bias_of(i);
+    if (target == -std::numeric_limits<Acc>::infinity())  // masked (a ring's remote block): the target stays
+      target = dot(rows.query.row(i), rows.key.row(i), d) * inv_t + terms.bias_of(i);
+    const double positive = static_cast<double>(target);
     lse_query[i] = lse_of(q_stats.max[i], q_stats.sum[i]);
     // (max - positive) + log(sum) rather than lse - positive: the shifted terms keep
     // their accuracy when the loss is small (a tie with the positive gives log 2 exactly).
