@@ -140,48 +140,48 @@ def temperature_tensor(temperature, device: torch.device, name: str = "temperatu
     return temperature
 
 
-def _single_value(x, name: str, device: torch.device) -> torch.Tensor:
-    """A number or a one-element floating tensor (shape [], [1], [1, 1], ...: what
-    broadcasts against a logit matrix) as a 0-dim tensor; a tensor keeps its autograd
-    (the reshape is a view), so its gradient comes back in its own shape."""
+def single_value(x, name: str, device: torch.device, *, positive: bool = False, shape_error=ValueError,
+                 max_dim=None) -> torch.Tensor:
+    """A logit scale / bias / shift: a real number or a one-element floating tensor, as a
+    0-dim tensor. A number becomes a float64 scalar on `device`; a tensor (on the CPU or on
+    `device`) keeps its autograd (the reshape is a view), so a learnable one gets its
+    gradient back in its own shape. Several elements raise `shape_error` (as do more than
+    `max_dim` dims). Finite (and > 0 with `positive`): checked for numbers and CPU tensors
+    always, for CUDA tensors in debug mode only (the check is a host sync), and left to the
+    op's CPU kernel under torch.compile (the value is data-dependent there)."""
     if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
         raise TypeError(f"`{name}` must be a real number or a floating-point tensor, got {type(x).__name__}")
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
+        if x.numel() != 1 or (max_dim is not None and x.dim() > max_dim):
+            raise shape_error(f"`{name}` of shape {tuple(x.shape)}: only a single value (shape [] or [1]) is "
+                              "built (one value shared by every logit)")
+        if x.device.type != "cpu" and x.device != device:
+            raise ValueError(f"`{name}` is on {x.device}; put it on the CPU or on {device}")
+    from sslkernels._config import debug_enabled
+
+    checked = not isinstance(x, torch.Tensor) or x.device.type == "cpu" or debug_enabled()
+    if checked and not (isinstance(x, torch.Tensor) and torch.compiler.is_compiling()):
+        value = float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+        if not math.isfinite(value) or (positive and value <= 0.0):
+            raise ValueError(f"`{name}` must be finite{' and > 0' if positive else ''}, got {value}")
     if not isinstance(x, torch.Tensor):
         return torch.full((), float(x), dtype=torch.float64, device=device)
-    if not x.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
-    if x.numel() != 1:
-        raise NotImplementedError(f"`{name}` of shape {tuple(x.shape)}: only a single value (shape [] or [1]) is "
-                                  "built (one scale / bias shared by every logit)")
-    if x.device.type != "cpu" and x.device != device:
-        raise ValueError(f"`{name}` is on {x.device}; put it on the CPU or on {device}")
     return x.reshape(())
 
 
 def clip_logit_scale(logit_scale, device: torch.device) -> torch.Tensor:
-    """open_clip's exponentiated ``logit_scale`` (number, 0-dim or [1] tensor) as a 0-dim
-    tensor, finite and > 0 (checked on the CPU always, on CUDA in debug mode)."""
-    scale = _single_value(logit_scale, "logit_scale", device)
-    from sslkernels._config import debug_enabled
-
-    if scale.device.type == "cpu" or debug_enabled():
-        value = float(scale.detach())
-        if not math.isfinite(value) or value <= 0.0:
-            raise ValueError(f"`logit_scale` must be finite and > 0 (it is exp of the log-scale), got {value}")
-    return scale
+    """open_clip's exponentiated ``logit_scale`` (number, 0-dim or [1] tensor), finite and > 0;
+    several values (open_clip would broadcast them) are not built."""
+    return single_value(logit_scale, "logit_scale", device, positive=True, shape_error=NotImplementedError)
 
 
 def clip_logit_bias(logit_bias, device: torch.device):
-    """open_clip's ``logit_bias`` (None, a number, or a 0-dim / [1] tensor) as a 0-dim
-    tensor or None; finite (checked on the CPU always, on CUDA in debug mode)."""
+    """open_clip's ``logit_bias`` (None, a number, or a 0-dim / [1] tensor), finite."""
     if logit_bias is None:
         return None
-    bias = _single_value(logit_bias, "logit_bias", device)
-    from sslkernels._config import debug_enabled
-
-    if (bias.device.type == "cpu" or debug_enabled()) and not math.isfinite(float(bias.detach())):
-        raise ValueError(f"`logit_bias` must be finite, got {float(bias.detach())}")
-    return bias
+    return single_value(logit_bias, "logit_bias", device, shape_error=NotImplementedError)
 
 
 def check_negatives(negatives, query: torch.Tensor):
@@ -459,36 +459,13 @@ def check_siglip_features(image_features, text_features) -> None:
     check_nonempty_rows(image_features, "image_features")
 
 
-def logit_scalar(value, name: str, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """SigLIP's logit_scale / logit_bias: a real number or a 0-dim floating tensor (which
-    may require grad), as a 0-dim tensor on `device`.
+def logit_scalar(value, name: str, device: torch.device) -> torch.Tensor:
+    """SigLIP's logit_scale / logit_bias (open_clip passes the scale already exponentiated:
+    it multiplies the logits as given, any sign), as a 0-dim tensor on `device`: a CPU
+    tensor is moved there, differentiably."""
+    return single_value(value, name, device, max_dim=1).to(device)
 
-    open_clip passes ``logit_scale`` already exponentiated: it multiplies the logits as
-    given, any sign. A Python number becomes a float64 scalar on `device`; a tensor on
-    the CPU is moved to `device` (differentiably). The value (finite) is checked on the
-    CPU always and on CUDA in debug mode only (the check is a host sync).
-    """
-    if not isinstance(value, torch.Tensor):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"`{name}` must be a real number or a 0-dim tensor, got {type(value).__name__}")
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError(f"`{name}` must be finite, got {number}")
-        return torch.full((), number, dtype=dtype, device=device)
-    if not value.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}")
-    if value.numel() != 1 or value.dim() > 1:
-        raise ValueError(f"`{name}` must be a 0-dim tensor (or one element), got shape {tuple(value.shape)}")
-    if value.device.type != "cpu" and value.device != device:
-        raise ValueError(f"`{name}` is on {value.device}; put it on the CPU or on {device}")
-    from sslkernels._config import debug_enabled
 
-    # Under torch.compile the value is data-dependent: the op's CPU kernel checks it instead.
-    if (value.device.type == "cpu" or debug_enabled()) and not torch.compiler.is_compiling():
-        number = float(value.detach())
-        if not math.isfinite(number):
-            raise ValueError(f"`{name}` must be finite, got {number}")
-    return value.reshape(()).to(device)
 # ---------------------------------------------------------------- distributed
 DISTRIBUTED_MODES = ("all_gather", "ring")
 
