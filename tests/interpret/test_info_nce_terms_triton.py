@@ -260,3 +260,66 @@ def test_the_rule_rejects_a_dropped_term(contrastive_kernels):
         for what, f, e, r in zip(NAMES, wrong, eager, ref):
             with pytest.raises(AssertionError):
                 assert_within_eager_error(f, e, r, torch.float32, what)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")  # lse = -inf, wanted
+@pytest.mark.parametrize("k", [0, 5])
+def test_remote_block_with_fully_masked_rows(contrastive_kernels, poisoned_outputs, k):
+    """The ring's remote-block calls (positive_on_diagonal=False, normalize=False): a row whose
+    every candidate shares its id gets lse = -inf from the forward, and the backward, given
+    the merged (finite) lse, weighs the block by W = p - [j == i] with p = 0 on every masked
+    pair, nothing non-finite leaking from the -inf."""
+    n, d = 7, 16
+    q, key, neg = _inputs(n, d, k, torch.float64, False, seed=4)
+    t = 0.5
+    bias = _terms(n, k, torch.float64, "bias", seed=5)[0]
+    anchor = torch.arange(n) % 2  # every key and queue row has id 0: rows of id 0 keep none, of id 1 all
+    cand = torch.zeros(n + k, dtype=torch.int64)
+    cands = key if neg is None else torch.cat([key, neg])
+    logits = q @ cands.T / t + bias[None, :]
+    drop = anchor[:, None] == cand[None, :]
+    lse_block = torch.logsumexp(logits.masked_fill(drop, float("-inf")), dim=1)
+    assert torch.isinf(lse_block[anchor == 0]).all()
+    kw = dict(logit_bias=bias, anchor_ids=anchor, candidate_ids=cand, positive_on_diagonal=False)
+    _, lse = contrastive_kernels.info_nce_forward(q, key, neg, t, False, False, True, k > 0, **kw)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_block))
+    torch.testing.assert_close(lse[anchor == 1], lse_block[anchor == 1], rtol=1e-12, atol=1e-12)
+
+    merged = torch.logaddexp(lse_block, (q * key).sum(1) / t + 0.3)  # as the ring merges the local lse
+    g = torch.tensor(0.7, dtype=torch.float64)
+    dq, dk, dneg, _ = contrastive_kernels.info_nce_backward(g, q, key, neg, t, merged, False, False, True, k > 0,
+                                                            **kw)
+    w = torch.exp(logits - merged[:, None]).masked_fill(drop, 0.0)
+    w[:, :n] -= torch.eye(n, dtype=torch.float64)
+    c = 0.7 / (n * t)
+    torch.testing.assert_close(dq, c * (w @ cands), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(dk, c * (w[:, :n].T @ q), rtol=1e-10, atol=1e-13)
+    if k:
+        torch.testing.assert_close(dneg, c * (w[:, n:].T @ q), rtol=1e-10, atol=1e-13)
+
+
+PER_QUERY = [(7, 16, 3, False, True), (33, 40, 2, True, True), (7, 40, 1, False, False)]
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("case", PER_QUERY, ids=[f"{n}x{d}m{m}{'-sym' if s else ''}{'' if b else '-moco'}"
+                                                 for n, d, m, s, b in PER_QUERY])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bias_with_per_query_negatives(contrastive_kernels, poisoned_outputs, dtype, case, normalize):
+    """logit_bias [N] (the keys' only: per-query negatives [N, M, D] carry none, as in the
+    reference) beside each query's own negatives."""
+    n, d, m, symmetric, in_batch = case
+    q, key, _ = _inputs(n, d, 0, dtype, normalize)
+    g = torch.Generator().manual_seed(6)
+    hard = (q.double()[:, None, :] + torch.randn(n, m, d, generator=g, dtype=torch.float64)
+            * float(q.double().norm(dim=1).mean()) / math.sqrt(d)).to(dtype)
+    bias, _, _ = _terms(n, 0, dtype, "bias")
+    t = 0.1 if normalize else 0.5
+    t64 = torch.tensor(t, dtype=torch.float64)
+    fused, _ = _fused(contrastive_kernels, q, key, hard, t64, symmetric, in_batch, normalize,
+                      **_launcher_terms(q, bias, None, None))
+    eager = _reference(q, key, hard, t64, symmetric, in_batch, normalize, bias, None, None)
+    ref = _reference(q.double(), key.double(), hard.double(), t64, symmetric, in_batch, normalize, bias, None, None)
+    terms = logit_bound(q, key, hard, temperature=t, normalize=normalize) + float(bias.abs().max())
+    for what, f, e, r in zip(NAMES, fused, eager, ref):
+        assert_within_eager_error(f, e, r, dtype, what, terms)
