@@ -42,6 +42,9 @@ epilogue) in two generic kernels (see "generic row-block passes" below):
 * ``_per_query_neg_bwd_kernel``  per-query negatives' gradient, element-wise.
 CLIP's key direction is a second forward pass (roles swapped): 2x the S work of one
 direction, against N floats of extra state; the backward has no extra cost.
+InfoNCE's retrieval terms (a logit bias per candidate, duplicate-id masks compared
+in-tile) are constexpr variants of the two kernels (COL_BIAS / ROW_BIAS, HAS_IDS,
+DIAG_EXEMPT); without them the kernels compile to the code they had before.
 
 Addressing: explicit row strides (the launchers copy only a tensor whose last
 dimension is not unit-stride), int64 block offsets plus int32 in-tile offsets,
