@@ -323,3 +323,26 @@ def test_bias_with_per_query_negatives(contrastive_kernels, poisoned_outputs, dt
     terms = logit_bound(q, key, hard, temperature=t, normalize=normalize) + float(bias.abs().max())
     for what, f, e, r in zip(NAMES, fused, eager, ref):
         assert_within_eager_error(f, e, r, dtype, what, terms)
+
+
+@pytest.mark.parametrize("k", [0, 40])
+def test_one_sweep_op_with_terms_on_the_triton_path(contrastive_kernels, poisoned_outputs, k):
+    """`sslkernels::info_nce_loss_and_grads`'s Triton route with the terms as the ops layer
+    passes them (a float64 bias and int32 ids, converted there for the launchers)."""
+    from sslkernels.ops.contrastive import loss_and_grads_from_kernels
+
+    n, d = 33, 40
+    q, key, neg = _inputs(n, d, k, torch.float32, True)
+    t64 = torch.tensor(0.07, dtype=torch.float64)
+    bias, key_ids, queue_ids = _terms(n, k, torch.float32, "both")
+    cand = key_ids if queue_ids is None else torch.cat([key_ids, queue_ids])
+    loss, dq, dk, dneg, dt = loss_and_grads_from_kernels(
+        contrastive_kernels, q, key, neg, t64, True, True, logit_bias=bias, anchor_ids=key_ids.to(torch.int32),
+        candidate_ids=cand.to(torch.int32))
+    fused = (loss, dq, dk, dt) + ((dneg,) if neg is not None else ())
+    eager = _reference(q, key, neg, t64, False, True, True, bias, key_ids, queue_ids)
+    ref = _reference(q.double(), key.double(), None if neg is None else neg.double(), t64, False, True, True, bias,
+                     key_ids, queue_ids)
+    terms = logit_bound(temperature=0.07) + float(bias.abs().max())
+    for what, f, e, r in zip(NAMES, fused, eager, ref):
+        assert_within_eager_error(f, e, r, torch.float32, what, terms)
