@@ -42,6 +42,9 @@ epilogue) in two generic kernels (see "generic row-block passes" below):
 * ``_per_query_neg_bwd_kernel``  per-query negatives' gradient, element-wise.
 CLIP's key direction is a second forward pass (roles swapped): 2x the S work of one
 direction, against N floats of extra state; the backward has no extra cost.
+InfoNCE's retrieval terms (a logit bias per candidate, duplicate-id masks compared
+in-tile) are constexpr variants of the two kernels (COL_BIAS / ROW_BIAS, HAS_IDS,
+DIAG_EXEMPT); without them the kernels compile to the code they had before.
 
 Addressing: explicit row strides (the launchers copy only a tensor whose last
 dimension is not unit-stride), int64 block offsets plus int32 in-tile offsets,
@@ -675,20 +678,58 @@ def _per_query_neg_bwd_kernel(
         tl.store(out_base + lrows[:, None] * (M * D) + cols[None, :], dn.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _bias2(bias_ptr, idx, mask, ACC: tl.constexpr):
+    """Retrieval logit bias (natural log, e.g. -log q_j) in the kernels' base-2 units, in ACC.
+    The forward and every backward pass add it through here, so a logit is rounded the same
+    wherever it is recomputed against a saved lse."""
+    return tl.load(bias_ptr + idx, mask=mask, other=0.0).to(ACC) * 1.4426950408889634
+
+
+@triton.jit
+def _same_id(rid, id_ptr, rows, cols, col_ok, DIAG_EXEMPT: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] pairs whose ids match (rid: the tile rows' ids, id_ptr: the column
+    rows'): they leave the softmax, except the diagonal (i, i) when DIAG_EXEMPT (the positive)."""
+    cid = tl.load(id_ptr + cols, mask=col_ok, other=0)
+    drop = rid[:, None] == cid[None, :]
+    if DIAG_EXEMPT:
+        drop = drop & (cols[None, :] != rows[:, None])
+    return drop
+
+
+@triton.jit
+def _own_id(rid, id_ptr, rows, row_ok, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr):
+    """[BLOCK_M] rows whose partner (B row i, the positive) is masked: only when the diagonal
+    is not exempt (a ring's remote block, where key i is not query i's positive)."""
+    if HAS_IDS and not DIAG_EXEMPT:
+        own = rid == tl.load(id_ptr + rows, mask=row_ok, other=0)
+    else:
+        own = rows < 0
+    return own
+
+
 @triton.autotune(configs=_all_configs(_LSE_FWD_FAMILIES),
-                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS"],
+                 key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS",
+                      "COL_BIAS", "HAS_IDS", "DIAG_EXEMPT"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_FWD_FAMILIES, 2)})
 @triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M"])
 def _lse_fwd_kernel(
-    a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, par_ptr,
+    a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr,
+    bias_ptr, cbias_ptr, rid_ptr, bid_ptr, cid_ptr, par_ptr,
     lse_ptr, term_ptr, cnt_ptr, NA, NB, NC, M, D, TUNE_M,
     NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
+    COL_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr,
     HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """lse_i over the candidates of row i, and term_i: InfoNCE lse_i - s_ii; SupCon
     lse_i - mean_{p in P(i)} s_ip for anchors (0 for rows without positives) and
-    cnt_i = |P(i)| (compared in-tile, float)."""
+    cnt_i = |P(i)| (compared in-tile, float).
+
+    Retrieval terms (InfoNCE): COL_BIAS adds bias_ptr[j] (B columns; cbias_ptr: the queue's)
+    to every logit of column j, the partner's included (term_i = lse_i - (s_ii + b_i));
+    HAS_IDS drops column j of row i where rid_ptr[i] equals bid_ptr[j] (cid_ptr[j] on the
+    queue), the diagonal of B excepted when DIAG_EXEMPT."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
     ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
@@ -700,14 +741,24 @@ def _lse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.full([BLOCK_M], -1.0, ACC)  # the sum beside the max's 1 (_online_lse)
     spos = tl.zeros([BLOCK_M], dtype=ACC)
+    if HAS_IDS:
+        rid = tl.load(rid_ptr + rows, mask=row_ok, other=0)
+    else:
+        rid = rows  # unread
     if B_MODE != 0:
         if not LABELS:  # the partner's logit (base 2)
             spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * scale
             if NORMALIZE:
                 spos = spos * (r_a * _rnorm(nb_ptr, NB, rows, row_ok).to(ACC))
+            if COL_BIAS:
+                spos = spos + _bias2(bias_ptr, rows, row_ok, ACC)
         if B_MODE == 2:  # the own key only: the statistics start from it
             m_i = spos
             l_i = tl.zeros([BLOCK_M], dtype=ACC)  # the positive is the max: its 1 apart
+            if HAS_IDS and not DIAG_EXEMPT:
+                own = _own_id(rid, bid_ptr, rows, row_ok, HAS_IDS, DIAG_EXEMPT)
+                m_i = tl.where(own, float("-inf"), m_i)
+                l_i = tl.where(own, -1.0, l_i)
     if LABELS:
         lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
         psum = tl.zeros([BLOCK_M], dtype=ACC)
@@ -724,6 +775,10 @@ def _lse_fwd_kernel(
                 pos = keep & (lab_j[None, :] == lab_i[:, None])
                 psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
                 pcnt += tl.sum(pos.to(ACC), axis=1)
+            if COL_BIAS:
+                s = s + _bias2(bias_ptr, cols, col_ok, ACC)[None, :]
+            if HAS_IDS:
+                keep = keep & ~_same_id(rid, bid_ptr, rows, cols, col_ok, DIAG_EXEMPT)
             s = tl.where(keep, s, float("-inf"))
             m_i, l_i = _online_lse(m_i, l_i, s)
     if HAS_C:
@@ -731,7 +786,12 @@ def _lse_fwd_kernel(
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
                 q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
-            s = tl.where(col_ok[None, :] & (rows[:, None] >= 0), s, float("-inf"))
+            keep = col_ok[None, :] & (rows[:, None] >= 0)
+            if COL_BIAS:
+                s = s + _bias2(cbias_ptr, cols, col_ok, ACC)[None, :]
+            if HAS_IDS:  # (the queue holds no positive: no exemption)
+                keep = keep & ~_same_id(rid, cid_ptr, rows, cols, col_ok, False)
+            s = tl.where(keep, s, float("-inf"))
             m_i, l_i = _online_lse(m_i, l_i, s)
     if PER_Q:
         for mm in range(0, M):
@@ -751,14 +811,16 @@ def _lse_fwd_kernel(
 
 @triton.autotune(configs=_all_configs(_LSE_BWD_FAMILIES),
                  key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS",
-                      "ROW_TERM", "COL_TERM"],
+                      "ROW_TERM", "COL_TERM", "COL_BIAS", "ROW_BIAS", "HAS_IDS", "DIAG_EXEMPT"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_BWD_FAMILIES, 2)})
 @triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M"])
 def _lse_bwd_kernel(
-    a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, cnt_ptr, par_ptr,
+    a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, cnt_ptr,
+    bias_ptr, cbias_ptr, rid_ptr, bid_ptr, cid_ptr, par_ptr,
     g_ptr, lse_r_ptr, lse_c_ptr, out_ptr, scratch_ptr, tterm_ptr, NA, NB, NC, M, D, TUNE_M,
     NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
     ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, DIAG_W: tl.constexpr, EXPECT: tl.constexpr,
+    COL_BIAS: tl.constexpr, ROW_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr,
     HOIST: tl.constexpr, SAME_TILE: tl.constexpr, FUSED_OUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -771,7 +833,15 @@ def _lse_bwd_kernel(
     and on the queue W_C = exp(s - lse_r_i). A column pass (dkey, dqueue) is this kernel with
     A and B swapped and the row / column terms exchanged. EXPECT writes
     tterm_i = sum_j p_ij (s_ij - s_ii) (= E_i[s] - s_ii, the row term's softmax expectation
-    minus the partner's logit: d loss / d t = -c sum_i tterm_i)."""
+    minus the partner's logit: d loss / d t = -c sum_i tterm_i).
+
+    Retrieval terms (InfoNCE), where the bias belongs to the query direction only: COL_BIAS
+    (A = queries) adds bias_ptr[j] (B columns; cbias_ptr: the queue's) to the row term's
+    logits; ROW_BIAS (A = keys or the queue, whose column term is the query direction) adds
+    bias_ptr[i] of the tile's row to the column term's. tterm keeps the unbiased s (d l / d t
+    does not see the bias); only p is biased. HAS_IDS zeroes both terms of a pair whose ids
+    match (rid_ptr: A rows, bid_ptr: B rows, cid_ptr: the queue's), the diagonal of B excepted
+    when DIAG_EXEMPT; DIAG_W stays subtracted at (i, i) either way (the target is B row i)."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dcol_ok = dcols < D
@@ -789,6 +859,12 @@ def _lse_bwd_kernel(
         cnt_i = tl.load(cnt_ptr + rows, mask=row_ok, other=0).to(ACC)
         anchor_i = cnt_i > 0
         pos_w = 2.0 / tl.maximum(cnt_i, 1.0)
+    if HAS_IDS:
+        rid = tl.load(rid_ptr + rows, mask=row_ok, other=0)
+    else:
+        rid = rows  # unread
+    if ROW_BIAS:
+        rbias = _bias2(bias_ptr, rows, row_ok, ACC)
     q = _hoisted_row_tile(a_ptr, a_ptr, stride_a, stride_a, 0, row0, lrows, row_ok, D, HOIST, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC)
     # sum_j p_ij (s_ij - s_ii), base 2: = E_i[s] - s_ii, without the cancellation of
@@ -808,20 +884,32 @@ def _lse_bwd_kernel(
             w = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             if LABELS:
                 cnt_j = tl.load(cnt_ptr + cols, mask=col_ok, other=0)
+            if HAS_IDS:
+                drop = _same_id(rid, bid_ptr, rows, cols, col_ok, DIAG_EXEMPT)
             if ROW_TERM:
-                e = tl.exp2((s - hi_i[:, None]) - lo_i[:, None])
+                if COL_BIAS:
+                    e = tl.exp2(((s + _bias2(bias_ptr, cols, col_ok, ACC)[None, :]) - hi_i[:, None]) - lo_i[:, None])
+                else:
+                    e = tl.exp2((s - hi_i[:, None]) - lo_i[:, None])
                 if LABELS:
                     e = tl.where(anchor_i[:, None], e, 0.0)
                 e = tl.where(col_ok[None, :], e, 0.0)
+                if HAS_IDS:
+                    e = tl.where(drop, 0.0, e)
                 if EXPECT:
                     expect += tl.sum(e * (s - spos[:, None]), axis=1)
                 w += e
             if COL_TERM:
                 hi_j, lo_j = _load_lse2(lse_c_ptr, cols, col_ok, ACC)
-                e = tl.exp2((s - hi_j[None, :]) - lo_j[None, :])
+                if ROW_BIAS:
+                    e = tl.exp2(((s + rbias[:, None]) - hi_j[None, :]) - lo_j[None, :])
+                else:
+                    e = tl.exp2((s - hi_j[None, :]) - lo_j[None, :])
                 if LABELS:
                     e = tl.where((cnt_j > 0)[None, :], e, 0.0)
                 w += e
+            if HAS_IDS:  # (a masked lse_j of -inf made e inf there: replaced, never multiplied)
+                w = tl.where(drop, 0.0, w)
             eq = cols[None, :] == rows[:, None]
             if LABELS:
                 lab_j = tl.load(lab_ptr + cols, mask=col_ok, other=0)
@@ -836,13 +924,25 @@ def _lse_bwd_kernel(
             acc = _weighted_rows(w, vt, acc, PRECISION, DOT2_F32, ACC)
     if B_MODE == 2:  # the partner only (MoCo): W_ii b^_i
         wd = tl.zeros([BLOCK_M], dtype=ACC) - DIAG_W
+        own = _own_id(rid, bid_ptr, rows, row_ok, HAS_IDS, DIAG_EXEMPT)
         if ROW_TERM:
-            e = tl.exp2((spos - hi_i) - lo_i)
+            if COL_BIAS:
+                e = tl.exp2(((spos + _bias2(bias_ptr, rows, row_ok, ACC)) - hi_i) - lo_i)
+            else:
+                e = tl.exp2((spos - hi_i) - lo_i)
+            if HAS_IDS and not DIAG_EXEMPT:
+                e = tl.where(own, 0.0, e)
             # (its expectation term p_ii (s_ii - s_ii) is 0)
             wd += e
         if COL_TERM:
             hi_c, lo_c = _load_lse2(lse_c_ptr, rows, row_ok, ACC)
-            wd += tl.exp2((spos - hi_c) - lo_c)
+            if ROW_BIAS:
+                e = tl.exp2(((spos + rbias) - hi_c) - lo_c)
+            else:
+                e = tl.exp2((spos - hi_c) - lo_c)
+            if HAS_IDS and not DIAG_EXEMPT:
+                e = tl.where(own, 0.0, e)
+            wd += e
         if NORMALIZE:
             wd = wd * rb_i
         xb = tl.load(_tile_ptrs(a_ptr, b_ptr, stride_a, stride_b, 1, row0, lrows, dcols),
@@ -853,7 +953,13 @@ def _lse_bwd_kernel(
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
                 q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
-            w = tl.where(col_ok[None, :], tl.exp2((s - hi_i[:, None]) - lo_i[:, None]), 0.0)
+            if COL_BIAS:
+                w = tl.exp2(((s + _bias2(cbias_ptr, cols, col_ok, ACC)[None, :]) - hi_i[:, None]) - lo_i[:, None])
+                w = tl.where(col_ok[None, :], w, 0.0)
+            else:
+                w = tl.where(col_ok[None, :], tl.exp2((s - hi_i[:, None]) - lo_i[:, None]), 0.0)
+            if HAS_IDS:
+                w = tl.where(_same_id(rid, cid_ptr, rows, cols, col_ok, False), 0.0, w)
             if EXPECT:
                 expect += tl.sum(w * (s - spos[:, None]), axis=1)
             if NORMALIZE:
@@ -1043,27 +1149,43 @@ def _params(t64, denom, acc_dtype):
     return torch.stack([_LOG2E / t64, 1.0 / (t64 * denom)]).to(acc_dtype)
 
 
-def _fwd_flags(b_mode: int, has_c: bool, labels: bool, per_q: bool = False) -> dict:
+def _fwd_flags(b_mode: int, has_c: bool, labels: bool, per_q: bool = False, col_bias: bool = False,
+               ids: bool = False, diag_exempt: bool = True) -> dict:
     """The mode constexprs of one _lse_fwd_kernel launch (also used by --compile-only);
-    has_c: a shared queue, per_q: per-query negatives (C holds [N M, D] rows)."""
-    return dict(B_MODE=b_mode, HAS_C=bool(has_c) and not per_q, PER_Q=bool(per_q), LABELS=bool(labels))
+    has_c: a shared queue, per_q: per-query negatives (C holds [N M, D] rows); col_bias: a
+    logit bias per candidate, ids: the duplicate-id mask (diag_exempt: the diagonal stays)."""
+    return dict(B_MODE=b_mode, HAS_C=bool(has_c) and not per_q, PER_Q=bool(per_q), LABELS=bool(labels),
+                COL_BIAS=bool(col_bias), HAS_IDS=bool(ids), DIAG_EXEMPT=bool(diag_exempt) or not ids)
 
 
 def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term: bool, diag_w: float,
-               expect: bool, per_q: bool = False) -> dict:
-    """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only)."""
-    return dict(_fwd_flags(b_mode, has_c, labels, per_q), ROW_TERM=bool(row_term), COL_TERM=bool(col_term),
-                DIAG_W=float(diag_w), EXPECT=bool(expect))
+               expect: bool, per_q: bool = False, col_bias: bool = False, row_bias: bool = False,
+               ids: bool = False, diag_exempt: bool = True) -> dict:
+    """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only);
+    col_bias: the bias per column on the row term (A = queries), row_bias: per row on the
+    column term (A = candidates)."""
+    return dict(_fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt), ROW_TERM=bool(row_term),
+                COL_TERM=bool(col_term), DIAG_W=float(diag_w), EXPECT=bool(expect), ROW_BIAS=bool(row_bias))
 
 
-def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize, per_q=0):
+def _terms_args(terms, dummy):
+    """(bias, queue bias, row ids, B ids, queue ids) pointers of a launch: `terms` maps those
+    names to tensors (absent: an unread placeholder)."""
+    terms = terms or {}
+    return [terms.get(k, dummy) for k in ("bias", "cbias", "rid", "bid", "cid")]
+
+
+def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize, per_q=0, terms=None,
+                diag_exempt=True):
     """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c (per_q > 0:
-    c holds per_q negatives per row of a)."""
+    c holds per_q negatives per row of a). terms: the retrieval terms (_terms_args); a "bias"
+    is per column of b ("cbias": of c)."""
     na_rows, d = a.shape
     _, meta, _ = _plan(d, a.dtype, normalize, _precision(a.dtype))
     dummy = lse
     bb = b if b is not None else a
     cc = c if c is not None else a
+    terms = terms or {}
 
     def grid(cfg):
         return (triton.cdiv(na_rows, cfg["BLOCK_M"]),)
@@ -1071,15 +1193,22 @@ def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normal
     _lse_fwd_kernel[grid](
         a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
         na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
-        labels if labels is not None else dummy, par, lse, term, cnt if cnt is not None else dummy,
+        labels if labels is not None else dummy, *_terms_args(terms, dummy), par, lse, term,
+        cnt if cnt is not None else dummy,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
-        _tune_m(na_rows), **_fwd_flags(b_mode, c is not None, labels is not None, per_q > 0), **meta,
+        _tune_m(na_rows),
+        **_fwd_flags(b_mode, c is not None, labels is not None, per_q > 0, "bias" in terms, "rid" in terms,
+                     diag_exempt),
+        **meta,
     )
 
 
 def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tterm, *,
-                b_mode, row_term, col_term, diag_w, normalize, per_q=0):
-    """One _lse_bwd_kernel launch writing out = d loss / d a (and tterm when given)."""
+                b_mode, row_term, col_term, diag_w, normalize, per_q=0, terms=None, bias_on_rows=False,
+                diag_exempt=True):
+    """One _lse_bwd_kernel launch writing out = d loss / d a (and tterm when given). terms: as
+    _fwd_launch's; the "bias" is per column of b on the row term, or with bias_on_rows per
+    row of a on the column term."""
     na_rows, d = a.shape
     acc_dtype = _acc_dtype(a.dtype)
     _, _, meta = _plan(d, a.dtype, normalize, _precision(a.dtype))
@@ -1089,6 +1218,8 @@ def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tte
     cc = c if c is not None else a
     fused_out = meta["FUSED_OUT"]
     scratch = dummy if fused_out else torch.empty((na_rows, d), dtype=acc_dtype, device=a.device)
+    terms = terms or {}
+    has_bias = "bias" in terms
 
     def grid(cfg):
         return (triton.cdiv(na_rows, cfg["BLOCK_M"]), triton.cdiv(d, block_do))
@@ -1096,13 +1227,15 @@ def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tte
     _lse_bwd_kernel[grid](
         a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
         na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
-        labels if labels is not None else dummy, cnt if cnt is not None else dummy, par, g,
+        labels if labels is not None else dummy, cnt if cnt is not None else dummy,
+        *_terms_args(terms, dummy), par, g,
         lse_r if lse_r is not None else dummy, lse_c if lse_c is not None else dummy, out, scratch,
         tterm if tterm is not None else dummy,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
         _tune_m(na_rows),
         **_bwd_flags(b_mode, c is not None, labels is not None, row_term, col_term, diag_w, tterm is not None,
-                     per_q > 0),
+                     per_q > 0, has_bias and not bias_on_rows, has_bias and bias_on_rows, "rid" in terms,
+                     diag_exempt),
         **meta,
     )
     if not fused_out:
@@ -1180,21 +1313,62 @@ def _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives):
     return _unit_stride(query), _unit_stride(key), neg, (per_q if neg is not None else 0)
 
 
+def _retrieval_terms(q, neg, per_q, logit_bias, anchor_ids, candidate_ids):
+    """The retrieval terms of each InfoNCE launch as _terms_args maps, (query direction /
+    dquery, key direction / dkey, dqueue), after the checks the kernels rely on (the ops layer
+    converts: bias [N + K] in the accumulator dtype, ids int64, contiguous, on the device).
+
+    The bias is the query direction's, per candidate (keys, then the queue): per column where
+    the queries are the rows, per row in the dkey / dqueue passes (their column term is the
+    query direction); the key direction's own softmax has none. A pair (query i, candidate j)
+    is masked by anchor_ids[i] == candidate_ids[j] in both directions."""
+    n = q.shape[0]
+    k = neg.shape[0] if neg is not None and not per_q else 0
+    qdir, kdir, qneg = {}, {}, {}
+    if logit_bias is not None:
+        assert logit_bias.shape == (n + k,) and logit_bias.is_contiguous(), "logit_bias: contiguous [N + K]"
+        assert logit_bias.dtype == _acc_dtype(q.dtype) and logit_bias.device == q.device, \
+            "logit_bias: the accumulator dtype, on the inputs' device"
+        qdir.update(bias=logit_bias[:n], **({"cbias": logit_bias[n:]} if k else {}))
+        kdir.update(bias=logit_bias[:n])
+        if k:
+            qneg.update(bias=logit_bias[n:])
+    assert (anchor_ids is None) == (candidate_ids is None), "anchor_ids and candidate_ids: both or neither"
+    if anchor_ids is not None:
+        assert not per_q, "duplicate-id masks with per-query negatives [N, M, D] are not supported"
+        assert anchor_ids.shape == (n,) and candidate_ids.shape == (n + k,), "ids: anchor [N], candidate [N + K]"
+        for ids in (anchor_ids, candidate_ids):
+            assert ids.dtype == torch.int64 and ids.is_contiguous() and ids.device == q.device, \
+                "ids: contiguous int64 on the inputs' device"
+        qdir.update(rid=anchor_ids, bid=candidate_ids[:n], **({"cid": candidate_ids[n:]} if k else {}))
+        kdir.update(rid=candidate_ids[:n], bid=anchor_ids)
+        if k:
+            qneg.update(rid=candidate_ids[n:], bid=anchor_ids)
+    return qdir, kdir, qneg
+
+
 def _norms_of(normalize, acc_dtype, *xs):
     """[3 R] norm buffers of each matrix (None for a missing one or without normalisation)."""
     return [_single_norms(x, acc_dtype) if normalize and x is not None else None for x in xs]
 
 
 def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmetric: bool,
-                     in_batch_negatives: bool, negatives_grad: bool = False):
+                     in_batch_negatives: bool, negatives_grad: bool = False, logit_bias=None, anchor_ids=None,
+                     candidate_ids=None, positive_on_diagonal: bool = True):
     """-> (loss: 0-dim query.dtype, lse: [N] (query direction), then [N] (key direction)
-    when symmetric; float32, float64 for float64 inputs).
+    when symmetric; float64).
 
     Query i's candidates: every key (in_batch_negatives) or its own key only, plus the
     shared queue `negatives` [K, D] or its own M negatives of `negatives` [N, M, D]; CLIP's
     key direction (symmetric) is a second pass with the roles swapped (candidates: the
-    queries). `temperature`: float or 0-dim tensor, read on the device."""
+    queries). `temperature`: float or 0-dim tensor, read on the device.
+
+    Retrieval terms: `logit_bias` [N + K] is added to query i's logit of candidate j (keys,
+    then the queue; the query direction only); candidate j leaves query i's softmax (and
+    query i key j's) where anchor_ids[i] == candidate_ids[j], key i excepted while
+    `positive_on_diagonal`. The target stays key i: loss_i = lse_i - (s_ii + bias_i)."""
     q, k, neg, per_q = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
+    qdir, kdir, _ = _retrieval_terms(q, neg, per_q, logit_bias, anchor_ids, candidate_ids)
     n, _ = q.shape
     acc_dtype = _acc_dtype(q.dtype)
     rows = 2 * n if symmetric else n
@@ -1204,23 +1378,30 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
         par = _params(_temperature64(temperature, q.device), 1.0, acc_dtype)
         nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)
         b_mode = 1 if in_batch_negatives else 2
-        _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q)
+        _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q,
+                    terms=qdir, diag_exempt=positive_on_diagonal)
         if symmetric:
-            _fwd_launch(k, q, None, nk, nq, None, None, par, lse[n:], term[n:], None, 1, normalize)
+            _fwd_launch(k, q, None, nk, nq, None, None, par, lse[n:], term[n:], None, 1, normalize,
+                        terms={key: v for key, v in kdir.items() if key != "bias"},
+                        diag_exempt=positive_on_diagonal)
         loss = (term.sum() / rows).to(q.dtype)
     return loss, lse
 
 
 def info_nce_backward(grad_loss, query, key, negatives, temperature, lse, normalize: bool, symmetric: bool,
-                      in_batch_negatives: bool, negatives_grad: bool):
+                      in_batch_negatives: bool, negatives_grad: bool, logit_bias=None, anchor_ids=None,
+                      candidate_ids=None, positive_on_diagonal: bool = True):
     """-> (dquery, dkey, dnegatives (negatives' shape when they want a gradient, else an
     empty [0] tensor), dtemperature (0-dim, temperature's dtype and device)).
 
     Row-parallel passes, atomic-free: dquery (rows: queries; columns: keys and the queue or
     the own negatives), dkey (rows: keys; columns: queries), dnegatives (a queue: rows of the
     queue, columns: queries; per-query: one element-wise pass).
-    dtemperature = -(g / (t N dirs)) sum_i (E_i[s] - s_ii) over the directions, summed by torch."""
+    dtemperature = -(g / (t N dirs)) sum_i (E_i[s] - s_ii) over the directions, summed by torch
+    (s unbiased, the expectation under the biased, masked softmax). Retrieval terms as the
+    forward's; W_ii keeps its -1 where (i, i) is masked (positive_on_diagonal=False)."""
     q, k, neg, per_q = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
+    qdir, kdir, qneg = _retrieval_terms(q, neg, per_q, logit_bias, anchor_ids, candidate_ids)
     has_neg = neg is not None
     n, d = q.shape
     acc_dtype = _acc_dtype(q.dtype)
@@ -1240,10 +1421,11 @@ def info_nce_backward(grad_loss, query, key, negatives, temperature, lse, normal
         tterm = torch.empty(2 * n if symmetric else n, dtype=acc_dtype, device=q.device)
         _bwd_launch(q, k, neg, nq, nk, nn, None, None, par, grad_loss, lse_q, lse_k, dq, tterm[:n],
                     b_mode=b_mode, row_term=True, col_term=symmetric, diag_w=dirs, normalize=normalize,
-                    per_q=per_q)
+                    per_q=per_q, terms=qdir, diag_exempt=positive_on_diagonal)
         _bwd_launch(k, q, None, nk, nq, None, None, None, par, grad_loss, lse_k, lse_q, dk,
                     tterm[n:] if symmetric else None,
-                    b_mode=b_mode, row_term=symmetric, col_term=True, diag_w=dirs, normalize=normalize)
+                    b_mode=b_mode, row_term=symmetric, col_term=True, diag_w=dirs, normalize=normalize,
+                    terms=kdir, bias_on_rows=True, diag_exempt=positive_on_diagonal)
         if has_neg and negatives_grad and per_q:
             dneg = torch.empty(neg.shape, dtype=neg.dtype, device=q.device)
             block_r, block_d = _small_blocks(d)
@@ -1255,8 +1437,10 @@ def info_nce_backward(grad_loss, query, key, negatives, temperature, lse, normal
             dneg = dneg.view(negatives.shape)
         elif has_neg and negatives_grad:
             dneg = torch.empty(neg.shape, dtype=neg.dtype, device=q.device)
+            # (queue row j against query i: no diagonal, so no exemption)
             _bwd_launch(neg, q, None, nn, nq, None, None, None, par, grad_loss, None, lse_q, dneg, None,
-                        b_mode=1, row_term=False, col_term=True, diag_w=0.0, normalize=normalize)
+                        b_mode=1, row_term=False, col_term=True, diag_w=0.0, normalize=normalize,
+                        terms=qneg, bias_on_rows=True, diag_exempt=False)
         else:
             dneg = q.new_empty((0,))
         coef = grad_loss.to(torch.float64) / (t64 * (n * dirs))

@@ -36,6 +36,15 @@ TIMINGS = [
     ("clip", "info_nce", 8192, 256, 0, {"symmetric": True}),
 ]
 TIME_DTYPES = ["bf16", "fp32"]
+# Compiled only (the checks above do not run them): the retrieval terms' kernel variants
+# (logit_bias + duplicate-id masks, issue 13) of every InfoNCE launch, at the timings' D.
+# (kind, D, K, dtypes, options) as CHECKS'; "terms": bias and ids, "diag_exempt": False is
+# the ring's remote-block call (the diagonal masked too).
+TERM_VARIANTS = [
+    ("info_nce", 256, 40, ["bf16", "fp32"], {"symmetric": True, "queue_grad": True, "terms": True}),
+    ("info_nce", 256, 40, ["bf16"], {"in_batch": False, "queue_grad": True, "terms": True,
+                                     "diag_exempt": False}),
+]
 CHECK_WIDTH = 1  # configs compiled per variant of a check; timings autotune over 2
 SUP_CON_T = 0.1
 INFO_NCE_T = 0.07
@@ -186,14 +195,20 @@ def _launch_plan(K, kind, opts):
     sym, ib, has_c = opts.get("symmetric", False), opts.get("in_batch", True), opts.get("K", 0) > 0
     per_q = has_c and opts.get("per_query", False)
     b_mode, dirs = (1 if ib else 2), (2 if sym else 1)
-    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q), None, None)]
+    # retrieval terms, as info_nce_forward / _backward issue them: the bias on the query
+    # direction (columns where the queries are the rows, rows in the dkey / dqueue passes)
+    terms, exempt = opts.get("terms", False), opts.get("diag_exempt", True)
+    bias = dict(col_bias=terms, ids=terms, diag_exempt=exempt)
+    on_rows = dict(row_bias=terms, ids=terms, diag_exempt=exempt)
+    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q, **bias), None, None)]
     if sym:
-        out.append(("fwd", K._fwd_flags(1, False, False), None, None))
-    out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True, per_q), None, None))
-    out.append(("bwd", K._bwd_flags(b_mode, False, False, sym, True, dirs, sym), None, None))
+        out.append(("fwd", K._fwd_flags(1, False, False, ids=terms, diag_exempt=exempt), None, None))
+    out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True, per_q, **bias), None, None))
+    out.append(("bwd", K._bwd_flags(b_mode, False, False, sym, True, dirs, sym, **on_rows), None, None))
     if has_c and opts.get("queue_grad", False):
         out.append(("pq_bwd", {}, None, None) if per_q else
-                   ("bwd", K._bwd_flags(1, False, False, False, True, 0.0, False), None, None))
+                   ("bwd", K._bwd_flags(1, False, False, False, True, 0.0, False, row_bias=terms, ids=terms,
+                                        diag_exempt=False), None, None))
     return out
 
 
@@ -211,6 +226,9 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         for dt in TIME_DTYPES:
             calls.add((kind, d, dt, tuple(sorted({**opts, "K": extra if kind == "info_nce" else 0,
                                                    "queue_grad": False}.items())), 2))
+    for kind, d, extra, dts, opts in TERM_VARIANTS:
+        for dt in dts:
+            calls.add((kind, d, dt, tuple(sorted({**opts, "K": extra}.items())), CHECK_WIDTH))
     variants = {}  # (kernel, d, dtype, normalize, flags...) -> configs (as many as the launch tries)
     for kind, d, dt, opts, width in sorted(calls, key=str):
         opts = dict(opts)
@@ -228,7 +246,8 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         aligned = ("D", "stride_a", "stride_b", "stride_c", "stride_q") if d % 16 == 0 else ()
         common = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "c_ptr": f"*{ty}", "stride_a": "i32", "stride_b": "i32",
                   "stride_c": "i32", "na_ptr": f"*{acc}", "nb_ptr": f"*{acc}", "nc_ptr": f"*{acc}",
-                  "lab_ptr": f"*{lab_ty or acc}"}
+                  "lab_ptr": f"*{lab_ty or acc}", "bias_ptr": f"*{acc}", "cbias_ptr": f"*{acc}",
+                  "rid_ptr": "*i64", "bid_ptr": "*i64", "cid_ptr": "*i64"}
         sizes = {"NA": "i32", "NB": "i32", "NC": "i32", "M": "i32", "D": "i32", "TUNE_M": "i32"}
         head = f"lse D={d} {dt} normalize={normalize} {prec} ({family})"
         if which == "pq_bwd":  # per-query negatives' gradient: element-wise, one launch shape
