@@ -3,8 +3,9 @@ gradient (features; query, key, a learnable temperature, a queue that requires g
 fp32 / fp16 / bf16 against the eager references in float64 under `_core.judge`, a second
 fused run bitwise equal. Timings fwd and fwdbwd, bf16 and fp32, against the eager
 references: sup_con N=8192 D=128 C=100; info_nce N=8192 D=256 K=16384 (MoCo queue,
-detached); CLIP symmetric N=8192 D=256 (learnable temperature). Per-query hard negatives
-[N, M, D] are checked, not timed.
+detached); CLIP symmetric N=8192 D=256 (learnable temperature); retrieval N=8192 D=128
+(logit_bias and duplicate ids, in-batch). Per-query hard negatives [N, M, D] are checked,
+not timed.
 
 The checks run one config per kernel variant (autotuning off: each op compiles several
 variants per dtype); the timings autotune."""
@@ -29,11 +30,16 @@ CHECKS = [
     ("clip", "info_nce", 1000, 256, 0, ["fp32", "fp16", "bf16"], {"symmetric": True}),
     ("info_nce[moco]", "info_nce", 257, 130, 300, ["bf16"], {"in_batch": False, "queue_grad": True}),
     ("info_nce[hard negatives]", "info_nce", 257, 130, 7, ["bf16"], {"per_query": True, "queue_grad": True}),
+    # the retrieval terms (issue 13): logit_bias and duplicate ids, with a queue, and CLIP's
+    ("info_nce[terms, queue grad]", "info_nce", 1000, 256, 3000, ["fp32", "bf16"],
+     {"queue_grad": True, "terms": True}),
+    ("clip[terms]", "info_nce", 1000, 256, 0, ["fp32", "bf16"], {"symmetric": True, "terms": True}),
 ]
 TIMINGS = [
     ("sup_con", "sup_con", 8192, 128, 100, {}),
     ("info_nce", "info_nce", 8192, 256, 16384, {}),
     ("clip", "info_nce", 8192, 256, 0, {"symmetric": True}),
+    ("info_nce_retrieval", "info_nce", 8192, 128, 0, {"terms": True}),
 ]
 TIME_DTYPES = ["bf16", "fp32"]
 # Compiled only (the checks above do not run them): the retrieval terms' kernel variants
@@ -82,7 +88,21 @@ def _inputs(ctx: Ctx, kind, n, d, extra, dtype, opts, seed=0):
     return (q * scale).to(dtype), (k * scale).to(dtype), None if neg is None else neg.to(dtype)
 
 
-def _loss_fn(kind, impl, opts, labels=None):
+def _terms(ctx: Ctx, n, extra, opts, seed=0) -> dict:
+    """info_nce's retrieval terms for opts["terms"]: a bias per candidate (keys, then the
+    queue) and ids drawn from n / 4 values, so that duplicates are common."""
+    if not opts.get("terms"):
+        return {}
+    g = ctx.generator(seed + 100)
+    dev, values = ctx.device, max(2, n // 4)
+    terms = dict(logit_bias=1.5 * torch.randn(n + extra, generator=g, device=dev),
+                 key_ids=torch.randint(0, values, (n,), generator=g, device=dev))
+    if extra:
+        terms["queue_ids"] = torch.randint(0, values, (extra,), generator=g, device=dev)
+    return terms
+
+
+def _loss_fn(kind, impl, opts, labels=None, terms=None):
     import sslkernels
     from sslkernels.reference import info_nce_reference, sup_con_reference
 
@@ -92,8 +112,14 @@ def _loss_fn(kind, impl, opts, labels=None):
         return lambda x, t: f(x, labels, temperature=t, normalize=normalize)
     f = sslkernels.info_nce if impl == "fused" else info_nce_reference
     kw = dict(symmetric=opts.get("symmetric", False), normalize=normalize,
-              in_batch_negatives=opts.get("in_batch", True))
-    return lambda q, k, t, neg=None: f(q, k, t, negatives=neg, **kw)
+              in_batch_negatives=opts.get("in_batch", True), **(terms or {}))
+
+    def loss(q, k, t, neg=None):
+        extra = {}
+        if kw.get("logit_bias") is not None:  # the oracle adds it in float64 too
+            extra["logit_bias"] = kw["logit_bias"].to(torch.float64 if q.dtype == torch.float64 else q.dtype)
+        return f(q, k, t, negatives=neg, **{**kw, **extra})
+    return loss
 
 
 def check_case(ctx: Ctx, kind, n, d, extra, dtype, opts):
@@ -107,7 +133,8 @@ def check_case(ctx: Ctx, kind, n, d, extra, dtype, opts):
         tensors = [q, k, t] + ([neg] if neg is not None else [])
         wants = [True, True, True] + ([opts.get("queue_grad", False)] if neg is not None else [])
         names = ["loss", "dquery", "dkey", "dtemperature"] + (["dqueue"] if neg is not None and wants[3] else [])
-        run = {impl: _loss_fn(kind, impl, opts) for impl in ("fused", "eager")}
+        terms = _terms(ctx, n, extra, opts)
+        run = {impl: _loss_fn(kind, impl, opts, terms=terms) for impl in ("fused", "eager")}
     fused = loss_and_grads(run["fused"], tensors, wants)
     again = loss_and_grads(run["fused"], tensors, wants)
     eager = loss_and_grads(run["eager"], tensors, wants)
@@ -116,10 +143,12 @@ def check_case(ctx: Ctx, kind, n, d, extra, dtype, opts):
     from sslkernels._tolerance import logit_bound
 
     # the loss and the temperature's gradient are scalars: differences of logits up to 1 / t
-    terms = logit_bound(*(x for x in tensors if isinstance(x, torch.Tensor) and x.dim() > 0),
-                        temperature=SUP_CON_T if kind == "sup_con" else INFO_NCE_T,
-                        normalize=opts.get("normalize", True))
-    return judge_all(names, fused, eager, ref, dtype, again, terms=terms)
+    size = logit_bound(*(x for x in tensors if isinstance(x, torch.Tensor) and x.dim() > 0),
+                       temperature=SUP_CON_T if kind == "sup_con" else INFO_NCE_T,
+                       normalize=opts.get("normalize", True))
+    if kind != "sup_con" and terms.get("logit_bias") is not None:
+        size += float(terms["logit_bias"].abs().max())
+    return judge_all(names, fused, eager, ref, dtype, again, terms=size)
 
 
 def check(ctx: Ctx) -> list[Row]:
@@ -154,7 +183,7 @@ def _time_case(ctx: Ctx, kind, impl, mode, n, d, extra, dtype, opts):
         # CLIP: a learnable temperature on the device; MoCo: a float and a detached queue
         t = torch.tensor(INFO_NCE_T, device=ctx.device, requires_grad=True) if opts.get("symmetric") else INFO_NCE_T
         leaves = [q.requires_grad_(True), k.requires_grad_(True)] + ([t] if isinstance(t, torch.Tensor) else [])
-        fn = _loss_fn(kind, impl, opts)
+        fn = _loss_fn(kind, impl, opts, terms=_terms(ctx, n, extra, opts, seed=1))
         args = [leaves[0], leaves[1], t, neg]
     return time_pass(ctx, fn, args, leaves, mode)
 
