@@ -341,6 +341,15 @@ def _symmetric_logits(acc, scale, r_i, norm_ptr, N, col_idx, col_ok, NORMALIZE: 
 
 
 @triton.jit
+def _diagonal_of(s, rows, cols, col_ok):
+    """Row i's entry at column i of the tile s (0 where the tile does not hold it): the
+    positive's logit as the lse saw it, so that lse - s_pos cancels exactly where the
+    positive dominates (a second dot product rounds apart: 13x eager's error on a
+    converged loss of 0.01)."""
+    return tl.sum(tl.where((cols[None, :] == rows[:, None]) & col_ok[None, :], s, 0.0), axis=1)
+
+
+@triton.jit
 def _expm1_base2(x):
     """2^x - 1 without cancelling near 0: (u - 1) y / ln u with u = 2^x rounded and y = x ln 2
     (Kahan), the rounding of u cancelling between the two; u - 1 where u is 0 or 1."""
@@ -450,6 +459,7 @@ def _nt_xent_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.full([BLOCK_M], -1.0, ACC)  # the sum beside the max's 1 (_online_lse)
+    spos = tl.zeros([BLOCK_M], dtype=ACC)  # the positive's logit, from its tile (_diagonal_of)
     lcols = tl.arange(0, BLOCK_N)
     nbj = tl.cdiv(N, BLOCK_N)
     for t in range(0, 2 * nbj):  # z1's column tiles, then z2's
@@ -460,14 +470,11 @@ def _nt_xent_fwd_kernel(
         acc, kt = _logit_tile(q, z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, row_ok, cview, col0,
                               lcols, col_ok, D, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = _symmetric_logits(acc, scale, r_i, norm_ptr, N, cview * N + cols, col_ok, NORMALIZE, ACC)
+        if (cview != view) & (col0 < row0 + BLOCK_M) & (col0 + BLOCK_N > row0):
+            spos += _diagonal_of(s, rows, cols, col_ok)
         keep = col_ok[None, :] & ((cols[None, :] != rows[:, None]) | (cview != view))
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i = _online_lse(m_i, l_i, s)
-
-    # positive logit: row-wise dot of x_i with its other view
-    spos = _row_dot(z1_ptr, z2_ptr, stride1, stride2, view, 1 - view, row0, lrows, row_ok, D, ACC) * scale
-    if NORMALIZE:
-        spos = spos * (r_i * _rnorm(norm_ptr, N, (1 - view) * N + rows, row_ok).to(ACC))
 
     idx = view * N + rows
     lse2 = _store_lse(lse_ptr, idx, m_i, l_i, row_ok)
@@ -745,20 +752,18 @@ def _lse_fwd_kernel(
         rid = tl.load(rid_ptr + rows, mask=row_ok, other=0)
     else:
         rid = rows  # unread
-    if B_MODE != 0:
-        if not LABELS:  # the partner's logit (base 2)
-            spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * scale
-            if NORMALIZE:
-                spos = spos * (r_a * _rnorm(nb_ptr, NB, rows, row_ok).to(ACC))
-            if COL_BIAS:
-                spos = spos + _bias2(bias_ptr, rows, row_ok, ACC)
-        if B_MODE == 2:  # the own key only: the statistics start from it
-            m_i = spos
-            l_i = tl.zeros([BLOCK_M], dtype=ACC)  # the positive is the max: its 1 apart
-            if HAS_IDS and not DIAG_EXEMPT:
-                own = _own_id(rid, bid_ptr, rows, row_ok, HAS_IDS, DIAG_EXEMPT)
-                m_i = tl.where(own, float("-inf"), m_i)
-                l_i = tl.where(own, -1.0, l_i)
+    if B_MODE == 2:  # the own key only: the partner's logit (base 2) starts the statistics
+        spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * scale
+        if NORMALIZE:
+            spos = spos * (r_a * _rnorm(nb_ptr, NB, rows, row_ok).to(ACC))
+        if COL_BIAS:
+            spos = spos + _bias2(bias_ptr, rows, row_ok, ACC)
+        m_i = spos
+        l_i = tl.zeros([BLOCK_M], dtype=ACC)  # the positive is the max: its 1 apart
+        if HAS_IDS and not DIAG_EXEMPT:
+            own = _own_id(rid, bid_ptr, rows, row_ok, HAS_IDS, DIAG_EXEMPT)
+            m_i = tl.where(own, float("-inf"), m_i)
+            l_i = tl.where(own, -1.0, l_i)
     if LABELS:
         lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
         psum = tl.zeros([BLOCK_M], dtype=ACC)
@@ -777,6 +782,9 @@ def _lse_fwd_kernel(
                 pcnt += tl.sum(pos.to(ACC), axis=1)
             if COL_BIAS:
                 s = s + _bias2(bias_ptr, cols, col_ok, ACC)[None, :]
+            if not LABELS:  # the partner's logit (bias included) from its tile, masked or not
+                if (col0 < row0 + BLOCK_M) & (col0 + BLOCK_N > row0):
+                    spos += _diagonal_of(s, rows, cols, col_ok)
             if HAS_IDS:
                 keep = keep & ~_same_id(rid, bid_ptr, rows, cols, col_ok, DIAG_EXEMPT)
             s = tl.where(keep, s, float("-inf"))
