@@ -102,6 +102,10 @@ class Ctx:
     deadline_s: float = 0.0  # 0: none
     t0: float = dataclasses.field(default_factory=_time.time)
     failures: list = dataclasses.field(default_factory=list)
+    # CUDA-graph replay of each fwd+bwd timing beside do_bench's (host cost out: lead 1 of
+    # GPU_MODEL.md); `time_pass` leaves the last one here for `timed` to log
+    graph_replays: bool = True
+    last_graph: Optional[str] = None
 
     def log(self, msg: str) -> None:
         print(f"[{_time.time() - self.t0:7.1f}s] {msg}", flush=True)
@@ -230,11 +234,45 @@ def peak_mb(ctx: Ctx, fn: Callable[[], Any]) -> Optional[float]:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+GRAPH_REPLAYS = 20
+
+
+def graph_replay_ms(step: Callable, leaves: Sequence[torch.Tensor], replays: int = GRAPH_REPLAYS) -> float:
+    """Median ms of one replay of `step` captured in a CUDA graph: the device time of the
+    step without the host's launches, dispatch and autograd (do_bench includes them).
+    `step` has run (compiled, autotuned) before; the gradients are allocated by two warm-up
+    steps on a side stream, as torch.cuda.graph's whole-network capture asks, and the
+    replays accumulate into them (timing only)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
 def time_pass(ctx: Ctx, fn: Callable, args: Sequence, leaves: Sequence[torch.Tensor], mode: str,
-              grad: Any = None, no_grad_fwd: bool = False) -> tuple[float, Optional[float]]:
+              grad: Any = None, no_grad_fwd: bool = False, graph: bool = False) -> tuple[float, Optional[float]]:
     """-> (median ms, peak MB) of ``fn(*args)`` (mode "fwd"; under no_grad if
     ``no_grad_fwd``) or of ``fn(*args).backward(grad)`` ("fwdbwd"). Compiles / autotunes
-    outside the measurements; lets torch.cuda.OutOfMemoryError through."""
+    outside the measurements; lets torch.cuda.OutOfMemoryError through. ``graph``: also a
+    CUDA-graph replay of the fwd+bwd step (left in ctx.last_graph), for the sections whose
+    steps make no host sync (a failed capture can leave the CUDA context unusable)."""
     if mode == "fwd":
         def step():
             with torch.set_grad_enabled(not no_grad_fwd):
@@ -257,7 +295,15 @@ def time_pass(ctx: Ctx, fn: Callable, args: Sequence, leaves: Sequence[torch.Ten
         step()
         clear()
         mb = peak_mb(ctx, one)
-        return median_ms(ctx, step, grad_to_none=list(leaves)), mb
+        ms = median_ms(ctx, step, grad_to_none=list(leaves))
+        if graph and ctx.cuda and ctx.graph_replays and mode == "fwdbwd":
+            try:
+                ctx.last_graph = f"{graph_replay_ms(step, leaves):.4f} ms"
+            except Exception as exc:  # noqa: BLE001 (a host sync in the step: not capturable)
+                ctx.last_graph = f"not capturable ({type(exc).__name__}: {str(exc)[:120]}); no more replays"
+                ctx.graph_replays = False  # one failed capture is enough to learn from; keep the run safe
+                torch.cuda.synchronize()
+        return ms, mb
     finally:
         clear()
         gc.collect()
@@ -284,6 +330,10 @@ def timed(ctx: Ctx, row: Row, impl: str, thunk: Callable[[], tuple], baseline: b
             ctx.log(msg)
     setattr(row, f"{impl}_ms", ms)
     setattr(row, f"{impl}_mb", mb)
+    if ctx.last_graph is not None:
+        ctx.log(f"graph replay {impl} {row.op} {row.case} {row.dtype} {row.pass_}: {ctx.last_graph} "
+                f"(do_bench: {ms} ms)")
+        ctx.last_graph = None
     return row
 
 

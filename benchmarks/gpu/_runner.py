@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every section's timings (the headline rows, each checked at its shape) before the checks")
     p.add_argument("--quick", action="store_true", help="the headline timings only")
     p.add_argument("--no-extras", action="store_true", help="skip the extra correctness cases")
+    p.add_argument("--no-graph-replays", action="store_true",
+                   help="skip the CUDA-graph replay timing of the nt_xent / contrastive / siglip fwd+bwd rows")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds: past it, remaining checks and timings are skipped and the table printed")
     p.add_argument("--wheels", default=os.path.join(REPO, ".whl"),
@@ -153,6 +155,7 @@ def main(argv=None) -> int:
         print("device: no CUDA device")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.rehearse else "cpu")
     ctx = Ctx(device=device, rehearse=args.rehearse or args.tiny, quick=args.quick, extras=not args.no_extras,
+              graph_replays=not args.no_graph_replays,
               deadline_s=args.deadline)
     print("sections: " + ", ".join(f"{s.NAME} ({(s.__doc__ or '').strip().splitlines()[0]})" for s in sections))
     if args.dry_run:

@@ -185,7 +185,7 @@ def _time_case(ctx: Ctx, kind, impl, mode, n, d, extra, dtype, opts):
         leaves = [q.requires_grad_(True), k.requires_grad_(True)] + ([t] if isinstance(t, torch.Tensor) else [])
         fn = _loss_fn(kind, impl, opts, terms=_terms(ctx, n, extra, opts, seed=1))
         args = [leaves[0], leaves[1], t, neg]
-    return time_pass(ctx, fn, args, leaves, mode)
+    return time_pass(ctx, fn, args, leaves, mode, graph=True)
 
 
 def time(ctx: Ctx) -> list[Row]:

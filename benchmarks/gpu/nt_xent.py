@@ -131,7 +131,7 @@ def time(ctx: Ctx) -> list[Row]:
                 a = z1.detach().clone().requires_grad_(True)
                 b = z2.detach().clone().requires_grad_(True)
                 timed(ctx, row, impl, lambda: time_pass(ctx, lambda x, y: fn(x, y, temperature=TIME_T),
-                                                        (a, b), [a, b], mode))
+                                                        (a, b), [a, b], mode, graph=True))
             log_timing(ctx, row)
             rows.append(row)
         del z1, z2

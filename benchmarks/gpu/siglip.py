@@ -121,8 +121,8 @@ def time(ctx: Ctx) -> list[Row]:
                   torch.tensor(BIAS, device=ctx.device, requires_grad=True)]
         for mode in ("fwd", "fwdbwd"):
             row = Row("siglip", label(n, d), dt, mode)
-            timed(ctx, row, "fused", lambda: time_pass(ctx, sslkernels.siglip_loss, leaves, leaves, mode))
-            timed(ctx, row, "eager", lambda: time_pass(ctx, siglip_reference, leaves, leaves, mode))
+            timed(ctx, row, "fused", lambda: time_pass(ctx, sslkernels.siglip_loss, leaves, leaves, mode, graph=True))
+            timed(ctx, row, "eager", lambda: time_pass(ctx, siglip_reference, leaves, leaves, mode, graph=True))
             log_timing(ctx, row)
             rows.append(row)
         image = text = leaves = None
