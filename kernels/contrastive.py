@@ -717,15 +717,15 @@ def _own_id(rid, id_ptr, rows, row_ok, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.co
 
 @triton.autotune(configs=_all_configs(_LSE_FWD_FAMILIES),
                  key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS",
-                      "COL_BIAS", "HAS_IDS", "DIAG_EXEMPT"],
+                      "COL_BIAS", "HAS_IDS", "DIAG_EXEMPT", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_FWD_FAMILIES, 2)})
-@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M"])
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M", "SPLITS"])
 def _lse_fwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr,
     bias_ptr, cbias_ptr, rid_ptr, bid_ptr, cid_ptr, par_ptr,
-    lse_ptr, term_ptr, cnt_ptr, NA, NB, NC, M, D, TUNE_M,
+    lse_ptr, term_ptr, cnt_ptr, part_ptr, NA, NB, NC, M, D, TUNE_M, SPLITS,
     NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
-    COL_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr,
+    COL_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr, SPLIT: tl.constexpr,
     HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -736,8 +736,20 @@ def _lse_fwd_kernel(
     Retrieval terms (InfoNCE): COL_BIAS adds bias_ptr[j] (B columns; cbias_ptr: the queue's)
     to every logit of column j, the partner's included (term_i = lse_i - (s_ii + b_i));
     HAS_IDS drops column j of row i where rid_ptr[i] equals bid_ptr[j] (cid_ptr[j] on the
-    queue), the diagonal of B excepted when DIAG_EXEMPT."""
+    queue), the diagonal of B excepted when DIAG_EXEMPT.
+
+    SPLIT (a small batch against a long queue: too few row blocks to fill the GPU): program
+    (row block, split) takes the queue's column tiles split, split + SPLITS, ...; split 0
+    also takes B (and the partner). Each writes its base-2 (m_i, l_i, s_ii) to part_ptr
+    [3, SPLITS, NA] instead of lse / term; the launcher merges the splits in a fixed order
+    (_merge_splits)."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
+    if SPLIT:
+        split = tl.program_id(1)
+        first = split == 0
+    else:
+        split = 0
+        first = True
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
     ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
     if NORMALIZE:
@@ -754,12 +766,17 @@ def _lse_fwd_kernel(
         rid = rows  # unread
     if B_MODE == 2:  # the own key only: the partner's logit (base 2) starts the statistics
         spos = _row_dot(a_ptr, b_ptr, stride_a, stride_b, 0, 1, row0, lrows, row_ok, D, ACC) * scale
+        if SPLIT:  # (split 0's alone)
+            spos = tl.where(first, spos, float("-inf"))
         if NORMALIZE:
             spos = spos * (r_a * _rnorm(nb_ptr, NB, rows, row_ok).to(ACC))
         if COL_BIAS:
             spos = spos + _bias2(bias_ptr, rows, row_ok, ACC)
         m_i = spos
         l_i = tl.zeros([BLOCK_M], dtype=ACC)  # the positive is the max: its 1 apart
+        if SPLIT:
+            l_i = tl.where(first, l_i, -1.0)
+            spos = tl.where(first, spos, 0.0)
         if HAS_IDS and not DIAG_EXEMPT:
             own = _own_id(rid, bid_ptr, rows, row_ok, HAS_IDS, DIAG_EXEMPT)
             m_i = tl.where(own, float("-inf"), m_i)
@@ -769,7 +786,10 @@ def _lse_fwd_kernel(
         psum = tl.zeros([BLOCK_M], dtype=ACC)
         pcnt = tl.zeros([BLOCK_M], dtype=ACC)
     if B_MODE == 1:
-        for t in range(0, tl.cdiv(NB, BLOCK_N)):
+        b_tiles = tl.cdiv(NB, BLOCK_N)
+        if SPLIT:
+            b_tiles = tl.where(first, b_tiles, 0)
+        for t in range(0, b_tiles):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
                 q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -790,7 +810,8 @@ def _lse_fwd_kernel(
             s = tl.where(keep, s, float("-inf"))
             m_i, l_i = _online_lse(m_i, l_i, s)
     if HAS_C:
-        for t in range(0, tl.cdiv(NC, BLOCK_N)):
+        c_step = SPLITS if SPLIT else 1
+        for t in range(split, tl.cdiv(NC, BLOCK_N), c_step):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
                 q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -807,28 +828,35 @@ def _lse_fwd_kernel(
                                    row_ok, scale, r_a, D, NORMALIZE, ACC)
             m_i, l_i = _online_lse(m_i, l_i, s_m[:, None])
 
-    lse2 = _store_lse(lse_ptr, rows, m_i, l_i, row_ok)
-    ln2_64 = ln2.to(tl.float64)
-    if LABELS:
-        term = tl.where(pcnt > 0, ((lse2 - (psum / tl.maximum(pcnt, 1.0)).to(tl.float64)) * ln2_64).to(ACC), 0.0)
-        tl.store(cnt_ptr + rows, pcnt, mask=row_ok)
+    if SPLIT:  # partial statistics, merged by the launcher (_merge_splits)
+        at = split * NA + rows
+        tl.store(part_ptr + at, m_i, mask=row_ok)
+        tl.store(part_ptr + SPLITS * NA + at, l_i, mask=row_ok)
+        tl.store(part_ptr + 2 * SPLITS * NA + at, spos, mask=row_ok)
     else:
-        term = ((lse2 - spos.to(tl.float64)) * ln2_64).to(ACC)
-    tl.store(term_ptr + rows, term, mask=row_ok)
+        lse2 = _store_lse(lse_ptr, rows, m_i, l_i, row_ok)
+        ln2_64 = ln2.to(tl.float64)
+        if LABELS:
+            term = tl.where(pcnt > 0, ((lse2 - (psum / tl.maximum(pcnt, 1.0)).to(tl.float64)) * ln2_64).to(ACC), 0.0)
+            tl.store(cnt_ptr + rows, pcnt, mask=row_ok)
+        else:
+            term = ((lse2 - spos.to(tl.float64)) * ln2_64).to(ACC)
+        tl.store(term_ptr + rows, term, mask=row_ok)
 
 
 @triton.autotune(configs=_all_configs(_LSE_BWD_FAMILIES),
                  key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS",
-                      "ROW_TERM", "COL_TERM", "COL_BIAS", "ROW_BIAS", "HAS_IDS", "DIAG_EXEMPT"],
+                      "ROW_TERM", "COL_TERM", "COL_BIAS", "ROW_BIAS", "HAS_IDS", "DIAG_EXEMPT", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_BWD_FAMILIES, 2)})
-@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M"])
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M", "SPLITS"])
 def _lse_bwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr, cnt_ptr,
     bias_ptr, cbias_ptr, rid_ptr, bid_ptr, cid_ptr, par_ptr,
-    g_ptr, lse_r_ptr, lse_c_ptr, out_ptr, scratch_ptr, tterm_ptr, NA, NB, NC, M, D, TUNE_M,
+    g_ptr, lse_r_ptr, lse_c_ptr, out_ptr, scratch_ptr, tterm_ptr, NA, NB, NC, M, D, TUNE_M, SPLITS,
     NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
     ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, DIAG_W: tl.constexpr, EXPECT: tl.constexpr,
     COL_BIAS: tl.constexpr, ROW_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr,
+    SPLIT: tl.constexpr,
     HOIST: tl.constexpr, SAME_TILE: tl.constexpr, FUSED_OUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -849,8 +877,19 @@ def _lse_bwd_kernel(
     bias_ptr[i] of the tile's row to the column term's. tterm keeps the unbiased s (d l / d t
     does not see the bias); only p is biased. HAS_IDS zeroes both terms of a pair whose ids
     match (rid_ptr: A rows, bid_ptr: B rows, cid_ptr: the queue's), the diagonal of B excepted
-    when DIAG_EXEMPT; DIAG_W stays subtracted at (i, i) either way (the target is B row i)."""
+    when DIAG_EXEMPT; DIAG_W stays subtracted at (i, i) either way (the target is B row i).
+
+    SPLIT (as the forward's): program (row block, output columns, split) takes the queue's
+    tiles split, split + SPLITS, ...; split 0 also B and the partner. Each writes its share
+    of c * acc to scratch_ptr [SPLITS, NA, D] (fp32) and of tterm to tterm_ptr [SPLITS, NA];
+    the launcher sums them in a fixed order, then the normalisation's backward."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
+    if SPLIT:
+        split = tl.program_id(2)
+        first = split == 0
+    else:
+        split = 0
+        first = True
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dcol_ok = dcols < D
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
@@ -885,7 +924,10 @@ def _lse_bwd_kernel(
             rb_i = _rnorm(nb_ptr, NB, rows, row_ok).to(ACC)
             spos = spos * (r_a * rb_i)
     if B_MODE == 1:
-        for t in range(0, tl.cdiv(NB, BLOCK_N)):
+        b_tiles = tl.cdiv(NB, BLOCK_N)
+        if SPLIT:
+            b_tiles = tl.where(first, b_tiles, 0)
+        for t in range(0, b_tiles):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
                 q, a_ptr, b_ptr, stride_a, stride_b, nb_ptr, NB, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -953,11 +995,14 @@ def _lse_bwd_kernel(
             wd += e
         if NORMALIZE:
             wd = wd * rb_i
+        if SPLIT:  # (split 0's alone)
+            wd = tl.where(first, wd, 0.0)
         xb = tl.load(_tile_ptrs(a_ptr, b_ptr, stride_a, stride_b, 1, row0, lrows, dcols),
                      mask=row_ok[:, None] & dcol_ok[None, :], other=0.0).to(ACC)
         acc += wd[:, None] * xb
     if HAS_C:
-        for t in range(0, tl.cdiv(NC, BLOCK_N)):
+        c_step = SPLITS if SPLIT else 1
+        for t in range(split, tl.cdiv(NC, BLOCK_N), c_step):
             s, kt, r_j, col0, lcols, cols, col_ok = _candidate_tile(
                 q, a_ptr, c_ptr, stride_a, stride_c, nc_ptr, NC, row0, lrows, row_ok, t, scale, r_a, D,
                 NORMALIZE, ACC, PRECISION, HOIST, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -988,7 +1033,7 @@ def _lse_bwd_kernel(
             acc += p[:, None] * xn
     if EXPECT:
         if tl.program_id(1) == 0:
-            tl.store(tterm_ptr + rows, expect * ln2, mask=row_ok)
+            tl.store(tterm_ptr + split * NA + rows, expect * ln2, mask=row_ok)
 
     c = tl.load(g_ptr).to(ACC) * (tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr + 1).to(ACC))
     omask = row_ok[:, None] & dcol_ok[None, :]
@@ -996,9 +1041,11 @@ def _lse_bwd_kernel(
         n_i = tl.load(na_ptr + rows, mask=row_ok, other=1.0)
     else:
         n_i, r_i = c, c  # unread
+    # SPLIT: this split's c * acc to its slice of the scratch (FUSED_OUT is False there)
     _grad_epilogue(acc, c, q, _tile_ptrs(a_ptr, a_ptr, stride_a, stride_a, 0, row0, lrows, dcols),
-                   n_i, r_i, out_ptr + row0.to(tl.int64) * D, scratch_ptr + row0.to(tl.int64) * D,
-                   lrows, dcols, omask, D, NORMALIZE, SAME_TILE, FUSED_OUT, ACC, EPS)
+                   n_i, r_i, out_ptr + row0.to(tl.int64) * D,
+                   scratch_ptr + (split * NA + row0).to(tl.int64) * D,
+                   lrows, dcols, omask, D, NORMALIZE, SAME_TILE, FUSED_OUT and not SPLIT, ACC, EPS)
 
 
 
@@ -1158,21 +1205,23 @@ def _params(t64, denom, acc_dtype):
 
 
 def _fwd_flags(b_mode: int, has_c: bool, labels: bool, per_q: bool = False, col_bias: bool = False,
-               ids: bool = False, diag_exempt: bool = True) -> dict:
+               ids: bool = False, diag_exempt: bool = True, split: bool = False) -> dict:
     """The mode constexprs of one _lse_fwd_kernel launch (also used by --compile-only);
     has_c: a shared queue, per_q: per-query negatives (C holds [N M, D] rows); col_bias: a
-    logit bias per candidate, ids: the duplicate-id mask (diag_exempt: the diagonal stays)."""
+    logit bias per candidate, ids: the duplicate-id mask (diag_exempt: the diagonal stays);
+    split: the queue's tiles shared among several programs per row block (_queue_splits)."""
     return dict(B_MODE=b_mode, HAS_C=bool(has_c) and not per_q, PER_Q=bool(per_q), LABELS=bool(labels),
-                COL_BIAS=bool(col_bias), HAS_IDS=bool(ids), DIAG_EXEMPT=bool(diag_exempt) or not ids)
+                COL_BIAS=bool(col_bias), HAS_IDS=bool(ids), DIAG_EXEMPT=bool(diag_exempt) or not ids,
+                SPLIT=bool(split))
 
 
 def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term: bool, diag_w: float,
                expect: bool, per_q: bool = False, col_bias: bool = False, row_bias: bool = False,
-               ids: bool = False, diag_exempt: bool = True) -> dict:
+               ids: bool = False, diag_exempt: bool = True, split: bool = False) -> dict:
     """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only);
     col_bias: the bias per column on the row term (A = queries), row_bias: per row on the
     column term (A = candidates)."""
-    return dict(_fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt), ROW_TERM=bool(row_term),
+    return dict(_fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt, split), ROW_TERM=bool(row_term),
                 COL_TERM=bool(col_term), DIAG_W=float(diag_w), EXPECT=bool(expect), ROW_BIAS=bool(row_bias))
 
 
@@ -1184,36 +1233,86 @@ def _terms_args(terms, dummy):
 
 
 def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize, per_q=0, terms=None,
-                diag_exempt=True):
+                diag_exempt=True, splits=1):
     """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c (per_q > 0:
     c holds per_q negatives per row of a). terms: the retrieval terms (_terms_args); a "bias"
-    is per column of b ("cbias": of c)."""
+    is per column of b ("cbias": of c). splits > 1 (a shared queue only): that many programs
+    per row block share the queue's tiles; their statistics are merged here."""
     na_rows, d = a.shape
     _, meta, _ = _plan(d, a.dtype, normalize, _precision(a.dtype))
     dummy = lse
     bb = b if b is not None else a
     cc = c if c is not None else a
     terms = terms or {}
+    split = splits > 1
+    part = torch.empty((3, splits, na_rows), dtype=term.dtype, device=a.device) if split else dummy
 
     def grid(cfg):
-        return (triton.cdiv(na_rows, cfg["BLOCK_M"]),)
+        return (triton.cdiv(na_rows, cfg["BLOCK_M"]), splits)
 
     _lse_fwd_kernel[grid](
         a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
         na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
         labels if labels is not None else dummy, *_terms_args(terms, dummy), par, lse, term,
-        cnt if cnt is not None else dummy,
+        cnt if cnt is not None else dummy, part,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
-        _tune_m(na_rows),
+        _tune_m(na_rows), splits,
         **_fwd_flags(b_mode, c is not None, labels is not None, per_q > 0, "bias" in terms, "rid" in terms,
-                     diag_exempt),
+                     diag_exempt, split),
         **meta,
     )
+    if split:
+        _merge_splits(part, lse, term)
+
+
+def _merge_splits(part, lse, term):
+    """lse (natural, float64) and term = lse - s_ii (ACC) from the splits' base-2 (m, l, s_ii)
+    [3, S, N] (l: the sum beside the max's 1, _online_lse), in float64 and a fixed order:
+    sum_s (1 + l_s) 2^(m_s - M), M the largest m_s, keeps a peaked row's small rest as
+    _store_lse does; an empty split (m = -inf, l = -1) adds 0, a row empty everywhere -inf."""
+    m, rest, spos = part[0].double(), part[1].double(), part[2, 0].double()
+    top = m.max(dim=0).values
+    shift = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    total = ((rest + 1.0) * torch.exp2(m - shift)).sum(dim=0)
+    lse2 = shift + torch.log2(total)
+    lse.copy_(lse2 * math.log(2.0))
+    term.copy_(((lse2 - spos) * math.log(2.0)).to(term.dtype))
+
+
+# A small batch against a long queue leaves most SMs idle (N = 256, K = 65536: 4 row blocks);
+# past this many row blocks per SM nothing is split. None: from the device; an int forces it
+# (the interpreter tests, tuning).
+QUEUE_SPLITS = None
+
+
+def _queue_splits(rows: int, queue_rows: int, device) -> int:
+    """Programs per row block for the query rows' pass over a shared queue: enough for two
+    programs per SM at 64-row blocks, each with at least 8 of the queue's 64-wide tiles."""
+    if QUEUE_SPLITS is not None:
+        return max(1, int(QUEUE_SPLITS))
+    if INTERPRET or queue_rows == 0 or torch.device(device).type != "cuda":
+        return 1
+    sms = _sm_count(device)
+    row_blocks = triton.cdiv(rows, 64)
+    if row_blocks >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), queue_rows // (64 * 8), 64))
+
+
+_SM_COUNTS = {}
+
+
+def _sm_count(device) -> int:
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tterm, *,
                 b_mode, row_term, col_term, diag_w, normalize, per_q=0, terms=None, bias_on_rows=False,
-                diag_exempt=True):
+                diag_exempt=True, splits=1):
     """One _lse_bwd_kernel launch writing out = d loss / d a (and tterm when given). terms: as
     _fwd_launch's; the "bias" is per column of b on the row term, or with bias_on_rows per
     row of a on the column term."""
@@ -1224,13 +1323,17 @@ def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tte
     dummy = par
     bb = b if b is not None else a
     cc = c if c is not None else a
-    fused_out = meta["FUSED_OUT"]
-    scratch = dummy if fused_out else torch.empty((na_rows, d), dtype=acc_dtype, device=a.device)
+    split = splits > 1
+    fused_out = meta["FUSED_OUT"] and not split
+    scratch = dummy if fused_out else torch.empty((splits * na_rows, d), dtype=acc_dtype, device=a.device)
     terms = terms or {}
     has_bias = "bias" in terms
+    tterm_out = tterm
+    if split and tterm is not None:
+        tterm = torch.empty((splits, na_rows), dtype=tterm.dtype, device=a.device)
 
     def grid(cfg):
-        return (triton.cdiv(na_rows, cfg["BLOCK_M"]), triton.cdiv(d, block_do))
+        return (triton.cdiv(na_rows, cfg["BLOCK_M"]), triton.cdiv(d, block_do), splits)
 
     _lse_bwd_kernel[grid](
         a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
@@ -1240,12 +1343,19 @@ def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tte
         lse_r if lse_r is not None else dummy, lse_c if lse_c is not None else dummy, out, scratch,
         tterm if tterm is not None else dummy,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
-        _tune_m(na_rows),
+        _tune_m(na_rows), splits,
         **_bwd_flags(b_mode, c is not None, labels is not None, row_term, col_term, diag_w, tterm is not None,
                      per_q > 0, has_bias and not bias_on_rows, has_bias and bias_on_rows, "rid" in terms,
-                     diag_exempt),
+                     diag_exempt, split),
         **meta,
     )
+    if split:  # the splits' shares, summed in a fixed order
+        if tterm is not None:
+            tterm_out.copy_(tterm.sum(dim=0))
+        scratch = scratch.view(splits, na_rows, d).sum(dim=0)
+        if not normalize:
+            out.copy_(scratch)
+            return
     if not fused_out:
         _single_norm_bwd(scratch, a, na, out)
 
@@ -1386,8 +1496,9 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
         par = _params(_temperature64(temperature, q.device), 1.0, acc_dtype)
         nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)
         b_mode = 1 if in_batch_negatives else 2
+        splits = _queue_splits(n, neg.shape[0], q.device) if neg is not None and not per_q else 1
         _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q,
-                    terms=qdir, diag_exempt=positive_on_diagonal)
+                    terms=qdir, diag_exempt=positive_on_diagonal, splits=splits)
         if symmetric:
             _fwd_launch(k, q, None, nk, nq, None, None, par, lse[n:], term[n:], None, 1, normalize,
                         terms={key: v for key, v in kdir.items() if key != "bias"},
@@ -1427,9 +1538,10 @@ def info_nce_backward(grad_loss, query, key, negatives, temperature, lse, normal
         dq = torch.empty((n, d), dtype=q.dtype, device=q.device)
         dk = torch.empty((n, d), dtype=k.dtype, device=q.device)
         tterm = torch.empty(2 * n if symmetric else n, dtype=acc_dtype, device=q.device)
+        splits = _queue_splits(n, neg.shape[0], q.device) if has_neg and not per_q else 1
         _bwd_launch(q, k, neg, nq, nk, nn, None, None, par, grad_loss, lse_q, lse_k, dq, tterm[:n],
                     b_mode=b_mode, row_term=True, col_term=symmetric, diag_w=dirs, normalize=normalize,
-                    per_q=per_q, terms=qdir, diag_exempt=positive_on_diagonal)
+                    per_q=per_q, terms=qdir, diag_exempt=positive_on_diagonal, splits=splits)
         _bwd_launch(k, q, None, nk, nq, None, None, None, par, grad_loss, lse_k, lse_q, dk,
                     tterm[n:] if symmetric else None,
                     b_mode=b_mode, row_term=symmetric, col_term=True, diag_w=dirs, normalize=normalize,

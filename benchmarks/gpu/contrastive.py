@@ -40,6 +40,8 @@ TIMINGS = [
     ("info_nce", "info_nce", 8192, 256, 16384, {}),
     ("clip", "info_nce", 8192, 256, 0, {"symmetric": True}),
     ("info_nce_retrieval", "info_nce", 8192, 128, 0, {"terms": True}),
+    # MoCo's small batch against a long queue: 4 row blocks, so the queue is split (_queue_splits)
+    ("moco[N=256]", "info_nce", 256, 128, 65536, {"in_batch": False, "split": True}),
 ]
 TIME_DTYPES = ["bf16", "fp32"]
 # Compiled only (the checks above do not run them): the retrieval terms' kernel variants
@@ -50,6 +52,9 @@ TERM_VARIANTS = [
     ("info_nce", 256, 40, ["bf16", "fp32"], {"symmetric": True, "queue_grad": True, "terms": True}),
     ("info_nce", 256, 40, ["bf16"], {"in_batch": False, "queue_grad": True, "terms": True,
                                      "diag_exempt": False}),
+    # the queue split's variants (the query rows' forward and dquery passes)
+    ("info_nce", 128, 40, ["bf16", "fp32"], {"queue_grad": True, "split": True}),
+    ("info_nce", 256, 40, ["bf16"], {"queue_grad": True, "terms": True, "split": True}),
 ]
 CHECK_WIDTH = 1  # configs compiled per variant of a check; timings autotune over 2
 SUP_CON_T = 0.1
@@ -229,10 +234,11 @@ def _launch_plan(K, kind, opts):
     terms, exempt = opts.get("terms", False), opts.get("diag_exempt", True)
     bias = dict(col_bias=terms, ids=terms, diag_exempt=exempt)
     on_rows = dict(row_bias=terms, ids=terms, diag_exempt=exempt)
-    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q, **bias), None, None)]
+    split = dict(split=bool(opts.get("split")) and has_c and not per_q)  # the query rows' passes only
+    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q, **bias, **split), None, None)]
     if sym:
         out.append(("fwd", K._fwd_flags(1, False, False, ids=terms, diag_exempt=exempt), None, None))
-    out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True, per_q, **bias), None, None))
+    out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True, per_q, **bias, **split), None, None))
     out.append(("bwd", K._bwd_flags(b_mode, False, False, sym, True, dirs, sym, **on_rows), None, None))
     if has_c and opts.get("queue_grad", False):
         out.append(("pq_bwd", {}, None, None) if per_q else
@@ -277,7 +283,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                   "stride_c": "i32", "na_ptr": f"*{acc}", "nb_ptr": f"*{acc}", "nc_ptr": f"*{acc}",
                   "lab_ptr": f"*{lab_ty or acc}", "bias_ptr": f"*{acc}", "cbias_ptr": f"*{acc}",
                   "rid_ptr": "*i64", "bid_ptr": "*i64", "cid_ptr": "*i64"}
-        sizes = {"NA": "i32", "NB": "i32", "NC": "i32", "M": "i32", "D": "i32", "TUNE_M": "i32"}
+        sizes = {"NA": "i32", "NB": "i32", "NC": "i32", "M": "i32", "D": "i32", "TUNE_M": "i32", "SPLITS": "i32"}
         head = f"lse D={d} {dt} normalize={normalize} {prec} ({family})"
         if which == "pq_bwd":  # per-query negatives' gradient: element-wise, one launch shape
             br, bd = K._small_blocks(d)
@@ -290,7 +296,8 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
             continue
         if which == "fwd":
             kernel, families, meta = K._lse_fwd_kernel, K._LSE_FWD_FAMILIES, fmeta
-            sig = dict(common, par_ptr=f"*{acc}", lse_ptr=f"*{acc}", term_ptr=f"*{acc}", cnt_ptr=f"*{acc}", **sizes)
+            sig = dict(common, par_ptr=f"*{acc}", lse_ptr=f"*{acc}", term_ptr=f"*{acc}", cnt_ptr=f"*{acc}",
+                       part_ptr=f"*{acc}", **sizes)
         else:
             kernel, families, meta = K._lse_bwd_kernel, K._LSE_BWD_FAMILIES, bmeta
             sig = dict(common, cnt_ptr=f"*{cnt_ty or acc}", par_ptr=f"*{acc}", g_ptr=f"*{ty}",
