@@ -242,3 +242,110 @@ def test_module_passes_the_terms():
     got = module(q, key, neg, logit_bias=bias, key_ids=ids, queue_ids=queue_ids)
     torch.testing.assert_close(got, info_nce_reference(q, key, 0.2, neg, logit_bias=bias, key_ids=ids,
                                                        queue_ids=queue_ids))
+
+
+# ---------------------------------------------------------------- review: edge cases of the C++ path
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_remote_block_with_fully_masked_rows(k):
+    """The ring's remote-block call on the CPU (positive_on_diagonal=False, normalize=False):
+    a query whose every candidate in the block shares its id has lse = -inf there (no
+    candidate: a value, not an overflow, so the call must not raise), the other rows the
+    eager lse; the backward, given the merged (finite) lse, weighs the block by
+    W = p - [j == i] with p = 0 on every masked pair."""
+    g = torch.Generator().manual_seed(21)
+    n, d, t = 7, 16, 0.5
+    q, key = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    neg = torch.randn(k, d, generator=g, dtype=torch.float64) if k else None
+    bias = torch.randn(n + k, generator=g, dtype=torch.float64)
+    anchor = torch.arange(n) % 2  # every key and queue row has id 0: rows of id 0 keep none, of id 1 all
+    cand = torch.zeros(n + k, dtype=torch.int64)
+    cands = key if neg is None else torch.cat([key, neg])
+    logits = q @ cands.T / t + bias[None, :]
+    drop = anchor[:, None] == cand[None, :]
+    lse_block = torch.logsumexp(logits.masked_fill(drop, float("-inf")), dim=1)
+    temperature = torch.tensor(t, dtype=torch.float64)
+    terms = (bias, anchor, cand, False)
+    _, lse = torch.ops.sslkernels.info_nce_forward(q, key, neg, temperature, False, False, True, k > 0, *terms)
+    assert torch.equal(torch.isinf(lse), anchor == 0)
+    torch.testing.assert_close(lse[anchor == 1], lse_block[anchor == 1], rtol=1e-12, atol=1e-12)
+
+    merged = torch.logaddexp(lse_block, (q * key).sum(1) / t + 0.3)  # as the ring merges the local lse
+    grad = torch.tensor(0.7, dtype=torch.float64)
+    dq, dk, dneg, _ = torch.ops.sslkernels.info_nce_backward(grad, q, key, neg, temperature, merged, False, False,
+                                                             True, k > 0, *terms)
+    w = torch.exp(logits - merged[:, None]).masked_fill(drop, 0.0)
+    w[:, :n] -= torch.eye(n, dtype=torch.float64)
+    c = 0.7 / (n * t)
+    torch.testing.assert_close(dq, c * (w @ cands), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(dk, c * (w[:, :n].T @ q), rtol=1e-10, atol=1e-13)
+    if k:
+        torch.testing.assert_close(dneg, c * (w[:, n:].T @ q), rtol=1e-10, atol=1e-13)
+
+
+# N = 1, 2; several 64-row tiles (N < 1024) not a multiple, D across the 128 boundary; the
+# one sweep's 48-row strips and two 512-column tiles (N = 600); a queue of 1 and of N.
+EDGE_SIZES = [(2, 8, 1), (257, 8, 0), (257, 130, 1), (600, 8, 600), (600, 130, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n,d,k", EDGE_SIZES)
+@pytest.mark.parametrize("mode", ["one_direction", "symmetric", "moco"])
+def test_edge_sizes_match_float64_reference(dtype, n, d, k, mode):
+    q, key, neg, bias, ids, queue_ids = _case(n, d, k, dtype, seed=n + d + k)
+    if mode == "moco" and not k:
+        pytest.skip("MoCo mode needs a queue")
+    t = torch.tensor(0.2, dtype=torch.float64)
+    kw = dict(symmetric=mode == "symmetric", in_batch_negatives=mode != "moco")
+    _compare(dtype, (q, key, t) + ((neg,) if k else ()), dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids), **kw)
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 8, 0), (2, 8, 1), (600, 130, 600)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_distinct_ids_and_a_zero_bias_change_nothing(n, d, k, symmetric):
+    """Ids that are all different mask nothing and a zero bias adds nothing: loss and
+    gradients bitwise those of the call without terms (same tiles, same sums)."""
+    q, key, neg, _, _, _ = _case(n, d, k, torch.float32, seed=17)
+    args = (q, key, torch.tensor(0.2)) + ((neg,) if k else ())
+
+    def run(**terms):
+        return loss_and_grads(lambda a, b, tt, *c: sslkernels.info_nce(a, b, tt, c[0] if c else None,
+                                                                         symmetric=symmetric, **terms), *args)
+
+    base = run()
+    distinct = run(key_ids=torch.arange(n), queue_ids=torch.arange(n, n + k) if k else None)
+    zero_bias = run(logit_bias=torch.zeros(n + k))
+    for got in (distinct, zero_bias):
+        assert all(torch.equal(x, y) for x, y in zip(got, base))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_huge_bias(dtype, symmetric, sign):
+    """|bias| ~ 80 (exp overflows float32 past 88, float16 long before): the tiles are
+    shifted by their max, so nothing overflows; a bias that makes one negative dominate
+    its row gives a large loss, within the rule."""
+    q, key, neg, bias, ids, queue_ids = _case(70, 16, 9, dtype, seed=19)
+    bias = sign * 80.0 * torch.sign(bias) + bias  # some candidates far above, some far below
+    t = torch.tensor(0.2, dtype=torch.float64)
+    neg = None if symmetric else neg
+    terms = dict(logit_bias=bias[:70] if symmetric else bias, key_ids=ids, queue_ids=None if symmetric else queue_ids)
+    fused, _ = _compare(dtype, (q, key, t) + (() if symmetric else (neg,)), terms, symmetric=symmetric)
+    assert float(fused[0]) > 10.0  # the bias does dominate
+
+
+def test_no_grad_route_matches_the_one_sweep():
+    """Under no_grad the one-direction loss goes through info_nce_forward, with a gradient
+    wanted through the one-sweep op: the same value within the rule."""
+    q, key, neg, bias, ids, queue_ids = _case(257, 40, 33, torch.float32, seed=23)
+    terms = dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids)
+    with torch.no_grad():
+        forward_only = sslkernels.info_nce(q, key, 0.1, neg, **terms)
+    swept = sslkernels.info_nce(q.clone().requires_grad_(), key, 0.1, neg, **terms).detach()
+    eager = info_nce_reference(q, key, 0.1, neg, **terms)
+    ref = info_nce_reference(q.double(), key.double(), 0.1, neg.double(), **dict(terms, logit_bias=bias.double()))
+    bound = logit_bound(temperature=0.1) + float(bias.abs().max())
+    assert_within_eager_error(forward_only, eager, ref, torch.float32, "loss (forward op)", bound)
+    assert_within_eager_error(swept, eager, ref, torch.float32, "loss (one sweep)", bound)

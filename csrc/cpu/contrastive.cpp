@@ -649,7 +649,11 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
         });
   }
   std::vector<double> row_loss(static_cast<size_t>(n));
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  // A row whose every candidate is masked (a ring's remote block of duplicates, with
+  // positive_on_diagonal false) has lse = -inf and a loss term of -inf: its value, not an
+  // overflow. Only a non-finite term of a row that has candidates is refused.
+  int overflow = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : overflow)
   for (int64_t i = 0; i < n; ++i) {
     Acc target = in_batch_negatives ? own_logit[i] : own_logit[i] + terms.bias_of(i);
     if (target == -std::numeric_limits<Acc>::infinity())  // masked (a ring's remote block): the target stays
@@ -664,10 +668,12 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
       lse_key[i] = shifted - static_cast<double>(terms.bias_of(i));
       term = 0.5 * (term + shifted - positive);
     }
+    const bool no_candidates = q_stats.sum[i] == 0 || (symmetric && k_stats.sum[i] == 0);
+    overflow |= !no_candidates && !std::isfinite(term);
     row_loss[i] = term;
   }
   *loss = mean_or_zero(row_loss, n);
-  return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
+  return overflow == 0 ? Status::Ok : Status::NonFiniteResult;
 }
 
 template <typename Acc>
