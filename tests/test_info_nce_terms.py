@@ -349,3 +349,35 @@ def test_no_grad_route_matches_the_one_sweep():
     bound = logit_bound(temperature=0.1) + float(bias.abs().max())
     assert_within_eager_error(forward_only, eager, ref, torch.float32, "loss (forward op)", bound)
     assert_within_eager_error(swept, eager, ref, torch.float32, "loss (one sweep)", bound)
+
+
+_ids = lambda length: torch.zeros(length, dtype=torch.int64)  # noqa: E731
+
+
+@pytest.mark.parametrize("op", ["forward", "backward", "one_sweep"])
+@pytest.mark.parametrize("terms,exc,match", [
+    ((torch.zeros(1, dtype=torch.float64), None, None), ValueError, r"logit_bias.*\[8\]"),
+    ((None, _ids(1), _ids(N + K)), ValueError, r"anchor_ids.*\[5\]"),
+    ((None, _ids(N), _ids(N)), ValueError, r"candidate_ids.*\[8\]"),
+    ((None, _ids(N), None), ValueError, "both or neither"),
+])
+def test_ops_refuse_terms_of_the_wrong_length(op, terms, exc, match):
+    """Called directly (torch.ops.sslkernels), the CPU ops check the terms' lengths: the C++
+    core reads N + K entries through each pointer, past the end of a short tensor (a short
+    id tensor gave a silently wrong loss)."""
+    t = torch.tensor(0.1)
+    with pytest.raises(exc, match=match):
+        if op == "forward":
+            torch.ops.sslkernels.info_nce_forward(_q, _q + 0.1, _queue, t, True, False, True, False, *terms)
+        elif op == "backward":
+            lse = torch.zeros(N, dtype=torch.float64)
+            torch.ops.sslkernels.info_nce_backward(torch.tensor(1.0), _q, _q + 0.1, _queue, t, lse, True, False,
+                                                   True, False, *terms)
+        else:
+            torch.ops.sslkernels.info_nce_loss_and_grads(_q, _q + 0.1, _queue, t, True, False, *terms)
+
+
+def test_ops_refuse_terms_with_per_query_negatives_on_the_cpu():
+    with pytest.raises(NotImplementedError, match="per-query negatives"):
+        torch.ops.sslkernels.info_nce_forward(_q, _q, torch.randn(N, 2, 4), torch.tensor(0.1), True, False, True,
+                                              False, torch.zeros(N, dtype=torch.float64))

@@ -272,6 +272,26 @@ def check_retrieval_terms(logit_bias, key_ids, queue_ids, query: torch.Tensor, n
     return logit_bias, key_ids, queue_ids
 
 
+def check_op_terms(query: torch.Tensor, negatives, logit_bias, anchor_ids, candidate_ids) -> None:
+    """The InfoNCE ops' retrieval terms as the C++ core reads them (it takes raw pointers and
+    would read past a short tensor): `logit_bias` and `candidate_ids` [N + K] over the keys
+    and a shared [K, D] queue, `anchor_ids` [N], the ids both or neither. The ops are
+    reachable directly (torch.ops.sslkernels) and from the ring, past check_retrieval_terms."""
+    if logit_bias is None and anchor_ids is None and candidate_ids is None:
+        return
+    if negatives is not None and negatives.dim() == 3:
+        raise NotImplementedError("info_nce ops (CPU): the retrieval terms index the keys and a shared [K, D] "
+                                  "queue; per-query negatives [N, M, D] take none")
+    n = query.shape[0]
+    candidates = n + (negatives.shape[0] if negatives is not None else 0)
+    if (anchor_ids is None) != (candidate_ids is None):
+        raise ValueError("info_nce ops: `anchor_ids` and `candidate_ids` go together (both or neither)")
+    for x, name, length in ((logit_bias, "logit_bias", candidates), (anchor_ids, "anchor_ids", n),
+                            (candidate_ids, "candidate_ids", candidates)):
+        if x is not None and tuple(x.shape) != (length,):
+            raise ValueError(f"info_nce ops: `{name}` must have shape [{length}], got {tuple(x.shape)}")
+
+
 # ---------------------------------------------------------------- CUDA limits
 # What the Triton kernels cannot take, refused before any launch with the limit named (the
 # CPU core has none of these). The second and third launch-grid axes of a CUDA kernel hold at
