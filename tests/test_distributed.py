@@ -120,6 +120,17 @@ def _cases(rank: int, world: int, mode: str):
     yield "info_nce_terms_symmetric", lambda q, k, temp: sf.info_nce(
         q, k, temp, symmetric=True, process_group=grp, mode=mode, logit_bias=local_bias,
         key_ids=terms["key_ids"]), {"q": loc["q"], "k": loc["k"], "temp": temp}
+
+    def updated_after_forward(q, k, temp):
+        """The caller updates its bias and ids in place between forward and backward (a
+        running -log q_j estimate): the gradient is still that of the values the loss saw."""
+        bias, ids = local_bias.clone(), terms["key_ids"].clone()
+        loss = sf.info_nce(q, k, temp, symmetric=True, process_group=grp, mode=mode, logit_bias=bias, key_ids=ids)
+        bias.add_(2.0)
+        ids.fill_(0)
+        return loss
+
+    yield "info_nce_terms_symmetric_updated", updated_after_forward, {"q": loc["q"], "k": loc["k"], "temp": temp}
     dup_terms = dict(key_ids=_local(d["dup_ids"], rank), queue_ids=d["dup_queue_ids"])
     yield "info_nce_terms_dups_symmetric_queue", lambda q, k, queue, temp: sf.info_nce(
         q, k, temp, queue, symmetric=True, process_group=grp, mode=mode, **dup_terms), {
@@ -433,6 +444,10 @@ def _global(world: int):
             {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp},
             lambda r, q, k, queue, temp: terms_local(r, q, k, temp, queue)),
         "info_nce_terms_symmetric": (lambda q, k, temp: info_nce_reference(
+            q, k, temp, symmetric=True, logit_bias=bias[:n], key_ids=ids),
+            {"q": d["q"], "k": d["k"], "temp": temp},
+            lambda r, q, k, temp: terms_local(r, q, k, temp, symmetric=True)),
+        "info_nce_terms_symmetric_updated": (lambda q, k, temp: info_nce_reference(
             q, k, temp, symmetric=True, logit_bias=bias[:n], key_ids=ids),
             {"q": d["q"], "k": d["k"], "temp": temp},
             lambda r, q, k, temp: terms_local(r, q, k, temp, symmetric=True)),

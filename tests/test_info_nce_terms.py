@@ -381,3 +381,20 @@ def test_ops_refuse_terms_with_per_query_negatives_on_the_cpu():
     with pytest.raises(NotImplementedError, match="per-query negatives"):
         torch.ops.sslkernels.info_nce_forward(_q, _q, torch.randn(N, 2, 4), torch.tensor(0.1), True, False, True,
                                               False, torch.zeros(N, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_terms_updated_in_place_before_backward(symmetric):
+    """A caller that updates its bias (a running -log q_j estimate) and ids in place after
+    the loss, before backward: the gradient is that of the values the forward saw, as
+    eager's is (the forward / backward ops used to read the changed tensors)."""
+    q, key, neg, bias, ids, queue_ids = _case(33, 8, 0 if symmetric else 6, torch.float64, seed=29)
+    kw = dict(symmetric=symmetric, logit_bias=bias.double(), key_ids=ids, queue_ids=queue_ids)
+    want = loss_and_grads(lambda a, b: sslkernels.info_nce(a, b, 0.2, neg, **kw), q, key)
+    leaves = [x.clone().requires_grad_() for x in (q, key)]
+    loss = sslkernels.info_nce(*leaves, 0.2, neg, **kw)
+    kw["logit_bias"].add_(3.0)
+    kw["key_ids"].fill_(0)
+    loss.backward()
+    for got, expected in zip([x.grad for x in leaves], want[1:]):
+        assert torch.equal(got, expected)

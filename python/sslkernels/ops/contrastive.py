@@ -548,7 +548,9 @@ def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
     def setup_context(ctx, inputs, output):
         _, lse = output
         ctx.save_for_backward(*inputs[:num_tensors], lse)
-        ctx.scalars = inputs[num_tensors:]
+        # Tensor-valued options (InfoNCE's bias and ids) as the forward read them: eager's
+        # gradient does not change when the caller updates them in place before backward.
+        ctx.scalars = tuple(x.clone() if isinstance(x, Tensor) else x for x in inputs[num_tensors:])
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_loss, grad_lse):
