@@ -398,3 +398,41 @@ def test_terms_updated_in_place_before_backward(symmetric):
     loss.backward()
     for got, expected in zip([x.grad for x in leaves], want[1:]):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_strided_expanded_and_int32_terms(symmetric):
+    """A strided bias, expanded (stride 0) int32 key ids, strided queue ids that match only
+    in the queue: taken as the values they hold, loss and gradients within the rule."""
+    q, key, neg, bias, _, _ = _case(41, 12, 0 if symmetric else 13, torch.float32, seed=37)
+    k = 0 if symmetric else 13
+    strided_bias = torch.stack([bias, -bias], dim=1)[:, 0]  # stride 2
+    assert strided_bias.stride() == (2,)
+    for key_ids in (torch.tensor(3, dtype=torch.int32).expand(41), torch.arange(41, dtype=torch.int32)):
+        queue_ids = torch.tensor([3, 7, 40, 100] * 8)[::2][:k] if k else None  # stride 2
+        terms = dict(logit_bias=strided_bias, key_ids=key_ids, queue_ids=queue_ids)
+        _compare(torch.float32, (q, key, torch.tensor(0.2, dtype=torch.float64)) + ((neg,) if k else ()), terms,
+                 symmetric=symmetric)
+
+
+def test_thread_count_independent_moco_and_forward_only():
+    """The MoCo mode (own key + queue) and the no-grad forward with the terms: bitwise the
+    same loss and gradients for 1 and 2 threads."""
+    q, key, neg, bias, ids, queue_ids = _case(700, 32, 300, torch.float32, seed=41)
+    terms = dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids)
+    out = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                forward_only = sslkernels.info_nce(q, key, 0.1, neg, **terms)
+            leaves = [x.clone().requires_grad_() for x in (q, key, neg)]
+            t = torch.tensor(0.1, requires_grad=True)
+            loss = sslkernels.info_nce(*leaves[:2], t, leaves[2], in_batch_negatives=False, **terms)
+            loss.backward()
+            out.append([forward_only, loss.detach(), t.grad] + [x.grad for x in leaves])
+    finally:
+        torch.set_num_threads(previous)
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
