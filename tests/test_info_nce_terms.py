@@ -436,3 +436,14 @@ def test_thread_count_independent_moco_and_forward_only():
         torch.set_num_threads(previous)
     for x, y in zip(*out):
         assert torch.equal(x, y)
+
+
+def test_an_empty_queue_takes_empty_queue_ids():
+    """MoCo's warm-up: the queue [0, D] is still empty (taken as no queue) and so are its ids
+    [0]; the loss is the one without a queue. Ids of the wrong kind still raise."""
+    q, key, _, bias, ids, _ = _case(9, 6, 0, torch.float32, seed=43)
+    empty, no_ids = torch.empty(0, 6), torch.empty(0, dtype=torch.int64)
+    got = sslkernels.info_nce(q, key, 0.2, empty, logit_bias=bias, key_ids=ids, queue_ids=no_ids)
+    assert torch.equal(got, sslkernels.info_nce(q, key, 0.2, logit_bias=bias, key_ids=ids))
+    with pytest.raises(TypeError, match="queue_ids"):
+        sslkernels.info_nce(q, key, 0.2, empty, key_ids=ids, queue_ids=torch.empty(0))

@@ -265,9 +265,13 @@ def check_retrieval_terms(logit_bias, key_ids, queue_ids, query: torch.Tensor, n
         if k > 0 and queue_ids is None:
             raise ValueError("`key_ids` with a queue needs `queue_ids` [K], so that the queue's duplicates "
                              "of a positive are masked too")
-        if queue_ids is not None:
-            if k == 0:
+        if queue_ids is not None and k == 0:
+            # an empty queue [0, D] (check_negatives made it None: MoCo's warm-up) has empty ids
+            if not isinstance(queue_ids, torch.Tensor) or queue_ids.numel() != 0:
                 raise ValueError("`queue_ids` given without a queue (`negatives` [K, D])")
+            _check_ids(queue_ids, "queue_ids", 0, query.device)
+            queue_ids = None
+        if queue_ids is not None:
             queue_ids = _check_ids(queue_ids, "queue_ids", k, query.device)
     return logit_bias, key_ids, queue_ids
 
