@@ -34,7 +34,7 @@ asan_rt="$(${CXX:-g++} -print-file-name=libasan.so)"
 ubsan_rt="$(${CXX:-g++} -print-file-name=libubsan.so)"
 tests=(${SSLK_ASAN_TESTS:-tests/test_nt_xent.py tests/test_sup_con.py tests/test_info_nce.py tests/test_svdvals.py
   tests/test_metrics.py tests/test_attention.py tests/test_hostile_input.py tests/test_properties.py
-  tests/test_threads_determinism.py tests/test_sigreg.py})
+  tests/test_threads_determinism.py tests/test_sigreg.py tests/test_info_nce_terms.py})
 export SSLKERNELS_EXT_PATH="$(cd "$BUILD" && pwd)" LD_PRELOAD="$asan_rt:$ubsan_rt${LD_PRELOAD:+:$LD_PRELOAD}"
 # the tests must be using the sanitized module, not the installed one
 "$PY" -c 'import sys, sslkernels._ext as e; f = e._C.__file__; print("[sanitize] _C:", f); sys.exit(not f.startswith(sys.argv[1]))' "$SSLKERNELS_EXT_PATH"

@@ -50,6 +50,9 @@ def _data(world: int) -> dict:
         # info_nce's retrieval terms: few ids, so duplicates sit on every rank and in the queue
         "ids": torch.randint(0, 4, (n,), generator=g), "queue_ids": torch.randint(0, 4, (K,), generator=g),
         "bias": 0.5 * r(n + K),
+        # every key id 0 but the last: each remote block of keys (and of queries) holds only
+        # duplicates of an id-0 anchor, so the ring's block call has rows with no candidate
+        "dup_ids": (torch.arange(n) == n - 1).long(), "dup_queue_ids": torch.arange(K) % 2,
     }
 
 
@@ -117,6 +120,27 @@ def _cases(rank: int, world: int, mode: str):
     yield "info_nce_terms_symmetric", lambda q, k, temp: sf.info_nce(
         q, k, temp, symmetric=True, process_group=grp, mode=mode, logit_bias=local_bias,
         key_ids=terms["key_ids"]), {"q": loc["q"], "k": loc["k"], "temp": temp}
+
+    def updated_after_forward(q, k, temp):
+        """The caller updates its bias and ids in place between forward and backward (a
+        running -log q_j estimate): the gradient is still that of the values the loss saw."""
+        bias, ids = local_bias.clone(), terms["key_ids"].clone()
+        loss = sf.info_nce(q, k, temp, symmetric=True, process_group=grp, mode=mode, logit_bias=bias, key_ids=ids)
+        bias.add_(2.0)
+        ids.fill_(0)
+        return loss
+
+    yield "info_nce_terms_symmetric_updated", updated_after_forward, {"q": loc["q"], "k": loc["k"], "temp": temp}
+    dup_terms = dict(key_ids=_local(d["dup_ids"], rank), queue_ids=d["dup_queue_ids"])
+    yield "info_nce_terms_dups_symmetric_queue", lambda q, k, queue, temp: sf.info_nce(
+        q, k, temp, queue, symmetric=True, process_group=grp, mode=mode, **dup_terms), {
+        "q": loc["q"], "k": loc["k"], "queue": d["queue"], "temp": temp}
+    yield "info_nce_terms_bias_only", lambda q, k, queue, temp: sf.info_nce(
+        q, k, temp, queue, process_group=grp, mode=mode, logit_bias=terms["logit_bias"]), {
+        "q": loc["q"], "k": loc["k"], "queue": d["queue"], "temp": temp}
+    yield "info_nce_terms_moco", lambda q, k, queue, temp: sf.info_nce(
+        q, k, temp, queue, in_batch_negatives=False, process_group=grp, mode=mode, **terms), {
+        "q": loc["q"], "k": loc["k"], "queue": d["queue"], "temp": temp}
     yield "info_nce_moco", lambda q, k, queue: sf.info_nce(
         q, k, T_NCE, queue, in_batch_negatives=False, process_group=grp, mode=mode), {
         "q": loc["q"], "k": loc["k"], "queue": d["queue"]}
@@ -134,7 +158,7 @@ def _cases(rank: int, world: int, mode: str):
 
 
 HALF = (torch.bfloat16, torch.float16)
-HALF_CASES = ("nt_xent", "sup_con", "info_nce_symmetric")
+HALF_CASES = ("nt_xent", "sup_con", "info_nce_symmetric", "info_nce_terms_symmetric")
 
 
 def _half_cases(rank: int, world: int, mode: str):
@@ -364,20 +388,30 @@ def _global(world: int):
     n = world * B
     ids, queue_ids, bias = d["ids"], d["queue_ids"], d["bias"]
 
-    def terms_local(r, q, k, temp, queue=None, symmetric=False):
-        """Rank r's queries against every candidate, the terms applied as the reference does."""
+    def terms_local(r, q, k, temp, queue=None, symmetric=False, ids=ids, queue_ids=queue_ids, bias=bias):
+        """Rank r's queries against every candidate, the terms applied as the reference does
+        (`ids` None: no masks; `bias` None: no bias)."""
         qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
         rows = torch.arange(r * B, (r + 1) * B)
         cand = torch.cat([kn] + ([F.normalize(queue, dim=1)] if queue is not None else []))
-        cand_ids = torch.cat([ids] + ([queue_ids] if queue is not None else []))
-        cols = torch.arange(cand.shape[0])
-        dup = (ids[rows, None] == cand_ids[None, :]) & (cols[None, :] != rows[:, None])
-        logits = (qn[rows] @ cand.T / temp + bias[: cand.shape[0]]).masked_fill(dup, float("-inf"))
+        logits = qn[rows] @ cand.T / temp + (bias[: cand.shape[0]] if bias is not None else 0.0)
+        if ids is not None:
+            cand_ids = torch.cat([ids] + ([queue_ids] if queue is not None else []))
+            cols = torch.arange(cand.shape[0])
+            dup = (ids[rows, None] == cand_ids[None, :]) & (cols[None, :] != rows[:, None])
+            logits = logits.masked_fill(dup, float("-inf"))
         loss = F.cross_entropy(logits, rows)
         if symmetric:
             dup_t = (ids[rows, None] == ids[None, :]) & (torch.arange(n)[None, :] != rows[:, None])
             loss = 0.5 * (loss + F.cross_entropy((kn[rows] @ qn.T / temp).masked_fill(dup_t, float("-inf")), rows))
         return loss
+
+    dup_ids, dup_queue_ids = d["dup_ids"], d["dup_queue_ids"]
+
+    def terms_moco_local(r, q, k, queue, temp):
+        return info_nce_reference(_local(q, r), _local(k, r), temp, queue, in_batch_negatives=False,
+                                  logit_bias=torch.cat([_local(bias[:n], r), bias[n:]]), key_ids=_local(ids, r),
+                                  queue_ids=queue_ids)
 
     def clip_ref(img, txt, scale):
         return info_nce_reference(img, txt, 1.0 / scale, symmetric=True, normalize=False)
@@ -413,6 +447,22 @@ def _global(world: int):
             q, k, temp, symmetric=True, logit_bias=bias[:n], key_ids=ids),
             {"q": d["q"], "k": d["k"], "temp": temp},
             lambda r, q, k, temp: terms_local(r, q, k, temp, symmetric=True)),
+        "info_nce_terms_symmetric_updated": (lambda q, k, temp: info_nce_reference(
+            q, k, temp, symmetric=True, logit_bias=bias[:n], key_ids=ids),
+            {"q": d["q"], "k": d["k"], "temp": temp},
+            lambda r, q, k, temp: terms_local(r, q, k, temp, symmetric=True)),
+        "info_nce_terms_dups_symmetric_queue": (lambda q, k, queue, temp: info_nce_reference(
+            q, k, temp, queue, symmetric=True, key_ids=dup_ids, queue_ids=dup_queue_ids),
+            {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp},
+            lambda r, q, k, queue, temp: terms_local(r, q, k, temp, queue, symmetric=True, ids=dup_ids,
+                                                     queue_ids=dup_queue_ids, bias=None)),
+        "info_nce_terms_bias_only": (lambda q, k, queue, temp: info_nce_reference(
+            q, k, temp, queue, logit_bias=bias),
+            {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp},
+            lambda r, q, k, queue, temp: terms_local(r, q, k, temp, queue, ids=None)),
+        "info_nce_terms_moco": (lambda q, k, queue, temp: info_nce_reference(
+            q, k, temp, queue, in_batch_negatives=False, logit_bias=bias, key_ids=ids, queue_ids=queue_ids),
+            {"q": d["q"], "k": d["k"], "queue": d["queue"], "temp": temp}, terms_moco_local),
         "InfoNCELoss": (lambda q, k: info_nce_reference(q, k, T_NCE, symmetric=True), {"q": d["q"], "k": d["k"]},
                         lambda r, q, k: nce_local(r, q, k, T_NCE, symmetric=True)),
         "info_nce_hard": (lambda q, k, hard: info_nce_reference(q, k, T_NCE, hard),

@@ -242,3 +242,220 @@ def test_module_passes_the_terms():
     got = module(q, key, neg, logit_bias=bias, key_ids=ids, queue_ids=queue_ids)
     torch.testing.assert_close(got, info_nce_reference(q, key, 0.2, neg, logit_bias=bias, key_ids=ids,
                                                        queue_ids=queue_ids))
+
+
+# ---------------------------------------------------------------- review: edge cases of the C++ path
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_remote_block_with_fully_masked_rows(k):
+    """The ring's remote-block call on the CPU (positive_on_diagonal=False, normalize=False):
+    a query whose every candidate in the block shares its id has lse = -inf there (no
+    candidate: a value, not an overflow, so the call must not raise), the other rows the
+    eager lse; the backward, given the merged (finite) lse, weighs the block by
+    W = p - [j == i] with p = 0 on every masked pair."""
+    g = torch.Generator().manual_seed(21)
+    n, d, t = 7, 16, 0.5
+    q, key = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    neg = torch.randn(k, d, generator=g, dtype=torch.float64) if k else None
+    bias = torch.randn(n + k, generator=g, dtype=torch.float64)
+    anchor = torch.arange(n) % 2  # every key and queue row has id 0: rows of id 0 keep none, of id 1 all
+    cand = torch.zeros(n + k, dtype=torch.int64)
+    cands = key if neg is None else torch.cat([key, neg])
+    logits = q @ cands.T / t + bias[None, :]
+    drop = anchor[:, None] == cand[None, :]
+    lse_block = torch.logsumexp(logits.masked_fill(drop, float("-inf")), dim=1)
+    temperature = torch.tensor(t, dtype=torch.float64)
+    terms = (bias, anchor, cand, False)
+    _, lse = torch.ops.sslkernels.info_nce_forward(q, key, neg, temperature, False, False, True, k > 0, *terms)
+    assert torch.equal(torch.isinf(lse), anchor == 0)
+    torch.testing.assert_close(lse[anchor == 1], lse_block[anchor == 1], rtol=1e-12, atol=1e-12)
+
+    merged = torch.logaddexp(lse_block, (q * key).sum(1) / t + 0.3)  # as the ring merges the local lse
+    grad = torch.tensor(0.7, dtype=torch.float64)
+    dq, dk, dneg, _ = torch.ops.sslkernels.info_nce_backward(grad, q, key, neg, temperature, merged, False, False,
+                                                             True, k > 0, *terms)
+    w = torch.exp(logits - merged[:, None]).masked_fill(drop, 0.0)
+    w[:, :n] -= torch.eye(n, dtype=torch.float64)
+    c = 0.7 / (n * t)
+    torch.testing.assert_close(dq, c * (w @ cands), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(dk, c * (w[:, :n].T @ q), rtol=1e-10, atol=1e-13)
+    if k:
+        torch.testing.assert_close(dneg, c * (w[:, n:].T @ q), rtol=1e-10, atol=1e-13)
+
+
+# N = 1, 2; several 64-row tiles (N < 1024) not a multiple, D across the 128 boundary; the
+# one sweep's 48-row strips and two 512-column tiles (N = 600); a queue of 1 and of N.
+EDGE_SIZES = [(2, 8, 1), (257, 8, 0), (257, 130, 1), (600, 8, 600), (600, 130, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n,d,k", EDGE_SIZES)
+@pytest.mark.parametrize("mode", ["one_direction", "symmetric", "moco"])
+def test_edge_sizes_match_float64_reference(dtype, n, d, k, mode):
+    q, key, neg, bias, ids, queue_ids = _case(n, d, k, dtype, seed=n + d + k)
+    if mode == "moco" and not k:
+        pytest.skip("MoCo mode needs a queue")
+    t = torch.tensor(0.2, dtype=torch.float64)
+    kw = dict(symmetric=mode == "symmetric", in_batch_negatives=mode != "moco")
+    _compare(dtype, (q, key, t) + ((neg,) if k else ()), dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids), **kw)
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 8, 0), (2, 8, 1), (600, 130, 600)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_distinct_ids_and_a_zero_bias_change_nothing(n, d, k, symmetric):
+    """Ids that are all different mask nothing and a zero bias adds nothing: loss and
+    gradients bitwise those of the call without terms (same tiles, same sums)."""
+    q, key, neg, _, _, _ = _case(n, d, k, torch.float32, seed=17)
+    args = (q, key, torch.tensor(0.2)) + ((neg,) if k else ())
+
+    def run(**terms):
+        return loss_and_grads(lambda a, b, tt, *c: sslkernels.info_nce(a, b, tt, c[0] if c else None,
+                                                                         symmetric=symmetric, **terms), *args)
+
+    base = run()
+    distinct = run(key_ids=torch.arange(n), queue_ids=torch.arange(n, n + k) if k else None)
+    zero_bias = run(logit_bias=torch.zeros(n + k))
+    for got in (distinct, zero_bias):
+        assert all(torch.equal(x, y) for x, y in zip(got, base))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_huge_bias(dtype, symmetric, sign):
+    """|bias| ~ 80 (exp overflows float32 past 88, float16 long before): the tiles are
+    shifted by their max, so nothing overflows; a bias that makes one negative dominate
+    its row gives a large loss, within the rule."""
+    q, key, neg, bias, ids, queue_ids = _case(70, 16, 9, dtype, seed=19)
+    bias = sign * 80.0 * torch.sign(bias) + bias  # some candidates far above, some far below
+    t = torch.tensor(0.2, dtype=torch.float64)
+    neg = None if symmetric else neg
+    terms = dict(logit_bias=bias[:70] if symmetric else bias, key_ids=ids, queue_ids=None if symmetric else queue_ids)
+    fused, _ = _compare(dtype, (q, key, t) + (() if symmetric else (neg,)), terms, symmetric=symmetric)
+    assert float(fused[0]) > 10.0  # the bias does dominate
+
+
+def test_no_grad_route_matches_the_one_sweep():
+    """Under no_grad the one-direction loss goes through info_nce_forward, with a gradient
+    wanted through the one-sweep op: the same value within the rule."""
+    q, key, neg, bias, ids, queue_ids = _case(257, 40, 33, torch.float32, seed=23)
+    terms = dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids)
+    with torch.no_grad():
+        forward_only = sslkernels.info_nce(q, key, 0.1, neg, **terms)
+    swept = sslkernels.info_nce(q.clone().requires_grad_(), key, 0.1, neg, **terms).detach()
+    eager = info_nce_reference(q, key, 0.1, neg, **terms)
+    ref = info_nce_reference(q.double(), key.double(), 0.1, neg.double(), **dict(terms, logit_bias=bias.double()))
+    bound = logit_bound(temperature=0.1) + float(bias.abs().max())
+    assert_within_eager_error(forward_only, eager, ref, torch.float32, "loss (forward op)", bound)
+    assert_within_eager_error(swept, eager, ref, torch.float32, "loss (one sweep)", bound)
+
+
+_ids = lambda length: torch.zeros(length, dtype=torch.int64)  # noqa: E731
+
+
+@pytest.mark.parametrize("op", ["forward", "backward", "one_sweep"])
+@pytest.mark.parametrize("terms,exc,match", [
+    ((torch.zeros(1, dtype=torch.float64), None, None), ValueError, r"logit_bias.*\[8\]"),
+    ((None, _ids(1), _ids(N + K)), ValueError, r"anchor_ids.*\[5\]"),
+    ((None, _ids(N), _ids(N)), ValueError, r"candidate_ids.*\[8\]"),
+    ((None, _ids(N), None), ValueError, "both or neither"),
+])
+def test_ops_refuse_terms_of_the_wrong_length(op, terms, exc, match):
+    """Called directly (torch.ops.sslkernels), the CPU ops check the terms' lengths: the C++
+    core reads N + K entries through each pointer, past the end of a short tensor (a short
+    id tensor gave a silently wrong loss)."""
+    t = torch.tensor(0.1)
+    with pytest.raises(exc, match=match):
+        if op == "forward":
+            torch.ops.sslkernels.info_nce_forward(_q, _q + 0.1, _queue, t, True, False, True, False, *terms)
+        elif op == "backward":
+            lse = torch.zeros(N, dtype=torch.float64)
+            torch.ops.sslkernels.info_nce_backward(torch.tensor(1.0), _q, _q + 0.1, _queue, t, lse, True, False,
+                                                   True, False, *terms)
+        else:
+            torch.ops.sslkernels.info_nce_loss_and_grads(_q, _q + 0.1, _queue, t, True, False, *terms)
+
+
+def test_ops_refuse_terms_with_per_query_negatives_on_the_cpu():
+    with pytest.raises(NotImplementedError, match="per-query negatives"):
+        torch.ops.sslkernels.info_nce_forward(_q, _q, torch.randn(N, 2, 4), torch.tensor(0.1), True, False, True,
+                                              False, torch.zeros(N, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_terms_updated_in_place_before_backward(symmetric):
+    """A caller that updates its bias (a running -log q_j estimate) and ids in place after
+    the loss, before backward: the gradient is that of the values the forward saw, as
+    eager's is (the forward / backward ops used to read the changed tensors)."""
+    q, key, neg, bias, ids, queue_ids = _case(33, 8, 0 if symmetric else 6, torch.float64, seed=29)
+    kw = dict(symmetric=symmetric, logit_bias=bias.double(), key_ids=ids, queue_ids=queue_ids)
+    want = loss_and_grads(lambda a, b: sslkernels.info_nce(a, b, 0.2, neg, **kw), q, key)
+    leaves = [x.clone().requires_grad_() for x in (q, key)]
+    loss = sslkernels.info_nce(*leaves, 0.2, neg, **kw)
+    kw["logit_bias"].add_(3.0)
+    kw["key_ids"].fill_(0)
+    loss.backward()
+    for got, expected in zip([x.grad for x in leaves], want[1:]):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_strided_expanded_and_int32_terms(symmetric):
+    """A strided bias, expanded (stride 0) int32 key ids, strided queue ids that match only
+    in the queue: taken as the values they hold, loss and gradients within the rule."""
+    q, key, neg, bias, _, _ = _case(41, 12, 0 if symmetric else 13, torch.float32, seed=37)
+    k = 0 if symmetric else 13
+    strided_bias = torch.stack([bias, -bias], dim=1)[:, 0]  # stride 2
+    assert strided_bias.stride() == (2,)
+    for key_ids in (torch.tensor(3, dtype=torch.int32).expand(41), torch.arange(41, dtype=torch.int32)):
+        queue_ids = torch.tensor([3, 7, 40, 100] * 8)[::2][:k] if k else None  # stride 2
+        terms = dict(logit_bias=strided_bias, key_ids=key_ids, queue_ids=queue_ids)
+        _compare(torch.float32, (q, key, torch.tensor(0.2, dtype=torch.float64)) + ((neg,) if k else ()), terms,
+                 symmetric=symmetric)
+
+
+def test_thread_count_independent_moco_and_forward_only():
+    """The MoCo mode (own key + queue) and the no-grad forward with the terms: bitwise the
+    same loss and gradients for 1 and 2 threads."""
+    q, key, neg, bias, ids, queue_ids = _case(700, 32, 300, torch.float32, seed=41)
+    terms = dict(logit_bias=bias, key_ids=ids, queue_ids=queue_ids)
+    out = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                forward_only = sslkernels.info_nce(q, key, 0.1, neg, **terms)
+            leaves = [x.clone().requires_grad_() for x in (q, key, neg)]
+            t = torch.tensor(0.1, requires_grad=True)
+            loss = sslkernels.info_nce(*leaves[:2], t, leaves[2], in_batch_negatives=False, **terms)
+            loss.backward()
+            out.append([forward_only, loss.detach(), t.grad] + [x.grad for x in leaves])
+    finally:
+        torch.set_num_threads(previous)
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
+
+
+def test_an_empty_queue_takes_empty_queue_ids():
+    """MoCo's warm-up: the queue [0, D] is still empty (taken as no queue) and so are its ids
+    [0]; the loss is the one without a queue. Ids of the wrong kind still raise."""
+    q, key, _, bias, ids, _ = _case(9, 6, 0, torch.float32, seed=43)
+    empty, no_ids = torch.empty(0, 6), torch.empty(0, dtype=torch.int64)
+    got = sslkernels.info_nce(q, key, 0.2, empty, logit_bias=bias, key_ids=ids, queue_ids=no_ids)
+    assert torch.equal(got, sslkernels.info_nce(q, key, 0.2, logit_bias=bias, key_ids=ids))
+    with pytest.raises(TypeError, match="queue_ids"):
+        sslkernels.info_nce(q, key, 0.2, empty, key_ids=ids, queue_ids=torch.empty(0))
+
+
+def test_torch_compile_fullgraph_cpu_symmetric_backward():
+    """The forward / backward ops' autograd (which keeps copies of the terms) under
+    torch.compile: loss and gradient bitwise those of the eager call."""
+    q, key, _, bias, ids, _ = _case(19, 8, 0, torch.float32, seed=9)
+    fn = torch.compile(lambda a, b: sslkernels.info_nce(a, b, 0.1, symmetric=True, logit_bias=bias[:19], key_ids=ids),
+                       fullgraph=True)
+    compiled = loss_and_grads(fn, q, key)
+    eager = loss_and_grads(lambda a, b: sslkernels.info_nce(a, b, 0.1, symmetric=True, logit_bias=bias[:19],
+                                                            key_ids=ids), q, key)
+    assert all(torch.equal(x, y) for x, y in zip(compiled, eager))

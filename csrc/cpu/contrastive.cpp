@@ -153,25 +153,13 @@ SSLK_MULTIVERSION void fold_tile(const Acc* s, int64_t rows, int64_t cols, Acc* 
 // (i, j) in the gradient of sum_i w_i lse_i + sum_j w_j lse_j. Without column
 // statistics (lse_cols null) only the row term: W_ij = w_i exp(S_ij - lse_i). Each lse
 // comes as its two parts hi + lo (SplitLse), subtracted in turn.
-// When row_expect (col_expect) is given, it also accumulates sum_j p_ij S_ij per row
-// (sum_i p'_ij S_ij per column): the softmax expectation of the logits, which the
-// temperature gradient needs.
 template <typename Acc>
 SSLK_MULTIVERSION void softmax_weights(Acc* s, int64_t rows, int64_t cols, const Acc* hi_rows,
                                        const Acc* lo_rows, const Acc* hi_cols, const Acc* lo_cols,
-                                       const Acc* w_rows, const Acc* w_cols,
-                                       Acc* row_expect = nullptr, Acc* col_expect = nullptr) {
+                                       const Acc* w_rows, const Acc* w_cols) {
   for (int64_t i = 0; i < rows; ++i) {
     Acc* si = s + i * cols;
     const Acc hi = hi_rows[i], lo = lo_rows[i], wi = w_rows[i];
-    if (row_expect != nullptr) {
-      Acc expect = 0;
-#pragma omp simd reduction(+ : expect)
-      for (int64_t j = 0; j < cols; ++j) expect += exp_vec((si[j] - hi) - lo) * si[j];
-      row_expect[i] += expect;
-    }
-    if (col_expect != nullptr)
-      for (int64_t j = 0; j < cols; ++j) col_expect[j] += exp_vec((si[j] - hi_cols[j]) - lo_cols[j]) * si[j];
     if (hi_cols != nullptr) {
       for (int64_t j = 0; j < cols; ++j)
         si[j] = wi * exp_vec((si[j] - hi) - lo) + w_cols[j] * exp_vec((si[j] - hi_cols[j]) - lo_cols[j]);
@@ -649,7 +637,11 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
         });
   }
   std::vector<double> row_loss(static_cast<size_t>(n));
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  // A row whose every candidate is masked (a ring's remote block of duplicates, with
+  // positive_on_diagonal false) has lse = -inf and a loss term of -inf: its value, not an
+  // overflow. Only a non-finite term of a row that has candidates is refused.
+  int overflow = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : overflow)
   for (int64_t i = 0; i < n; ++i) {
     Acc target = in_batch_negatives ? own_logit[i] : own_logit[i] + terms.bias_of(i);
     if (target == -std::numeric_limits<Acc>::infinity())  // masked (a ring's remote block): the target stays
@@ -664,10 +656,12 @@ Status info_nce_forward_impl(const MatrixView& query, const MatrixView& key,
       lse_key[i] = shifted - static_cast<double>(terms.bias_of(i));
       term = 0.5 * (term + shifted - positive);
     }
+    const bool no_candidates = q_stats.sum[i] == 0 || (symmetric && k_stats.sum[i] == 0);
+    overflow |= !no_candidates && !std::isfinite(term);
     row_loss[i] = term;
   }
   *loss = mean_or_zero(row_loss, n);
-  return std::isfinite(*loss) ? Status::Ok : Status::NonFiniteResult;
+  return overflow == 0 ? Status::Ok : Status::NonFiniteResult;
 }
 
 template <typename Acc>

@@ -133,6 +133,10 @@ class _BlockTerms:
     False), and the target term stays with the local call."""
 
     def __init__(self, n, logit_bias, key_ids, queue_ids):
+        # copies (O(N + K)): the backward reads them as the forward did, even if the
+        # caller updates its tensors in place in between (eager's gradient would not change)
+        logit_bias, key_ids, queue_ids = (x.clone() if x is not None else None
+                                          for x in (logit_bias, key_ids, queue_ids))
         self.key_bias = logit_bias[:n].contiguous() if logit_bias is not None else None
         self.key_ids = key_ids
         self.local = dict(logit_bias=logit_bias, anchor_ids=key_ids,

@@ -265,11 +265,35 @@ def check_retrieval_terms(logit_bias, key_ids, queue_ids, query: torch.Tensor, n
         if k > 0 and queue_ids is None:
             raise ValueError("`key_ids` with a queue needs `queue_ids` [K], so that the queue's duplicates "
                              "of a positive are masked too")
-        if queue_ids is not None:
-            if k == 0:
+        if queue_ids is not None and k == 0:
+            # an empty queue [0, D] (check_negatives made it None: MoCo's warm-up) has empty ids
+            if not isinstance(queue_ids, torch.Tensor) or queue_ids.numel() != 0:
                 raise ValueError("`queue_ids` given without a queue (`negatives` [K, D])")
+            _check_ids(queue_ids, "queue_ids", 0, query.device)
+            queue_ids = None
+        if queue_ids is not None:
             queue_ids = _check_ids(queue_ids, "queue_ids", k, query.device)
     return logit_bias, key_ids, queue_ids
+
+
+def check_op_terms(query: torch.Tensor, negatives, logit_bias, anchor_ids, candidate_ids) -> None:
+    """The InfoNCE ops' retrieval terms as the C++ core reads them (it takes raw pointers and
+    would read past a short tensor): `logit_bias` and `candidate_ids` [N + K] over the keys
+    and a shared [K, D] queue, `anchor_ids` [N], the ids both or neither. The ops are
+    reachable directly (torch.ops.sslkernels) and from the ring, past check_retrieval_terms."""
+    if logit_bias is None and anchor_ids is None and candidate_ids is None:
+        return
+    if negatives is not None and negatives.dim() == 3:
+        raise NotImplementedError("info_nce ops (CPU): the retrieval terms index the keys and a shared [K, D] "
+                                  "queue; per-query negatives [N, M, D] take none")
+    n = query.shape[0]
+    candidates = n + (negatives.shape[0] if negatives is not None else 0)
+    if (anchor_ids is None) != (candidate_ids is None):
+        raise ValueError("info_nce ops: `anchor_ids` and `candidate_ids` go together (both or neither)")
+    for x, name, length in ((logit_bias, "logit_bias", candidates), (anchor_ids, "anchor_ids", n),
+                            (candidate_ids, "candidate_ids", candidates)):
+        if x is not None and tuple(x.shape) != (length,):
+            raise ValueError(f"info_nce ops: `{name}` must have shape [{length}], got {tuple(x.shape)}")
 
 
 # ---------------------------------------------------------------- CUDA limits

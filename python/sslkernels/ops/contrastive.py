@@ -38,7 +38,7 @@ from sslkernels import _ext
 from sslkernels._common import no_kernel as _no_kernel
 from sslkernels._common import stats_dtype as _stats_dtype
 from sslkernels._config import debug_enabled
-from sslkernels._validation import check_finite
+from sslkernels._validation import check_finite, check_op_terms
 from sslkernels.ops._triton import launchers
 
 
@@ -303,9 +303,12 @@ def _lse_key_ptr(lse: Tensor, n: int, symmetric: bool) -> int:
     return lse.data_ptr() + n * lse.element_size() if symmetric else 0
 
 
-def _terms_args(logit_bias: Optional[Tensor], anchor_ids: Optional[Tensor], candidate_ids: Optional[Tensor]):
+def _terms_args(query: Tensor, negatives: Optional[Tensor], logit_bias: Optional[Tensor],
+                anchor_ids: Optional[Tensor], candidate_ids: Optional[Tensor]):
     """(tensors to keep alive, the C++ core's keyword arguments for the retrieval terms):
-    the bias as float64, the ids as int64, contiguous; 0 for what is not given."""
+    the bias as float64, the ids as int64, contiguous; 0 for what is not given. Their
+    shapes are checked first: the core reads N + K entries from each pointer."""
+    check_op_terms(query, negatives, logit_bias, anchor_ids, candidate_ids)
     bias = logit_bias.detach().to(torch.float64).contiguous() if logit_bias is not None else None
     ids = [x.to(torch.int64).contiguous() if x is not None else None for x in (anchor_ids, candidate_ids)]
     ptrs = [x.data_ptr() if x is not None else 0 for x in (bias, *ids)]
@@ -348,7 +351,7 @@ def _(query, key, negatives, temperature, normalize, symmetric, in_batch_negativ
     lse = torch.empty(n * (2 if symmetric else 1), dtype=torch.float64)
     loss64 = torch.empty((), dtype=torch.float64)
     neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
-    terms, terms_view = _terms_args(logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
+    terms, terms_view = _terms_args(query, negatives, logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
     status = _ext._C.info_nce_forward(
         **_query_key_args(query, key), **negatives_view, **terms_view,
         positive_on_diagonal=bool(positive_on_diagonal),
@@ -399,7 +402,7 @@ def _(grad_loss, query, key, negatives, temperature, lse, normalize, symmetric, 
     dquery, dkey, dneg, want_dneg = _gradient_buffers(query, key, negatives, negatives_grad)
     dtemp64 = torch.empty((), dtype=torch.float64)
     neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
-    terms, terms_view = _terms_args(logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
+    terms, terms_view = _terms_args(query, negatives, logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
     lse = lse.contiguous()
     status = _ext._C.info_nce_backward(
         **_query_key_args(query, key), **negatives_view, **terms_view,
@@ -459,7 +462,7 @@ def _(query, key, negatives, temperature, normalize, negatives_grad, logit_bias=
     neg_rows, negatives_view = _negatives_args(negatives)  # noqa: F841 (kept alive)
     if negatives_view.pop("negatives_per_query"):
         raise ValueError("info_nce_loss_and_grads takes a shared [K, D] queue, not per-query negatives")
-    terms, terms_view = _terms_args(logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
+    terms, terms_view = _terms_args(query, negatives, logit_bias, anchor_ids, candidate_ids)  # noqa: F841 (kept alive)
     status = _ext._C.info_nce_loss_and_grads(
         **_query_key_args(query, key), **negatives_view, **terms_view,
         temperature=float(temperature), normalize=bool(normalize), loss=loss64.data_ptr(),
@@ -545,7 +548,9 @@ def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
     def setup_context(ctx, inputs, output):
         _, lse = output
         ctx.save_for_backward(*inputs[:num_tensors], lse)
-        ctx.scalars = inputs[num_tensors:]
+        # Tensor-valued options (InfoNCE's bias and ids) as the forward read them: eager's
+        # gradient does not change when the caller updates them in place before backward.
+        ctx.scalars = tuple(x.clone() if isinstance(x, Tensor) else x for x in inputs[num_tensors:])
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_loss, grad_lse):
