@@ -641,6 +641,33 @@ void test_loss_statuses() {
   const Status sn = info_nce_forward(va, vb, nan_neg.view(DType::Float32), 0, 0.1, true, false, true, lq.data(),
                                      nullptr, &loss, 1);
   check(sn == Status::NonFiniteThirdInput, "info_nce NaN in negatives -> NonFiniteThirdInput");
+  // InfoNCE retrieval terms: both id arrays or neither, finite biases, shared candidates only.
+  std::vector<double> lse_q(n), lse_k(n), bias(static_cast<size_t>(n + 4), 0.5);
+  std::vector<int64_t> same_ids(static_cast<size_t>(n + 4), 7);
+  CandidateTerms half_ids;
+  half_ids.anchor_ids = same_ids.data();
+  check(info_nce_forward(va, vb, none, 0, 0.1, true, false, true, lse_q.data(), nullptr, &loss, 1, half_ids) ==
+            Status::BadArgument, "info_nce anchor ids without candidate ids -> BadArgument");
+  CandidateTerms bad_bias;
+  bias[1] = NAN;
+  bad_bias.bias = bias.data();
+  check(info_nce_forward(va, vb, none, 0, 0.1, true, false, true, lse_q.data(), nullptr, &loss, 1, bad_bias) ==
+            Status::BadArgument, "info_nce NaN bias -> BadArgument");
+  bias[1] = 0.5;
+  CandidateTerms ids_only;
+  ids_only.anchor_ids = same_ids.data();
+  ids_only.candidate_ids = same_ids.data();
+  const Stored<float> hard(randn(n * 2 * d), n * 2, d, 0);
+  check(info_nce_forward(va, vb, hard.view(DType::Float32), 2, 0.1, true, false, true, lse_q.data(), nullptr, &loss,
+                         1, ids_only) == Status::BadArgument, "info_nce terms with per-query negatives -> BadArgument");
+  // Every candidate a duplicate of the positive: each row's loss is exactly 0, both directions,
+  // with the bias cancelling (the positive carries it too).
+  CandidateTerms all_dup = ids_only;
+  all_dup.bias = bias.data();
+  check(info_nce_forward(va, vb, neg.view(DType::Float32), 0, 0.1, true, false, true, lse_q.data(), nullptr, &loss,
+                         1, all_dup) == Status::Ok && loss == 0.0, "info_nce all duplicates (queue) -> loss exactly 0");
+  check(info_nce_forward(va, vb, none, 0, 0.1, true, true, true, lse_q.data(), lse_k.data(), &loss, 2, all_dup) ==
+            Status::Ok && loss == 0.0, "CLIP all duplicates -> loss exactly 0");
   // SupCon: no classes.
   std::vector<int64_t> ids(n, 0), counts(1, n);
   check(sup_con_forward(va, ids.data(), counts.data(), 0, 0.1, true, lse.data(), &loss, 1) == Status::BadArgument,
