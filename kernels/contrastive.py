@@ -341,6 +341,17 @@ def _symmetric_logits(acc, scale, r_i, norm_ptr, N, col_idx, col_ok, NORMALIZE: 
 
 
 @triton.jit
+def _split_of(SPLIT: tl.constexpr, AXIS: tl.constexpr):
+    """(this program's split of the queue, whether it is split 0): the grid's AXIS under
+    SPLIT, else the only one."""
+    if SPLIT:
+        split = tl.program_id(AXIS)
+    else:
+        split = 0
+    return split, split == 0
+
+
+@triton.jit
 def _diagonal_of(s, rows, cols, col_ok):
     """Row i's entry at column i of the tile s (0 where the tile does not hold it): the
     positive's logit as the lse saw it, so that lse - s_pos cancels exactly where the
@@ -744,12 +755,7 @@ def _lse_fwd_kernel(
     [3, SPLITS, NA] instead of lse / term; the launcher merges the splits in a fixed order
     (_merge_splits)."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
-    if SPLIT:
-        split = tl.program_id(1)
-        first = split == 0
-    else:
-        split = 0
-        first = True
+    split, first = _split_of(SPLIT, 1)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
     ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
     if NORMALIZE:
@@ -884,12 +890,7 @@ def _lse_bwd_kernel(
     of c * acc to scratch_ptr [SPLITS, NA, D] (fp32) and of tterm to tterm_ptr [SPLITS, NA];
     the launcher sums them in a fixed order, then the normalisation's backward."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
-    if SPLIT:
-        split = tl.program_id(2)
-        first = split == 0
-    else:
-        split = 0
-        first = True
+    split, first = _split_of(SPLIT, 2)
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dcol_ok = dcols < D
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t

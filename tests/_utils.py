@@ -95,3 +95,30 @@ def run_gloo_ranks(worker, world: int, out_dir: str, module: str, timeout_s: flo
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r} failed:\n{res['error']}"
     return results
+
+
+def check_masked_remote_block(forward, backward, q, key, neg, t: float, bias, anchor, cand) -> None:
+    """The ring's remote-block call (positive_on_diagonal=False, normalize=False), float64,
+    on one op's path: ``forward(q, key, neg) -> lse`` and ``backward(grad, merged_lse) ->
+    (dq, dk, dneg)``. Rows whose every candidate shares their id get lse = -inf; given the
+    merged (finite) lse, the backward weighs the block by W = p - [j == i], p = 0 on every
+    masked pair, nothing non-finite leaking from the -inf."""
+    n = q.shape[0]
+    cands = key if neg is None else torch.cat([key, neg])
+    logits = q @ cands.T / t + bias[None, :]
+    drop = anchor[:, None] == cand[None, :]
+    lse_block = torch.logsumexp(logits.masked_fill(drop, float("-inf")), dim=1)
+    lse = forward(q, key, neg)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_block))
+    kept = ~torch.isinf(lse_block)
+    torch.testing.assert_close(lse[kept], lse_block[kept], rtol=1e-12, atol=1e-12)
+
+    merged = torch.logaddexp(lse_block, (q * key).sum(1) / t + 0.3)  # as the ring merges the local lse
+    dq, dk, dneg = backward(torch.tensor(0.7, dtype=torch.float64), merged)
+    w = torch.exp(logits - merged[:, None]).masked_fill(drop, 0.0)
+    w[:, :n] -= torch.eye(n, dtype=torch.float64)
+    c = 0.7 / (n * t)
+    torch.testing.assert_close(dq, c * (w @ cands), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(dk, c * (w[:, :n].T @ q), rtol=1e-10, atol=1e-13)
+    if neg is not None:
+        torch.testing.assert_close(dneg, c * (w[:, n:].T @ q), rtol=1e-10, atol=1e-13)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="the Triton interpreter tests need triton")
 
 from sslkernels.reference import info_nce_reference  # noqa: E402
-from tests._utils import assert_within_eager_error, logit_bound  # noqa: E402
+from tests._utils import assert_within_eager_error, check_masked_remote_block, logit_bound  # noqa: E402
+from tests.interpret.test_info_nce_triton import _inputs  # noqa: E402  (same inputs as the plain kernels' tests)
 
 pytestmark = pytest.mark.interpret
 
@@ -38,15 +39,6 @@ CASES = [
 ]
 TERMS = ["bias", "ids", "both"]
 
-
-def _inputs(n, d, k, dtype, normalize, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    scale = 3.0 if normalize else 1.0 / math.sqrt(d)
-    q = torch.randn(n, d, generator=g, dtype=torch.float64)
-    key = q + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    neg = torch.randn(k, d, generator=g, dtype=torch.float64) if k else None
-    cast = lambda x: None if x is None else (x * scale).to(dtype)  # noqa: E731
-    return cast(q), cast(key), cast(neg)
 
 
 def _terms(n, k, dtype, which, seed=1):
@@ -275,27 +267,12 @@ def test_remote_block_with_fully_masked_rows(contrastive_kernels, poisoned_outpu
     bias = _terms(n, k, torch.float64, "bias", seed=5)[0]
     anchor = torch.arange(n) % 2  # every key and queue row has id 0: rows of id 0 keep none, of id 1 all
     cand = torch.zeros(n + k, dtype=torch.int64)
-    cands = key if neg is None else torch.cat([key, neg])
-    logits = q @ cands.T / t + bias[None, :]
-    drop = anchor[:, None] == cand[None, :]
-    lse_block = torch.logsumexp(logits.masked_fill(drop, float("-inf")), dim=1)
-    assert torch.isinf(lse_block[anchor == 0]).all()
     kw = dict(logit_bias=bias, anchor_ids=anchor, candidate_ids=cand, positive_on_diagonal=False)
-    _, lse = contrastive_kernels.info_nce_forward(q, key, neg, t, False, False, True, k > 0, **kw)
-    assert torch.equal(torch.isinf(lse), torch.isinf(lse_block))
-    torch.testing.assert_close(lse[anchor == 1], lse_block[anchor == 1], rtol=1e-12, atol=1e-12)
-
-    merged = torch.logaddexp(lse_block, (q * key).sum(1) / t + 0.3)  # as the ring merges the local lse
-    g = torch.tensor(0.7, dtype=torch.float64)
-    dq, dk, dneg, _ = contrastive_kernels.info_nce_backward(g, q, key, neg, t, merged, False, False, True, k > 0,
-                                                            **kw)
-    w = torch.exp(logits - merged[:, None]).masked_fill(drop, 0.0)
-    w[:, :n] -= torch.eye(n, dtype=torch.float64)
-    c = 0.7 / (n * t)
-    torch.testing.assert_close(dq, c * (w @ cands), rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(dk, c * (w[:, :n].T @ q), rtol=1e-10, atol=1e-13)
-    if k:
-        torch.testing.assert_close(dneg, c * (w[:, n:].T @ q), rtol=1e-10, atol=1e-13)
+    check_masked_remote_block(
+        lambda a, b, c: contrastive_kernels.info_nce_forward(a, b, c, t, False, False, True, k > 0, **kw)[1],
+        lambda g, lse: contrastive_kernels.info_nce_backward(g, q, key, neg, t, lse, False, False, True, k > 0,
+                                                             **kw)[:3],
+        q, key, neg, t, bias, anchor, cand)
 
 
 PER_QUERY = [(7, 16, 3, False, True), (33, 40, 2, True, True), (7, 40, 1, False, False)]
