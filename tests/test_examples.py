@@ -76,3 +76,13 @@ def test_ijepa_smoke():
     # same seed, same masks: the packed run reads every visible context token, the truncating one fewer
     assert packed["tokens_visible"] == truncated["tokens_visible"] == packed["tokens_seen"]
     assert truncated["tokens_seen"] < truncated["tokens_visible"] and truncated["truncation_drop_frac"] > 0
+
+
+def test_retrieval_smoke():
+    import json
+
+    out = _run("retrieval.py", "--max-steps", "3", "--users", "300", "--items", "200")
+    summary = json.loads([ln for ln in out.splitlines() if ln.startswith("SUMMARY ")][-1][len("SUMMARY "):])
+    for key in ("recall_popularity", "recall_plain", "recall_corrected", "final_loss_plain", "final_loss_corrected"):
+        assert math.isfinite(summary[key]), key
+    assert summary["steps"] == 3 and 0.0 <= summary["recall_corrected"] <= 1.0
