@@ -309,21 +309,24 @@ def _terms_args(query: Tensor, negatives: Optional[Tensor], logit_bias: Optional
     the bias as float64, the ids as int64, contiguous; 0 for what is not given. Their
     shapes are checked first: the core reads N + K entries from each pointer."""
     check_op_terms(query, negatives, logit_bias, anchor_ids, candidate_ids)
-    bias = logit_bias.detach().to(torch.float64).contiguous() if logit_bias is not None else None
+    terms = _contiguous_terms(logit_bias, anchor_ids, candidate_ids, torch.float64)
+    ptrs = [x.data_ptr() if x is not None else 0 for x in terms]
+    return terms, dict(bias=ptrs[0], anchor_ids=ptrs[1], candidate_ids=ptrs[2])
+
+
+def _contiguous_terms(logit_bias, anchor_ids, candidate_ids, bias_dtype: torch.dtype):
+    """(bias in `bias_dtype`, anchor ids, candidate ids as int64), contiguous; None kept."""
+    bias = logit_bias.detach().to(bias_dtype).contiguous() if logit_bias is not None else None
     ids = [x.to(torch.int64).contiguous() if x is not None else None for x in (anchor_ids, candidate_ids)]
-    ptrs = [x.data_ptr() if x is not None else 0 for x in (bias, *ids)]
-    return (bias, *ids), dict(bias=ptrs[0], anchor_ids=ptrs[1], candidate_ids=ptrs[2])
+    return bias, *ids
 
 
 def _cuda_terms(query: Tensor, logit_bias: Optional[Tensor], anchor_ids: Optional[Tensor],
                 candidate_ids: Optional[Tensor], positive_on_diagonal: bool) -> dict:
     """The Triton launchers' keyword arguments for the retrieval terms: the bias in the
     accumulator dtype, the ids as int64, contiguous."""
-    bias = None
-    if logit_bias is not None:
-        bias = logit_bias.detach().to(_stats_dtype(query.dtype)).contiguous()
-    ids = [x.to(torch.int64).contiguous() if x is not None else None for x in (anchor_ids, candidate_ids)]
-    return dict(logit_bias=bias, anchor_ids=ids[0], candidate_ids=ids[1],
+    bias, anchors, candidates = _contiguous_terms(logit_bias, anchor_ids, candidate_ids, _stats_dtype(query.dtype))
+    return dict(logit_bias=bias, anchor_ids=anchors, candidate_ids=candidates,
                 positive_on_diagonal=bool(positive_on_diagonal))
 
 
