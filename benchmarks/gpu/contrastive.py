@@ -119,10 +119,14 @@ def _loss_fn(kind, impl, opts, labels=None, terms=None):
     kw = dict(symmetric=opts.get("symmetric", False), normalize=normalize,
               in_batch_negatives=opts.get("in_batch", True), **(terms or {}))
 
+    bias_in = {}  # the bias in each inputs' dtype (the oracle's float64 too), converted once
+
     def loss(q, k, t, neg=None):
         extra = {}
-        if kw.get("logit_bias") is not None:  # the oracle adds it in float64 too
-            extra["logit_bias"] = kw["logit_bias"].to(torch.float64 if q.dtype == torch.float64 else q.dtype)
+        if kw.get("logit_bias") is not None:
+            if q.dtype not in bias_in:
+                bias_in[q.dtype] = kw["logit_bias"].to(q.dtype)
+            extra["logit_bias"] = bias_in[q.dtype]
         return f(q, k, t, negatives=neg, **{**kw, **extra})
     return loss
 
