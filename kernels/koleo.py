@@ -31,6 +31,7 @@ from sslkernels.kernels.contrastive import _precision
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HOIST_DEFAULT = os.environ.get("SSLKERNELS_KOLEO_HOIST", "1") != "0"
+SYM_HOIST_DEFAULT = os.environ.get("SSLKERNELS_KOLEO_SYM_HOIST", "0") == "1"
 
 __all__ = ["koleo_neighbors", "koleo_neighbors_symmetric", "plan", "plan_symmetric"]
 
@@ -56,21 +57,27 @@ def _tile_product(x_ptr, rows, row_ok, cols, col_ok, D, stride_m, stride_d, acc,
 @triton.jit
 def _tile_topk(s, offs, AXIS: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, EMPTY: tl.constexpr):
     """The tile's own top-k along AXIS (AXIS = 1: of each row among the columns; 0: of each
-    column among the rows), best first under the strict order (larger value, then the
-    smaller in-tile offset): values [L, K_PAD] and int32 offsets, EMPTY where nothing is
-    left (a masked, -inf entry is never named)."""
-    lane = tl.expand_dims(offs, 1 - AXIS)
+    column among the rows; offs = tl.arange over that axis), best first under the strict
+    order (larger value, then the smaller in-tile offset): values [L, K_PAD] and int32
+    offsets, EMPTY where nothing is left (a masked -inf entry, or NaN, is never named)."""
     slots = tl.arange(0, K_PAD)
-    vals = tl.full((s.shape[1 - AXIS], K_PAD), float("-inf"), s.dtype)
-    offs_out = tl.full((s.shape[1 - AXIS], K_PAD), EMPTY, tl.int32)
-    for t in tl.static_range(TOPK):
-        m = tl.max(s, axis=AXIS)
-        arg = tl.min(tl.where(s == tl.expand_dims(m, AXIS), lane, EMPTY), axis=AXIS)
-        arg = tl.where(m == float("-inf"), EMPTY, arg)
-        vals = tl.where(slots[None, :] == t, m[:, None], vals)
-        offs_out = tl.where(slots[None, :] == t, arg[:, None], offs_out)
-        if t + 1 < TOPK:
-            s = tl.where(lane == tl.expand_dims(arg, AXIS), float("-inf"), s)
+    if TOPK == 1:  # one fused (value, index) reduction; on a tie it keeps the left-most
+        m, arg = tl.max(s, axis=AXIS, return_indices=True, return_indices_tie_break_left=True)
+        arg = tl.where(m > float("-inf"), arg.to(tl.int32), EMPTY)  # -inf (masked) or NaN: nothing named
+        vals = tl.where(slots[None, :] == 0, m[:, None], float("-inf"))
+        offs_out = tl.where(slots[None, :] == 0, arg[:, None], EMPTY)
+    else:
+        lane = tl.expand_dims(offs, 1 - AXIS)
+        vals = tl.full((s.shape[1 - AXIS], K_PAD), float("-inf"), s.dtype)
+        offs_out = tl.full((s.shape[1 - AXIS], K_PAD), EMPTY, tl.int32)
+        for t in tl.static_range(TOPK):
+            m = tl.max(s, axis=AXIS)
+            arg = tl.min(tl.where(s == tl.expand_dims(m, AXIS), lane, EMPTY), axis=AXIS)
+            arg = tl.where(m > float("-inf"), arg, EMPTY)
+            vals = tl.where(slots[None, :] == t, m[:, None], vals)
+            offs_out = tl.where(slots[None, :] == t, arg[:, None], offs_out)
+            if t + 1 < TOPK:
+                s = tl.where(lane == tl.expand_dims(arg, AXIS), float("-inf"), s)
     return vals, offs_out
 
 
@@ -177,6 +184,20 @@ def _span_blocks(g0, group_size, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _symmetric_keep(rows, row_ok, c0, M, group_size, lane, BLOCK: tl.constexpr):
+    """[BLOCK, BLOCK] mask of a tile of rows `rows` against columns c0 + lane: the same
+    group, both inside x, not the diagonal; symmetric, so it serves the column side too.
+    Built from per-row in-tile column bounds (int32 in registers, as in the row-block
+    kernel)."""
+    row_g0 = (rows // group_size) * group_size
+    lo = tl.minimum(tl.maximum(row_g0 - c0, -1), BLOCK).to(tl.int32)
+    hi = tl.minimum(tl.minimum(row_g0 + group_size, M) - c0, BLOCK)
+    hi = tl.maximum(tl.where(row_ok, hi, 0), 0).to(tl.int32)
+    me = tl.where((rows >= c0) & (rows < c0 + BLOCK), rows - c0, -1).to(tl.int32)
+    return (lane[None, :] >= lo[:, None]) & (lane[None, :] < hi[:, None]) & (lane[None, :] != me[:, None])
+
+
+@triton.jit
 def _koleo_symmetric_kernel(
     x_ptr, scale_ptr, pairs_ptr, part_v_ptr, part_i_ptr,
     M, D, stride_m, stride_d, group_size, PART_STRIDE,
@@ -202,20 +223,18 @@ def _koleo_symmetric_kernel(
     col_ok = cols < M
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC)
     acc = _tile_product(x_ptr, rows, row_ok, cols, col_ok, D, stride_m, stride_d, acc, PRECISION, ACC, BLOCK_K)
-    # The mask is symmetric (same group, both rows in range, not the diagonal); as per-row
-    # in-tile column bounds (int32 in registers, as in the row-block kernel).
-    row_g0 = (rows // group_size) * group_size
-    lo = tl.minimum(tl.maximum(row_g0 - c0, -1), BLOCK).to(tl.int32)
-    hi = tl.minimum(tl.minimum(row_g0 + group_size, M) - c0, BLOCK)
-    hi = tl.maximum(tl.where(row_ok, hi, 0), 0).to(tl.int32)
-    me = tl.where((rows >= c0) & (rows < c0 + BLOCK), rows - c0, -1).to(tl.int32)
-    keep = (lane[None, :] >= lo[:, None]) & (lane[None, :] < hi[:, None]) & (lane[None, :] != me[:, None])
     kslots = tl.arange(0, K_PAD)
-    neg_inf = float("-inf")
+    # Most tiles lie inside one group, off the diagonal and inside x: no mask there (the
+    # mask's compares and selects are ~40% of the epilogue, which runs twice per tile).
+    interior = (bi != bj) & (c0 + BLOCK <= M) & (r0 // group_size == (c0 + BLOCK - 1) // group_size)
 
     scale_c = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    v, o = _tile_topk(tl.where(keep, acc * scale_c[None, :], neg_inf), lane, 1, TOPK, K_PAD, BLOCK)
+    s = acc * scale_c[None, :]
+    if not interior:
+        s = tl.where(_symmetric_keep(rows, row_ok, c0, M, group_size, lane, BLOCK), s, float("-inf"))
+    v, o = _tile_topk(s, lane, 1, TOPK, K_PAD, BLOCK)
     idx = tl.where(o == BLOCK, -1, c0.to(tl.int32) + o)
+    row_g0 = (rows // group_size) * group_size
     # A block holding several groups meets blocks outside some of its rows' groups: those
     # rows have no slot there (all masked), and their store is skipped.
     slot = bj - row_g0 // BLOCK
@@ -226,7 +245,10 @@ def _koleo_symmetric_kernel(
 
     if bi != bj:
         scale_r = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        v, o = _tile_topk(tl.where(keep, acc * scale_r[:, None], neg_inf), lane, 0, TOPK, K_PAD, BLOCK)
+        s = acc * scale_r[:, None]
+        if not interior:
+            s = tl.where(_symmetric_keep(rows, row_ok, c0, M, group_size, lane, BLOCK), s, float("-inf"))
+        v, o = _tile_topk(s, lane, 0, TOPK, K_PAD, BLOCK)
         idx = tl.where(o == BLOCK, -1, r0.to(tl.int32) + o)
         col_g0 = (cols // group_size) * group_size
         slot = bi - col_g0 // BLOCK
@@ -308,20 +330,26 @@ def koleo_neighbors(x: torch.Tensor, query_offset: int, query_count: int, group_
 
 
 def plan_symmetric(d: int, topk: int, dtype: torch.dtype, hoist=None) -> dict:
-    """Square tiles of BLOCK rows (a block is both a row and a column block), warps, and the
-    merge's row / entry chunks (sizes only). HOIST: the features in one chunk (BLOCK_K >=
-    D; fp16 / bf16, D <= 256), else BLOCK_K chunks pipelined; SSLKERNELS_KOLEO_HOIST=0
-    turns it off as for the row-block kernel, and the GPU run times both."""
+    """Square tiles of BLOCK rows (a block is both a row and a column block), warps,
+    pipeline stages, and the merge's row / entry chunks (sizes only). sm_90 compile (ptxas
+    -v): fp16 / bf16 128 x 128 x 64 chunks, 3 stages: 96 KiB of shared memory, 238-249
+    registers, no spill, HGMMA; fp32 (tf32x3) and fp64 take 64-row tiles, as they spill at
+    128 in the row-block kernel. HOIST (all features in one chunk, fp16 / bf16, D <= 256)
+    must run unpipelined: three stages of two 128 x 256 tiles are 384 KiB, past the 227 KiB
+    of an SM, so it takes one stage (128 KiB) and nothing overlaps the load; it is off by
+    default (SSLKERNELS_KOLEO_SYM_HOIST=1 turns it on) and the GPU run times both. The
+    merge's topk > 1 extraction spilled at 32 x 128 entries and takes 16 x 64."""
     half = dtype in (torch.float16, torch.bfloat16)
     if hoist is None:
-        hoist = HOIST_DEFAULT
+        hoist = SYM_HOIST_DEFAULT
     hoist = bool(hoist) and (half or INTERPRET) and d <= 256
+    merge = dict(MERGE_ROWS=32, MERGE_ENTRIES=128) if topk == 1 else dict(MERGE_ROWS=16, MERGE_ENTRIES=64)
     if INTERPRET:
         return dict(BLOCK=16, BLOCK_K=max(16, triton.next_power_of_2(d)) if hoist else 16, num_warps=1,
-                    HOIST=hoist, MERGE_ROWS=16, MERGE_ENTRIES=16)
-    block = 128 if half else 64  # fp32 (tf32x3) and fp64 spill at 128 in the row-block kernel
+                    num_stages=1, HOIST=hoist, MERGE_ROWS=16, MERGE_ENTRIES=16)
+    block = 128 if half else 64
     block_k = max(16, triton.next_power_of_2(d)) if hoist else (64 if dtype != torch.float64 else 32)
-    return dict(BLOCK=block, BLOCK_K=block_k, num_warps=8, HOIST=hoist, MERGE_ROWS=32, MERGE_ENTRIES=128)
+    return dict(BLOCK=block, BLOCK_K=block_k, num_warps=8, num_stages=1 if hoist else 3, HOIST=hoist, **merge)
 
 
 def partial_slots(m: int, group_size: int, block: int) -> int:
@@ -372,7 +400,7 @@ def koleo_neighbors_symmetric(x: torch.Tensor, group_size: int, topk: int, eps: 
         _koleo_symmetric_kernel[(pairs.shape[0],)](
             x, scale, pairs, part_v, part_i, m, d, x.stride(0), x.stride(1), int(group_size), stride,
             TOPK=int(topk), K_PAD=k_pad, PRECISION=_precision(x.dtype), ACC=acc,
-            BLOCK=block, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+            BLOCK=block, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         _koleo_merge_kernel[(triton.cdiv(m, cfg["MERGE_ROWS"]),)](
             part_v, part_i, out, m, int(group_size), stride, TOPK=int(topk), K_PAD=k_pad, ACC=acc, BLOCK=block,
             BLOCK_R=cfg["MERGE_ROWS"], BLOCK_C=min(cfg["MERGE_ENTRIES"], max(16, triton.next_power_of_2(stride))),

@@ -88,19 +88,30 @@ def search_case(ctx: Ctx, n, d, dtype, topk=1, group=None):
     flat_rows = rows.expand(-1, topk).reshape(-1)
     want = (xn[flat_rows] * xn[ref.reshape(-1)]).sum(-1).view(n, topk)
     tol = 1e-12 if dtype == torch.float64 else 1e-4  # tf32x3 / fp32 accumulation of the products
-    ok, msgs = True, []
-    for hoist in sorted({True, False}, reverse=True):  # both variants of the kernel, where they apply
-        if KK.plan(d, topk, dtype, hoist)["HOIST"] != hoist:
+    ok, msgs, picks = True, [], {}
+    # both kernels (the symmetric one is the op's route for a whole batch) and both
+    # variants of each, where they apply
+    variants = [("symmetric", hoist, KK.plan_symmetric(d, topk, dtype, hoist)["HOIST"],
+                 lambda h: KK.koleo_neighbors_symmetric(x, g, topk, 1e-8, hoist=h)) for hoist in (True, False)]
+    variants += [("row_blocks", hoist, KK.plan(d, topk, dtype, hoist)["HOIST"],
+                  lambda h: KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=h)) for hoist in (True, False)]
+    for route, hoist, planned, search in variants:
+        if planned != hoist:
             continue
-        idx = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=hoist)
-        again = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=hoist)
+        idx = search(hoist)
+        again = search(hoist)
         got = (xn[flat_rows] * xn[idx.cpu().reshape(-1)]).sum(-1).view(n, topk)
         short = int((got < want - tol).sum())
         selfs = int((idx.cpu() == rows).sum())
         same = float((idx.cpu() == ref).double().mean())
         ok = ok and short == 0 and selfs == 0 and torch.equal(idx, again)
-        msgs.append(f"search hoist={hoist}: {short} picks below the oracle's by > {tol:.0e}, {selfs} self picks, "
+        picks[(route, hoist)] = idx.cpu()
+        msgs.append(f"{route} hoist={hoist}: {short} picks below the oracle's by > {tol:.0e}, {selfs} self picks, "
                     f"{same:.4f} equal to the oracle, deterministic {torch.equal(idx, again)}")
+    sym = [v for (route, _), v in picks.items() if route == "symmetric"]
+    blk = [v for (route, _), v in picks.items() if route == "row_blocks"]
+    if sym and blk:  # the two routes round near-ties independently: report, the oracle rule above decides
+        msgs.append(f"symmetric = row_blocks on {float((sym[0] == blk[0]).double().mean()):.4f} of the picks")
     return ok, "; ".join(msgs)
 
 
@@ -159,11 +170,16 @@ def time(ctx: Ctx) -> list[Row]:
         rows.append(row)
         from sslkernels.kernels import koleo as KK
 
-        other = not KK.plan(d, 1, dtype)["HOIST"]  # the variant the op does not use by default
-        if KK.plan(d, 1, dtype, other)["HOIST"] == other:
-            rv = Row(f"koleo[search hoist={other}]", label(n, d), dt, "fwd", eager_ms=row.eager_ms)
-            timed(ctx, rv, "fused", lambda: (median_ms(
-                ctx, lambda: KK.koleo_neighbors(x, 0, n, n, 1, 1e-8, hoist=other)), None))
+        # the op's route for a whole batch is the symmetric search; beside it its other
+        # variant and the row-block kernel (the route of a slice of queries), both variants
+        variants = [(f"symmetric hoist={h}", lambda h=h: KK.koleo_neighbors_symmetric(x, n, 1, 1e-8, hoist=h))
+                    for h in (True, False) if KK.plan_symmetric(d, 1, dtype, h)["HOIST"] == h
+                    and h != KK.plan_symmetric(d, 1, dtype)["HOIST"]]
+        variants += [(f"row_blocks hoist={h}", lambda h=h: KK.koleo_neighbors(x, 0, n, n, 1, 1e-8, hoist=h))
+                     for h in (True, False) if KK.plan(d, 1, dtype, h)["HOIST"] == h]
+        for tag, fn in variants:
+            rv = Row(f"koleo[search {tag}]", label(n, d), dt, "fwd", eager_ms=row.eager_ms)
+            timed(ctx, rv, "fused", lambda: (median_ms(ctx, fn), None))
             log_timing(ctx, rv)
             rows.append(rv)
         del x
@@ -196,4 +212,27 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                       "HOIST": cfg["HOIST"]}
             out.append(CompileTarget(f"koleo_search {dt} topk={topk} {cfg}", KK._koleo_search_kernel, sig, consts,
                                      cfg["num_warps"], 2, ("D", "stride_m"), wgmma=dt in ("fp16", "bf16")))
+        for topk, hoist in ((1, True), (1, False), (3, True), (3, False)):
+            cfg = KK.plan_symmetric(256, topk, dtype, hoist)
+            if hoist and not cfg["HOIST"]:
+                continue
+            k_pad = max(2, 1 << (topk - 1).bit_length())
+            sig = {"x_ptr": f"*{tys[dt]}", "scale_ptr": f"*{acc}", "pairs_ptr": "*i32", "part_v_ptr": f"*{acc}",
+                   "part_i_ptr": "*i32", "M": "i32", "D": "i32", "stride_m": "i32", "group_size": "i32",
+                   "PART_STRIDE": "i32"}
+            consts = {"stride_d": 1, "TOPK": topk, "K_PAD": k_pad,
+                      "PRECISION": FP32_PRECISION if dt == "fp32" else "ieee",
+                      "ACC": tl.float64 if dt == "fp64" else tl.float32, "BLOCK": cfg["BLOCK"],
+                      "BLOCK_K": cfg["BLOCK_K"]}
+            out.append(CompileTarget(f"koleo_symmetric {dt} topk={topk} {cfg}", KK._koleo_symmetric_kernel, sig,
+                                     consts, cfg["num_warps"], cfg["num_stages"], ("D", "stride_m"),
+                                     wgmma=dt in ("fp16", "bf16")))
+            if hoist:
+                continue
+            sig = {"part_v_ptr": f"*{acc}", "part_i_ptr": "*i32", "out_ptr": "*i64", "M": "i32", "group_size": "i32",
+                   "PART_STRIDE": "i32"}
+            consts = {"TOPK": topk, "K_PAD": k_pad, "ACC": tl.float64 if dt == "fp64" else tl.float32,
+                      "BLOCK": cfg["BLOCK"], "BLOCK_R": cfg["MERGE_ROWS"], "BLOCK_C": cfg["MERGE_ENTRIES"]}
+            out.append(CompileTarget(f"koleo_merge {dt} topk={topk}", KK._koleo_merge_kernel, sig, consts, 4, 3,
+                                     ("PART_STRIDE",)))
     return out
