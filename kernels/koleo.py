@@ -1,21 +1,28 @@
 """Triton KoLeo nearest-neighbour search (the CUDA path of `sslkernels::koleo_neighbors`).
 
-``koleo_neighbors(x, query_offset, query_count, group_size, topk, eps) -> int64 [query_count, topk]``
+Two kernels return int64 [queries, topk]; the ops layer picks one (`search_route`):
 
-Kernel ``_koleo_search_kernel``, grid (cdiv(query_count, BLOCK_M),): one program owns a
-block of query rows and sweeps every candidate column block of their group(s) with
-``tl.dot`` (fp32 accumulation), so no atomics and no N x N. Cosine similarity for the
-ranking is ``(x_i . x_j) / max(||x_j||, eps)``: the query's own scale does not change its
-ranking, so the rows are never copied normalised. Masked: columns past the end, outside
-the query's group, and the query itself. The running top-k per row:
+* ``koleo_neighbors_symmetric(x, group_size, topk, eps)``, every row a query:
+  ``_koleo_symmetric_kernel``, one program per upper-triangular pair (bi <= bj) of square
+  BLOCK-row blocks sharing a group (``tile_pairs``), multiplies the tile once and keeps
+  each side's own top-k (rows of bi among bj, rows of bj among bi) in a partial buffer
+  [M, slots * topk], one slot per candidate block of the row's group, each slot written
+  by exactly one program; ``_koleo_merge_kernel`` then takes each row's top-k from its
+  slots. Half the products of the row-block sweep and ~62 programs per SM at N = 16384.
+* ``koleo_neighbors(x, query_offset, query_count, group_size, topk, eps)``, any slice of
+  queries (one rank's rows of a gathered batch): ``_koleo_search_kernel``, grid
+  (cdiv(query_count, BLOCK_M),), one program owns a block of query rows and sweeps every
+  candidate column block of their group(s).
 
-* topk = 1: a running max and arg-max; columns are swept in ascending order and a later
-  tile replaces the best only when strictly larger, so ties go to the smaller index;
-* topk > 1: a [BLOCK_M, K_PAD] list; each tile is merged in ``topk`` extraction rounds
-  (the best of the tile and of the list, larger value first, then smaller index).
-
-Both are deterministic (no atomics, fixed sweep order). The result equals the CPU
-core's up to the rounding of the similarities (near-ties may resolve differently).
+Both rank with ``(x_i . x_j) / max(||x_j||, eps)`` (the query's own scale does not change
+its ranking, so the rows are never copied normalised), fp32 accumulation of ``tl.dot``,
+and mask columns past the end, outside the query's group, and the query itself. Both keep
+the strict order of the CPU core: larger similarity first, then the smaller index. Under a
+strict total order the top-k set is unique, so neither the sweep order, the tile
+schedule nor the merge order changes it; there are no atomics, and exact ties (duplicate
+rows) resolve identically in both kernels and on the CPU. The results agree up to the
+rounding of the similarities (a near-tie may resolve differently: the symmetric tile
+computes x_j . x_i as x_i . x_j).
 """
 from __future__ import annotations
 

@@ -5,25 +5,16 @@ oracle's best (a near-tie may resolve either way), never itself; timings fwd and
 against the eager reference (lightly's: normalize, x @ x.T, argmax, PairwiseDistance),
 and the search alone against eager's N x N search.
 
-Model (benchmarks/GPU_MODEL.md style), N = 16384, D = 256, bf16, topk 1, H200:
-* products: every row block sweeps all columns (no symmetry on the GPU), 2 N^2 D =
-  137 GFLOP -> 0.174 ms at 790 TFLOP/s;
-* bytes: the fewest are x once, 8.4 MB -> 2 us at 4.3 TB/s; every program re-reads the
-  column tiles from L2 (128 x 8.4 MB = 1.07 GB, ~0.09 ms at ~12 TB/s). Reloading the row
-  tile per column tile too (the chunked variant) doubles that to ~0.18 ms, as much as the
-  products: so fp16 / bf16 with D <= 256 hoist the 128 x 256 row tile (64 KiB of shared
-  memory; sm_90 compile: 128 KiB smem, 128 registers, no spill, HGMMA), the chunked
-  variant timed beside it;
-* programs: 128 of 128 rows on 132 SMs, one wave, 4 SMs idle, equal work (no tail);
-* epilogue: ~10 ops per similarity (scale, 3 in-tile masks, where, max, compare, where,
-  min) on 2.7e8 similarities = 2.7e9 ops ~ 80 us of the FP32/INT pipes, serial with the
-  products inside a program;
-* so the search ~0.25-0.35 ms; the loss on the pairs (torch ops, O(N D), ~10 launches
-  each way) ~0.1 ms; fwd+bwd ~0.4-0.5 ms.
-Eager bf16: cuBLAS ~0.25 ms, the N x N bf16 matrix written and argmax-read (1.07 GB ~
-0.25 ms), ~0.55 ms in all: predicted ~1.2-1.5x, short of the 3x goal. Reaching it needs
-the symmetric tiles (half the products, a deterministic merge of the column partials) and
-the loss in the same kernel's epilogue.
+Model (benchmarks/GPU_MODEL.md, "KoLeo: the symmetric search"), N = 16384, D = 256, bf16,
+topk 1, H200. The op's route for a whole batch is the symmetric search: 8256 upper-
+triangular tile pairs of 128 rows (62.5 programs per SM), N^2 D = 69 GFLOP (0.088 ms at
+790 TFLOP/s), each tile's row and column bests to a 16.8 MB partial buffer, a merge
+kernel: predicted search 0.15-0.25 ms, fwd+bwd 0.28-0.38 ms against eager's ~0.5 ms
+(1.3-1.8x, below the 3x goal). The row-block kernel (the route of a slice of queries:
+every row block sweeps all columns, 137 GFLOP, 128 programs = 0.97 per SM, predicted
+search 0.25-0.35 ms) is timed beside it as `koleo[search row_blocks hoist=...]`, and the
+symmetric kernel's other variant (all features in one unpipelined chunk) as
+`koleo[search symmetric hoist=True]`.
 """
 from __future__ import annotations
 
