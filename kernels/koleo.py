@@ -67,24 +67,20 @@ def _tile_topk(s, offs, AXIS: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.conste
     column among the rows; offs = tl.arange over that axis), best first under the strict
     order (larger value, then the smaller in-tile offset): values [L, K_PAD] and int32
     offsets, EMPTY where nothing is left (a masked -inf entry, or NaN, is never named)."""
+    # max, then the smallest offset holding it: four cheap ops per entry, where a fused
+    # (value, index) reduction runs ~6 per entry (and the interpreter's raises on NaN rows)
     slots = tl.arange(0, K_PAD)
-    if TOPK == 1:  # one fused (value, index) reduction; on a tie it keeps the left-most
-        m, arg = tl.max(s, axis=AXIS, return_indices=True, return_indices_tie_break_left=True)
-        arg = tl.where(m > float("-inf"), arg.to(tl.int32), EMPTY)  # -inf (masked) or NaN: nothing named
-        vals = tl.where(slots[None, :] == 0, m[:, None], float("-inf"))
-        offs_out = tl.where(slots[None, :] == 0, arg[:, None], EMPTY)
-    else:
-        lane = tl.expand_dims(offs, 1 - AXIS)
-        vals = tl.full((s.shape[1 - AXIS], K_PAD), float("-inf"), s.dtype)
-        offs_out = tl.full((s.shape[1 - AXIS], K_PAD), EMPTY, tl.int32)
-        for t in tl.static_range(TOPK):
-            m = tl.max(s, axis=AXIS)
-            arg = tl.min(tl.where(s == tl.expand_dims(m, AXIS), lane, EMPTY), axis=AXIS)
-            arg = tl.where(m > float("-inf"), arg, EMPTY)
-            vals = tl.where(slots[None, :] == t, m[:, None], vals)
-            offs_out = tl.where(slots[None, :] == t, arg[:, None], offs_out)
-            if t + 1 < TOPK:
-                s = tl.where(lane == tl.expand_dims(arg, AXIS), float("-inf"), s)
+    lane = tl.expand_dims(offs, 1 - AXIS)
+    vals = tl.full((s.shape[1 - AXIS], K_PAD), float("-inf"), s.dtype)
+    offs_out = tl.full((s.shape[1 - AXIS], K_PAD), EMPTY, tl.int32)
+    for t in tl.static_range(TOPK):
+        m = tl.max(s, axis=AXIS)
+        arg = tl.min(tl.where(s == tl.expand_dims(m, AXIS), lane, EMPTY), axis=AXIS)
+        arg = tl.where(m > float("-inf"), arg, EMPTY)  # -inf (masked) or NaN: nothing named
+        vals = tl.where(slots[None, :] == t, m[:, None], vals)
+        offs_out = tl.where(slots[None, :] == t, arg[:, None], offs_out)
+        if t + 1 < TOPK:
+            s = tl.where(lane == tl.expand_dims(arg, AXIS), float("-inf"), s)
     return vals, offs_out
 
 
@@ -205,6 +201,23 @@ def _symmetric_keep(rows, row_ok, c0, M, group_size, lane, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _store_partials(part_v_ptr, part_i_ptr, v, o, who, who_ok, cand_block, group_size, PART_STRIDE,
+                    TOPK: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One side's tile top-k (values v, in-tile offsets o of candidate block `cand_block`)
+    into rows `who` of the partial buffer, at the slot of that block counted from the first
+    block of each row's group. A block holding several groups meets blocks outside some of
+    its rows' groups: those rows have no slot there (all masked), and the store skips them."""
+    kslots = tl.arange(0, K_PAD)
+    idx = tl.where(o == BLOCK, -1, (cand_block * BLOCK).to(tl.int32) + o)
+    g0 = (who // group_size) * group_size
+    slot = cand_block - g0 // BLOCK
+    at = who * PART_STRIDE + slot * TOPK
+    ok = (who_ok & (slot >= 0) & (slot < _span_blocks(g0, group_size, BLOCK)))[:, None] & (kslots < TOPK)[None, :]
+    tl.store(part_v_ptr + at[:, None] + kslots[None, :], v, mask=ok)
+    tl.store(part_i_ptr + at[:, None] + kslots[None, :], idx, mask=ok)
+
+
+@triton.jit
 def _koleo_symmetric_kernel(
     x_ptr, scale_ptr, pairs_ptr, part_v_ptr, part_i_ptr,
     M, D, stride_m, stride_d, group_size, PART_STRIDE,
@@ -230,7 +243,6 @@ def _koleo_symmetric_kernel(
     col_ok = cols < M
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC)
     acc = _tile_product(x_ptr, rows, row_ok, cols, col_ok, D, stride_m, stride_d, acc, PRECISION, ACC, BLOCK_K)
-    kslots = tl.arange(0, K_PAD)
     # Most tiles lie inside one group, off the diagonal and inside x: no mask there (the
     # mask's compares and selects are ~40% of the epilogue, which runs twice per tile).
     interior = (bi != bj) & (c0 + BLOCK <= M) & (r0 // group_size == (c0 + BLOCK - 1) // group_size)
@@ -240,15 +252,7 @@ def _koleo_symmetric_kernel(
     if not interior:
         s = tl.where(_symmetric_keep(rows, row_ok, c0, M, group_size, lane, BLOCK), s, float("-inf"))
     v, o = _tile_topk(s, lane, 1, TOPK, K_PAD, BLOCK)
-    idx = tl.where(o == BLOCK, -1, c0.to(tl.int32) + o)
-    row_g0 = (rows // group_size) * group_size
-    # A block holding several groups meets blocks outside some of its rows' groups: those
-    # rows have no slot there (all masked), and their store is skipped.
-    slot = bj - row_g0 // BLOCK
-    at = rows * PART_STRIDE + slot * TOPK
-    ok = (row_ok & (slot < _span_blocks(row_g0, group_size, BLOCK)))[:, None] & (kslots < TOPK)[None, :]
-    tl.store(part_v_ptr + at[:, None] + kslots[None, :], v, mask=ok)
-    tl.store(part_i_ptr + at[:, None] + kslots[None, :], idx, mask=ok)
+    _store_partials(part_v_ptr, part_i_ptr, v, o, rows, row_ok, bj, group_size, PART_STRIDE, TOPK, K_PAD, BLOCK)
 
     if bi != bj:
         scale_r = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
@@ -256,13 +260,8 @@ def _koleo_symmetric_kernel(
         if not interior:
             s = tl.where(_symmetric_keep(rows, row_ok, c0, M, group_size, lane, BLOCK), s, float("-inf"))
         v, o = _tile_topk(s, lane, 0, TOPK, K_PAD, BLOCK)
-        idx = tl.where(o == BLOCK, -1, r0.to(tl.int32) + o)
-        col_g0 = (cols // group_size) * group_size
-        slot = bi - col_g0 // BLOCK
-        at = cols * PART_STRIDE + slot * TOPK
-        ok = (col_ok & (slot >= 0))[:, None] & (kslots < TOPK)[None, :]
-        tl.store(part_v_ptr + at[:, None] + kslots[None, :], v, mask=ok)
-        tl.store(part_i_ptr + at[:, None] + kslots[None, :], idx, mask=ok)
+        _store_partials(part_v_ptr, part_i_ptr, v, o, cols, col_ok, bi, group_size, PART_STRIDE, TOPK, K_PAD,
+                        BLOCK)
 
 
 @triton.jit

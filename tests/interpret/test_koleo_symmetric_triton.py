@@ -39,9 +39,10 @@ def koleo_ops(koleo_kernels):
 
 
 # (N, D, topk, group): N = 2; N not a multiple of the 16-row block; groups that straddle
-# blocks (12, 20, 30) and several groups in one block (6); topk 1 and 3
+# blocks (12, 20, 30) and several groups in one block (6, 5); topk 1 and 3, and topk =
+# group - 1 (every other row of the group is a neighbour)
 CASES = [(2, 3, 1, 2), (37, 20, 1, 37), (37, 20, 3, 37), (40, 33, 3, 20), (48, 16, 1, 12), (48, 16, 3, 12),
-         (60, 9, 1, 30), (70, 9, 3, 70), (66, 5, 1, 6), (66, 5, 3, 6)]
+         (60, 9, 1, 30), (70, 9, 3, 70), (66, 5, 1, 6), (66, 5, 3, 6), (40, 6, 4, 5)]
 
 
 def _symmetric(kernels, x, group, topk, hoist=None):
@@ -107,6 +108,22 @@ def test_all_rows_equal(koleo_kernels):
     got = _symmetric(koleo_kernels, x, 33, 3)
     want = torch.tensor([[1, 2, 3], [0, 2, 3], [0, 1, 3]] + [[0, 1, 2]] * 30)
     assert torch.equal(got, want)
+
+
+def test_strided_input_reads_like_its_copy(koleo_kernels):
+    x = torch.randn(9, 35).T  # column-major [35, 9]
+    assert torch.equal(_symmetric(koleo_kernels, x, 35, 2), _symmetric(koleo_kernels, x.contiguous(), 35, 2))
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_nan_rows_give_indices_in_bounds(koleo_kernels, koleo_ops, topk):
+    """As for the row-block kernel: outside debug mode a NaN row must still get indices
+    inside x (an index past the end crashes the gather on a GPU), and the loss is NaN."""
+    x = torch.randn(40, 5)
+    x[20, 2] = float("nan")
+    idx = _symmetric(koleo_kernels, x, 40, topk)
+    assert bool(((idx >= 0) & (idx < 40)).all()), idx[20]
+    assert torch.isnan(koleo_ops.loss_forward_torch(x, idx, 0, 40, EPS))
 
 
 def test_poisoned_partials_catch_an_unwritten_slot(koleo_kernels, monkeypatch):
