@@ -40,7 +40,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HOIST_DEFAULT = os.environ.get("SSLKERNELS_KOLEO_HOIST", "1") != "0"
 SYM_HOIST_DEFAULT = os.environ.get("SSLKERNELS_KOLEO_SYM_HOIST", "0") == "1"
 
-__all__ = ["koleo_neighbors", "koleo_neighbors_symmetric", "plan", "plan_symmetric"]
+__all__ = ["koleo_neighbors", "koleo_neighbors_symmetric", "partial_bytes", "plan", "plan_symmetric"]
 
 _NO_INDEX = tl.constexpr(2**62)  # a jit function reads only constexpr globals
 
@@ -362,6 +362,15 @@ def partial_slots(m: int, group_size: int, block: int) -> int:
     """Entries per row of the partial buffer, in candidate blocks: the most blocks one group
     of `group_size` rows can touch (a group need not start at a block boundary)."""
     return min(triton.cdiv(m, block), (group_size + block - 2) // block + 1)
+
+
+def partial_bytes(m: int, d: int, group_size: int, topk: int, dtype: torch.dtype) -> int:
+    """Bytes of the symmetric search's partial buffer (a value and an int32 index per row,
+    candidate block and rank): ~N^2 / BLOCK * 8 without groups (16.8 MB at N = 16384,
+    268 MB at 65536), against eager's N^2 similarities."""
+    block = plan_symmetric(d, topk, dtype)["BLOCK"]
+    value = 8 if dtype == torch.float64 else 4
+    return m * partial_slots(m, group_size, block) * topk * (value + 4)
 
 
 @functools.lru_cache(maxsize=64)

@@ -182,7 +182,7 @@ def test_the_whole_batch_takes_the_symmetric_route(koleo_kernels, koleo_ops, mon
 
     x = torch.randn(40, 9)
     for topk, group in ((1, 40), (3, 40), (2, 10)):
-        assert koleo_ops.search_route(x, 0, 40) == "symmetric"
+        assert koleo_ops.search_route(x, 0, 40, group, topk) == "symmetric"
         want = _symmetric(koleo_kernels, x, group, topk)
         monkeypatch.setattr(koleo_kernels, "koleo_neighbors", broken)
         assert torch.equal(koleo_ops.search_cuda(x, 0, 40, group, topk, EPS), want)
@@ -194,8 +194,19 @@ def test_a_slice_of_queries_takes_the_row_block_route(koleo_kernels, koleo_ops, 
         raise AssertionError("the symmetric kernel ran for a slice of the queries")
 
     x = torch.randn(40, 9)
-    assert koleo_ops.search_route(x, 20, 20) == "row_blocks"
-    assert koleo_ops.search_route(x, 0, 39) == "row_blocks"
+    assert koleo_ops.search_route(x, 20, 20, 20, 2) == "row_blocks"
+    assert koleo_ops.search_route(x, 0, 39, 40, 2) == "row_blocks"
     want = koleo_kernels.koleo_neighbors(x, 20, 20, 20, 2, EPS)
     monkeypatch.setattr(koleo_kernels, "koleo_neighbors_symmetric", broken)
     assert torch.equal(koleo_ops.search_cuda(x, 20, 20, 20, 2, EPS), want)
+
+
+def test_a_partial_buffer_past_the_bound_takes_the_row_block_route(koleo_kernels, koleo_ops):
+    """The route depends on sizes only: a batch whose partial buffer would pass
+    MAX_PARTIAL_BYTES searches with the row-block kernel; the same rows in small groups
+    (a small buffer) keep the symmetric one."""
+    big = torch.empty((300_000, 64), device="meta")
+    assert koleo_kernels.partial_bytes(300_000, 64, 300_000, 1, big.dtype) > koleo_ops.MAX_PARTIAL_BYTES
+    assert koleo_ops.search_route(big, 0, 300_000, 300_000, 1) == "row_blocks"
+    assert koleo_kernels.partial_bytes(300_000, 64, 1000, 1, big.dtype) <= koleo_ops.MAX_PARTIAL_BYTES
+    assert koleo_ops.search_route(big, 0, 300_000, 1000, 1) == "symmetric"

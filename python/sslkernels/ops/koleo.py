@@ -66,15 +66,25 @@ def _(x, query_offset, query_count, group_size, topk, eps):
     return indices
 
 
-def search_route(x: Tensor, query_offset: int, query_count: int) -> str:
+# The symmetric search's partial buffer grows as N^2 / BLOCK (no groups); past this the
+# whole batch takes the row-block kernel (no buffer) rather than risk running out of memory.
+MAX_PARTIAL_BYTES = 1 << 30
+
+
+def search_route(x: Tensor, query_offset: int, query_count: int, group_size: int, topk: int) -> str:
     """The CUDA search kernel for these queries. "symmetric" when every row of x is a query
     (each similarity tile multiplied once for both of its row blocks, then a merge of the
-    per-tile bests); "row_blocks" for a slice of the rows (one rank's queries of a gathered
-    batch: the symmetric tiles would also rank the rows that are not queries). Both give
-    the same top-k under the same strict order (larger similarity, then smaller index), up
-    to the rounding of the similarities."""
-    whole = query_offset == 0 and query_count == x.shape[0]
-    return "symmetric" if whole and x.shape[0] < 2**31 else "row_blocks"
+    per-tile bests) and its partial buffer stays within MAX_PARTIAL_BYTES (N up to ~130k
+    rows without groups); "row_blocks" otherwise, and for a slice of the rows (one rank's
+    queries of a gathered batch: the symmetric tiles would also rank the rows that are
+    not queries). Both give the same top-k under the same strict order (larger
+    similarity, then smaller index), up to the rounding of the similarities."""
+    rows, cols = x.shape
+    if query_offset != 0 or query_count != rows or rows >= 2**31:
+        return "row_blocks"
+    if launchers("koleo").partial_bytes(rows, cols, group_size, topk, x.dtype) > MAX_PARTIAL_BYTES:
+        return "row_blocks"
+    return "symmetric"
 
 
 def search_cuda(x, query_offset, query_count, group_size, topk, eps):
@@ -83,7 +93,7 @@ def search_cuda(x, query_offset, query_count, group_size, topk, eps):
     if debug_enabled():
         check_finite(x, "x")
     kernels = launchers("koleo")
-    if search_route(x, query_offset, query_count) == "symmetric":
+    if search_route(x, query_offset, query_count, group_size, topk) == "symmetric":
         return kernels.koleo_neighbors_symmetric(x, group_size, topk, eps)
     return kernels.koleo_neighbors(x, query_offset, query_count, group_size, topk, eps)
 
