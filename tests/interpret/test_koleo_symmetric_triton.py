@@ -7,9 +7,10 @@ the row-block kernel (`koleo_neighbors`, the route of a slice of queries): the s
 wherever the float64 choice is clear, within rounding elsewhere, and exactly the same on
 exact ties (duplicate rows: the smaller index wins). Interpreter tiles are 16 x 16, so the
 cases cross blocks with tails, groups that straddle blocks and blocks holding several
-groups. Every search here runs with its partial buffer poisoned (entries that would win
-the merge and name an out-of-range row), so a slot the search does not write fails the
-case. bfloat16 runs on a GPU only (triton issue 11584; benchmarks/gpu/koleo.py checks it).
+groups. Every direct launch of the symmetric kernel here runs with its partial buffer
+poisoned (entries that would win the merge and name an out-of-range row), so a slot the
+search does not write fails the case (`test_poisoned_partials_catch_an_unwritten_slot`
+shows the poison can fail). bfloat16 runs on a GPU only (triton issue 11584; benchmarks/gpu/koleo.py checks it).
 """
 from __future__ import annotations
 
