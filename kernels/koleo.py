@@ -314,11 +314,17 @@ def plan(d: int, topk: int, dtype: torch.dtype, hoist=None) -> dict:
                 BLOCK_K=block_k, num_warps=8, HOIST=False)
 
 
+def _ranking_scales(x: torch.Tensor, eps: float):
+    """The accumulation dtype and 1 / max(||x_j||, eps) of every row: a candidate's
+    similarity to a query is (x_i . x_j) * scale[j]."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return acc_dtype, 1.0 / x.to(acc_dtype).norm(dim=1).clamp_min(eps)
+
+
 def koleo_neighbors(x: torch.Tensor, query_offset: int, query_count: int, group_size: int, topk: int,
                     eps: float, hoist=None) -> torch.Tensor:
     m, d = x.shape
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = 1.0 / x.to(acc_dtype).norm(dim=1).clamp_min(eps)
+    _, scale = _ranking_scales(x, eps)
     out = torch.empty((query_count, topk), dtype=torch.int64, device=x.device)
     cfg = plan(d, topk, x.dtype, hoist)
     grid = (triton.cdiv(query_count, cfg["BLOCK_M"]),)
@@ -338,7 +344,7 @@ def koleo_neighbors(x: torch.Tensor, query_offset: int, query_count: int, group_
 def plan_symmetric(d: int, topk: int, dtype: torch.dtype, hoist=None) -> dict:
     """Square tiles of BLOCK rows (a block is both a row and a column block), warps,
     pipeline stages, and the merge's row / entry chunks (sizes only). sm_90 compile (ptxas
-    -v): fp16 / bf16 128 x 128 x 64 chunks, 3 stages: 96 KiB of shared memory, 238-249
+    -v): fp16 / bf16 128 x 128 x 64 chunks, 3 stages: 96 KiB of shared memory, 200-224
     registers, no spill, HGMMA; fp32 (tf32x3) and fp64 take 64-row tiles, as they spill at
     128 in the row-block kernel. HOIST (all features in one chunk, fp16 / bf16, D <= 256)
     must run unpipelined: three stages of two 128 x 256 tiles are 384 KiB, past the 227 KiB
@@ -397,8 +403,7 @@ def koleo_neighbors_symmetric(x: torch.Tensor, group_size: int, topk: int, eps: 
     m, d = x.shape
     if m >= 2**31:
         raise ValueError(f"koleo: the symmetric search keeps int32 indices; x has {m} rows")
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = 1.0 / x.to(acc_dtype).norm(dim=1).clamp_min(eps)
+    acc_dtype, scale = _ranking_scales(x, eps)
     cfg = plan_symmetric(d, topk, x.dtype, hoist)
     block = cfg["BLOCK"]
     pairs = tile_pairs(m, int(group_size), block, x.device)
