@@ -39,6 +39,8 @@ TIMINGS = [
     ("sup_con", "sup_con", 8192, 128, 100, {}),
     ("info_nce", "info_nce", 8192, 256, 16384, {}),
     ("clip", "info_nce", 8192, 256, 0, {"symmetric": True}),
+    # the same call on the two-pass forward (lead 6's baseline: K.CLIP_ONE_SWEEP = False)
+    ("clip[two-pass]", "info_nce", 8192, 256, 0, {"symmetric": True, "two_pass": True}),
     ("info_nce_retrieval", "info_nce", 8192, 128, 0, {"terms": True}),
     # MoCo's small batch against a long queue: 4 row blocks, so the queue is split (_queue_splits)
     ("moco[N=256]", "info_nce", 256, 128, 65536, {"in_batch": False, "split": True}),
@@ -210,8 +212,13 @@ def time(ctx: Ctx) -> list[Row]:
                 if ctx.time_left() < 40:
                     ctx.log(f"time {op} {row.case} {dt} {mode}: skipped (deadline)")
                     continue
-                for impl in ("fused", "eager"):
-                    timed(ctx, row, impl, lambda: _time_case(ctx, kind, impl, mode, n, d, extra, DTYPES[dt], opts))
+                one_sweep, K.CLIP_ONE_SWEEP = K.CLIP_ONE_SWEEP, (False if opts.get("two_pass") else None)
+                try:
+                    for impl in ("fused", "eager"):
+                        timed(ctx, row, impl,
+                              lambda: _time_case(ctx, kind, impl, mode, n, d, extra, DTYPES[dt], opts))
+                finally:
+                    K.CLIP_ONE_SWEEP = one_sweep
                 log_timing(ctx, row)
                 rows.append(row)
                 free(ctx)
@@ -239,8 +246,12 @@ def _launch_plan(K, kind, opts):
     bias = dict(col_bias=terms, ids=terms, diag_exempt=exempt)
     on_rows = dict(row_bias=terms, ids=terms, diag_exempt=exempt)
     split = dict(split=bool(opts.get("split")) and has_c and not per_q)  # the query rows' passes only
-    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q, **bias, **split), None, None)]
-    if sym:
+    # CLIP: one sweep for both directions (column partials + their merge), or two passes
+    one_sweep = sym and not opts.get("two_pass", False)
+    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q, **bias, **split, col_part=one_sweep), None, None)]
+    if one_sweep:
+        out.append(("merge", {}, None, None))
+    elif sym:
         out.append(("fwd", K._fwd_flags(1, False, False, ids=terms, diag_exempt=exempt), None, None))
     out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True, per_q, **bias, **split), None, None))
     out.append(("bwd", K._bwd_flags(b_mode, False, False, sym, True, dirs, sym, **on_rows), None, None))
@@ -298,10 +309,19 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
             out.append(CompileTarget(f"per_query_neg_bwd D={d} {dt}", K._per_query_neg_bwd_kernel, sig, consts,
                                      4, 2, aligned))
             continue
+        if which == "merge":  # the one-sweep CLIP forward's key-column merge (element-wise)
+            if any(t.tag == f"col_lse_merge {acc}" for t in out):
+                continue
+            sig = {"cpart_ptr": f"*{acc}", "nblk_ptr": "*i32", "kpos_ptr": f"*{acc}", "lse_ptr": "*fp64",
+                   "term_ptr": f"*{acc}", "NB": "i32", "RMAX": "i32"}
+            out.append(CompileTarget(f"col_lse_merge {acc}", K._col_lse_merge_kernel, sig,
+                                     {"ACC": bmeta["ACC"], "BLOCK": K._COL_MERGE_BLOCK}, 4, 3))
+            continue
         if which == "fwd":
             kernel, families, meta = K._lse_fwd_kernel, K._LSE_FWD_FAMILIES, fmeta
             sig = dict(common, par_ptr=f"*{acc}", lse_ptr=f"*{acc}", term_ptr=f"*{acc}", cnt_ptr=f"*{acc}",
-                       part_ptr=f"*{acc}", **sizes)
+                       part_ptr=f"*{acc}", cpart_ptr=f"*{acc}", kpos_ptr=f"*{acc}", nblk_ptr="*i32", **sizes,
+                       RMAX="i32")
         else:
             kernel, families, meta = K._lse_bwd_kernel, K._LSE_BWD_FAMILIES, bmeta
             sig = dict(common, cnt_ptr=f"*{cnt_ty or acc}", par_ptr=f"*{acc}", g_ptr=f"*{ty}",
