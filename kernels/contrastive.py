@@ -40,8 +40,12 @@ epilogue) in two generic kernels (see "generic row-block passes" below):
   same kernel with A and B swapped, so nothing is accumulated across programs.
   InfoNCE also writes per-row sum_j p_ij (s_ij - s_ii) for the exact d loss / d t.
 * ``_per_query_neg_bwd_kernel``  per-query negatives' gradient, element-wise.
-CLIP's key direction is a second forward pass (roles swapped): 2x the S work of one
-direction, against N floats of extra state; the backward has no extra cost.
+* ``_col_lse_merge_kernel``  CLIP's key direction in one sweep: the query rows' forward
+  (COL_PART) also writes each S tile's per-column (max, sum) per row block, merged here in
+  row-block order (deterministic): S is computed once for both directions, against
+  N^2 / BLOCK_M x 8 B of partials (the two-pass forward, roles swapped, past 256 MB). The
+  backward recomputes S in the dquery and dkey passes (sharing it would need atomics or
+  O(N^2 D / BLOCK_M) bytes of dkey partials: benchmarks/GPU_MODEL.md, lead 6).
 InfoNCE's retrieval terms (a logit bias per candidate, duplicate-id masks compared
 in-tile) are constexpr variants of the two kernels (COL_BIAS / ROW_BIAS, HAS_IDS,
 DIAG_EXEMPT); without them the kernels compile to the code they had before.
@@ -1298,7 +1302,9 @@ def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term:
     """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only);
     col_bias: the bias per column on the row term (A = queries), row_bias: per row on the
     column term (A = candidates)."""
-    return dict(_fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt, split), ROW_TERM=bool(row_term),
+    fwd = _fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt, split)
+    del fwd["COL_PART"]  # (the forward's alone)
+    return dict(fwd, ROW_TERM=bool(row_term),
                 COL_TERM=bool(col_term), DIAG_W=float(diag_w), EXPECT=bool(expect), ROW_BIAS=bool(row_bias))
 
 

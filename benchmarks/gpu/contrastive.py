@@ -57,6 +57,9 @@ TERM_VARIANTS = [
     # the queue split's variants (the query rows' forward and dquery passes)
     ("info_nce", 128, 40, ["bf16", "fp32"], {"queue_grad": True, "split": True}),
     ("info_nce", 256, 40, ["bf16"], {"queue_grad": True, "terms": True, "split": True}),
+    # the one-sweep CLIP forward (COL_PART) at the other tile families' D
+    ("info_nce", 128, 0, ["bf16", "fp32"], {"symmetric": True}),
+    ("info_nce", 130, 0, ["bf16", "fp16"], {"symmetric": True, "terms": True}),
 ]
 CHECK_WIDTH = 1  # configs compiled per variant of a check; timings autotune over 2
 SUP_CON_T = 0.1
