@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton interpreter tests need triton")
 
@@ -56,21 +55,15 @@ def launches(contrastive_kernels, monkeypatch):
 def _lse_reference(q, key, neg, t, normalize, bias, key_ids, queue_ids):
     """[query direction | key direction] lse in q's dtype (float64 for the oracle): the
     bias on the query direction only, the id mask on both, the diagonal kept."""
-    if normalize:
-        q, key = F.normalize(q, dim=1), F.normalize(key, dim=1)
-        neg = F.normalize(neg, dim=1) if neg is not None else None
     n = q.shape[0]
-    cands = key if neg is None else torch.cat([key, neg])
-    logits = q @ cands.T / t
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)[None, :]
+    logits, logits_t = terms_tests._both_directions_logits(q, key, neg, t, normalize, bias)
     drop = torch.zeros(logits.shape, dtype=torch.bool)
     if key_ids is not None:
         cand_ids = key_ids if queue_ids is None else torch.cat([key_ids, queue_ids])
         drop = key_ids[:, None] == cand_ids[None, :]
         drop[:, :n] &= ~torch.eye(n, dtype=torch.bool)
     lse_q = torch.logsumexp(logits.masked_fill(drop, float("-inf")), dim=1)
-    lse_k = torch.logsumexp((key @ q.T / t).masked_fill(drop[:, :n].T, float("-inf")), dim=1)
+    lse_k = torch.logsumexp(logits_t.masked_fill(drop[:, :n].T, float("-inf")), dim=1)
     return torch.cat([lse_q, lse_k])
 
 
