@@ -395,15 +395,18 @@ def _online_lse(m_i, l_i, s):
 
 
 @triton.jit
-def _tile_column_lse(s):
-    """Per column of a tile of base-2 logits s [BLOCK_M, BLOCK_N] (masked entries -inf): the
-    max m_j and l_j = sum_i exp2(s_ij - m_j) - 1 beside the max's own 1, as _online_lse keeps
-    them for rows (an all-masked column: -inf, -1), for _merge_lse_parts."""
-    m = tl.max(s, axis=0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    at_max = s == m_use[None, :]
-    p = tl.where(at_max, 0.0, tl.exp2(s - m_use[None, :]))
-    return m, tl.sum(p, axis=0) + (tl.sum(at_max.to(s.dtype), axis=0) - 1.0)
+def _column_lse(m, l):
+    """Per column of [R, BLOCK_N] base-2 statistics (max m, sum l beside the max's own 1, as
+    _online_lse keeps them; empty: -inf, -1) their merge over the R rows, in the same form:
+    the entries at the column's max add their rest l and one each (ties), the others
+    (1 + l) 2^(m - max), so a peaked column's small rest is never rounded against the 1.
+    A tile of logits s is this with m = s, l = 0 (each logit its own max; masked: -inf);
+    an all-empty column gives -inf, -1. Fixed shape, fixed reduction tree: deterministic."""
+    top = tl.max(m, axis=0)
+    top_use = tl.where(top == float("-inf"), 0.0, top)
+    at_max = m == top_use[None, :]
+    rest = tl.where(at_max, l, (l + 1.0) * tl.exp2(m - top_use[None, :]))
+    return top, tl.sum(rest, axis=0) + (tl.sum(at_max.to(m.dtype), axis=0) - 1.0)
 
 
 @triton.jit
@@ -857,7 +860,7 @@ def _lse_fwd_kernel(
                     if on_diagonal:
                         kpos += _diagonal_of(s_key, rows, cols, col_ok)
                 # padding rows (loaded as 0) must not enter the columns' sums
-                cm, cl = _tile_column_lse(tl.where(keep & row_ok[:, None], s_key, float("-inf")))
+                cm, cl = _column_lse(tl.where(keep & row_ok[:, None], s_key, float("-inf")), 0.0)
                 at = tl.program_id(0).to(tl.int64) * NB + cols
                 tl.store(cpart_ptr + at, cm, mask=col_ok)
                 tl.store(cpart_ptr + RMAX.to(tl.int64) * NB + at, cl, mask=col_ok)
@@ -907,23 +910,26 @@ def _lse_fwd_kernel(
 
 @triton.jit(do_not_specialize=["NB", "RMAX"])
 def _col_lse_merge_kernel(cpart_ptr, nblk_ptr, kpos_ptr, lse_ptr, term_ptr, NB, RMAX,
-                          ACC: tl.constexpr, BLOCK: tl.constexpr):
+                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """The key direction's lse_j and term_j = lse_j - s_jj from the one-sweep forward's
-    column partials cpart_ptr [2, RMAX, NB] (the first nblk_ptr[0] row blocks written),
-    merged in row-block order (deterministic) in ACC, as the row direction's online LSE
-    merges its tiles; kpos_ptr [NB]: s_jj (base 2)."""
+    column partials cpart_ptr [2, RMAX, NB] (the first nblk_ptr[0] row blocks written), in
+    ACC: BLOCK_R row blocks at a time (_column_lse: loads in flight, not one row block's
+    latency per step), chunks merged in row-block order (deterministic); kpos_ptr [NB]: s_jj
+    (base 2)."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < NB
     m = tl.full([BLOCK], float("-inf"), ACC)
     l = tl.full([BLOCK], -1.0, ACC)
-    m_ptrs = cpart_ptr + cols
-    l_ptrs = m_ptrs + RMAX.to(tl.int64) * NB
-    for _ in range(0, tl.load(nblk_ptr)):  # row blocks in order
-        m2 = tl.load(m_ptrs, mask=ok, other=0.0)  # (padding: a finite, unstored lse)
-        l2 = tl.load(l_ptrs, mask=ok, other=0.0)
+    nblk = tl.load(nblk_ptr)
+    for r0 in range(0, nblk, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        at = r.to(tl.int64)[:, None] * NB + cols[None, :]
+        mask = (r < nblk)[:, None] & ok[None, :]
+        m2, l2 = _column_lse(tl.load(cpart_ptr + at, mask=mask, other=float("-inf")),
+                             tl.load(cpart_ptr + RMAX.to(tl.int64) * NB + at, mask=mask, other=-1.0))
         m, l = _merge_lse_parts(m, l, m2, l2)
-        m_ptrs += NB
-        l_ptrs += NB
+    m = tl.where(ok, m, 0.0)  # (padding: a finite lse, never stored)
+    l = tl.where(ok, l, 0.0)
     lse2 = _store_lse(lse_ptr, cols, m, l, ok)
     kpos = tl.load(kpos_ptr + cols, mask=ok, other=0.0)
     tl.store(term_ptr + cols, ((lse2 - kpos.to(tl.float64)) * 0.6931471805599453).to(ACC), mask=ok)
@@ -1561,7 +1567,8 @@ def _norms_of(normalize, acc_dtype, *xs):
 # forward; True / False force one route (the interpreter tests, the device run's comparison).
 CLIP_ONE_SWEEP = None
 _COL_PART_MAX_BYTES = 1 << 28
-_COL_MERGE_BLOCK = 128
+_COL_MERGE_BLOCK = 64  # key columns per merge program (N = 8192: 128 programs)
+_COL_MERGE_ROWS = 32  # row blocks per step of the merge
 
 
 def _col_part_row_blocks(n: int, d: int, dtype: torch.dtype) -> int:
@@ -1593,7 +1600,8 @@ def _clip_fwd_launch(q, k, neg, nq, nk, nn, par, lse, term, normalize, per_q, te
     _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, 1, normalize, per_q, terms=terms,
                 diag_exempt=diag_exempt, splits=splits, col_part=(cpart, kpos, nblk))
     _col_lse_merge_kernel[(triton.cdiv(n, _COL_MERGE_BLOCK),)](
-        cpart, nblk, kpos, lse[n:], term[n:], n, rmax, ACC=_TL_DTYPES[term.dtype], BLOCK=_COL_MERGE_BLOCK)
+        cpart, nblk, kpos, lse[n:], term[n:], n, rmax, ACC=_TL_DTYPES[term.dtype], BLOCK_R=_COL_MERGE_ROWS,
+        BLOCK=_COL_MERGE_BLOCK)
 
 
 def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmetric: bool,

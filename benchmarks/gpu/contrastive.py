@@ -63,6 +63,7 @@ TERM_VARIANTS = [
     # the one-sweep CLIP forward (COL_PART) at the other tile families' D
     ("info_nce", 128, 0, ["bf16", "fp32"], {"symmetric": True}),
     ("info_nce", 130, 0, ["bf16", "fp16"], {"symmetric": True, "terms": True}),
+    ("info_nce", 256, 40, ["bf16"], {"symmetric": True, "split": True}),  # split 0 writes the partials
 ]
 CHECK_WIDTH = 1  # configs compiled per variant of a check; timings autotune over 2
 SUP_CON_T = 0.1
@@ -332,7 +333,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
             sig = {"cpart_ptr": f"*{acc}", "nblk_ptr": "*i32", "kpos_ptr": f"*{acc}", "lse_ptr": "*fp64",
                    "term_ptr": f"*{acc}", "NB": "i32", "RMAX": "i32"}
             out.append(CompileTarget(f"col_lse_merge {acc}", K._col_lse_merge_kernel, sig,
-                                     {"ACC": bmeta["ACC"], "BLOCK": K._COL_MERGE_BLOCK}, 4, 3))
+                                     {"ACC": bmeta["ACC"], "BLOCK_R": K._COL_MERGE_ROWS, "BLOCK": K._COL_MERGE_BLOCK}, 4, 3))
             continue
         if which == "fwd":
             kernel, families, meta = K._lse_fwd_kernel, K._LSE_FWD_FAMILIES, fmeta

@@ -168,17 +168,23 @@ def test_agrees_with_two_passes_and_is_deterministic(contrastive_kernels, poison
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * float(b.abs().max()), msg=name)
 
 
-def test_merge_reads_only_the_row_blocks_written(contrastive_kernels, poisoned_outputs, monkeypatch):
+@pytest.mark.parametrize("merge_rows", [1, 2, 32])
+def test_merge_reads_only_the_row_blocks_written(contrastive_kernels, poisoned_outputs, monkeypatch, merge_rows):
     """The partial buffer holds rows for the smallest tile autotuning may pick; the merge
-    stops at the count the forward wrote (the rows past it are NaN under poisoned_outputs)."""
-    q, key, _ = _inputs(33, 16, 0, torch.float64, True)
+    stops at the count the forward wrote (the rows past it are NaN under poisoned_outputs),
+    whether its steps of merge_rows row blocks divide the 3 row blocks or not; the steps
+    change only the rounding of the key direction's sums."""
+    q, key, _ = _inputs(70, 16, 0, torch.float64, True)
     t = torch.tensor(0.1, dtype=torch.float64)
+    default = _run(contrastive_kernels, q, key, None, t)
+    monkeypatch.setattr(contrastive_kernels, "_COL_MERGE_ROWS", merge_rows)
     base = _run(contrastive_kernels, q, key, None, t)
     real = contrastive_kernels._col_part_row_blocks
     monkeypatch.setattr(contrastive_kernels, "_col_part_row_blocks", lambda n, d, dtype: real(n, d, dtype) + 3)
     wide = _run(contrastive_kernels, q, key, None, t)
-    for a, b in zip(base, wide):
+    for a, b, c in zip(base, wide, default):
         assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")  # lse = -inf, wanted
