@@ -40,8 +40,12 @@ epilogue) in two generic kernels (see "generic row-block passes" below):
   same kernel with A and B swapped, so nothing is accumulated across programs.
   InfoNCE also writes per-row sum_j p_ij (s_ij - s_ii) for the exact d loss / d t.
 * ``_per_query_neg_bwd_kernel``  per-query negatives' gradient, element-wise.
-CLIP's key direction is a second forward pass (roles swapped): 2x the S work of one
-direction, against N floats of extra state; the backward has no extra cost.
+* ``_col_lse_merge_kernel``  CLIP's key direction in one sweep: the query rows' forward
+  (COL_PART) also writes each S tile's per-column (max, sum) per row block, merged here in
+  row-block order (deterministic): S is computed once for both directions, against
+  N^2 / BLOCK_M x 8 B of partials (the two-pass forward, roles swapped, past 256 MB). The
+  backward recomputes S in the dquery and dkey passes (sharing it would need atomics or
+  O(N^2 D / BLOCK_M) bytes of dkey partials: benchmarks/GPU_MODEL.md, lead 6).
 InfoNCE's retrieval terms (a logit bias per candidate, duplicate-id masks compared
 in-tile) are constexpr variants of the two kernels (COL_BIAS / ROW_BIAS, HAS_IDS,
 DIAG_EXEMPT); without them the kernels compile to the code they had before.
@@ -391,6 +395,34 @@ def _online_lse(m_i, l_i, s):
 
 
 @triton.jit
+def _column_lse(m, l):
+    """Per column of [R, BLOCK_N] base-2 statistics (max m, sum l beside the max's own 1, as
+    _online_lse keeps them; empty: -inf, -1) their merge over the R rows, in the same form:
+    the entries at the column's max add their rest l and one each (ties), the others
+    (1 + l) 2^(m - max), so a peaked column's small rest is never rounded against the 1.
+    A tile of logits s is this with m = s, l = 0 (each logit its own max; masked: -inf);
+    an all-empty column gives -inf, -1. Fixed shape, fixed reduction tree: deterministic."""
+    top = tl.max(m, axis=0)
+    top_use = tl.where(top == float("-inf"), 0.0, top)
+    at_max = m == top_use[None, :]
+    rest = tl.where(at_max, l, (l + 1.0) * tl.exp2(m - top_use[None, :]))
+    return top, tl.sum(rest, axis=0) + (tl.sum(at_max.to(m.dtype), axis=0) - 1.0)
+
+
+@triton.jit
+def _merge_lse_parts(m, l, m2, l2):
+    """Merge two base-2 (max, sum beside the max's 1) statistics: the side holding the larger
+    max keeps its rest as it is, the other adds (1 + l) 2^(its max - the max) (equal maxes:
+    l + l2 + 1; both empty: -inf, -1)."""
+    second = m2 > m
+    hi = tl.maximum(m, m2)
+    lo = tl.minimum(m, m2)
+    rest = tl.where(second, l2, l)
+    other = tl.where(second, l, l2)
+    return hi, rest + (other + 1.0) * tl.exp2(lo - tl.where(hi == float("-inf"), 0.0, hi))
+
+
+@triton.jit
 def _row_dot(z1_ptr, z2_ptr, stride1, stride2, view_a, view_b, row0, lrows, row_ok, D, ACC: tl.constexpr):
     """Row-wise x_a[i] . x_b[i] for the rows of one tile (the positive pair), in narrow
     chunks (a [BLOCK_M, BLOCK_K] fp32 pair here would dominate the registers)."""
@@ -728,15 +760,16 @@ def _own_id(rid, id_ptr, rows, row_ok, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.co
 
 @triton.autotune(configs=_all_configs(_LSE_FWD_FAMILIES),
                  key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS",
-                      "COL_BIAS", "HAS_IDS", "DIAG_EXEMPT", "SPLIT"],
+                      "COL_BIAS", "HAS_IDS", "DIAG_EXEMPT", "SPLIT", "COL_PART"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_FWD_FAMILIES, 2)})
-@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M", "SPLITS"])
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M", "SPLITS", "RMAX"])
 def _lse_fwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr,
     bias_ptr, cbias_ptr, rid_ptr, bid_ptr, cid_ptr, par_ptr,
-    lse_ptr, term_ptr, cnt_ptr, part_ptr, NA, NB, NC, M, D, TUNE_M, SPLITS,
+    lse_ptr, term_ptr, cnt_ptr, part_ptr, cpart_ptr, kpos_ptr, nblk_ptr, NA, NB, NC, M, D, TUNE_M, SPLITS, RMAX,
     NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
     COL_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr, SPLIT: tl.constexpr,
+    COL_PART: tl.constexpr,
     HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -753,7 +786,13 @@ def _lse_fwd_kernel(
     (row block, split) takes the queue's column tiles split, split + SPLITS, ...; split 0
     also takes B (and the partner). Each writes its base-2 (m_i, l_i, s_ii) to part_ptr
     [3, SPLITS, NA] instead of lse / term; the launcher merges the splits in a fixed order
-    (_merge_splits)."""
+    (_merge_splits).
+
+    COL_PART (CLIP, B_MODE 1: the key direction in the same sweep): each B tile, computed
+    once, also gives its columns' base-2 (max, sum beside the max's 1) over this program's
+    rows (unbiased logits, the same pair mask), written to cpart_ptr [2, RMAX, NB] at the
+    program's row block; kpos_ptr [NA] gets the unbiased s_ii (key i's positive), nblk_ptr
+    the number of row blocks. _col_lse_merge_kernel merges them in a fixed order."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
     split, first = _split_of(SPLIT, 1)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
@@ -791,6 +830,7 @@ def _lse_fwd_kernel(
         lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
         psum = tl.zeros([BLOCK_M], dtype=ACC)
         pcnt = tl.zeros([BLOCK_M], dtype=ACC)
+    kpos = tl.zeros([BLOCK_M], dtype=ACC)  # COL_PART with COL_BIAS: the unbiased s_ii
     if B_MODE == 1:
         b_tiles = tl.cdiv(NB, BLOCK_N)
         if SPLIT:
@@ -806,13 +846,24 @@ def _lse_fwd_kernel(
                 pos = keep & (lab_j[None, :] == lab_i[:, None])
                 psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
                 pcnt += tl.sum(pos.to(ACC), axis=1)
+            s_key = s  # COL_PART: the key direction's logits carry no bias
             if COL_BIAS:
                 s = s + _bias2(bias_ptr, cols, col_ok, ACC)[None, :]
+            on_diagonal = (col0 < row0 + BLOCK_M) & (col0 + BLOCK_N > row0)
             if not LABELS:  # the partner's logit (bias included) from its tile, masked or not
-                if (col0 < row0 + BLOCK_M) & (col0 + BLOCK_N > row0):
+                if on_diagonal:
                     spos += _diagonal_of(s, rows, cols, col_ok)
             if HAS_IDS:
                 keep = keep & ~_same_id(rid, bid_ptr, rows, cols, col_ok, DIAG_EXEMPT)
+            if COL_PART:
+                if COL_BIAS:
+                    if on_diagonal:
+                        kpos += _diagonal_of(s_key, rows, cols, col_ok)
+                # padding rows (loaded as 0) must not enter the columns' sums
+                cm, cl = _column_lse(tl.where(keep & row_ok[:, None], s_key, float("-inf")), 0.0)
+                at = tl.program_id(0).to(tl.int64) * NB + cols
+                tl.store(cpart_ptr + at, cm, mask=col_ok)
+                tl.store(cpart_ptr + RMAX.to(tl.int64) * NB + at, cl, mask=col_ok)
             s = tl.where(keep, s, float("-inf"))
             m_i, l_i = _online_lse(m_i, l_i, s)
     if HAS_C:
@@ -834,6 +885,13 @@ def _lse_fwd_kernel(
                                    row_ok, scale, r_a, D, NORMALIZE, ACC)
             m_i, l_i = _online_lse(m_i, l_i, s_m[:, None])
 
+    if COL_PART:  # (split 0 took B: its s_ii; without a bias the partner's is the same logit)
+        if not COL_BIAS:
+            kpos = spos
+        if first:
+            tl.store(kpos_ptr + rows, kpos, mask=row_ok)
+        if tl.program_id(0) + split == 0:
+            tl.store(nblk_ptr, tl.num_programs(0))
     if SPLIT:  # partial statistics, merged by the launcher (_merge_splits)
         at = split * NA + rows
         tl.store(part_ptr + at, m_i, mask=row_ok)
@@ -848,6 +906,33 @@ def _lse_fwd_kernel(
         else:
             term = ((lse2 - spos.to(tl.float64)) * ln2_64).to(ACC)
         tl.store(term_ptr + rows, term, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["NB", "RMAX"])
+def _col_lse_merge_kernel(cpart_ptr, nblk_ptr, kpos_ptr, lse_ptr, term_ptr, NB, RMAX,
+                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """The key direction's lse_j and term_j = lse_j - s_jj from the one-sweep forward's
+    column partials cpart_ptr [2, RMAX, NB] (the first nblk_ptr[0] row blocks written), in
+    ACC: BLOCK_R row blocks at a time (_column_lse: loads in flight, not one row block's
+    latency per step), chunks merged in row-block order (deterministic); kpos_ptr [NB]: s_jj
+    (base 2)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < NB
+    m = tl.full([BLOCK], float("-inf"), ACC)
+    l = tl.full([BLOCK], -1.0, ACC)
+    nblk = tl.load(nblk_ptr)
+    for r0 in range(0, nblk, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        at = r.to(tl.int64)[:, None] * NB + cols[None, :]
+        mask = (r < nblk)[:, None] & ok[None, :]
+        m2, l2 = _column_lse(tl.load(cpart_ptr + at, mask=mask, other=float("-inf")),
+                             tl.load(cpart_ptr + RMAX.to(tl.int64) * NB + at, mask=mask, other=-1.0))
+        m, l = _merge_lse_parts(m, l, m2, l2)
+    m = tl.where(ok, m, 0.0)  # (padding: a finite lse, never stored)
+    l = tl.where(ok, l, 0.0)
+    lse2 = _store_lse(lse_ptr, cols, m, l, ok)
+    kpos = tl.load(kpos_ptr + cols, mask=ok, other=0.0)
+    tl.store(term_ptr + cols, ((lse2 - kpos.to(tl.float64)) * 0.6931471805599453).to(ACC), mask=ok)
 
 
 @triton.autotune(configs=_all_configs(_LSE_BWD_FAMILIES),
@@ -1206,14 +1291,15 @@ def _params(t64, denom, acc_dtype):
 
 
 def _fwd_flags(b_mode: int, has_c: bool, labels: bool, per_q: bool = False, col_bias: bool = False,
-               ids: bool = False, diag_exempt: bool = True, split: bool = False) -> dict:
+               ids: bool = False, diag_exempt: bool = True, split: bool = False, col_part: bool = False) -> dict:
     """The mode constexprs of one _lse_fwd_kernel launch (also used by --compile-only);
     has_c: a shared queue, per_q: per-query negatives (C holds [N M, D] rows); col_bias: a
     logit bias per candidate, ids: the duplicate-id mask (diag_exempt: the diagonal stays);
-    split: the queue's tiles shared among several programs per row block (_queue_splits)."""
+    split: the queue's tiles shared among several programs per row block (_queue_splits);
+    col_part: CLIP's key direction in the same sweep (column partials, _clip_fwd_launch)."""
     return dict(B_MODE=b_mode, HAS_C=bool(has_c) and not per_q, PER_Q=bool(per_q), LABELS=bool(labels),
                 COL_BIAS=bool(col_bias), HAS_IDS=bool(ids), DIAG_EXEMPT=bool(diag_exempt) or not ids,
-                SPLIT=bool(split))
+                SPLIT=bool(split), COL_PART=bool(col_part))
 
 
 def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term: bool, diag_w: float,
@@ -1222,7 +1308,9 @@ def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term:
     """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only);
     col_bias: the bias per column on the row term (A = queries), row_bias: per row on the
     column term (A = candidates)."""
-    return dict(_fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt, split), ROW_TERM=bool(row_term),
+    fwd = _fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt, split)
+    del fwd["COL_PART"]  # (the forward's alone)
+    return dict(fwd, ROW_TERM=bool(row_term),
                 COL_TERM=bool(col_term), DIAG_W=float(diag_w), EXPECT=bool(expect), ROW_BIAS=bool(row_bias))
 
 
@@ -1234,11 +1322,13 @@ def _terms_args(terms, dummy):
 
 
 def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize, per_q=0, terms=None,
-                diag_exempt=True, splits=1):
+                diag_exempt=True, splits=1, col_part=None):
     """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c (per_q > 0:
     c holds per_q negatives per row of a). terms: the retrieval terms (_terms_args); a "bias"
     is per column of b ("cbias": of c). splits > 1 (a shared queue only): that many programs
-    per row block share the queue's tiles; their statistics are merged here."""
+    per row block share the queue's tiles; their statistics are merged here. col_part: the
+    (column partials [2, RMAX, NB], s_ii [NA], row-block count [1]) buffers of the one-sweep
+    CLIP forward (COL_PART), merged by its caller."""
     na_rows, d = a.shape
     _, meta, _ = _plan(d, a.dtype, normalize, _precision(a.dtype))
     dummy = lse
@@ -1247,6 +1337,7 @@ def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normal
     terms = terms or {}
     split = splits > 1
     part = torch.empty((3, splits, na_rows), dtype=term.dtype, device=a.device) if split else dummy
+    cpart, kpos, nblk = col_part if col_part is not None else (dummy, dummy, dummy)
 
     def grid(cfg):
         return (triton.cdiv(na_rows, cfg["BLOCK_M"]), splits)
@@ -1255,11 +1346,11 @@ def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normal
         a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
         na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
         labels if labels is not None else dummy, *_terms_args(terms, dummy), par, lse, term,
-        cnt if cnt is not None else dummy, part,
+        cnt if cnt is not None else dummy, part, cpart, kpos, nblk,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
-        _tune_m(na_rows), splits,
+        _tune_m(na_rows), splits, cpart.shape[1] if col_part is not None else 0,
         **_fwd_flags(b_mode, c is not None, labels is not None, per_q > 0, "bias" in terms, "rid" in terms,
-                     diag_exempt, split),
+                     diag_exempt, split, col_part is not None),
         **meta,
     )
     if split:
@@ -1471,6 +1562,48 @@ def _norms_of(normalize, acc_dtype, *xs):
     return [_single_norms(x, acc_dtype) if normalize and x is not None else None for x in xs]
 
 
+# CLIP's key direction in the query rows' sweep (lead 6): None takes it while its column
+# partials (N^2 / BLOCK_M x 8 B in fp32) stay under _COL_PART_MAX_BYTES, else the two-pass
+# forward; True / False force one route (the interpreter tests, the device run's comparison).
+CLIP_ONE_SWEEP = None
+_COL_PART_MAX_BYTES = 1 << 28
+_COL_MERGE_BLOCK = 64  # key columns per merge program (N = 8192: 128 programs)
+_COL_MERGE_ROWS = 32  # row blocks per step of the merge
+
+
+def _col_part_row_blocks(n: int, d: int, dtype: torch.dtype) -> int:
+    """Row blocks the one-sweep forward's column partials must hold: as many as the smallest
+    row tile its launch may take (the autotuner picks among the family's configs)."""
+    configs = [_INTERPRET_CONFIG] if INTERPRET else _family_configs(_LSE_FWD_FAMILIES, d, dtype, _precision(dtype))
+    return triton.cdiv(n, min(c.kwargs["BLOCK_M"] for c in configs))
+
+
+def _clip_one_sweep(n: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether info_nce_forward takes the one-sweep route for a symmetric call."""
+    if CLIP_ONE_SWEEP is not None:
+        return bool(CLIP_ONE_SWEEP)
+    acc_bytes = torch.finfo(_acc_dtype(dtype)).bits // 8
+    return 2 * _col_part_row_blocks(n, d, dtype) * n * acc_bytes <= _COL_PART_MAX_BYTES
+
+
+def _clip_fwd_launch(q, k, neg, nq, nk, nn, par, lse, term, normalize, per_q, terms, diag_exempt, splits):
+    """CLIP's forward in one sweep of the query rows (lead 6): each S tile is computed once
+    for both directions. lse, term: [2N], the query direction then the key direction. The
+    query rows' launch (with its queue, split or not, and its terms) writes the key columns'
+    partial statistics per row block; _col_lse_merge_kernel merges them in a fixed order
+    (deterministic, no atomics). The key direction sees the same pair mask, no bias."""
+    n, d = q.shape
+    rmax = _col_part_row_blocks(n, d, q.dtype)
+    cpart = torch.empty((2, rmax, n), dtype=term.dtype, device=q.device)
+    nblk = torch.empty(1, dtype=torch.int32, device=q.device)
+    kpos = term[n:]  # s_ii (base 2) from the sweep, then lse_i - s_ii from the merge
+    _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, 1, normalize, per_q, terms=terms,
+                diag_exempt=diag_exempt, splits=splits, col_part=(cpart, kpos, nblk))
+    _col_lse_merge_kernel[(triton.cdiv(n, _COL_MERGE_BLOCK),)](
+        cpart, nblk, kpos, lse[n:], term[n:], n, rmax, ACC=_TL_DTYPES[term.dtype], BLOCK_R=_COL_MERGE_ROWS,
+        BLOCK=_COL_MERGE_BLOCK)
+
+
 def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmetric: bool,
                      in_batch_negatives: bool, negatives_grad: bool = False, logit_bias=None, anchor_ids=None,
                      candidate_ids=None, positive_on_diagonal: bool = True):
@@ -1485,10 +1618,12 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
     Retrieval terms: `logit_bias` [N + K] is added to query i's logit of candidate j (keys,
     then the queue; the query direction only); candidate j leaves query i's softmax (and
     query i key j's) where anchor_ids[i] == candidate_ids[j], key i excepted while
-    `positive_on_diagonal`. The target stays key i: loss_i = lse_i - (s_ii + bias_i)."""
+    `positive_on_diagonal`. The target stays key i: loss_i = lse_i - (s_ii + bias_i).
+    Symmetric: one sweep for both directions (_clip_fwd_launch) unless _clip_one_sweep
+    declines (the column partials' size), then the second pass."""
     q, k, neg, per_q = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
     qdir, kdir, _ = _retrieval_terms(q, neg, per_q, logit_bias, anchor_ids, candidate_ids)
-    n, _ = q.shape
+    n, d = q.shape
     acc_dtype = _acc_dtype(q.dtype)
     rows = 2 * n if symmetric else n
     with _device_ctx(q):
@@ -1498,9 +1633,14 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
         nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)
         b_mode = 1 if in_batch_negatives else 2
         splits = _queue_splits(n, neg.shape[0], q.device) if neg is not None and not per_q else 1
-        _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q,
-                    terms=qdir, diag_exempt=positive_on_diagonal, splits=splits)
-        if symmetric:
+        one_sweep = symmetric and _clip_one_sweep(n, d, q.dtype)
+        if one_sweep:
+            _clip_fwd_launch(q, k, neg, nq, nk, nn, par, lse, term, normalize, per_q, qdir, positive_on_diagonal,
+                             splits)
+        else:
+            _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q,
+                        terms=qdir, diag_exempt=positive_on_diagonal, splits=splits)
+        if symmetric and not one_sweep:
             _fwd_launch(k, q, None, nk, nq, None, None, par, lse[n:], term[n:], None, 1, normalize,
                         terms={key: v for key, v in kdir.items() if key != "bias"},
                         diag_exempt=positive_on_diagonal)
