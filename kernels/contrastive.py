@@ -1104,7 +1104,8 @@ def _row_norms(z1, z2, acc_dtype):
 
 
 def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool):
-    """-> (loss: 0-dim z1.dtype, lse: [2N] float64)."""
+    """-> (loss: 0-dim z1.dtype, lse: [2N] float64, norms: [4N] stats dtype with normalize
+    (||x|| then 1 / max(||x||, eps), for the backward), else empty)."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -1115,22 +1116,23 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, norm
     with _device_ctx(z1):
         lse = torch.empty(m, dtype=torch.float64, device=z1.device)
         row_loss = torch.empty(m, dtype=acc_dtype, device=z1.device)
-        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse  # lse: an unread placeholder
+        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse.new_empty((0,), dtype=acc_dtype)
 
         def grid(cfg):
             return (2 * triton.cdiv(n, cfg["BLOCK_M"]),)
 
         _nt_xent_fwd_kernel[grid](
-            z1, z2, z1.stride(0), z2.stride(0), norms, lse, row_loss,
+            z1, z2, z1.stride(0), z2.stride(0), norms if normalize else lse, lse, row_loss,  # lse: unread
             n, d, _tune_m(m), scale_hi, scale_lo, **meta,
         )
         # per-row losses reduced by torch: deterministic
         loss = (row_loss.sum() / m).to(z1.dtype)
-    return loss, lse
+    return loss, lse, norms
 
 
-def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool):
-    """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device."""
+def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool, norms=None):
+    """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device.
+    norms: the forward's (saves a row-norm launch); None or empty: computed here."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -1146,7 +1148,10 @@ def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool
         lse = lse.contiguous()
         dz1 = torch.empty((n, d), dtype=z1.dtype, device=z1.device)
         dz2 = torch.empty((n, d), dtype=z1.dtype, device=z1.device)
-        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse  # lse: an unread placeholder
+        if not normalize:
+            norms = lse  # an unread placeholder
+        elif norms is None or norms.numel() == 0:
+            norms = _row_norms(z1, z2, acc_dtype)
         fused_out = meta["FUSED_OUT"]
         scratch = lse if fused_out else torch.empty((m, d), dtype=acc_dtype, device=z1.device)
 
