@@ -459,7 +459,7 @@ def _fold_mean(partial_ptr, ticket_ptr, out_ptr, part, count, RED_BLOCK: tl.cons
     Each program stores its float64 partial and draws a ticket (atomic add, acq_rel); the
     one that draws the last sums all partials in program order, so the result does not
     depend on which program finishes last (bit-for-bit deterministic), writes it in out's
-    dtype and sets the ticket back to 0 for the next launch (kernels/_launch.py)."""
+    dtype (half precision rounded through float32) and sets the ticket back to 0 for the next launch (kernels/_launch.py)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     tl.store(partial_ptr + pid, part)
@@ -470,7 +470,10 @@ def _fold_mean(partial_ptr, ticket_ptr, out_ptr, part, count, RED_BLOCK: tl.cons
         for p0 in range(0, nprog, RED_BLOCK):
             offs = p0 + tl.arange(0, RED_BLOCK)
             total += tl.load(partial_ptr + offs, mask=offs < nprog, other=0.0, volatile=True)
-        tl.store(out_ptr, (tl.sum(total, axis=0) / count.to(tl.float64)).to(out_ptr.dtype.element_ty))
+        mean = tl.sum(total, axis=0) / count.to(tl.float64)
+        if out_ptr.dtype.element_ty != tl.float64:
+            mean = mean.to(tl.float32)  # half dtypes through float32, as torch's .to of a float32 mean
+        tl.store(out_ptr, mean.to(out_ptr.dtype.element_ty))
         tl.store(ticket_ptr, 0)
 
 

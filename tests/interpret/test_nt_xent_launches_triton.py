@@ -15,6 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+import triton.language as tl  # noqa: E402
+
+from sslkernels.kernels import contrastive as _contrastive  # noqa: E402
 from sslkernels.reference import nt_xent_reference  # noqa: E402
 
 pytestmark = pytest.mark.interpret
@@ -140,6 +143,37 @@ def test_folded_loss_in_half_precision_is_rounded_once(contrastive_kernels, pois
     assert loss.dtype == torch.float16
     # the fp16 kernel's logits carry fp16 inputs exactly: only the final rounding differs
     torch.testing.assert_close(loss.double(), f64, rtol=2 * 2.0 ** -11, atol=0)
+
+
+@triton.jit
+def _fold_probe(values_ptr, partial_ptr, ticket_ptr, out_ptr, count, RED_BLOCK: tl.constexpr):
+    """Program p contributes values[p] to _fold_mean."""
+    _contrastive._fold_mean(partial_ptr, ticket_ptr, out_ptr, tl.load(values_ptr + tl.program_id(0)), count,
+                            RED_BLOCK)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("programs", [1, 4, 11], ids=["P1", "P4", "P11"])
+def test_fold_mean_writes_the_mean_of_every_program_in_out_dtype(contrastive_kernels, poisoned_outputs,
+                                                                 out_dtype, programs):
+    """The reduction alone (no tl.dot, so bf16 runs here too): P programs' float64 partials
+    (exact sums, any order gives the same) -> their sum / count in float64, rounded to the
+    output's dtype (half dtypes through float32); the ticket is left at 0."""
+    from sslkernels.kernels import _launch
+
+    assert _contrastive is contrastive_kernels  # the interpreted module (reloaded in place if need be)
+    values = torch.arange(1, programs + 1, dtype=torch.float64) * 0.375 + 1.0
+    partials = torch.empty(programs, dtype=torch.float64)
+    out = torch.empty((), dtype=out_dtype)
+    counter = _launch.ticket(values.device)
+    _fold_probe[(programs,)](values, partials, counter, out, 7, RED_BLOCK=contrastive_kernels._RED_BLOCK)
+    mean = values.sum() / 7
+    expected = (mean if out_dtype == torch.float64 else mean.float()).to(out_dtype)
+    if out_dtype == torch.bfloat16:  # the interpreter truncates float32 -> bf16 (the GPU rounds to nearest)
+        assert abs(float(out) - float(expected)) <= 2.0 ** -7 * abs(float(expected)) and float(out) != 0.0
+    else:
+        assert torch.equal(out, expected)
+    assert int(counter) == 0
 
 
 class _FakeJit:
