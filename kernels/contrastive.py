@@ -459,7 +459,8 @@ def _fold_mean(partial_ptr, ticket_ptr, out_ptr, part, count, RED_BLOCK: tl.cons
     Each program stores its float64 partial and draws a ticket (atomic add, acq_rel); the
     one that draws the last sums all partials in program order, so the result does not
     depend on which program finishes last (bit-for-bit deterministic), writes it in out's
-    dtype (half precision rounded through float32) and sets the ticket back to 0 for the next launch (kernels/_launch.py)."""
+    dtype (half precision rounded through float32) and sets the ticket back to 0 for the
+    next launch (kernels/_launch.py)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     tl.store(partial_ptr + pid, part)

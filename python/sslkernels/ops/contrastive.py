@@ -567,7 +567,8 @@ def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
         ctx.mark_non_differentiable(*stats)
 
     def backward(ctx, grad_loss, *grad_stats):
-        tensors, stats = ctx.saved_tensors[:num_tensors], ctx.saved_tensors[num_tensors:]
+        saved = ctx.saved_tensors
+        tensors, stats = saved[:num_tensors], saved[num_tensors:]
         grads = backward_op(grad_loss, *tensors, *stats, *ctx.scalars)
         grads = iter(grads if isinstance(grads, (tuple, list)) else (grads,))
         # An optional input that was None, or that needs no gradient, gets None.
