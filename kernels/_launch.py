@@ -43,6 +43,12 @@ class TunedLauncher:
         self.kernel = kernel
         self.chosen: dict = {}
 
+    def forget(self) -> None:
+        """Drop every choice, the Autotuner's own included: the next call of each key tunes
+        again (or takes the pinned config), e.g. after autotuning was switched on or off."""
+        self.chosen.clear()
+        self.kernel.cache.clear()
+
     def __call__(self, key, grid, *args, **meta):
         chosen = self.chosen.get(key)
         if chosen is None:

@@ -189,7 +189,7 @@ class _FakeAutotuner:
     it "chooses" configs[kwargs["KEY"]]."""
 
     def __init__(self, configs):
-        self.configs, self.calls = configs, []
+        self.configs, self.calls, self.cache = configs, [], {"tuned": "before"}
         self.fn = _FakeJit(self.calls)
 
     def __getitem__(self, grid):
@@ -227,4 +227,8 @@ def test_tuned_launcher_passes_the_chosen_config_straight_to_the_jit_function():
     assert grid_a2 == (15,) and kwargs["num_warps"] == 4
     assert set(launcher.chosen) == {"a", "b"}
     assert launcher.chosen["b"][1]["num_warps"] == 8
+    launcher.forget()  # e.g. autotuning switched on: both caches dropped, the key tunes again
+    assert launcher.chosen == {} and fake.cache == {}
+    launcher("a", grid, "x", KEY="a")
+    assert fake.calls[-1][0] == "autotuner"
 
