@@ -13,8 +13,9 @@ two launchers at the bottom are what `python/sslkernels/ops/contrastive.py` call
   tile: S = (X_i X_j^T) r_i r_j log2(e) / t with ``tl.dot`` (fp32 accumulation,
   fp64 for fp64 inputs), diagonal and padding masked to -inf, online max /
   sum-exp in base 2. Epilogue: the positive logit as a row-wise dot product;
-  writes lse [M] and the per-row losses [M], which the launcher sums with torch
-  (deterministic). 2 M^2 D flops.
+  writes lse [M] and the mean loss itself (``_fold_mean``: per-program float64
+  partials summed in program order by the program that draws the last ticket:
+  deterministic, no torch reduction launched). 2 M^2 D flops.
 * ``_nt_xent_bwd_kernel`` grid (2 cdiv(N, BLOCK_M), cdiv(D, BLOCK_DO)),
   row-parallel and atomic-free (deterministic): the program owning rows i (and
   one BLOCK_DO slice of the output features) sweeps all column tiles again,
@@ -64,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sslkernels.kernels import _common
+from sslkernels.kernels import _common, _launch
 from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx, dot_precision
 from sslkernels.kernels._common import interpret_mode, split_float as _split, stats_dtype as _acc_dtype
 
@@ -152,6 +153,10 @@ _LSE_BWD_FAMILIES = {
     "fma": _BWD_FAMILIES["fma"],
 }
 _INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
+# the forward's loss partials: one per program, at most 2 cdiv(N, smallest BLOCK_M)
+_MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for fam in _FWD_FAMILIES.values() for c in fam + [_INTERPRET_CONFIG])
+# partials summed per step of the last program's loop (4 in the interpreter: several steps)
+_RED_BLOCK = 4 if INTERPRET else 256
 
 
 def _family(d: int, dtype: torch.dtype, precision: str) -> str:
@@ -479,19 +484,44 @@ def _grad_epilogue(acc, c, q, x_ptrs, n_i, r_i, out_base, sc_base, lrows, dcols,
 # ----------------------------------------------------------------------------- forward
 
 
+@triton.jit
+def _fold_mean(partial_ptr, ticket_ptr, out_ptr, part, count, RED_BLOCK: tl.constexpr):
+    """out = sum of every program's `part` / count, in the launch itself (1-D grid).
+
+    Each program stores its float64 partial and draws a ticket (atomic add, acq_rel); the
+    one that draws the last sums all partials in program order, so the result does not
+    depend on which program finishes last (bit-for-bit deterministic), writes it in out's
+    dtype (half precision rounded through float32) and sets the ticket back to 0 for the
+    next launch (kernels/_launch.py)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    tl.store(partial_ptr + pid, part)
+    tl.debug_barrier()  # the partial is stored before the ticket is drawn
+    drawn = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if drawn == nprog - 1:
+        total = tl.zeros([RED_BLOCK], dtype=tl.float64)
+        for p0 in range(0, nprog, RED_BLOCK):
+            offs = p0 + tl.arange(0, RED_BLOCK)
+            total += tl.load(partial_ptr + offs, mask=offs < nprog, other=0.0, volatile=True)
+        mean = tl.sum(total, axis=0) / count.to(tl.float64)
+        if out_ptr.dtype.element_ty != tl.float64:
+            mean = mean.to(tl.float32)  # half dtypes through float32, as torch's .to of a float32 mean
+        tl.store(out_ptr, mean.to(out_ptr.dtype.element_ty))
+        tl.store(ticket_ptr, 0)
+
+
 @triton.autotune(configs=_all_configs(_FWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_FAMILIES)})
 @triton.jit(do_not_specialize=["N", "TUNE_M"])
 def _nt_xent_fwd_kernel(
-    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, loss_ptr,
+    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr,
     N, D, TUNE_M, scale_hi, scale_lo,
     NORMALIZE: tl.constexpr, HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RED_BLOCK: tl.constexpr,
 ):
     view, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_M)
     # log2(e) / t, exact in float64 (hi, lo are float32 values: exact in ACC)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + scale_hi + scale_lo
-    ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
     if NORMALIZE:
         r_i = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC)
     else:
@@ -521,7 +551,8 @@ def _nt_xent_fwd_kernel(
 
     idx = view * N + rows
     lse2 = _store_lse(lse_ptr, idx, m_i, l_i, row_ok)
-    tl.store(loss_ptr + idx, ((lse2 - spos.to(tl.float64)) * ln2.to(tl.float64)).to(ACC), mask=row_ok)
+    row_loss = tl.where(row_ok, (lse2 - spos.to(tl.float64)) * 0.6931471805599453, 0.0)
+    _fold_mean(partial_ptr, ticket_ptr, loss_ptr, tl.sum(row_loss, axis=0), 2 * N, RED_BLOCK)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -1163,7 +1194,8 @@ def _plan(d: int, dtype: torch.dtype, normalize: bool, precision: str):
     block_do = _block_do(d, family, dtype)
     hoist = d <= block_k
     acc = _TL_DTYPES[_acc_dtype(dtype)]
-    fwd = dict(NORMALIZE=bool(normalize), HOIST=hoist, PRECISION=precision, ACC=acc, BLOCK_K=block_k)
+    fwd = dict(NORMALIZE=bool(normalize), HOIST=hoist, PRECISION=precision, ACC=acc, BLOCK_K=block_k,
+               RED_BLOCK=_RED_BLOCK)
     bwd = dict(
         NORMALIZE=bool(normalize), HOIST=hoist,
         # the column tile loaded for S is also the value tile of the second product
@@ -1175,6 +1207,13 @@ def _plan(d: int, dtype: torch.dtype, normalize: bool, precision: str):
         BLOCK_K=block_k, BLOCK_DO=block_do,
     )
     return family, fwd, bwd
+
+
+# The two loss kernels, launched on their JIT function once a key's config is chosen; the
+# key: the Autotuner's (D, TUNE_M, PRECISION, NORMALIZE) and the dtypes that vary (the
+# placeholder norms / scratch follow normalize and the dtype; the backward's grad_loss)
+_nt_xent_fwd = _launch.TunedLauncher(_nt_xent_fwd_kernel)
+_nt_xent_bwd = _launch.TunedLauncher(_nt_xent_bwd_kernel)
 
 
 def _row_norms(z1, z2, acc_dtype):
@@ -1189,7 +1228,8 @@ def _row_norms(z1, z2, acc_dtype):
 
 
 def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool):
-    """-> (loss: 0-dim z1.dtype, lse: [2N] float64)."""
+    """-> (loss: 0-dim z1.dtype, lse: [2N] float64, norms: [4N] stats dtype with normalize
+    (||x|| then 1 / max(||x||, eps), for the backward), else empty)."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -1199,23 +1239,25 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, norm
     scale_hi, scale_lo = _split(math.log2(math.e) / float(temperature))
     with _device_ctx(z1):
         lse = torch.empty(m, dtype=torch.float64, device=z1.device)
-        row_loss = torch.empty(m, dtype=acc_dtype, device=z1.device)
-        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse  # lse: an unread placeholder
+        partials = torch.empty(2 * triton.cdiv(n, _MIN_FWD_BLOCK_M), dtype=torch.float64, device=z1.device)
+        loss = torch.empty((), dtype=z1.dtype, device=z1.device)
+        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse.new_empty((0,), dtype=acc_dtype)
 
         def grid(cfg):
             return (2 * triton.cdiv(n, cfg["BLOCK_M"]),)
 
-        _nt_xent_fwd_kernel[grid](
-            z1, z2, z1.stride(0), z2.stride(0), norms, lse, row_loss,
-            n, d, _tune_m(m), scale_hi, scale_lo, **meta,
+        tune_m = _tune_m(m)
+        _nt_xent_fwd(
+            (d, tune_m, meta["PRECISION"], normalize, z1.dtype), grid,
+            z1, z2, z1.stride(0), z2.stride(0), norms if normalize else lse, lse,  # lse: unread norms
+            partials, _launch.ticket(z1.device), loss, n, d, tune_m, scale_hi, scale_lo, **meta,
         )
-        # per-row losses reduced by torch: deterministic
-        loss = (row_loss.sum() / m).to(z1.dtype)
-    return loss, lse
+    return loss, lse, norms
 
 
-def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool):
-    """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device."""
+def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool, norms=None):
+    """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device.
+    norms: the forward's (saves a row-norm launch); None or empty: computed here."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -1231,16 +1273,21 @@ def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool
         lse = lse.contiguous()
         dz1 = torch.empty((n, d), dtype=z1.dtype, device=z1.device)
         dz2 = torch.empty((n, d), dtype=z1.dtype, device=z1.device)
-        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse  # lse: an unread placeholder
+        if not normalize:
+            norms = lse  # an unread placeholder
+        elif norms is None or norms.numel() == 0:
+            norms = _row_norms(z1, z2, acc_dtype)
         fused_out = meta["FUSED_OUT"]
         scratch = lse if fused_out else torch.empty((m, d), dtype=acc_dtype, device=z1.device)
 
         def grid(cfg):
             return (2 * triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, block_do))
 
-        _nt_xent_bwd_kernel[grid](
+        tune_m = _tune_m(m)
+        _nt_xent_bwd(
+            (d, tune_m, meta["PRECISION"], normalize, z1.dtype, grad_loss.dtype), grid,
             z1, z2, z1.stride(0), z2.stride(0), norms, lse, grad_loss, dz1, dz2, scratch,
-            n, d, _tune_m(m), scale_hi, scale_lo, c_hi, c_lo, **meta,
+            n, d, tune_m, scale_hi, scale_lo, c_hi, c_lo, **meta,
         )
         if not fused_out:
             block_r, block_d = _small_blocks(d)
