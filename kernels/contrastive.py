@@ -1194,8 +1194,8 @@ def _plan(d: int, dtype: torch.dtype, normalize: bool, precision: str):
     block_do = _block_do(d, family, dtype)
     hoist = d <= block_k
     acc = _TL_DTYPES[_acc_dtype(dtype)]
-    fwd = dict(NORMALIZE=bool(normalize), HOIST=hoist, PRECISION=precision, ACC=acc, BLOCK_K=block_k,
-               RED_BLOCK=_RED_BLOCK)
+    # (shared by NT-Xent's forward and the lse forward: NT-Xent's own RED_BLOCK is added at its launch)
+    fwd = dict(NORMALIZE=bool(normalize), HOIST=hoist, PRECISION=precision, ACC=acc, BLOCK_K=block_k)
     bwd = dict(
         NORMALIZE=bool(normalize), HOIST=hoist,
         # the column tile loaded for S is also the value tile of the second product
@@ -1250,7 +1250,8 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, norm
         _nt_xent_fwd(
             (d, tune_m, meta["PRECISION"], normalize, z1.dtype), grid,
             z1, z2, z1.stride(0), z2.stride(0), norms if normalize else lse, lse,  # lse: unread norms
-            partials, _launch.ticket(z1.device), loss, n, d, tune_m, scale_hi, scale_lo, **meta,
+            partials, _launch.ticket(z1.device), loss, n, d, tune_m, scale_hi, scale_lo, RED_BLOCK=_RED_BLOCK,
+            **meta,
         )
     return loss, lse, norms
 

@@ -214,6 +214,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
             one = {"stride1": 1, "stride2": 1}
         head = f"nt_xent D={d} {ty} normalize={normalize} {prec} ({family})"
         half = dtype in (torch.float16, torch.bfloat16)
+        fmeta = dict(fmeta, RED_BLOCK=K._RED_BLOCK)  # the NT-Xent forward's own (folded loss)
         for which, kernel, fams, sig, meta in (("fwd", K._nt_xent_fwd_kernel, K._FWD_FAMILIES, fsig, fmeta),
                                                ("bwd", K._nt_xent_bwd_kernel, K._BWD_FAMILIES, bsig, bmeta)):
             for c in K._family_configs(fams, d, dtype, prec):
