@@ -15,7 +15,10 @@ two launchers at the bottom are what `python/sslkernels/ops/contrastive.py` call
   sum-exp in base 2. Epilogue: the positive logit as a row-wise dot product;
   writes lse [M] and the mean loss itself (``_fold_mean``: per-program float64
   partials summed in program order by the program that draws the last ticket:
-  deterministic, no torch reduction launched). 2 M^2 D flops.
+  deterministic, no torch reduction launched). 2 M^2 D flops. SPLIT (as the
+  backward's, below): S programs per row block, each writing its rows' base-2 (max,
+  rest, positive's logit) to [3, S, M]; ``_nt_xent_lse_merge_kernel`` merges them in
+  split order and writes lse and the folded loss.
 * ``_nt_xent_bwd_kernel`` grid (2 cdiv(N, BLOCK_M), cdiv(D, BLOCK_DO)),
   row-parallel and atomic-free (deterministic): the program owning rows i (and
   one BLOCK_DO slice of the output features) sweeps all column tiles again,
@@ -516,16 +519,22 @@ def _fold_mean(partial_ptr, ticket_ptr, out_ptr, part, count, RED_BLOCK: tl.cons
         tl.store(ticket_ptr, 0)
 
 
-@triton.autotune(configs=_all_configs(_FWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE"],
+@triton.autotune(configs=_all_configs(_FWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_FAMILIES)})
-@triton.jit(do_not_specialize=["N", "TUNE_M"])
+@triton.jit(do_not_specialize=["N", "TUNE_M", "SPLITS"])
 def _nt_xent_fwd_kernel(
-    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr,
-    N, D, TUNE_M, scale_hi, scale_lo,
-    NORMALIZE: tl.constexpr, HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RED_BLOCK: tl.constexpr,
+    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr, part_ptr,
+    N, D, TUNE_M, SPLITS, scale_hi, scale_lo,
+    NORMALIZE: tl.constexpr, HOIST: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RED_BLOCK: tl.constexpr,
 ):
+    """SPLIT (as the backward's): program (row block, split) sweeps the column tiles split,
+    split + SPLITS, ... and writes its rows' base-2 (max, rest, positive's logit: 0 unless
+    the split holds the positive's tile) to part_ptr [3, SPLITS, M]; _nt_xent_lse_merge_kernel
+    merges them in split order and folds the loss (this kernel then writes neither)."""
     view, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_M)
+    split, _ = _split_of(SPLIT, 1)
     # log2(e) / t, exact in float64 (hi, lo are float32 values: exact in ACC)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + scale_hi + scale_lo
     if NORMALIZE:
@@ -541,7 +550,8 @@ def _nt_xent_fwd_kernel(
     spos = tl.zeros([BLOCK_M], dtype=ACC)  # the positive's logit, from its tile (_diagonal_of)
     lcols = tl.arange(0, BLOCK_N)
     nbj = tl.cdiv(N, BLOCK_N)
-    for t in range(0, 2 * nbj):  # z1's column tiles, then z2's
+    t_step = SPLITS if SPLIT else 1
+    for t in range(split, 2 * nbj, t_step):  # z1's column tiles, then z2's
         cview = t // nbj
         col0 = (t - cview * nbj) * BLOCK_N
         cols = col0 + lcols
@@ -556,9 +566,45 @@ def _nt_xent_fwd_kernel(
         m_i, l_i = _online_lse(m_i, l_i, s)
 
     idx = view * N + rows
+    if SPLIT:
+        at = split * 2 * N + idx
+        tl.store(part_ptr + at, m_i, mask=row_ok)
+        tl.store(part_ptr + SPLITS * 2 * N + at, l_i, mask=row_ok)
+        tl.store(part_ptr + 2 * SPLITS * 2 * N + at, spos, mask=row_ok)
+    else:
+        _finish_rows(lse_ptr, partial_ptr, ticket_ptr, loss_ptr, idx, m_i, l_i, spos, row_ok, 2 * N, RED_BLOCK)
+
+
+@triton.jit
+def _finish_rows(lse_ptr, partial_ptr, ticket_ptr, loss_ptr, idx, m_i, l_i, spos, row_ok, M, RED_BLOCK: tl.constexpr):
+    """Rows idx done: their lse stored, their losses lse - s_pos folded into the mean."""
     lse2 = _store_lse(lse_ptr, idx, m_i, l_i, row_ok)
     row_loss = tl.where(row_ok, (lse2 - spos.to(tl.float64)) * 0.6931471805599453, 0.0)
-    _fold_mean(partial_ptr, ticket_ptr, loss_ptr, tl.sum(row_loss, axis=0), 2 * N, RED_BLOCK)
+    _fold_mean(partial_ptr, ticket_ptr, loss_ptr, tl.sum(row_loss, axis=0), M, RED_BLOCK)
+
+
+@triton.jit(do_not_specialize=["N", "SPLITS"])
+def _nt_xent_lse_merge_kernel(part_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr, N, SPLITS,
+                              BLOCK_R: tl.constexpr, RED_BLOCK: tl.constexpr):
+    """The split forward's rows finished: the SPLITS partials [3, SPLITS, M] of BLOCK_R rows
+    merged in split order 0, 1, ... (_merge_lse_parts; the positive's logit summed: one split
+    holds it, the others add 0), then lse and the folded loss as the unsplit kernel writes
+    them (_finish_rows; this launch's programs draw the tickets)."""
+    m_rows = 2 * N
+    idx = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = idx < m_rows
+    m = tl.load(part_ptr + idx, mask=ok, other=float("-inf"))
+    l = tl.load(part_ptr + SPLITS * m_rows + idx, mask=ok, other=-1.0)
+    spos = tl.load(part_ptr + 2 * SPLITS * m_rows + idx, mask=ok, other=0.0)
+    for s in range(1, SPLITS):
+        at = s * m_rows + idx
+        m2 = tl.load(part_ptr + at, mask=ok, other=float("-inf"))
+        l2 = tl.load(part_ptr + SPLITS * m_rows + at, mask=ok, other=-1.0)
+        m, l = _merge_lse_parts(m, l, m2, l2)
+        spos += tl.load(part_ptr + 2 * SPLITS * m_rows + at, mask=ok, other=0.0)
+    m = tl.where(ok, m, 0.0)  # (padding: a finite lse, never stored)
+    l = tl.where(ok, l, 0.0)
+    _finish_rows(lse_ptr, partial_ptr, ticket_ptr, loss_ptr, idx, m, l, spos, ok, m_rows, RED_BLOCK)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -575,7 +621,7 @@ def _nt_xent_bwd_kernel(
     PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    """SPLIT (too few row blocks to fill the GPU, _nt_xent_bwd_splits): program (row block,
+    """SPLIT (too few row blocks to fill the GPU, _nt_xent_splits): program (row block,
     output columns, split) sweeps the column tiles split, split + SPLITS, ... of the 2 nbj
     (z1's then z2's) and writes its share of dZhat = c acc, fp32, to its slice of
     scratch_ptr [SPLITS, M, D]; _grad_finish_kernel sums the slices in split order and
@@ -1265,24 +1311,36 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, norm
     n, d = z1.shape
     m = 2 * n
     acc_dtype = _acc_dtype(z1.dtype)
-    _, meta, _ = _plan(d, z1.dtype, normalize, _precision(z1.dtype))
+    precision = _precision(z1.dtype)
+    _, meta, _ = _plan(d, z1.dtype, normalize, precision)
+    # the column sweep split where the row blocks leave SMs idle, [3, S, M] partials
+    splits = _nt_xent_splits(NT_XENT_FWD_SPLITS, _FWD_FAMILIES, n, d, z1.dtype, precision, 1, 3 * m * 4,
+                             z1.device)
+    split = splits > 1
     scale_hi, scale_lo = _split(math.log2(math.e) / float(temperature))
     with _device_ctx(z1):
         lse = torch.empty(m, dtype=torch.float64, device=z1.device)
-        partials = torch.empty(2 * triton.cdiv(n, _MIN_FWD_BLOCK_M), dtype=torch.float64, device=z1.device)
+        # one float64 loss partial per program of the launch that folds the loss
+        folders = triton.cdiv(m, _LSE_MERGE_ROWS) if split else 2 * triton.cdiv(n, _MIN_FWD_BLOCK_M)
+        partials = torch.empty(folders, dtype=torch.float64, device=z1.device)
         loss = torch.empty((), dtype=z1.dtype, device=z1.device)
         norms = _row_norms(z1, z2, acc_dtype) if normalize else lse.new_empty((0,), dtype=acc_dtype)
+        part = torch.empty((3, splits, m), dtype=acc_dtype, device=z1.device) if split else lse
+        ticket = _launch.ticket(z1.device)
 
         def grid(cfg):
-            return (2 * triton.cdiv(n, cfg["BLOCK_M"]),)
+            return (2 * triton.cdiv(n, cfg["BLOCK_M"]), splits)
 
         tune_m = _tune_m(m)
         _nt_xent_fwd(
-            (d, tune_m, meta["PRECISION"], normalize, z1.dtype), grid,
+            (d, tune_m, meta["PRECISION"], normalize, split, z1.dtype), grid,
             z1, z2, z1.stride(0), z2.stride(0), norms if normalize else lse, lse,  # lse: unread norms
-            partials, _launch.ticket(z1.device), loss, n, d, tune_m, scale_hi, scale_lo, RED_BLOCK=_RED_BLOCK,
-            **meta,
+            partials, ticket, loss, part, n, d, tune_m, splits, scale_hi, scale_lo, SPLIT=split,
+            RED_BLOCK=_RED_BLOCK, **meta,
         )
+        if split:
+            _nt_xent_lse_merge_kernel[(folders,)](part, lse, partials, ticket, loss, n, splits,
+                                                  BLOCK_R=_LSE_MERGE_ROWS, RED_BLOCK=_RED_BLOCK)
     return loss, lse, norms
 
 
@@ -1290,7 +1348,7 @@ def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool
     """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device.
     norms: the forward's (saves a row-norm launch); None or empty: computed here.
     The column sweep is split S ways where the row blocks alone leave the GPU idle
-    (_nt_xent_bwd_splits), the splits' shares summed by _grad_finish_kernel."""
+    (_nt_xent_splits), the splits' shares summed by _grad_finish_kernel."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -1299,7 +1357,9 @@ def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool
     precision = _precision(z1.dtype)
     _, _, meta = _plan(d, z1.dtype, normalize, precision)
     block_do = meta["BLOCK_DO"]
-    splits = _nt_xent_bwd_splits(n, d, z1.dtype, precision, block_do, z1.device)
+    slices = triton.cdiv(d, block_do)
+    splits = _nt_xent_splits(NT_XENT_BWD_SPLITS, _BWD_FAMILIES, n, d, z1.dtype, precision, slices, m * d * 4,
+                             z1.device)
     split = splits > 1
     scale_hi, scale_lo = _split(math.log2(math.e) / float(temperature))
     c_hi, c_lo = _split(1.0 / (float(temperature) * m))
@@ -1342,39 +1402,45 @@ def _finish_grads(scratch, z1, z2, norms, out1, out2, splits, normalize):
     )
 
 
-# None: the backward's column splits from the device (_column_splits); an int forces them
-# (the interpreter tests, where no device is asked; tuning).
-NT_XENT_SPLITS = None
-# The splits' fp32 scratch is S x M x D x 4 B; above this, fewer splits (none below 2).
+# None: the column splits of the NT-Xent forward / backward sweeps from the device
+# (_column_splits); an int forces them (the interpreter tests, where no device is asked; tuning).
+NT_XENT_FWD_SPLITS = None
+NT_XENT_BWD_SPLITS = None
+# A split's scratch (the backward's fp32 [S, M, D], the forward's [3, S, M]) is at most this;
+# past it, fewer splits (none below 2).
 _SPLIT_SCRATCH_MAX_BYTES = 256 << 20
 # each split keeps at least this many column tiles (its fixed per-program work, the row
 # tile and lse loads and the epilogue, stays small against its sweep)
 _MIN_TILES_PER_SPLIT = 4
 # Programs per SM the split aims at: the pinned configs hold one program per SM (bf16 D = 128,
-# 128 x 64, 8 warps: 174 registers split, 255 unsplit, x 256 threads > half of the 64 K), so
-# programs past one per SM run as a second wave, which splitting further cannot shorten.
+# 128 x 64, 8 warps: the backward 174 registers split, 255 unsplit, x 256 threads > half of
+# the 64 K), so programs past one per SM run as a second wave, which splitting further cannot
+# shorten.
 _SPLIT_PROGRAMS_PER_SM = 1
+# rows per program of the split forward's merge (its loss partials: one per program)
+_LSE_MERGE_ROWS = 16 if INTERPRET else 256
 
 
-def _nt_xent_bwd_splits(n: int, d: int, dtype: torch.dtype, precision: str, block_do: int, device) -> int:
-    """S for the backward's column sweep, from the pinned config of the call's family."""
-    if NT_XENT_SPLITS is not None:
-        return max(1, int(NT_XENT_SPLITS))
+def _nt_xent_splits(forced, families, n: int, d: int, dtype: torch.dtype, precision: str, slices: int,
+                    slice_bytes: int, device) -> int:
+    """S for a sweep over the 2 cdiv(N, BLOCK_N) column tiles, from the pinned config of the
+    call's family: `slices` programs per row block besides (the backward's output columns),
+    `slice_bytes` of scratch per split."""
+    if forced is not None:
+        return max(1, int(forced))
     if INTERPRET or torch.device(device).type != "cuda":
         return 1
-    cfg = _family_configs(_BWD_FAMILIES, d, dtype, precision)[0]
-    return _column_splits(n, d, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_do, _sm_count(device))
+    tile = _family_configs(families, d, dtype, precision)[0].kwargs
+    programs = 2 * triton.cdiv(n, tile["BLOCK_M"]) * slices
+    return _column_splits(programs, 2 * triton.cdiv(n, tile["BLOCK_N"]), slice_bytes, _sm_count(device))
 
 
-def _column_splits(n: int, d: int, block_m: int, block_n: int, block_do: int, sms: int) -> int:
-    """Splits that bring the backward's grid to at most _SPLIT_PROGRAMS_PER_SM programs per SM
-    (one wave) when the row blocks give fewer, each split with at least _MIN_TILES_PER_SPLIT
-    column tiles and their scratch within _SPLIT_SCRATCH_MAX_BYTES; 1 (no split) where that
-    leaves fewer than 2."""
-    programs = 2 * triton.cdiv(n, block_m) * triton.cdiv(d, block_do)
-    tiles = 2 * triton.cdiv(n, block_n)
+def _column_splits(programs: int, tiles: int, slice_bytes: int, sms: int) -> int:
+    """Splits that bring a grid of `programs` to at most _SPLIT_PROGRAMS_PER_SM per SM (one
+    wave) when it has fewer, each split with at least _MIN_TILES_PER_SPLIT of the `tiles`
+    and their scratch within _SPLIT_SCRATCH_MAX_BYTES; 1 (no split) where that leaves < 2."""
     splits = min((_SPLIT_PROGRAMS_PER_SM * sms) // programs, tiles // _MIN_TILES_PER_SPLIT,
-                 _SPLIT_SCRATCH_MAX_BYTES // (2 * n * d * 4), 64)
+                 _SPLIT_SCRATCH_MAX_BYTES // slice_bytes, 64)
     return splits if splits >= 2 else 1
 
 

@@ -202,7 +202,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         aligned = ("D", "stride1", "stride2") if d % 16 == 0 else ()
         common = {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "stride1": "i32", "stride2": "i32", "norm_ptr": f"*{acc}"}
         fsig = dict(common, lse_ptr=f"*{acc}", partial_ptr="*fp64", ticket_ptr="*i32", loss_ptr=f"*{ty}",
-                    N="i32", D="i32", TUNE_M="i32",
+                    part_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", SPLITS="i32",
                     scale_hi="fp32", scale_lo="fp32")
         bsig = dict(common, lse_ptr=f"*{acc}", g_ptr=f"*{ty}", out1_ptr=f"*{ty}", out2_ptr=f"*{ty}",
                     scratch_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", SPLITS="i32", scale_hi="fp32",
@@ -215,8 +215,9 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         head = f"nt_xent D={d} {ty} normalize={normalize} {prec} ({family})"
         half = dtype in (torch.float16, torch.bfloat16)
         fmeta = dict(fmeta, RED_BLOCK=K._RED_BLOCK)  # the NT-Xent forward's own (folded loss)
-        # the backward's column split (lead 2) where the timed shapes' grids leave SMs idle
-        variants = [("fwd", K._nt_xent_fwd_kernel, K._FWD_FAMILIES, fsig, fmeta),
+        # the column split (lead 2) where the timed shapes' grids leave SMs idle
+        variants = [("fwd", K._nt_xent_fwd_kernel, K._FWD_FAMILIES, fsig, dict(fmeta, SPLIT=False)),
+                    ("fwd split", K._nt_xent_fwd_kernel, K._FWD_FAMILIES, fsig, dict(fmeta, SPLIT=True)),
                     ("bwd", K._nt_xent_bwd_kernel, K._BWD_FAMILIES, bsig, dict(bmeta, SPLIT=False)),
                     ("bwd split", K._nt_xent_bwd_kernel, K._BWD_FAMILIES, bsig, dict(bmeta, SPLIT=True))]
         for which, kernel, fams, sig, meta in variants:
@@ -226,6 +227,12 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                                          wgmma=half and d >= 16))
         br, bd = K._small_blocks(d)
         small = triton.Config({}, num_warps=4, num_stages=2)
+        # the split forward's merge (lse and the folded loss)
+        msig = {"part_ptr": f"*{acc}", "lse_ptr": "*fp64", "partial_ptr": "*fp64", "ticket_ptr": "*i32",
+                "loss_ptr": f"*{ty}", "N": "i32", "SPLITS": "i32"}
+        out.append(CompileTarget(f"{head} lse_merge", K._nt_xent_lse_merge_kernel, msig,
+                                 {"BLOCK_R": K._LSE_MERGE_ROWS, "RED_BLOCK": K._RED_BLOCK},
+                                 small.num_warps, small.num_stages))
         if normalize:
             nsig = ({**common, "N": "i32", "D": "i32"} if d != 1 else
                     {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "norm_ptr": f"*{acc}", "N": "i32", "D": "i32"})

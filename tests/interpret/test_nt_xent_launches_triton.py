@@ -93,7 +93,7 @@ def test_launches_per_step(contrastive_kernels, monkeypatch, dtype, normalize, d
     the norms were saved and the loss folded), no torch compute op, no Autotuner call once
     the key has been seen. Split S ways, the backward's grid has S programs per row block
     and output slice (its third axis)."""
-    monkeypatch.setattr(contrastive_kernels, "NT_XENT_SPLITS", splits)
+    monkeypatch.setattr(contrastive_kernels, "NT_XENT_BWD_SPLITS", splits)
     z1, z2 = _inputs(9, d, dtype)
     _step(contrastive_kernels, z1, z2, normalize)  # the key's first call: through the Autotuner
     launches = _Launches(monkeypatch)
@@ -104,6 +104,23 @@ def test_launches_per_step(contrastive_kernels, monkeypatch, dtype, normalize, d
     assert launches.autotuner == 0
     (bwd_grid,) = [g for name, g in launches.grids if name == "_nt_xent_bwd_kernel"]
     assert tuple(bwd_grid) == (2, 2 if d > 64 else 1, splits)  # 2 views x cdiv(9, 32) row blocks
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_launches_of_a_split_forward(contrastive_kernels, monkeypatch, splits):
+    """The forward split S ways: its grid has S programs per row block, then one merge
+    launch (lse and the folded loss); still no torch compute op."""
+    monkeypatch.setattr(contrastive_kernels, "NT_XENT_FWD_SPLITS", splits)
+    z1, z2 = _inputs(9, 16, torch.float32)
+    _step(contrastive_kernels, z1, z2, True)
+    launches = _Launches(monkeypatch)
+    with launches:
+        _step(contrastive_kernels, z1, z2, True)
+    assert launches.triton == ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_lse_merge_kernel",
+                               "_nt_xent_bwd_kernel"]
+    assert launches.torch == [] and launches.autotuner == 0
+    (fwd_grid,) = [g for name, g in launches.grids if name == "_nt_xent_fwd_kernel"]
+    assert tuple(fwd_grid) == (2, splits)
 
 
 def test_first_call_of_a_key_goes_through_the_autotuner(contrastive_kernels, monkeypatch):
