@@ -1,8 +1,9 @@
 """NT-Xent (`sslkernels.nt_xent`): loss and both gradients in fp32 / fp16 / bf16 against
 `nt_xent_reference` in float64 under the rule of `_core.judge`, a second fused run
 bitwise equal; extras (fp64, no normalisation, TF32, row-strided views, an upstream
-gradient of 0.37); timings fwd and fwdbwd against the eager reference, and fp32 products
-on the FMA units ("ieee") beside the tf32x3 default."""
+gradient of 0.37); timings fwd and fwdbwd against the eager reference, the step with the
+column splits off (`nt_xent[unsplit]`) beside the default, and fp32 products on the FMA
+units ("ieee") beside the tf32x3 default."""
 from __future__ import annotations
 
 import math
@@ -146,7 +147,39 @@ def time(ctx: Ctx) -> list[Row]:
             rows.append(row)
         del z1, z2
         free(ctx)
+    rows += _unsplit(ctx)
     rows += _fp32_products(ctx)
+    return rows
+
+
+def _unsplit(ctx: Ctx) -> list[Row]:
+    """The step with the column splits turned off (lead 2 for NT-Xent): beside the default
+    rows of the shapes that split (bf16 D = 128, N = 1024 and 4096 on 132 SMs), the same
+    step as before the split, its check included (the unsplit kernels' key)."""
+    import sslkernels
+    from sslkernels.kernels import contrastive as K
+
+    rows = []
+    ns, d, dt = (R_TIME_N, R_TIME_D[0], R_TIME_DTYPES[0]) if ctx.rehearse else ([1024, 4096], 128, "bf16")
+    forced = K.NT_XENT_FWD_SPLITS, K.NT_XENT_BWD_SPLITS
+    K.NT_XENT_FWD_SPLITS = K.NT_XENT_BWD_SPLITS = 1
+    try:
+        for n in ns:
+            if ctx.time_left() < 20:
+                break
+            row = run_check(ctx, Row("nt_xent[unsplit]", label(n, d), dt, "fwdbwd"),
+                            lambda: check_case(ctx, n, d, DTYPES[dt], TIME_T))
+            z1, z2 = make_inputs(ctx, n, d, DTYPES[dt], seed=1)
+            a = z1.detach().clone().requires_grad_(True)
+            b = z2.detach().clone().requires_grad_(True)
+            timed(ctx, row, "fused", lambda: time_pass(ctx, lambda x, y: sslkernels.nt_xent(x, y, temperature=TIME_T),
+                                                       (a, b), [a, b], "fwdbwd", graph=True))
+            log_timing(ctx, row)
+            rows.append(row)
+            del z1, z2, a, b
+            free(ctx)
+    finally:
+        K.NT_XENT_FWD_SPLITS, K.NT_XENT_BWD_SPLITS = forced
     return rows
 
 
