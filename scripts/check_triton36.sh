@@ -57,7 +57,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "triton", tr
 
 status=0
 say "source and interpreter checks"
-nice -n 10 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_compat.py \
+nice -n 10 "$PY" -m pytest -q -p no:cacheprovider --disable-warnings tests/test_triton_compat.py \
   tests/interpret/test_triton_versions_triton.py || status=1
 
 if [[ "$compile" == 1 ]]; then

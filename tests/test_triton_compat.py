@@ -7,6 +7,11 @@ from __future__ import annotations
 import ast
 import glob
 import os
+import re
+import subprocess
+import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = sorted(glob.glob(os.path.join(REPO, "kernels", "*.py")))
@@ -38,3 +43,25 @@ def test_dot_with_an_accumulator_names_its_out_dtype():
         if (len(call.args) >= 3 or "acc" in keywords) and "out_dtype" not in keywords:
             bare.append(f"{path}:{line}")
     assert not bare, f"tl.dot with an accumulator but no out_dtype (fails on Triton 3.6 for float64): {bare}"
+
+
+def test_the_device_run_counts_its_compiles(tmp_path):
+    """The device run's CompileClock (Triton's compilation listener, 3.6 and later): one
+    sm_90 compile of one SIGReg variant counts as one compile with its seconds, and the same
+    compile again, from the same TRITON_CACHE_DIR, as a cache hit."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("TRITON_INTERPRET", None)
+    lines = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--compile-only", "--only", "sigreg",
+                               "--shard", "0/8", "--no-sass"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        lines.append(next(line for line in out.splitlines() if line.startswith("compile-only shard 0/8")))
+    first = re.search(r"(\d+) Triton compile\(s\) \((\d+) from the cache\), ([\d.]+)s compiling", lines[0])
+    again = re.search(r"(\d+) Triton compile\(s\) \((\d+) from the cache\), ([\d.]+)s compiling", lines[1])
+    assert first and again, lines
+    assert first.group(1, 2) == ("1", "0") and float(first.group(3)) > 0, lines[0]
+    assert again.group(1, 2) == ("1", "1") and float(again.group(3)) < float(first.group(3)), lines[1]
