@@ -195,5 +195,5 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                       "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                       "HOIST": cfg["HOIST"]}
             out.append(CompileTarget(f"koleo_search {dt} topk={topk} {cfg}", KK._koleo_search_kernel, sig, consts,
-                                     cfg["num_warps"], 2, ("D", "stride_m"), wgmma=dt in ("fp16", "bf16")))
+                                     cfg["num_warps"], None, ("D", "stride_m"), wgmma=dt in ("fp16", "bf16")))
     return out
