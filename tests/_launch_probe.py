@@ -2,7 +2,9 @@
 small CPU tensors, through Triton's real JIT entry (its binder, specialisation and launch
 options) with a stand-in CUDA driver for sm_90. The JIT's cache hook records each launch
 and returns True, so nothing is compiled or launched (the outputs stay uninitialised).
-Prints one JSON line per launch: the kernel, num_warps, num_stages and its constexprs."""
+Prints one JSON line per launch ("launch": the kernel, num_warps, num_stages, constexprs),
+then one per compile target of the two sections ("target", in the same terms; a target's
+num_stages None resolved to Triton's default, as a launch that names none gets)."""
 from __future__ import annotations
 
 import json
@@ -38,8 +40,8 @@ def record(**event):
     fn = event["fn"].jit_function
     constexprs = {fn.arg_names[path[0]]: str(value) for path, value in launch["constants"].items()
                   if len(path) == 1 and fn.params[path[0]].is_constexpr}
-    print(json.dumps({"kernel": fn.__name__, "num_warps": launch["num_warps"], "num_stages": launch["num_stages"],
-                      "constexprs": constexprs}), flush=True)
+    print(json.dumps({"kind": "launch", "kernel": fn.__name__, "num_warps": launch["num_warps"],
+                      "num_stages": launch["num_stages"], "constexprs": constexprs}), flush=True)
     return True  # handled: the JIT neither compiles nor launches
 
 
@@ -59,6 +61,20 @@ def main() -> None:
         x = torch.randn(70, 256).to(dtype)  # D = 256: the KoLeo section's compile plan
         for topk, hoist in ((1, False), (2, False), (3, False), (1, True), (2, True)):
             koleo.koleo_neighbors(x, 0, 70, 70, topk, 1e-8, hoist=hoist)
+
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    from benchmarks.gpu import koleo as koleo_section
+    from benchmarks.gpu._core import Ctx, jit_fn
+
+    ctx = Ctx(torch.device("cpu"))
+    for t in sigreg_section.compile_targets(ctx) + koleo_section.compile_targets(ctx):
+        fn = jit_fn(t.kernel)
+        constexprs = {name: str(v) for name, v in t.constexprs.items()
+                      if fn.params[fn.arg_names.index(name)].is_constexpr}
+        stages = CUDAOptions.num_stages if t.num_stages is None else t.num_stages
+        print(json.dumps({"kind": "target", "kernel": fn.__name__, "num_warps": t.num_warps, "num_stages": stages,
+                          "constexprs": constexprs}), flush=True)
 
 
 if __name__ == "__main__":
