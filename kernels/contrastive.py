@@ -13,8 +13,9 @@ two launchers at the bottom are what `python/sslkernels/ops/contrastive.py` call
   tile: S = (X_i X_j^T) r_i r_j log2(e) / t with ``tl.dot`` (fp32 accumulation,
   fp64 for fp64 inputs), diagonal and padding masked to -inf, online max /
   sum-exp in base 2. Epilogue: the positive logit as a row-wise dot product;
-  writes lse [M] and the per-row losses [M], which the launcher sums with torch
-  (deterministic). 2 M^2 D flops.
+  writes lse [M] and the mean loss itself (``_fold_mean``: per-program float64
+  partials summed in program order by the program that draws the last ticket:
+  deterministic, no torch reduction launched). 2 M^2 D flops.
 * ``_nt_xent_bwd_kernel`` grid (2 cdiv(N, BLOCK_M), cdiv(D, BLOCK_DO)),
   row-parallel and atomic-free (deterministic): the program owning rows i (and
   one BLOCK_DO slice of the output features) sweeps all column tiles again,
@@ -40,8 +41,12 @@ epilogue) in two generic kernels (see "generic row-block passes" below):
   same kernel with A and B swapped, so nothing is accumulated across programs.
   InfoNCE also writes per-row sum_j p_ij (s_ij - s_ii) for the exact d loss / d t.
 * ``_per_query_neg_bwd_kernel``  per-query negatives' gradient, element-wise.
-CLIP's key direction is a second forward pass (roles swapped): 2x the S work of one
-direction, against N floats of extra state; the backward has no extra cost.
+* ``_col_lse_merge_kernel``  CLIP's key direction in one sweep: the query rows' forward
+  (COL_PART) also writes each S tile's per-column (max, sum) per row block, merged here in
+  row-block order (deterministic): S is computed once for both directions, against
+  N^2 / BLOCK_M x 8 B of partials (the two-pass forward, roles swapped, past 256 MB). The
+  backward recomputes S in the dquery and dkey passes (sharing it would need atomics or
+  O(N^2 D / BLOCK_M) bytes of dkey partials: benchmarks/GPU_MODEL.md, lead 6).
 InfoNCE's retrieval terms (a logit bias per candidate, duplicate-id masks compared
 in-tile) are constexpr variants of the two kernels (COL_BIAS / ROW_BIAS, HAS_IDS,
 DIAG_EXEMPT); without them the kernels compile to the code they had before.
@@ -60,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sslkernels.kernels import _common
+from sslkernels.kernels import _common, _launch
 from sslkernels.kernels._common import autotune_enabled, device_ctx as _device_ctx, dot_precision
 from sslkernels.kernels._common import interpret_mode, split_float as _split, stats_dtype as _acc_dtype
 
@@ -148,6 +153,10 @@ _LSE_BWD_FAMILIES = {
     "fma": _BWD_FAMILIES["fma"],
 }
 _INTERPRET_CONFIG = _cfg(32, 32, 4, 1)
+# the forward's loss partials: one per program, at most 2 cdiv(N, smallest BLOCK_M)
+_MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for fam in _FWD_FAMILIES.values() for c in fam + [_INTERPRET_CONFIG])
+# partials summed per step of the last program's loop (4 in the interpreter: several steps)
+_RED_BLOCK = 4 if INTERPRET else 256
 
 
 def _family(d: int, dtype: torch.dtype, precision: str) -> str:
@@ -392,6 +401,34 @@ def _online_lse(m_i, l_i, s):
 
 
 @triton.jit
+def _column_lse(m, l):
+    """Per column of [R, BLOCK_N] base-2 statistics (max m, sum l beside the max's own 1, as
+    _online_lse keeps them; empty: -inf, -1) their merge over the R rows, in the same form:
+    the entries at the column's max add their rest l and one each (ties), the others
+    (1 + l) 2^(m - max), so a peaked column's small rest is never rounded against the 1.
+    A tile of logits s is this with m = s, l = 0 (each logit its own max; masked: -inf);
+    an all-empty column gives -inf, -1. Fixed shape, fixed reduction tree: deterministic."""
+    top = tl.max(m, axis=0)
+    top_use = tl.where(top == float("-inf"), 0.0, top)
+    at_max = m == top_use[None, :]
+    rest = tl.where(at_max, l, (l + 1.0) * tl.exp2(m - top_use[None, :]))
+    return top, tl.sum(rest, axis=0) + (tl.sum(at_max.to(m.dtype), axis=0) - 1.0)
+
+
+@triton.jit
+def _merge_lse_parts(m, l, m2, l2):
+    """Merge two base-2 (max, sum beside the max's 1) statistics: the side holding the larger
+    max keeps its rest as it is, the other adds (1 + l) 2^(its max - the max) (equal maxes:
+    l + l2 + 1; both empty: -inf, -1)."""
+    second = m2 > m
+    hi = tl.maximum(m, m2)
+    lo = tl.minimum(m, m2)
+    rest = tl.where(second, l2, l)
+    other = tl.where(second, l, l2)
+    return hi, rest + (other + 1.0) * tl.exp2(lo - tl.where(hi == float("-inf"), 0.0, hi))
+
+
+@triton.jit
 def _row_dot(z1_ptr, z2_ptr, stride1, stride2, view_a, view_b, row0, lrows, row_ok, D, ACC: tl.constexpr):
     """Row-wise x_a[i] . x_b[i] for the rows of one tile (the positive pair), in narrow
     chunks (a [BLOCK_M, BLOCK_K] fp32 pair here would dominate the registers)."""
@@ -448,19 +485,44 @@ def _grad_epilogue(acc, c, q, x_ptrs, n_i, r_i, out_base, sc_base, lrows, dcols,
 # ----------------------------------------------------------------------------- forward
 
 
+@triton.jit
+def _fold_mean(partial_ptr, ticket_ptr, out_ptr, part, count, RED_BLOCK: tl.constexpr):
+    """out = sum of every program's `part` / count, in the launch itself (1-D grid).
+
+    Each program stores its float64 partial and draws a ticket (atomic add, acq_rel); the
+    one that draws the last sums all partials in program order, so the result does not
+    depend on which program finishes last (bit-for-bit deterministic), writes it in out's
+    dtype (half precision rounded through float32) and sets the ticket back to 0 for the
+    next launch (kernels/_launch.py)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    tl.store(partial_ptr + pid, part)
+    tl.debug_barrier()  # the partial is stored before the ticket is drawn
+    drawn = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if drawn == nprog - 1:
+        total = tl.zeros([RED_BLOCK], dtype=tl.float64)
+        for p0 in range(0, nprog, RED_BLOCK):
+            offs = p0 + tl.arange(0, RED_BLOCK)
+            total += tl.load(partial_ptr + offs, mask=offs < nprog, other=0.0, volatile=True)
+        mean = tl.sum(total, axis=0) / count.to(tl.float64)
+        if out_ptr.dtype.element_ty != tl.float64:
+            mean = mean.to(tl.float32)  # half dtypes through float32, as torch's .to of a float32 mean
+        tl.store(out_ptr, mean.to(out_ptr.dtype.element_ty))
+        tl.store(ticket_ptr, 0)
+
+
 @triton.autotune(configs=_all_configs(_FWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_FAMILIES)})
 @triton.jit(do_not_specialize=["N", "TUNE_M"])
 def _nt_xent_fwd_kernel(
-    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, loss_ptr,
+    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr,
     N, D, TUNE_M, scale_hi, scale_lo,
     NORMALIZE: tl.constexpr, HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RED_BLOCK: tl.constexpr,
 ):
     view, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_M)
     # log2(e) / t, exact in float64 (hi, lo are float32 values: exact in ACC)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + scale_hi + scale_lo
-    ln2 = tl.log(tl.full([BLOCK_M], 2.0, ACC))
     if NORMALIZE:
         r_i = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC)
     else:
@@ -490,7 +552,8 @@ def _nt_xent_fwd_kernel(
 
     idx = view * N + rows
     lse2 = _store_lse(lse_ptr, idx, m_i, l_i, row_ok)
-    tl.store(loss_ptr + idx, ((lse2 - spos.to(tl.float64)) * ln2.to(tl.float64)).to(ACC), mask=row_ok)
+    row_loss = tl.where(row_ok, (lse2 - spos.to(tl.float64)) * 0.6931471805599453, 0.0)
+    _fold_mean(partial_ptr, ticket_ptr, loss_ptr, tl.sum(row_loss, axis=0), 2 * N, RED_BLOCK)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -729,15 +792,16 @@ def _own_id(rid, id_ptr, rows, row_ok, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.co
 
 @triton.autotune(configs=_all_configs(_LSE_FWD_FAMILIES),
                  key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "B_MODE", "HAS_C", "PER_Q", "LABELS",
-                      "COL_BIAS", "HAS_IDS", "DIAG_EXEMPT", "SPLIT"],
+                      "COL_BIAS", "HAS_IDS", "DIAG_EXEMPT", "SPLIT", "COL_PART"],
                  prune_configs_by={"early_config_prune": _pruner(_LSE_FWD_FAMILIES, 2)})
-@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M", "SPLITS"])
+@triton.jit(do_not_specialize=["NA", "NB", "NC", "M", "TUNE_M", "SPLITS", "RMAX"])
 def _lse_fwd_kernel(
     a_ptr, b_ptr, c_ptr, stride_a, stride_b, stride_c, na_ptr, nb_ptr, nc_ptr, lab_ptr,
     bias_ptr, cbias_ptr, rid_ptr, bid_ptr, cid_ptr, par_ptr,
-    lse_ptr, term_ptr, cnt_ptr, part_ptr, NA, NB, NC, M, D, TUNE_M, SPLITS,
+    lse_ptr, term_ptr, cnt_ptr, part_ptr, cpart_ptr, kpos_ptr, nblk_ptr, NA, NB, NC, M, D, TUNE_M, SPLITS, RMAX,
     NORMALIZE: tl.constexpr, B_MODE: tl.constexpr, HAS_C: tl.constexpr, PER_Q: tl.constexpr, LABELS: tl.constexpr,
     COL_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DIAG_EXEMPT: tl.constexpr, SPLIT: tl.constexpr,
+    COL_PART: tl.constexpr,
     HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -754,7 +818,13 @@ def _lse_fwd_kernel(
     (row block, split) takes the queue's column tiles split, split + SPLITS, ...; split 0
     also takes B (and the partner). Each writes its base-2 (m_i, l_i, s_ii) to part_ptr
     [3, SPLITS, NA] instead of lse / term; the launcher merges the splits in a fixed order
-    (_merge_splits)."""
+    (_merge_splits).
+
+    COL_PART (CLIP, B_MODE 1: the key direction in the same sweep): each B tile, computed
+    once, also gives its columns' base-2 (max, sum beside the max's 1) over this program's
+    rows (unbiased logits, the same pair mask), written to cpart_ptr [2, RMAX, NB] at the
+    program's row block; kpos_ptr [NA] gets the unbiased s_ii (key i's positive), nblk_ptr
+    the number of row blocks. _col_lse_merge_kernel merges them in a fixed order."""
     _, row0, lrows, rows, row_ok = _program_rows(NA, BLOCK_M)
     split, first = _split_of(SPLIT, 1)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(par_ptr).to(ACC)  # log2(e) / t
@@ -792,6 +862,7 @@ def _lse_fwd_kernel(
         lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
         psum = tl.zeros([BLOCK_M], dtype=ACC)
         pcnt = tl.zeros([BLOCK_M], dtype=ACC)
+    kpos = tl.zeros([BLOCK_M], dtype=ACC)  # COL_PART with COL_BIAS: the unbiased s_ii
     if B_MODE == 1:
         b_tiles = tl.cdiv(NB, BLOCK_N)
         if SPLIT:
@@ -807,13 +878,24 @@ def _lse_fwd_kernel(
                 pos = keep & (lab_j[None, :] == lab_i[:, None])
                 psum += tl.sum(tl.where(pos, s, 0.0), axis=1)
                 pcnt += tl.sum(pos.to(ACC), axis=1)
+            s_key = s  # COL_PART: the key direction's logits carry no bias
             if COL_BIAS:
                 s = s + _bias2(bias_ptr, cols, col_ok, ACC)[None, :]
+            on_diagonal = (col0 < row0 + BLOCK_M) & (col0 + BLOCK_N > row0)
             if not LABELS:  # the partner's logit (bias included) from its tile, masked or not
-                if (col0 < row0 + BLOCK_M) & (col0 + BLOCK_N > row0):
+                if on_diagonal:
                     spos += _diagonal_of(s, rows, cols, col_ok)
             if HAS_IDS:
                 keep = keep & ~_same_id(rid, bid_ptr, rows, cols, col_ok, DIAG_EXEMPT)
+            if COL_PART:
+                if COL_BIAS:
+                    if on_diagonal:
+                        kpos += _diagonal_of(s_key, rows, cols, col_ok)
+                # padding rows (loaded as 0) must not enter the columns' sums
+                cm, cl = _column_lse(tl.where(keep & row_ok[:, None], s_key, float("-inf")), 0.0)
+                at = tl.program_id(0).to(tl.int64) * NB + cols
+                tl.store(cpart_ptr + at, cm, mask=col_ok)
+                tl.store(cpart_ptr + RMAX.to(tl.int64) * NB + at, cl, mask=col_ok)
             s = tl.where(keep, s, float("-inf"))
             m_i, l_i = _online_lse(m_i, l_i, s)
     if HAS_C:
@@ -835,6 +917,13 @@ def _lse_fwd_kernel(
                                    row_ok, scale, r_a, D, NORMALIZE, ACC)
             m_i, l_i = _online_lse(m_i, l_i, s_m[:, None])
 
+    if COL_PART:  # (split 0 took B: its s_ii; without a bias the partner's is the same logit)
+        if not COL_BIAS:
+            kpos = spos
+        if first:
+            tl.store(kpos_ptr + rows, kpos, mask=row_ok)
+        if tl.program_id(0) + split == 0:
+            tl.store(nblk_ptr, tl.num_programs(0))
     if SPLIT:  # partial statistics, merged by the launcher (_merge_splits)
         at = split * NA + rows
         tl.store(part_ptr + at, m_i, mask=row_ok)
@@ -849,6 +938,33 @@ def _lse_fwd_kernel(
         else:
             term = ((lse2 - spos.to(tl.float64)) * ln2_64).to(ACC)
         tl.store(term_ptr + rows, term, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["NB", "RMAX"])
+def _col_lse_merge_kernel(cpart_ptr, nblk_ptr, kpos_ptr, lse_ptr, term_ptr, NB, RMAX,
+                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """The key direction's lse_j and term_j = lse_j - s_jj from the one-sweep forward's
+    column partials cpart_ptr [2, RMAX, NB] (the first nblk_ptr[0] row blocks written), in
+    ACC: BLOCK_R row blocks at a time (_column_lse: loads in flight, not one row block's
+    latency per step), chunks merged in row-block order (deterministic); kpos_ptr [NB]: s_jj
+    (base 2)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < NB
+    m = tl.full([BLOCK], float("-inf"), ACC)
+    l = tl.full([BLOCK], -1.0, ACC)
+    nblk = tl.load(nblk_ptr)
+    for r0 in range(0, nblk, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        at = r.to(tl.int64)[:, None] * NB + cols[None, :]
+        mask = (r < nblk)[:, None] & ok[None, :]
+        m2, l2 = _column_lse(tl.load(cpart_ptr + at, mask=mask, other=float("-inf")),
+                             tl.load(cpart_ptr + RMAX.to(tl.int64) * NB + at, mask=mask, other=-1.0))
+        m, l = _merge_lse_parts(m, l, m2, l2)
+    m = tl.where(ok, m, 0.0)  # (padding: a finite lse, never stored)
+    l = tl.where(ok, l, 0.0)
+    lse2 = _store_lse(lse_ptr, cols, m, l, ok)
+    kpos = tl.load(kpos_ptr + cols, mask=ok, other=0.0)
+    tl.store(term_ptr + cols, ((lse2 - kpos.to(tl.float64)) * 0.6931471805599453).to(ACC), mask=ok)
 
 
 @triton.autotune(configs=_all_configs(_LSE_BWD_FAMILIES),
@@ -1079,6 +1195,7 @@ def _plan(d: int, dtype: torch.dtype, normalize: bool, precision: str):
     block_do = _block_do(d, family, dtype)
     hoist = d <= block_k
     acc = _TL_DTYPES[_acc_dtype(dtype)]
+    # (shared by NT-Xent's forward and the lse forward: NT-Xent's own RED_BLOCK is added at its launch)
     fwd = dict(NORMALIZE=bool(normalize), HOIST=hoist, PRECISION=precision, ACC=acc, BLOCK_K=block_k)
     bwd = dict(
         NORMALIZE=bool(normalize), HOIST=hoist,
@@ -1093,6 +1210,13 @@ def _plan(d: int, dtype: torch.dtype, normalize: bool, precision: str):
     return family, fwd, bwd
 
 
+# The two loss kernels, launched on their JIT function once a key's config is chosen; the
+# key: the Autotuner's (D, TUNE_M, PRECISION, NORMALIZE) and the dtypes that vary (the
+# placeholder norms / scratch follow normalize and the dtype; the backward's grad_loss)
+_nt_xent_fwd = _launch.TunedLauncher(_nt_xent_fwd_kernel)
+_nt_xent_bwd = _launch.TunedLauncher(_nt_xent_bwd_kernel)
+
+
 def _row_norms(z1, z2, acc_dtype):
     n, d = z1.shape
     norms = torch.empty(4 * n, dtype=acc_dtype, device=z1.device)  # [2, M]: norms, 1 / max(norm, eps)
@@ -1105,7 +1229,8 @@ def _row_norms(z1, z2, acc_dtype):
 
 
 def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool):
-    """-> (loss: 0-dim z1.dtype, lse: [2N] float64)."""
+    """-> (loss: 0-dim z1.dtype, lse: [2N] float64, norms: [4N] stats dtype with normalize
+    (||x|| then 1 / max(||x||, eps), for the backward), else empty)."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -1115,23 +1240,26 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, norm
     scale_hi, scale_lo = _split(math.log2(math.e) / float(temperature))
     with _device_ctx(z1):
         lse = torch.empty(m, dtype=torch.float64, device=z1.device)
-        row_loss = torch.empty(m, dtype=acc_dtype, device=z1.device)
-        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse  # lse: an unread placeholder
+        partials = torch.empty(2 * triton.cdiv(n, _MIN_FWD_BLOCK_M), dtype=torch.float64, device=z1.device)
+        loss = torch.empty((), dtype=z1.dtype, device=z1.device)
+        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse.new_empty((0,), dtype=acc_dtype)
 
         def grid(cfg):
             return (2 * triton.cdiv(n, cfg["BLOCK_M"]),)
 
-        _nt_xent_fwd_kernel[grid](
-            z1, z2, z1.stride(0), z2.stride(0), norms, lse, row_loss,
-            n, d, _tune_m(m), scale_hi, scale_lo, **meta,
+        tune_m = _tune_m(m)
+        _nt_xent_fwd(
+            (d, tune_m, meta["PRECISION"], normalize, z1.dtype), grid,
+            z1, z2, z1.stride(0), z2.stride(0), norms if normalize else lse, lse,  # lse: unread norms
+            partials, _launch.ticket(z1.device), loss, n, d, tune_m, scale_hi, scale_lo, RED_BLOCK=_RED_BLOCK,
+            **meta,
         )
-        # per-row losses reduced by torch: deterministic
-        loss = (row_loss.sum() / m).to(z1.dtype)
-    return loss, lse
+    return loss, lse, norms
 
 
-def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool):
-    """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device."""
+def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool, norms=None):
+    """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device.
+    norms: the forward's (saves a row-norm launch); None or empty: computed here."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
@@ -1147,16 +1275,21 @@ def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool
         lse = lse.contiguous()
         dz1 = torch.empty((n, d), dtype=z1.dtype, device=z1.device)
         dz2 = torch.empty((n, d), dtype=z1.dtype, device=z1.device)
-        norms = _row_norms(z1, z2, acc_dtype) if normalize else lse  # lse: an unread placeholder
+        if not normalize:
+            norms = lse  # an unread placeholder
+        elif norms is None or norms.numel() == 0:
+            norms = _row_norms(z1, z2, acc_dtype)
         fused_out = meta["FUSED_OUT"]
         scratch = lse if fused_out else torch.empty((m, d), dtype=acc_dtype, device=z1.device)
 
         def grid(cfg):
             return (2 * triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, block_do))
 
-        _nt_xent_bwd_kernel[grid](
+        tune_m = _tune_m(m)
+        _nt_xent_bwd(
+            (d, tune_m, meta["PRECISION"], normalize, z1.dtype, grad_loss.dtype), grid,
             z1, z2, z1.stride(0), z2.stride(0), norms, lse, grad_loss, dz1, dz2, scratch,
-            n, d, _tune_m(m), scale_hi, scale_lo, c_hi, c_lo, **meta,
+            n, d, tune_m, scale_hi, scale_lo, c_hi, c_lo, **meta,
         )
         if not fused_out:
             block_r, block_d = _small_blocks(d)
@@ -1207,14 +1340,15 @@ def _params(t64, denom, acc_dtype):
 
 
 def _fwd_flags(b_mode: int, has_c: bool, labels: bool, per_q: bool = False, col_bias: bool = False,
-               ids: bool = False, diag_exempt: bool = True, split: bool = False) -> dict:
+               ids: bool = False, diag_exempt: bool = True, split: bool = False, col_part: bool = False) -> dict:
     """The mode constexprs of one _lse_fwd_kernel launch (also used by --compile-only);
     has_c: a shared queue, per_q: per-query negatives (C holds [N M, D] rows); col_bias: a
     logit bias per candidate, ids: the duplicate-id mask (diag_exempt: the diagonal stays);
-    split: the queue's tiles shared among several programs per row block (_queue_splits)."""
+    split: the queue's tiles shared among several programs per row block (_queue_splits);
+    col_part: CLIP's key direction in the same sweep (column partials, _clip_fwd_launch)."""
     return dict(B_MODE=b_mode, HAS_C=bool(has_c) and not per_q, PER_Q=bool(per_q), LABELS=bool(labels),
                 COL_BIAS=bool(col_bias), HAS_IDS=bool(ids), DIAG_EXEMPT=bool(diag_exempt) or not ids,
-                SPLIT=bool(split))
+                SPLIT=bool(split), COL_PART=bool(col_part))
 
 
 def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term: bool, diag_w: float,
@@ -1223,7 +1357,9 @@ def _bwd_flags(b_mode: int, has_c: bool, labels: bool, row_term: bool, col_term:
     """The mode constexprs of one _lse_bwd_kernel launch (also used by --compile-only);
     col_bias: the bias per column on the row term (A = queries), row_bias: per row on the
     column term (A = candidates)."""
-    return dict(_fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt, split), ROW_TERM=bool(row_term),
+    fwd = _fwd_flags(b_mode, has_c, labels, per_q, col_bias, ids, diag_exempt, split)
+    del fwd["COL_PART"]  # (the forward's alone)
+    return dict(fwd, ROW_TERM=bool(row_term),
                 COL_TERM=bool(col_term), DIAG_W=float(diag_w), EXPECT=bool(expect), ROW_BIAS=bool(row_bias))
 
 
@@ -1235,11 +1371,13 @@ def _terms_args(terms, dummy):
 
 
 def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normalize, per_q=0, terms=None,
-                diag_exempt=True, splits=1):
+                diag_exempt=True, splits=1, col_part=None):
     """One _lse_fwd_kernel launch: rows of a against b (B_MODE) and the queue c (per_q > 0:
     c holds per_q negatives per row of a). terms: the retrieval terms (_terms_args); a "bias"
     is per column of b ("cbias": of c). splits > 1 (a shared queue only): that many programs
-    per row block share the queue's tiles; their statistics are merged here."""
+    per row block share the queue's tiles; their statistics are merged here. col_part: the
+    (column partials [2, RMAX, NB], s_ii [NA], row-block count [1]) buffers of the one-sweep
+    CLIP forward (COL_PART), merged by its caller."""
     na_rows, d = a.shape
     _, meta, _ = _plan(d, a.dtype, normalize, _precision(a.dtype))
     dummy = lse
@@ -1248,6 +1386,7 @@ def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normal
     terms = terms or {}
     split = splits > 1
     part = torch.empty((3, splits, na_rows), dtype=term.dtype, device=a.device) if split else dummy
+    cpart, kpos, nblk = col_part if col_part is not None else (dummy, dummy, dummy)
 
     def grid(cfg):
         return (triton.cdiv(na_rows, cfg["BLOCK_M"]), splits)
@@ -1256,11 +1395,11 @@ def _fwd_launch(a, b, c, na, nb, nc, labels, par, lse, term, cnt, b_mode, normal
         a, bb, cc, a.stride(0), bb.stride(0), cc.stride(0),
         na if na is not None else dummy, nb if nb is not None else dummy, nc if nc is not None else dummy,
         labels if labels is not None else dummy, *_terms_args(terms, dummy), par, lse, term,
-        cnt if cnt is not None else dummy, part,
+        cnt if cnt is not None else dummy, part, cpart, kpos, nblk,
         na_rows, bb.shape[0] if b is not None else 0, cc.shape[0] if c is not None else 0, per_q, d,
-        _tune_m(na_rows), splits,
+        _tune_m(na_rows), splits, cpart.shape[1] if col_part is not None else 0,
         **_fwd_flags(b_mode, c is not None, labels is not None, per_q > 0, "bias" in terms, "rid" in terms,
-                     diag_exempt, split),
+                     diag_exempt, split, col_part is not None),
         **meta,
     )
     if split:
@@ -1472,6 +1611,48 @@ def _norms_of(normalize, acc_dtype, *xs):
     return [_single_norms(x, acc_dtype) if normalize and x is not None else None for x in xs]
 
 
+# CLIP's key direction in the query rows' sweep (lead 6): None takes it while its column
+# partials (N^2 / BLOCK_M x 8 B in fp32) stay under _COL_PART_MAX_BYTES, else the two-pass
+# forward; True / False force one route (the interpreter tests, the device run's comparison).
+CLIP_ONE_SWEEP = None
+_COL_PART_MAX_BYTES = 1 << 28
+_COL_MERGE_BLOCK = 64  # key columns per merge program (N = 8192: 128 programs)
+_COL_MERGE_ROWS = 32  # row blocks per step of the merge
+
+
+def _col_part_row_blocks(n: int, d: int, dtype: torch.dtype) -> int:
+    """Row blocks the one-sweep forward's column partials must hold: as many as the smallest
+    row tile its launch may take (the autotuner picks among the family's configs)."""
+    configs = [_INTERPRET_CONFIG] if INTERPRET else _family_configs(_LSE_FWD_FAMILIES, d, dtype, _precision(dtype))
+    return triton.cdiv(n, min(c.kwargs["BLOCK_M"] for c in configs))
+
+
+def _clip_one_sweep(n: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether info_nce_forward takes the one-sweep route for a symmetric call."""
+    if CLIP_ONE_SWEEP is not None:
+        return bool(CLIP_ONE_SWEEP)
+    acc_bytes = torch.finfo(_acc_dtype(dtype)).bits // 8
+    return 2 * _col_part_row_blocks(n, d, dtype) * n * acc_bytes <= _COL_PART_MAX_BYTES
+
+
+def _clip_fwd_launch(q, k, neg, nq, nk, nn, par, lse, term, normalize, per_q, terms, diag_exempt, splits):
+    """CLIP's forward in one sweep of the query rows (lead 6): each S tile is computed once
+    for both directions. lse, term: [2N], the query direction then the key direction. The
+    query rows' launch (with its queue, split or not, and its terms) writes the key columns'
+    partial statistics per row block; _col_lse_merge_kernel merges them in a fixed order
+    (deterministic, no atomics). The key direction sees the same pair mask, no bias."""
+    n, d = q.shape
+    rmax = _col_part_row_blocks(n, d, q.dtype)
+    cpart = torch.empty((2, rmax, n), dtype=term.dtype, device=q.device)
+    nblk = torch.empty(1, dtype=torch.int32, device=q.device)
+    kpos = term[n:]  # s_ii (base 2) from the sweep, then lse_i - s_ii from the merge
+    _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, 1, normalize, per_q, terms=terms,
+                diag_exempt=diag_exempt, splits=splits, col_part=(cpart, kpos, nblk))
+    _col_lse_merge_kernel[(triton.cdiv(n, _COL_MERGE_BLOCK),)](
+        cpart, nblk, kpos, lse[n:], term[n:], n, rmax, ACC=_TL_DTYPES[term.dtype], BLOCK_R=_COL_MERGE_ROWS,
+        BLOCK=_COL_MERGE_BLOCK)
+
+
 def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmetric: bool,
                      in_batch_negatives: bool, negatives_grad: bool = False, logit_bias=None, anchor_ids=None,
                      candidate_ids=None, positive_on_diagonal: bool = True):
@@ -1486,10 +1667,12 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
     Retrieval terms: `logit_bias` [N + K] is added to query i's logit of candidate j (keys,
     then the queue; the query direction only); candidate j leaves query i's softmax (and
     query i key j's) where anchor_ids[i] == candidate_ids[j], key i excepted while
-    `positive_on_diagonal`. The target stays key i: loss_i = lse_i - (s_ii + bias_i)."""
+    `positive_on_diagonal`. The target stays key i: loss_i = lse_i - (s_ii + bias_i).
+    Symmetric: one sweep for both directions (_clip_fwd_launch) unless _clip_one_sweep
+    declines (the column partials' size), then the second pass."""
     q, k, neg, per_q = _info_nce_inputs(query, key, negatives, symmetric, in_batch_negatives)
     qdir, kdir, _ = _retrieval_terms(q, neg, per_q, logit_bias, anchor_ids, candidate_ids)
-    n, _ = q.shape
+    n, d = q.shape
     acc_dtype = _acc_dtype(q.dtype)
     rows = 2 * n if symmetric else n
     with _device_ctx(q):
@@ -1499,9 +1682,14 @@ def info_nce_forward(query, key, negatives, temperature, normalize: bool, symmet
         nq, nk, nn = _norms_of(normalize, acc_dtype, q, k, neg)
         b_mode = 1 if in_batch_negatives else 2
         splits = _queue_splits(n, neg.shape[0], q.device) if neg is not None and not per_q else 1
-        _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q,
-                    terms=qdir, diag_exempt=positive_on_diagonal, splits=splits)
-        if symmetric:
+        one_sweep = symmetric and _clip_one_sweep(n, d, q.dtype)
+        if one_sweep:
+            _clip_fwd_launch(q, k, neg, nq, nk, nn, par, lse, term, normalize, per_q, qdir, positive_on_diagonal,
+                             splits)
+        else:
+            _fwd_launch(q, k, neg, nq, nk, nn, None, par, lse[:n], term[:n], None, b_mode, normalize, per_q,
+                        terms=qdir, diag_exempt=positive_on_diagonal, splits=splits)
+        if symmetric and not one_sweep:
             _fwd_launch(k, q, None, nk, nq, None, None, par, lse[n:], term[n:], None, 1, normalize,
                         terms={key: v for key, v in kdir.items() if key != "bias"},
                         diag_exempt=positive_on_diagonal)

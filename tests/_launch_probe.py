@@ -1,4 +1,5 @@
-"""Run in a fresh process by tests/test_triton_compat.py: the SIGReg and KoLeo launchers on
+"""Run in a fresh process by tests/test_triton_compat.py: the SIGReg and KoLeo launchers
+(row-block and symmetric) on
 small CPU tensors, through Triton's real JIT entry (its binder, specialisation and launch
 options) with a stand-in CUDA driver for sm_90. The JIT's cache hook records each launch
 and returns True, so nothing is compiled or launched (the outputs stay uninitialised).
@@ -61,6 +62,11 @@ def main() -> None:
         x = torch.randn(70, 256).to(dtype)  # D = 256: the KoLeo section's compile plan
         for topk, hoist in ((1, False), (2, False), (3, False), (1, True), (2, True)):
             koleo.koleo_neighbors(x, 0, 70, 70, topk, 1e-8, hoist=hoist)
+        # the merge's column block follows the partials per row: the section's plan is for a
+        # large batch, so the symmetric search runs at its timed N = 16384 (nothing is computed)
+        batch = torch.empty(16384, 256, dtype=dtype).normal_()
+        for topk, hoist in ((1, True), (1, False), (3, True), (3, False)):
+            koleo.koleo_neighbors_symmetric(batch, batch.shape[0], topk, 1e-8, hoist=hoist)
 
     from triton.backends.nvidia.compiler import CUDAOptions
 

@@ -203,10 +203,23 @@ def test_opcheck():
     z2 = torch.randn(11, 7, requires_grad=True)
     torch.library.opcheck(torch.ops.sslkernels.nt_xent_forward.default, (z1, z2, 0.5, True))
     z1d, z2d = z1.detach(), z2.detach()
-    _, lse = torch.ops.sslkernels.nt_xent_forward(z1d, z2d, 0.5, False)
+    _, lse, norms = torch.ops.sslkernels.nt_xent_forward(z1d, z2d, 0.5, True)
+    assert norms.numel() == 0  # the C++ route saves no norms: it recomputes them in its sweeps
     torch.library.opcheck(
-        torch.ops.sslkernels.nt_xent_backward.default, (torch.tensor(1.0), z1d, z2d, lse, 0.5, False)
+        torch.ops.sslkernels.nt_xent_backward.default, (torch.tensor(1.0), z1d, z2d, lse, norms, 0.5, True)
     )
+
+
+def test_fake_saves_norms_on_the_triton_route_only():
+    """The forward's third output (the row norms the backward reuses) has the shape each
+    route returns: [4N] of the stats dtype on CUDA with normalize, empty otherwise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        for device, normalize, rows in (("cuda", True, 20), ("cuda", False, 0), ("cpu", True, 0)):
+            z = torch.empty(5, 3, dtype=torch.bfloat16, device=device)
+            _, lse, norms = torch.ops.sslkernels.nt_xent_forward(z, z, 0.5, normalize)
+            assert lse.shape == (10,) and norms.shape == (rows,) and norms.dtype == torch.float32, device
 
 
 @pytest.mark.slow

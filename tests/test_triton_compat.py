@@ -84,7 +84,8 @@ def test_compile_targets_compile_what_the_launchers_launch():
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     launches = [r for r in records if r["kind"] == "launch"]
     assert len(launches) >= 20 and {x["kernel"] for x in launches} == {
-        "_sigreg_stats_kernel", "_sigreg_dx_kernel", "_koleo_search_kernel"}
+        "_sigreg_stats_kernel", "_sigreg_dx_kernel", "_koleo_search_kernel", "_koleo_symmetric_kernel",
+        "_koleo_merge_kernel"}
     planned = {}
     for t in (r for r in records if r["kind"] == "target"):
         planned.setdefault((t["kernel"], tuple(sorted(t["constexprs"].items()))), set()).add(

@@ -11,6 +11,7 @@ The checks run one config per kernel variant (autotuning off: each op compiles s
 variants per dtype); the timings autotune."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,11 +35,15 @@ CHECKS = [
     ("info_nce[terms, queue grad]", "info_nce", 1000, 256, 3000, ["fp32", "bf16"],
      {"queue_grad": True, "terms": True}),
     ("clip[terms]", "info_nce", 1000, 256, 0, ["fp32", "bf16"], {"symmetric": True, "terms": True}),
+    # the two-pass forward, still the route past the one sweep's partial-buffer limit
+    ("clip[two-pass]", "info_nce", 1000, 256, 0, ["bf16"], {"symmetric": True, "two_pass": True}),
 ]
 TIMINGS = [
     ("sup_con", "sup_con", 8192, 128, 100, {}),
     ("info_nce", "info_nce", 8192, 256, 16384, {}),
     ("clip", "info_nce", 8192, 256, 0, {"symmetric": True}),
+    # the same call on the two-pass forward (lead 6's baseline: K.CLIP_ONE_SWEEP = False)
+    ("clip[two-pass]", "info_nce", 8192, 256, 0, {"symmetric": True, "two_pass": True}),
     ("info_nce_retrieval", "info_nce", 8192, 128, 0, {"terms": True}),
     # MoCo's small batch against a long queue: 4 row blocks, so the queue is split (_queue_splits)
     ("moco[N=256]", "info_nce", 256, 128, 65536, {"in_batch": False, "split": True}),
@@ -55,6 +60,10 @@ TERM_VARIANTS = [
     # the queue split's variants (the query rows' forward and dquery passes)
     ("info_nce", 128, 40, ["bf16", "fp32"], {"queue_grad": True, "split": True}),
     ("info_nce", 256, 40, ["bf16"], {"queue_grad": True, "terms": True, "split": True}),
+    # the one-sweep CLIP forward (COL_PART) at the other tile families' D
+    ("info_nce", 128, 0, ["bf16", "fp32"], {"symmetric": True}),
+    ("info_nce", 130, 0, ["bf16", "fp16"], {"symmetric": True, "terms": True}),
+    ("info_nce", 256, 40, ["bf16"], {"symmetric": True, "split": True}),  # split 0 writes the partials
 ]
 CHECK_WIDTH = 1  # configs compiled per variant of a check; timings autotune over 2
 SUP_CON_T = 0.1
@@ -175,10 +184,24 @@ def check(ctx: Ctx) -> list[Row]:
                 if ctx.time_left() < 60:
                     ctx.fail(f"{op} {row.case} {dt}: skipped (deadline)")
                     continue
-                rows.append(run_check(ctx, row, lambda: check_case(ctx, kind, n, d, extra, DTYPES[dt], opts)))
+                with _clip_route(K, opts):
+                    rows.append(run_check(ctx, row, lambda: check_case(ctx, kind, n, d, extra, DTYPES[dt], opts)))
     finally:
         K.AUTOTUNE = autotune
     return rows
+
+
+@contextlib.contextmanager
+def _clip_route(K, opts):
+    """A row's CLIP forward: the two-pass one where opts["two_pass"] (lead 6's baseline), else
+    the launcher's own choice (the one sweep at the checked and timed sizes)."""
+    saved = K.CLIP_ONE_SWEEP
+    if opts.get("two_pass"):
+        K.CLIP_ONE_SWEEP = False
+    try:
+        yield
+    finally:
+        K.CLIP_ONE_SWEEP = saved
 
 
 def _time_case(ctx: Ctx, kind, impl, mode, n, d, extra, dtype, opts):
@@ -210,8 +233,10 @@ def time(ctx: Ctx) -> list[Row]:
                 if ctx.time_left() < 40:
                     ctx.log(f"time {op} {row.case} {dt} {mode}: skipped (deadline)")
                     continue
-                for impl in ("fused", "eager"):
-                    timed(ctx, row, impl, lambda: _time_case(ctx, kind, impl, mode, n, d, extra, DTYPES[dt], opts))
+                with _clip_route(K, opts):
+                    for impl in ("fused", "eager"):
+                        timed(ctx, row, impl,
+                              lambda: _time_case(ctx, kind, impl, mode, n, d, extra, DTYPES[dt], opts))
                 log_timing(ctx, row)
                 rows.append(row)
                 free(ctx)
@@ -239,8 +264,12 @@ def _launch_plan(K, kind, opts):
     bias = dict(col_bias=terms, ids=terms, diag_exempt=exempt)
     on_rows = dict(row_bias=terms, ids=terms, diag_exempt=exempt)
     split = dict(split=bool(opts.get("split")) and has_c and not per_q)  # the query rows' passes only
-    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q, **bias, **split), None, None)]
-    if sym:
+    # CLIP: one sweep for both directions (column partials + their merge), or two passes
+    one_sweep = sym and not opts.get("two_pass", False)
+    out = [("fwd", K._fwd_flags(b_mode, has_c, False, per_q, **bias, **split, col_part=one_sweep), None, None)]
+    if one_sweep:
+        out.append(("merge", {}, None, None))
+    elif sym:
         out.append(("fwd", K._fwd_flags(1, False, False, ids=terms, diag_exempt=exempt), None, None))
     out.append(("bwd", K._bwd_flags(b_mode, has_c, False, True, sym, dirs, True, per_q, **bias, **split), None, None))
     out.append(("bwd", K._bwd_flags(b_mode, False, False, sym, True, dirs, sym, **on_rows), None, None))
@@ -298,10 +327,19 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
             out.append(CompileTarget(f"per_query_neg_bwd D={d} {dt}", K._per_query_neg_bwd_kernel, sig, consts,
                                      4, 2, aligned))
             continue
+        if which == "merge":  # the one-sweep CLIP forward's key-column merge (element-wise)
+            if any(t.tag == f"col_lse_merge {acc}" for t in out):
+                continue
+            sig = {"cpart_ptr": f"*{acc}", "nblk_ptr": "*i32", "kpos_ptr": f"*{acc}", "lse_ptr": "*fp64",
+                   "term_ptr": f"*{acc}", "NB": "i32", "RMAX": "i32"}
+            out.append(CompileTarget(f"col_lse_merge {acc}", K._col_lse_merge_kernel, sig,
+                                     {"ACC": bmeta["ACC"], "BLOCK_R": K._COL_MERGE_ROWS, "BLOCK": K._COL_MERGE_BLOCK}, 4, 3))
+            continue
         if which == "fwd":
             kernel, families, meta = K._lse_fwd_kernel, K._LSE_FWD_FAMILIES, fmeta
             sig = dict(common, par_ptr=f"*{acc}", lse_ptr=f"*{acc}", term_ptr=f"*{acc}", cnt_ptr=f"*{acc}",
-                       part_ptr=f"*{acc}", **sizes)
+                       part_ptr=f"*{acc}", cpart_ptr=f"*{acc}", kpos_ptr=f"*{acc}", nblk_ptr="*i32", **sizes,
+                       RMAX="i32")
         else:
             kernel, families, meta = K._lse_bwd_kernel, K._LSE_BWD_FAMILIES, bmeta
             sig = dict(common, cnt_ptr=f"*{cnt_ty or acc}", par_ptr=f"*{acc}", g_ptr=f"*{ty}",

@@ -5,25 +5,16 @@ oracle's best (a near-tie may resolve either way), never itself; timings fwd and
 against the eager reference (lightly's: normalize, x @ x.T, argmax, PairwiseDistance),
 and the search alone against eager's N x N search.
 
-Model (benchmarks/GPU_MODEL.md style), N = 16384, D = 256, bf16, topk 1, H200:
-* products: every row block sweeps all columns (no symmetry on the GPU), 2 N^2 D =
-  137 GFLOP -> 0.174 ms at 790 TFLOP/s;
-* bytes: the fewest are x once, 8.4 MB -> 2 us at 4.3 TB/s; every program re-reads the
-  column tiles from L2 (128 x 8.4 MB = 1.07 GB, ~0.09 ms at ~12 TB/s). Reloading the row
-  tile per column tile too (the chunked variant) doubles that to ~0.18 ms, as much as the
-  products: so fp16 / bf16 with D <= 256 hoist the 128 x 256 row tile (64 KiB of shared
-  memory; sm_90 compile: 128 KiB smem, 128 registers, no spill, HGMMA), the chunked
-  variant timed beside it;
-* programs: 128 of 128 rows on 132 SMs, one wave, 4 SMs idle, equal work (no tail);
-* epilogue: ~10 ops per similarity (scale, 3 in-tile masks, where, max, compare, where,
-  min) on 2.7e8 similarities = 2.7e9 ops ~ 80 us of the FP32/INT pipes, serial with the
-  products inside a program;
-* so the search ~0.25-0.35 ms; the loss on the pairs (torch ops, O(N D), ~10 launches
-  each way) ~0.1 ms; fwd+bwd ~0.4-0.5 ms.
-Eager bf16: cuBLAS ~0.25 ms, the N x N bf16 matrix written and argmax-read (1.07 GB ~
-0.25 ms), ~0.55 ms in all: predicted ~1.2-1.5x, short of the 3x goal. Reaching it needs
-the symmetric tiles (half the products, a deterministic merge of the column partials) and
-the loss in the same kernel's epilogue.
+Model (benchmarks/GPU_MODEL.md, "KoLeo: the symmetric search"), N = 16384, D = 256, bf16,
+topk 1, H200. The op's route for a whole batch is the symmetric search: 8256 upper-
+triangular tile pairs of 128 rows (62.5 programs per SM), N^2 D = 69 GFLOP (0.088 ms at
+790 TFLOP/s), each tile's row and column bests to a 16.8 MB partial buffer, a merge
+kernel: predicted search 0.15-0.25 ms, fwd+bwd 0.28-0.38 ms against eager's ~0.5 ms
+(1.3-1.8x, below the 3x goal). The row-block kernel (the route of a slice of queries:
+every row block sweeps all columns, 137 GFLOP, 128 programs = 0.97 per SM, predicted
+search 0.25-0.35 ms) is timed beside it as `koleo[search row_blocks hoist=...]`, and the
+symmetric kernel's other variant (all features in one unpipelined chunk) as
+`koleo[search symmetric hoist=True]`.
 """
 from __future__ import annotations
 
@@ -88,19 +79,30 @@ def search_case(ctx: Ctx, n, d, dtype, topk=1, group=None):
     flat_rows = rows.expand(-1, topk).reshape(-1)
     want = (xn[flat_rows] * xn[ref.reshape(-1)]).sum(-1).view(n, topk)
     tol = 1e-12 if dtype == torch.float64 else 1e-4  # tf32x3 / fp32 accumulation of the products
-    ok, msgs = True, []
-    for hoist in sorted({True, False}, reverse=True):  # both variants of the kernel, where they apply
-        if KK.plan(d, topk, dtype, hoist)["HOIST"] != hoist:
+    ok, msgs, picks = True, [], {}
+    # both kernels (the symmetric one is the op's route for a whole batch) and both
+    # variants of each, where they apply
+    variants = [("symmetric", hoist, KK.plan_symmetric(d, topk, dtype, hoist)["HOIST"],
+                 lambda h: KK.koleo_neighbors_symmetric(x, g, topk, 1e-8, hoist=h)) for hoist in (True, False)]
+    variants += [("row_blocks", hoist, KK.plan(d, topk, dtype, hoist)["HOIST"],
+                  lambda h: KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=h)) for hoist in (True, False)]
+    for route, hoist, planned, search in variants:
+        if planned != hoist:
             continue
-        idx = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=hoist)
-        again = KK.koleo_neighbors(x, 0, n, g, topk, 1e-8, hoist=hoist)
+        idx = search(hoist)
+        again = search(hoist)
         got = (xn[flat_rows] * xn[idx.cpu().reshape(-1)]).sum(-1).view(n, topk)
         short = int((got < want - tol).sum())
         selfs = int((idx.cpu() == rows).sum())
         same = float((idx.cpu() == ref).double().mean())
         ok = ok and short == 0 and selfs == 0 and torch.equal(idx, again)
-        msgs.append(f"search hoist={hoist}: {short} picks below the oracle's by > {tol:.0e}, {selfs} self picks, "
+        picks[(route, hoist)] = idx.cpu()
+        msgs.append(f"{route} hoist={hoist}: {short} picks below the oracle's by > {tol:.0e}, {selfs} self picks, "
                     f"{same:.4f} equal to the oracle, deterministic {torch.equal(idx, again)}")
+    sym = [v for (route, _), v in picks.items() if route == "symmetric"]
+    blk = [v for (route, _), v in picks.items() if route == "row_blocks"]
+    if sym and blk:  # the two routes round near-ties independently: report, the oracle rule above decides
+        msgs.append(f"symmetric = row_blocks on {float((sym[0] == blk[0]).double().mean()):.4f} of the picks")
     return ok, "; ".join(msgs)
 
 
@@ -159,11 +161,16 @@ def time(ctx: Ctx) -> list[Row]:
         rows.append(row)
         from sslkernels.kernels import koleo as KK
 
-        other = not KK.plan(d, 1, dtype)["HOIST"]  # the variant the op does not use by default
-        if KK.plan(d, 1, dtype, other)["HOIST"] == other:
-            rv = Row(f"koleo[search hoist={other}]", label(n, d), dt, "fwd", eager_ms=row.eager_ms)
-            timed(ctx, rv, "fused", lambda: (median_ms(
-                ctx, lambda: KK.koleo_neighbors(x, 0, n, n, 1, 1e-8, hoist=other)), None))
+        # the op's route for a whole batch is the symmetric search; beside it its other
+        # variant and the row-block kernel (the route of a slice of queries), both variants
+        variants = [(f"symmetric hoist={h}", lambda h=h: KK.koleo_neighbors_symmetric(x, n, 1, 1e-8, hoist=h))
+                    for h in (True, False) if KK.plan_symmetric(d, 1, dtype, h)["HOIST"] == h
+                    and h != KK.plan_symmetric(d, 1, dtype)["HOIST"]]
+        variants += [(f"row_blocks hoist={h}", lambda h=h: KK.koleo_neighbors(x, 0, n, n, 1, 1e-8, hoist=h))
+                     for h in (True, False) if KK.plan(d, 1, dtype, h)["HOIST"] == h]
+        for tag, fn in variants:
+            rv = Row(f"koleo[search {tag}]", label(n, d), dt, "fwd", eager_ms=row.eager_ms)
+            timed(ctx, rv, "fused", lambda: (median_ms(ctx, fn), None))
             log_timing(ctx, rv)
             rows.append(rv)
         del x
@@ -196,4 +203,27 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                       "HOIST": cfg["HOIST"]}
             out.append(CompileTarget(f"koleo_search {dt} topk={topk} {cfg}", KK._koleo_search_kernel, sig, consts,
                                      cfg["num_warps"], None, ("D", "stride_m"), wgmma=dt in ("fp16", "bf16")))
+        for topk, hoist in ((1, True), (1, False), (3, True), (3, False)):
+            cfg = KK.plan_symmetric(256, topk, dtype, hoist)
+            if hoist and not cfg["HOIST"]:
+                continue
+            k_pad = max(2, 1 << (topk - 1).bit_length())
+            sig = {"x_ptr": f"*{tys[dt]}", "scale_ptr": f"*{acc}", "pairs_ptr": "*i32", "part_v_ptr": f"*{acc}",
+                   "part_i_ptr": "*i32", "M": "i32", "D": "i32", "stride_m": "i32", "group_size": "i32",
+                   "PART_STRIDE": "i32"}
+            consts = {"stride_d": 1, "TOPK": topk, "K_PAD": k_pad,
+                      "PRECISION": FP32_PRECISION if dt == "fp32" else "ieee",
+                      "ACC": tl.float64 if dt == "fp64" else tl.float32, "BLOCK": cfg["BLOCK"],
+                      "BLOCK_K": cfg["BLOCK_K"]}
+            out.append(CompileTarget(f"koleo_symmetric {dt} topk={topk} {cfg}", KK._koleo_symmetric_kernel, sig,
+                                     consts, cfg["num_warps"], cfg["num_stages"], ("D", "stride_m"),
+                                     wgmma=dt in ("fp16", "bf16")))
+            if hoist:
+                continue
+            sig = {"part_v_ptr": f"*{acc}", "part_i_ptr": "*i32", "out_ptr": "*i64", "M": "i32", "group_size": "i32",
+                   "PART_STRIDE": "i32"}
+            consts = {"TOPK": topk, "K_PAD": k_pad, "ACC": tl.float64 if dt == "fp64" else tl.float32,
+                      "BLOCK": cfg["BLOCK"], "BLOCK_R": cfg["MERGE_ROWS"], "BLOCK_C": cfg["MERGE_ENTRIES"]}
+            out.append(CompileTarget(f"koleo_merge {dt} topk={topk}", KK._koleo_merge_kernel, sig, consts, 4, 3,
+                                     ("PART_STRIDE",)))
     return out

@@ -315,7 +315,7 @@ class _NTXent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ring, z1, z2, temperature: float):
-        _, lse = _ops().nt_xent_forward(z1, z2, temperature, False)
+        _, lse, _ = _ops().nt_xent_forward(z1, z2, temperature, False)
         rows = torch.cat([z1, z2])
         t = torch.full((), temperature, dtype=torch.float64, device=z1.device)
         merged = [lse]
@@ -335,7 +335,7 @@ class _NTXent(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         z1, z2, rows, t, lse = ctx.saved_tensors
-        dz1, dz2 = _ops().nt_xent_backward(grad, z1, z2, lse, ctx.temperature, False)
+        dz1, dz2 = _ops().nt_xent_backward(grad, z1, z2, lse, lse[:0], ctx.temperature, False)  # no norms
         d = torch.cat([dz1, dz2]).to(lse.dtype)
 
         def work(block):
@@ -437,7 +437,7 @@ def _self_excluded_grads(w, features, lse, temperature: float):
         lse = torch.cat([lse, lse.new_full((1,), float("inf"))])
     h = rows.shape[0] // 2
     z1, z2 = rows[:h], rows[h:]
-    dz1, dz2 = _ops().nt_xent_backward(w * rows.shape[0], z1, z2, lse, temperature, False)
+    dz1, dz2 = _ops().nt_xent_backward(w * rows.shape[0], z1, z2, lse, lse[:0], temperature, False)  # no norms
     c = 2 * w / temperature  # each pair's positive logit appears once per view
     st = lse.dtype
     d = torch.cat([dz1.to(st) + c * z2.to(st), dz2.to(st) + c * z1.to(st)])

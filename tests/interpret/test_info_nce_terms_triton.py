@@ -163,17 +163,23 @@ def test_rows_whose_every_negative_is_masked(contrastive_kernels, poisoned_outpu
             torch.testing.assert_close(lse[0], (qn[0] @ kn[0]) / 0.1 + bias[0], rtol=1e-5, atol=1e-5)
 
 
-def _eager_off_diagonal(q, key, neg, t, symmetric, in_batch, normalize, bias, anchor, cand):
-    """(loss, lse) of positive_on_diagonal=False: the id mask removes (i, i) too, the target
-    stays key i (loss_i = lse_i - l_ii, l_ii biased, over the rows of both directions)."""
+def _both_directions_logits(q, key, neg, t, normalize, bias):
+    """(query i against keys then the queue, biased [N, N + K]; key i against the queries [N, N])."""
     if normalize:
         q, key = F.normalize(q, dim=1), F.normalize(key, dim=1)
         neg = F.normalize(neg, dim=1) if neg is not None else None
-    n = q.shape[0]
     cands = key if neg is None else torch.cat([key, neg])
     logits = q @ cands.T / t
     if bias is not None:
         logits = logits + bias.to(logits.dtype)[None, :]
+    return logits, key @ q.T / t
+
+
+def _eager_off_diagonal(q, key, neg, t, symmetric, in_batch, normalize, bias, anchor, cand):
+    """(loss, lse) of positive_on_diagonal=False: the id mask removes (i, i) too, the target
+    stays key i (loss_i = lse_i - l_ii, l_ii biased, over the rows of both directions)."""
+    n = q.shape[0]
+    logits, logits_t = _both_directions_logits(q, key, neg, t, normalize, bias)
     drop = anchor[:, None] == cand[None, :]
     if not in_batch:  # the keys of other rows are no candidates
         drop[:, :n] |= ~torch.eye(n, dtype=torch.bool)
@@ -182,7 +188,6 @@ def _eager_off_diagonal(q, key, neg, t, symmetric, in_batch, normalize, bias, an
     losses = [lse - diag]
     lses = [lse]
     if symmetric:
-        logits_t = key @ q.T / t
         lse_t = torch.logsumexp(logits_t.masked_fill(drop[:, :n].T, float("-inf")), dim=1)
         losses.append(lse_t - logits_t.diagonal())
         lses.append(lse_t)

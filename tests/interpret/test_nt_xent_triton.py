@@ -49,9 +49,10 @@ def _reference(z1, z2, temperature, normalize, grad=1.0):
 
 
 def _fused(k, z1, z2, temperature, normalize, grad=1.0):
-    loss, lse = k.nt_xent_forward(z1, z2, temperature, normalize)
+    """A training step as autograd runs it: the backward reads the forward's saved norms."""
+    loss, lse, norms = k.nt_xent_forward(z1, z2, temperature, normalize)
     g = torch.tensor(grad, dtype=z1.dtype)
-    dz1, dz2 = k.nt_xent_backward(g, z1, z2, lse, temperature, normalize)
+    dz1, dz2 = k.nt_xent_backward(g, z1, z2, lse, temperature, normalize, norms)
     return loss, dz1, dz2, lse
 
 
@@ -76,12 +77,32 @@ def test_matches_float64_reference(contrastive_kernels, poisoned_outputs, dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_lse_is_the_log_sum_exp_without_the_diagonal(contrastive_kernels, poisoned_outputs, dtype):
     z1, z2 = _inputs(33, 65, dtype, True)
-    _, lse = contrastive_kernels.nt_xent_forward(z1, z2, 0.2, True)
+    _, lse, _ = contrastive_kernels.nt_xent_forward(z1, z2, 0.2, True)
     z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
     logits = z @ z.T / 0.2
     logits.fill_diagonal_(float("-inf"))
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, dim=1), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("d", [16, 65], ids=["hoisted", "scratch"])
+def test_saved_norms_are_the_norms_and_equal_recomputing(contrastive_kernels, poisoned_outputs, d):
+    """The forward's norms buffer holds ||x|| and 1 / max(||x||, eps) of the 2N rows, and a
+    backward that reads it is bit-identical to one that launches the row norms again."""
+    z1, z2 = _inputs(33, d, torch.float32, True)
+    z1[3] = 0.0  # clamped at eps
+    _, lse, norms = contrastive_kernels.nt_xent_forward(z1, z2, 0.3, True)
+    ref = torch.cat([z1, z2]).double().norm(dim=1)
+    assert norms.shape == (4 * 33,) and norms.dtype == torch.float32
+    torch.testing.assert_close(norms[:66].double(), ref, rtol=2e-6, atol=0)
+    torch.testing.assert_close(norms[66:].double(), 1.0 / ref.clamp(min=1e-12), rtol=2e-6, atol=0)
+    g = torch.tensor(0.7)
+    saved = contrastive_kernels.nt_xent_backward(g, z1, z2, lse, 0.3, True, norms)
+    again = contrastive_kernels.nt_xent_backward(g, z1, z2, lse, 0.3, True)
+    for a, b in zip(saved, again):
+        assert torch.equal(a, b)
+    _, _, none = contrastive_kernels.nt_xent_forward(z1, z2, 0.3, False)
+    assert none.numel() == 0  # nothing to save without normalisation
 
 
 def test_upstream_gradient_scales_the_gradients(contrastive_kernels, poisoned_outputs):

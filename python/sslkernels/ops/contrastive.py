@@ -1,7 +1,7 @@
 """Contrastive-loss ops.
 
-sslkernels::nt_xent_forward(z1, z2, temperature, normalize) -> (loss, lse)
-sslkernels::nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize) -> (dz1, dz2)
+sslkernels::nt_xent_forward(z1, z2, temperature, normalize) -> (loss, lse, norms)
+sslkernels::nt_xent_backward(grad_loss, z1, z2, lse, norms, temperature, normalize) -> (dz1, dz2)
 sslkernels::sup_con_forward(features, labels, temperature, normalize) -> (loss, lse)
 sslkernels::sup_con_backward(grad_loss, features, labels, lse, temperature, normalize) -> dfeatures
 sslkernels::info_nce_forward(query, key, negatives?, temperature, normalize, symmetric,
@@ -22,7 +22,10 @@ pass positive_on_diagonal = False (a remote key i with query i's id is a duplica
 
 Autograd saves the inputs and lse (one float64 per row, whatever the inputs' dtype: the
 backward recomputes every probability from it, and a float32 lse of logits ~1e4 is off
-by up to 5e-4, so would be each probability): nothing of size N x N. The
+by up to 5e-4, so would be each probability): nothing of size N x N. NT-Xent's
+forward also returns the row norms its Triton kernels read ([4N] in the stats dtype:
+||x|| then 1 / max(||x||, eps), with normalize), so the backward does not launch them
+again; the C++ route recomputes them inside its sweeps and returns an empty tensor. The
 last op (one-direction InfoNCE with in-batch keys and a shared queue or none) gives
 the gradients for grad_loss = 1 with the loss, in one sweep over the logit tiles;
 autograd keeps them (N x D each, float32 for half inputs) and scales them by
@@ -46,13 +49,19 @@ from sslkernels.ops._triton import launchers
 
 
 @torch.library.custom_op("sslkernels::nt_xent_forward", mutates_args=())
-def nt_xent_forward(z1: Tensor, z2: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor]:
+def nt_xent_forward(z1: Tensor, z2: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     raise _no_kernel("nt_xent_forward", z1.device)
+
+
+def _nt_xent_norms_rows(z1: Tensor, normalize: bool) -> int:
+    """Length of the saved row norms: 4N on the Triton route with normalize, else 0."""
+    return 4 * z1.shape[0] if normalize and z1.device.type == "cuda" else 0
 
 
 @nt_xent_forward.register_fake
 def _(z1, z2, temperature, normalize):
-    return z1.new_empty(()), z1.new_empty((2 * z1.shape[0],), dtype=torch.float64)
+    norms = z1.new_empty((_nt_xent_norms_rows(z1, normalize),), dtype=_stats_dtype(z1.dtype))
+    return z1.new_empty(()), z1.new_empty((2 * z1.shape[0],), dtype=torch.float64), norms
 
 
 @nt_xent_forward.register_kernel("cpu")
@@ -67,7 +76,7 @@ def _(z1, z2, temperature, normalize):
         lse=lse.data_ptr(), loss=loss64.data_ptr(), num_threads=_ext.num_threads(),
     )
     _ext.raise_for_status(status, "nt_xent", "z1", "z2")
-    return loss64.to(z1.dtype), lse
+    return loss64.to(z1.dtype), lse, z1.new_empty((0,), dtype=_stats_dtype(z1.dtype))
 
 
 @nt_xent_forward.register_kernel("cuda")
@@ -83,20 +92,20 @@ def _(z1, z2, temperature, normalize):
 
 @torch.library.custom_op("sslkernels::nt_xent_backward", mutates_args=())
 def nt_xent_backward(
-    grad_loss: Tensor, z1: Tensor, z2: Tensor, lse: Tensor, temperature: float, normalize: bool
+    grad_loss: Tensor, z1: Tensor, z2: Tensor, lse: Tensor, norms: Tensor, temperature: float, normalize: bool
 ) -> tuple[Tensor, Tensor]:
     raise _no_kernel("nt_xent_backward", z1.device)
 
 
 @nt_xent_backward.register_fake
-def _(grad_loss, z1, z2, lse, temperature, normalize):
+def _(grad_loss, z1, z2, lse, norms, temperature, normalize):
     return torch.empty_like(z1, memory_format=torch.contiguous_format), torch.empty_like(
         z2, memory_format=torch.contiguous_format
     )
 
 
 @nt_xent_backward.register_kernel("cpu")
-def _(grad_loss, z1, z2, lse, temperature, normalize):
+def _(grad_loss, z1, z2, lse, norms, temperature, normalize):  # norms: the C++ core recomputes them
     n, d = z1.shape
     dz1 = torch.empty((n, d), dtype=z1.dtype)
     dz2 = torch.empty((n, d), dtype=z2.dtype)
@@ -113,8 +122,8 @@ def _(grad_loss, z1, z2, lse, temperature, normalize):
 
 
 @nt_xent_backward.register_kernel("cuda")
-def _(grad_loss, z1, z2, lse, temperature, normalize):
-    return launchers("contrastive").nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize)
+def _(grad_loss, z1, z2, lse, norms, temperature, normalize):
+    return launchers("contrastive").nt_xent_backward(grad_loss, z1, z2, lse, temperature, normalize, norms)
 
 
 # ---------------------------------------------------------------- SupCon
@@ -540,25 +549,27 @@ info_nce_loss_and_grads.register_autograd(_scale_saved_grads, setup_context=_set
 
 
 def _register_loss_autograd(forward_op, backward_op, differentiable: tuple):
-    """Autograd for a fused loss op `forward(*tensors, *scalars) -> (loss, lse)`.
+    """Autograd for a fused loss op `forward(*tensors, *scalars) -> (loss, *stats)`.
 
-    Saves the tensor inputs and lse (O(rows), never a similarity matrix) and calls
-    `backward_op(grad_loss, *tensors, lse, *scalars)`, which returns the gradients of
-    the inputs flagged in `differentiable` (one flag per tensor input), in order.
+    Saves the tensor inputs and the statistics (lse, NT-Xent's row norms: O(rows), never
+    a similarity matrix) and calls `backward_op(grad_loss, *tensors, *stats, *scalars)`,
+    which returns the gradients of the inputs flagged in `differentiable` (one flag per
+    tensor input), in order.
     """
     num_tensors = len(differentiable)
 
     def setup_context(ctx, inputs, output):
-        _, lse = output
-        ctx.save_for_backward(*inputs[:num_tensors], lse)
+        _, *stats = output
+        ctx.save_for_backward(*inputs[:num_tensors], *stats)
         # Tensor-valued options (InfoNCE's bias and ids) as the forward read them: eager's
         # gradient does not change when the caller updates them in place before backward.
         ctx.scalars = tuple(x.clone() if isinstance(x, Tensor) else x for x in inputs[num_tensors:])
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(*stats)
 
-    def backward(ctx, grad_loss, grad_lse):
-        *tensors, lse = ctx.saved_tensors
-        grads = backward_op(grad_loss, *tensors, lse, *ctx.scalars)
+    def backward(ctx, grad_loss, *grad_stats):
+        saved = ctx.saved_tensors
+        tensors, stats = saved[:num_tensors], saved[num_tensors:]
+        grads = backward_op(grad_loss, *tensors, *stats, *ctx.scalars)
         grads = iter(grads if isinstance(grads, (tuple, list)) else (grads,))
         # An optional input that was None, or that needs no gradient, gets None.
         out = []
@@ -581,7 +592,7 @@ _register_loss_autograd(info_nce_forward, torch.ops.sslkernels.info_nce_backward
 
 
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, *, normalize: bool) -> Tensor:
-    loss, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
+    loss, _, _ = torch.ops.sslkernels.nt_xent_forward(z1, z2, temperature, bool(normalize))
     return loss
 
 

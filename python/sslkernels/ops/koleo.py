@@ -7,7 +7,8 @@ sslkernels::koleo_loss_backward(grad_loss, x, indices, query_offset, group_size,
 The queries are rows query_offset .. query_offset + query_count - 1 of x (all of x in one
 process; one rank's slice of the gathered batch with gather_distributed). The search is
 the fused part: rows L2-normalised, similarity tiles through OpenBLAS (CPU, symmetric
-tiles multiplied once) or tl.dot (CUDA), a running top-k per row, never an N x N matrix.
+tiles multiplied once) or tl.dot (CUDA: symmetric tiles and a merge when every row is a
+query, `search_route`), a running top-k per row, never an N x N matrix.
 Its int64 [query_count, topk] result is not differentiable. The loss on the pairs is
 O(query_count * topk * D): the C++ core on the CPU (float64 accumulation, a deterministic
 scatter of the neighbour gradients), torch ops on CUDA. Autograd saves x and the indices.
@@ -65,11 +66,39 @@ def _(x, query_offset, query_count, group_size, topk, eps):
     return indices
 
 
-@koleo_neighbors.register_kernel("cuda")
-def _(x, query_offset, query_count, group_size, topk, eps):
+# The symmetric search's partial buffer grows as N^2 / BLOCK (no groups); past this the
+# whole batch takes the row-block kernel (no buffer) rather than risk running out of memory.
+MAX_PARTIAL_BYTES = 1 << 30
+
+
+def search_route(x: Tensor, query_offset: int, query_count: int, group_size: int, topk: int) -> str:
+    """The CUDA search kernel for these queries. "symmetric" when every row of x is a query
+    (each similarity tile multiplied once for both of its row blocks, then a merge of the
+    per-tile bests) and its partial buffer stays within MAX_PARTIAL_BYTES (N up to ~130k
+    rows without groups); "row_blocks" otherwise, and for a slice of the rows (one rank's
+    queries of a gathered batch: the symmetric tiles would also rank the rows that are
+    not queries). Both give the same top-k under the same strict order (larger
+    similarity, then smaller index), up to the rounding of the similarities."""
+    rows, cols = x.shape
+    if query_offset != 0 or query_count != rows or rows >= 2**31:
+        return "row_blocks"
+    if launchers("koleo").partial_bytes(rows, cols, group_size, topk, x.dtype) > MAX_PARTIAL_BYTES:
+        return "row_blocks"
+    return "symmetric"
+
+
+def search_cuda(x, query_offset, query_count, group_size, topk, eps):
+    """The CUDA kernel of koleo_neighbors (the route of `search_route`; the interpreter
+    tests run it on CPU tensors)."""
     if debug_enabled():
         check_finite(x, "x")
-    return launchers("koleo").koleo_neighbors(x, query_offset, query_count, group_size, topk, eps)
+    kernels = launchers("koleo")
+    if search_route(x, query_offset, query_count, group_size, topk) == "symmetric":
+        return kernels.koleo_neighbors_symmetric(x, group_size, topk, eps)
+    return kernels.koleo_neighbors(x, query_offset, query_count, group_size, topk, eps)
+
+
+koleo_neighbors.register_kernel("cuda")(search_cuda)
 
 
 # ---------------------------------------------------------------- loss on the pairs
