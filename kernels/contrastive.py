@@ -291,7 +291,8 @@ def _row_norm_kernel(
         ss += tl.sum(x * x, axis=1)
     nrm = tl.sqrt(ss)
     tl.store(norm_ptr + view * N + rows, nrm, mask=row_ok)
-    tl.store(norm_ptr + 2 * N + view * N + rows, 1.0 / tl.maximum(nrm, EPS), mask=row_ok)
+    # eps as an ACC constant: Triton 3.6's tl.maximum rounds a Python float to float32 first
+    tl.store(norm_ptr + 2 * N + view * N + rows, 1.0 / tl.maximum(nrm, tl.full([], EPS, ACC)), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- logits
@@ -458,7 +459,7 @@ def _weighted_rows(w, vt, acc, PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, 
     if DOT2_F32:
         # float16 inputs: W r_j in fp16 underflows (it is ~1/M), so this product
         # runs on fp32 operands (tf32: fp16's mantissa with fp32's range)
-        acc = tl.dot(w.to(tl.float32), vt.to(tl.float32), acc, input_precision="tf32")
+        acc = tl.dot(w.to(tl.float32), vt.to(tl.float32), acc, input_precision="tf32", out_dtype=tl.float32)
     else:
         acc = tl.dot(w.to(vt.dtype), vt, acc, input_precision=PRECISION, out_dtype=ACC)
     return acc

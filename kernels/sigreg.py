@@ -51,10 +51,11 @@ def _project_tile(p_base, a_ptr, stride_pn, stride_pd, stride_ad, stride_as, off
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         a = tl.load(a_ptr + offs_d[:, None].to(tl.int64) * stride_ad + offs_s[None, :].to(tl.int64) * stride_as,
                     mask=d_ok[:, None] & s_ok[None, :], other=0.0)
+        # out_dtype=ACC: Triton 3.6 defaults it to float32 and rejects a float64 accumulator
         if IEEE:
-            x = tl.dot(p, a, x, input_precision="ieee")
+            x = tl.dot(p, a, x, input_precision="ieee", out_dtype=ACC)
         else:
-            x = tl.dot(p, a, x)
+            x = tl.dot(p, a, x, out_dtype=ACC)
     return x
 
 

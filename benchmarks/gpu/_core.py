@@ -380,14 +380,15 @@ class CompileTarget:
     Triton types ("*fp32", "i32", ...), ``constexprs`` the rest (the config's meta
     included), ``aligned`` the integer arguments divisible by 16 at run time (pointers
     are always 16-byte aligned), ``wgmma`` whether its tile products should be Hopper's
-    HGMMA (checked in the SASS)."""
+    HGMMA (checked in the SASS). ``num_stages`` None: the launch names none, so Triton's
+    default applies (the CUDA backend's, 3 in Triton 3.6-3.9)."""
 
     tag: str
     kernel: Any
     signature: dict
     constexprs: dict
     num_warps: int
-    num_stages: int
+    num_stages: Optional[int]
     aligned: tuple = ()
     wgmma: bool = False
 
@@ -457,8 +458,10 @@ def compile_target(t: CompileTarget, sass: bool = True) -> CompileResult:
     src = ASTSource(fn, full, constexprs=dict(t.constexprs), attrs=attrs)
     t0 = _time.time()
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": t.num_warps, "num_stages": t.num_stages})
+        options = {"num_warps": t.num_warps}
+        if t.num_stages is not None:
+            options["num_stages"] = t.num_stages
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as exc:  # noqa: BLE001
         return CompileResult(t.tag, False, _time.time() - t0, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
     res = CompileResult(t.tag, True, _time.time() - t0, smem=int(ck.metadata.shared))

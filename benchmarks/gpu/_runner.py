@@ -90,10 +90,52 @@ def default_csv(rehearse: bool) -> str:
     return os.path.join(out if out else os.path.join(REPO, "benchmarks", "results"), name)
 
 
+# ---------------------------------------------------------------------------- compile time
+
+
+class CompileClock:
+    """Triton's compiles in this process, through its compilation listener where the
+    installed Triton has one (3.6 and later): how many, how many the on-disk cache served,
+    and the seconds spent. The device run logs it after every section, so the share of its
+    deadline that goes to the JIT is measured there (whether carrying a compiled
+    TRITON_CACHE_DIR could pay), not guessed from this machine's compile-only times."""
+
+    def __init__(self):
+        self.compiles = self.cache_hits = 0
+        self.seconds = 0.0
+        self._mark = (0, 0, 0.0)
+        try:
+            from triton import knobs
+
+            previous = knobs.compilation.listener
+        except (ImportError, AttributeError):  # a Triton without the listener: nothing counted
+            self.installed = False
+            return
+
+        def listen(**event):
+            self.compiles += 1
+            self.cache_hits += bool(event.get("cache_hit"))
+            self.seconds += getattr(event.get("times"), "total", 0) / 1e6  # microseconds
+            if previous is not None:
+                previous(**event)
+
+        knobs.compilation.listener = listen
+        self.installed = True
+
+    def since_last(self) -> str:
+        """The compiles since the previous call, in words."""
+        then = self._mark
+        self._mark = (self.compiles, self.cache_hits, self.seconds)
+        if not self.installed:
+            return "compiles not counted (this Triton has no compilation listener)"
+        return (f"{self.compiles - then[0]} Triton compile(s) ({self.cache_hits - then[1]} from the cache), "
+                f"{self.seconds - then[2]:.1f}s compiling")
+
+
 # ---------------------------------------------------------------------------- compile-only
 
 
-def compile_only(args, sections, ctx) -> int:
+def compile_only(args, sections, ctx, clock=None) -> int:
     from benchmarks.gpu._core import compile_target
 
     if args.jobs > 1 and args.shard is None:
@@ -115,7 +157,8 @@ def compile_only(args, sections, ctx) -> int:
         spills += bool(res.ok and res.spill_bytes)
         no_hgmma += bool(res.ok and t.wgmma and res.hgmma == 0)
     print(f"compile-only{f' shard {i}/{n}' if args.shard else ''}: {len(mine)} of {len(targets)} targets, "
-          f"{failures} failure(s), {spills} with spills, {no_hgmma} expected HGMMA without it")
+          f"{failures} failure(s), {spills} with spills, {no_hgmma} expected HGMMA without it; "
+          f"{clock.since_last() if clock else ''}")
     return 1 if failures else 0
 
 
@@ -164,8 +207,9 @@ def main(argv=None) -> int:
         print(f"kernels: {os.path.dirname(K.__file__)}; autotune={K.AUTOTUNE}, interpret={K.INTERPRET}")
         print("dry run: nothing executed")
         return 0
+    clock = CompileClock()
     if args.compile_only:
-        return compile_only(args, sections, ctx)
+        return compile_only(args, sections, ctx, clock)
     if device.type != "cuda" and not args.rehearse:
         print("no CUDA device: use --dry-run, --compile-only or --rehearse here")
         return 2
@@ -188,6 +232,7 @@ def main(argv=None) -> int:
             import traceback
 
             ctx.fail(f"{s.NAME}.{phase}: EXCEPTION " + traceback.format_exc(limit=6))
+        ctx.log(f"section {s.NAME}: {phase} done; {clock.since_last()}")
 
     if args.rehearse:
         rehearse_wheels(ctx, args.wheels)
@@ -203,5 +248,6 @@ def main(argv=None) -> int:
     print(format_table(rows), end="")
     print(f"CSV: {path} ({len(rows)} rows)")
     print(f"{'FAILED' if ctx.failures else 'ALL CHECKS PASSED'} ({len(ctx.failures)} failure(s)); "
-          f"total {time.time() - ctx.t0:.0f}s")
+          f"total {time.time() - ctx.t0:.0f}s, of which {clock.seconds:.0f}s in {clock.compiles} Triton compile(s) "
+          f"({clock.cache_hits} from the cache)")
     return 1 if ctx.failures else 0

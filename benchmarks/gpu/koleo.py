@@ -202,7 +202,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                       "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                       "HOIST": cfg["HOIST"]}
             out.append(CompileTarget(f"koleo_search {dt} topk={topk} {cfg}", KK._koleo_search_kernel, sig, consts,
-                                     cfg["num_warps"], 2, ("D", "stride_m"), wgmma=dt in ("fp16", "bf16")))
+                                     cfg["num_warps"], None, ("D", "stride_m"), wgmma=dt in ("fp16", "bf16")))
         for topk, hoist in ((1, True), (1, False), (3, True), (3, False)):
             cfg = KK.plan_symmetric(256, topk, dtype, hoist)
             if hoist and not cfg["HOIST"]:

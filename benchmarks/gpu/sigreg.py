@@ -89,6 +89,9 @@ def time(ctx: Ctx) -> list[Row]:
     return rows
 
 
+LAUNCH_STAGES = None  # kernels/sigreg.py launches name no num_stages: Triton's default applies
+
+
 def compile_targets(ctx: Ctx) -> list[CompileTarget]:
     """Both SIGReg kernels in every dtype the checks launch (and fp64), 17 knots."""
     import triton
@@ -107,12 +110,12 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                      "D": "i32", "S": "i32", "rows_per_split": "i32", **strides, "dt": "fp32"}
         out.append(CompileTarget(f"sigreg_stats {dt} {K.BLOCK_N}x{K.BLOCK_S}x{K.BLOCK_D} w{K.NUM_WARPS}",
                                  K._sigreg_stats_kernel, stats_sig,
-                                 {**meta, "KPAD": triton.next_power_of_2(KNOTS)}, K.NUM_WARPS, 2,
+                                 {**meta, "KPAD": triton.next_power_of_2(KNOTS)}, K.NUM_WARPS, LAUNCH_STAGES,
                                  ("D", "S", "stride_pn", "stride_ad"), wgmma=dt in ("fp16", "bf16")))
         dx = "fp32" if dt == "fp16" else dt
         dx_sig = {"P": f"*{dt}", "A": f"*{dt}", "COEF_SIN": f"*{acc}", "COEF_COS": f"*{acc}", "DX": f"*{dx}",
                   "N": "i32", "D": "i32", "S": "i32", **strides, "dt": "fp32"}
         out.append(CompileTarget(f"sigreg_dx {dt} {K.BLOCK_N}x{K.BLOCK_S}x{K.BLOCK_D} w{K.NUM_WARPS}",
-                                 K._sigreg_dx_kernel, dx_sig, meta, K.NUM_WARPS, 2,
+                                 K._sigreg_dx_kernel, dx_sig, meta, K.NUM_WARPS, LAUNCH_STAGES,
                                  ("D", "S", "stride_pn", "stride_ad"), wgmma=dt in ("fp16", "bf16")))
     return out
