@@ -265,7 +265,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                 "loss_ptr": f"*{ty}", "N": "i32", "SPLITS": "i32"}
         out.append(CompileTarget(f"{head} lse_merge", K._nt_xent_lse_merge_kernel, msig,
                                  {"BLOCK_R": K._LSE_MERGE_ROWS, "RED_BLOCK": K._RED_BLOCK},
-                                 small.num_warps, small.num_stages))
+                                 small.num_warps, None))  # launched without num_stages: Triton's default
         if normalize:
             nsig = ({**common, "N": "i32", "D": "i32"} if d != 1 else
                     {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "norm_ptr": f"*{acc}", "N": "i32", "D": "i32"})
@@ -282,5 +282,5 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         out.append(CompileTarget(f"{head} grad_finish", K._grad_finish_kernel, nsig,
                                  {**one, "NORMALIZE": normalize, "ACC": bmeta["ACC"], "EPS": K._EPS,
                                   "BLOCK_R": br, "BLOCK_D": bd},
-                                 small.num_warps, small.num_stages, aligned))
+                                 small.num_warps, None, aligned))  # (Triton's default num_stages, as launched)
     return out
