@@ -15,7 +15,10 @@ two launchers at the bottom are what `python/sslkernels/ops/contrastive.py` call
   sum-exp in base 2. Epilogue: the positive logit as a row-wise dot product;
   writes lse [M] and the mean loss itself (``_fold_mean``: per-program float64
   partials summed in program order by the program that draws the last ticket:
-  deterministic, no torch reduction launched). 2 M^2 D flops.
+  deterministic, no torch reduction launched). 2 M^2 D flops. SPLIT (as the
+  backward's, below): S programs per row block, each writing its rows' base-2 (max,
+  rest, positive's logit) to [3, S, M]; ``_nt_xent_lse_merge_kernel`` merges them in
+  split order and writes lse and the folded loss.
 * ``_nt_xent_bwd_kernel`` grid (2 cdiv(N, BLOCK_M), cdiv(D, BLOCK_DO)),
   row-parallel and atomic-free (deterministic): the program owning rows i (and
   one BLOCK_DO slice of the output features) sweeps all column tiles again,
@@ -26,7 +29,13 @@ two launchers at the bottom are what `python/sslkernels/ops/contrastive.py` call
   2 M^2 D flops. When a program holds whole rows (D <= BLOCK_DO) or there is no
   normalisation, dx is finished in the epilogue and written in the inputs'
   dtype; otherwise dZhat goes to an fp32 [M, D] scratch and
-* ``_norm_bwd_kernel``    applies dx = (dZhat - zhat (zhat . dZhat)) / ||x||, O(M D).
+* ``_grad_finish_kernel`` applies dx = (dZhat - zhat (zhat . dZhat)) / ||x||, O(M D).
+  SPLIT (the row blocks alone fill fewer than 2 programs per SM: N <~ 8192 at D = 128):
+  a third grid axis shares each row block's column tiles among S programs (split s
+  takes tiles s, s + S, ...), each writing its fp32 share of dZhat to a [S, M, D]
+  scratch; ``_grad_finish_kernel`` sums the S slices in split order (deterministic) before
+  the normalisation backward (or, without normalisation, writes the sum in the
+  outputs' dtype).
 
 SupCon and InfoNCE / CLIP share NT-Xent's jitted helpers (tile pointers, hoisted row
 tile, logit tile, online LSE, row-wise positive dot, second product, normalisation
@@ -463,7 +472,7 @@ def _grad_epilogue(acc, c, q, x_ptrs, n_i, r_i, out_base, sc_base, lrows, dcols,
     """dZhat = c * acc for the program's rows; when the program holds whole rows (or there is
     no normalisation) dx is finished here and written in the inputs' dtype (out_base: the
     tile's first output row, contiguous [., D]); otherwise dZhat goes to the fp32 scratch
-    for _norm_bwd_kernel. x_ptrs: the rows' inputs at dcols (read unless SAME_TILE, q)."""
+    for _grad_finish_kernel. x_ptrs: the rows' inputs at dcols (read unless SAME_TILE, q)."""
     out_off = lrows[:, None] * D + dcols[None, :]  # int32 inside the block
     if FUSED_OUT:
         if NORMALIZE:
@@ -511,16 +520,22 @@ def _fold_mean(partial_ptr, ticket_ptr, out_ptr, part, count, RED_BLOCK: tl.cons
         tl.store(ticket_ptr, 0)
 
 
-@triton.autotune(configs=_all_configs(_FWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE"],
+@triton.autotune(configs=_all_configs(_FWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_FAMILIES)})
-@triton.jit(do_not_specialize=["N", "TUNE_M"])
+@triton.jit(do_not_specialize=["N", "TUNE_M", "SPLITS"])
 def _nt_xent_fwd_kernel(
-    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr,
-    N, D, TUNE_M, scale_hi, scale_lo,
-    NORMALIZE: tl.constexpr, HOIST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RED_BLOCK: tl.constexpr,
+    z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr, part_ptr,
+    N, D, TUNE_M, SPLITS, scale_hi, scale_lo,
+    NORMALIZE: tl.constexpr, HOIST: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RED_BLOCK: tl.constexpr,
 ):
+    """SPLIT (as the backward's): program (row block, split) sweeps the column tiles split,
+    split + SPLITS, ... and writes its rows' base-2 (max, rest, positive's logit: 0 unless
+    the split holds the positive's tile) to part_ptr [3, SPLITS, M]; _nt_xent_lse_merge_kernel
+    merges them in split order and folds the loss (this kernel then writes neither)."""
     view, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_M)
+    split, _ = _split_of(SPLIT, 1)
     # log2(e) / t, exact in float64 (hi, lo are float32 values: exact in ACC)
     scale = tl.zeros([BLOCK_M], dtype=ACC) + scale_hi + scale_lo
     if NORMALIZE:
@@ -536,7 +551,8 @@ def _nt_xent_fwd_kernel(
     spos = tl.zeros([BLOCK_M], dtype=ACC)  # the positive's logit, from its tile (_diagonal_of)
     lcols = tl.arange(0, BLOCK_N)
     nbj = tl.cdiv(N, BLOCK_N)
-    for t in range(0, 2 * nbj):  # z1's column tiles, then z2's
+    t_step = SPLITS if SPLIT else 1
+    for t in range(split, 2 * nbj, t_step):  # z1's column tiles, then z2's
         cview = t // nbj
         col0 = (t - cview * nbj) * BLOCK_N
         cols = col0 + lcols
@@ -551,25 +567,68 @@ def _nt_xent_fwd_kernel(
         m_i, l_i = _online_lse(m_i, l_i, s)
 
     idx = view * N + rows
+    if SPLIT:
+        at = split * 2 * N + idx
+        tl.store(part_ptr + at, m_i, mask=row_ok)
+        tl.store(part_ptr + SPLITS * 2 * N + at, l_i, mask=row_ok)
+        tl.store(part_ptr + 2 * SPLITS * 2 * N + at, spos, mask=row_ok)
+    else:
+        _finish_rows(lse_ptr, partial_ptr, ticket_ptr, loss_ptr, idx, m_i, l_i, spos, row_ok, 2 * N, RED_BLOCK)
+
+
+@triton.jit
+def _finish_rows(lse_ptr, partial_ptr, ticket_ptr, loss_ptr, idx, m_i, l_i, spos, row_ok, M, RED_BLOCK: tl.constexpr):
+    """Rows idx done: their lse stored, their losses lse - s_pos folded into the mean."""
     lse2 = _store_lse(lse_ptr, idx, m_i, l_i, row_ok)
     row_loss = tl.where(row_ok, (lse2 - spos.to(tl.float64)) * 0.6931471805599453, 0.0)
-    _fold_mean(partial_ptr, ticket_ptr, loss_ptr, tl.sum(row_loss, axis=0), 2 * N, RED_BLOCK)
+    _fold_mean(partial_ptr, ticket_ptr, loss_ptr, tl.sum(row_loss, axis=0), M, RED_BLOCK)
+
+
+@triton.jit(do_not_specialize=["N", "SPLITS"])
+def _nt_xent_lse_merge_kernel(part_ptr, lse_ptr, partial_ptr, ticket_ptr, loss_ptr, N, SPLITS,
+                              BLOCK_R: tl.constexpr, RED_BLOCK: tl.constexpr):
+    """The split forward's rows finished: the SPLITS partials [3, SPLITS, M] of BLOCK_R rows
+    merged in split order 0, 1, ... (_merge_lse_parts; the positive's logit summed: one split
+    holds it, the others add 0), then lse and the folded loss as the unsplit kernel writes
+    them (_finish_rows; this launch's programs draw the tickets)."""
+    m_rows = 2 * N
+    idx = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = idx < m_rows
+    m = tl.load(part_ptr + idx, mask=ok, other=float("-inf"))
+    l = tl.load(part_ptr + SPLITS * m_rows + idx, mask=ok, other=-1.0)
+    spos = tl.load(part_ptr + 2 * SPLITS * m_rows + idx, mask=ok, other=0.0)
+    for s in range(1, SPLITS):
+        at = s * m_rows + idx
+        m2 = tl.load(part_ptr + at, mask=ok, other=float("-inf"))
+        l2 = tl.load(part_ptr + SPLITS * m_rows + at, mask=ok, other=-1.0)
+        m, l = _merge_lse_parts(m, l, m2, l2)
+        spos += tl.load(part_ptr + 2 * SPLITS * m_rows + at, mask=ok, other=0.0)
+    m = tl.where(ok, m, 0.0)  # (padding: a finite lse, never stored)
+    l = tl.where(ok, l, 0.0)
+    _finish_rows(lse_ptr, partial_ptr, ticket_ptr, loss_ptr, idx, m, l, spos, ok, m_rows, RED_BLOCK)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.autotune(configs=_all_configs(_BWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE"],
+@triton.autotune(configs=_all_configs(_BWD_FAMILIES), key=["D", "TUNE_M", "PRECISION", "NORMALIZE", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(_BWD_FAMILIES)})
-@triton.jit(do_not_specialize=["N", "TUNE_M"])
+@triton.jit(do_not_specialize=["N", "TUNE_M", "SPLITS"])
 def _nt_xent_bwd_kernel(
     z1_ptr, z2_ptr, stride1, stride2, norm_ptr, lse_ptr, g_ptr, out1_ptr, out2_ptr, scratch_ptr,
-    N, D, TUNE_M, scale_hi, scale_lo, c_hi, c_lo,
+    N, D, TUNE_M, SPLITS, scale_hi, scale_lo, c_hi, c_lo,
     NORMALIZE: tl.constexpr, HOIST: tl.constexpr, SAME_TILE: tl.constexpr, FUSED_OUT: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr, DOT2_F32: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
+    """SPLIT (too few row blocks to fill the GPU, _nt_xent_splits): program (row block,
+    output columns, split) sweeps the column tiles split, split + SPLITS, ... of the 2 nbj
+    (z1's then z2's) and writes its share of dZhat = c acc, fp32, to its slice of
+    scratch_ptr [SPLITS, M, D]; _grad_finish_kernel sums the slices in split order and
+    applies the normalisation's backward and the output dtype."""
     view, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_M)
+    split, _ = _split_of(SPLIT, 2)
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dcol_ok = dcols < D
 
@@ -586,7 +645,8 @@ def _nt_xent_bwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC)
     lcols = tl.arange(0, BLOCK_N)
     nbj = tl.cdiv(N, BLOCK_N)
-    for t in range(0, 2 * nbj):
+    t_step = SPLITS if SPLIT else 1
+    for t in range(split, 2 * nbj, t_step):
         cview = t // nbj
         col0 = (t - cview * nbj) * BLOCK_N
         cols = col0 + lcols
@@ -628,37 +688,53 @@ def _nt_xent_bwd_kernel(
         n_i, r_i = c, c  # unread
     _grad_epilogue(acc, c, q, _tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, dcols),
                    n_i, r_i, tl.where(view == 0, out1_ptr, out2_ptr) + row0.to(tl.int64) * D,
-                   scratch_ptr + (view * N + row0).to(tl.int64) * D, lrows, dcols, omask, D,
-                   NORMALIZE, SAME_TILE, FUSED_OUT, ACC, EPS)
+                   scratch_ptr + ((split * 2 + view) * N + row0).to(tl.int64) * D, lrows, dcols, omask, D,
+                   NORMALIZE, SAME_TILE, FUSED_OUT and not SPLIT, ACC, EPS)
+
+
+@triton.jit(do_not_specialize=["SPLITS", "SLICE"])
+def _grad_finish_kernel(
+    scratch_ptr, z1_ptr, z2_ptr, stride1, stride2, norm_ptr, out1_ptr, out2_ptr, N, D, SPLITS, SLICE,
+    NORMALIZE: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dZhat = the sum of the SPLITS slices of the scratch (SLICE elements apart), added in
+    split order 0, 1, ... (deterministic), then dx = (dZhat - zhat (zhat . dZhat)) / ||x||
+    (dZhat / eps where ||x|| <= eps) under NORMALIZE, else dx = dZhat; written in the
+    outputs' dtype. One slice: the normalisation backward of an unsplit sweep."""
+    view, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_R)
+    sc_ptr = scratch_ptr + (view * N + row0).to(tl.int64) * D
+    out_ptr = tl.where(view == 0, out1_ptr, out2_ptr) + row0.to(tl.int64) * D
+    if NORMALIZE:
+        nrm = tl.load(norm_ptr + view * N + rows, mask=row_ok, other=1.0)
+        r = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC)
+        proj = tl.zeros([BLOCK_R], dtype=ACC)
+        for k0 in range(0, D, BLOCK_D):
+            cols = k0 + tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols < D)[None, :]
+            x = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, cols), mask=mask, other=0.0)
+            gz = _summed_slices(sc_ptr, lrows[:, None] * D + cols[None, :], mask, SPLITS, SLICE)
+            proj += tl.sum(x.to(ACC) * r[:, None] * gz, axis=1)
+        big = (nrm > EPS)[:, None]
+    for k0 in range(0, D, BLOCK_D):
+        cols = k0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        gz = _summed_slices(sc_ptr, lrows[:, None] * D + cols[None, :], mask, SPLITS, SLICE)
+        if NORMALIZE:
+            x = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, cols), mask=mask, other=0.0)
+            zh = x.to(ACC) * r[:, None]
+            dx = tl.where(big, (gz - zh * proj[:, None]) * r[:, None], gz * r[:, None])
+        else:
+            dx = gz
+        tl.store(out_ptr + lrows[:, None] * D + cols[None, :], dx.to(out1_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _norm_bwd_kernel(
-    scratch_ptr, z1_ptr, z2_ptr, stride1, stride2, norm_ptr, out1_ptr, out2_ptr, N, D,
-    ACC: tl.constexpr, EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dx = (dZhat - zhat (zhat . dZhat)) / ||x||  (dZhat / eps where ||x|| <= eps)."""
-    view, row0, lrows, rows, row_ok = _program_rows(N, BLOCK_R)
-    nrm = tl.load(norm_ptr + view * N + rows, mask=row_ok, other=1.0)
-    r = _rnorm(norm_ptr, N, view * N + rows, row_ok).to(ACC)
-    sc_ptr = scratch_ptr + (view * N + row0).to(tl.int64) * D
-    out_ptr = tl.where(view == 0, out1_ptr, out2_ptr) + row0.to(tl.int64) * D
-    proj = tl.zeros([BLOCK_R], dtype=ACC)
-    for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols < D)[None, :]
-        x = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, cols), mask=mask, other=0.0)
-        gz = tl.load(sc_ptr + lrows[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        proj += tl.sum(x.to(ACC) * r[:, None] * gz, axis=1)
-    big = (nrm > EPS)[:, None]
-    for k0 in range(0, D, BLOCK_D):
-        cols = k0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols < D)[None, :]
-        x = tl.load(_tile_ptrs(z1_ptr, z2_ptr, stride1, stride2, view, row0, lrows, cols), mask=mask, other=0.0)
-        gz = tl.load(sc_ptr + lrows[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        zh = x.to(ACC) * r[:, None]
-        dx = tl.where(big, (gz - zh * proj[:, None]) * r[:, None], gz * r[:, None])
-        tl.store(out_ptr + lrows[:, None] * D + cols[None, :], dx.to(out1_ptr.dtype.element_ty), mask=mask)
+def _summed_slices(sc_ptr, offs, mask, SPLITS, SLICE):
+    """sum_s sc_ptr[s SLICE + offs] for s = 0 .. SPLITS - 1, added in that order."""
+    total = tl.load(sc_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, SPLITS):
+        total += tl.load(sc_ptr + s * SLICE.to(tl.int64) + offs, mask=mask, other=0.0)
+    return total
 
 
 # ----------------------------------------------------------------------------- generic row-block passes
@@ -1202,7 +1278,7 @@ def _plan(d: int, dtype: torch.dtype, normalize: bool, precision: str):
         # the column tile loaded for S is also the value tile of the second product
         SAME_TILE=hoist and block_k == block_do and d <= block_do,
         # whole output rows in one program (or no normalisation): dz written directly;
-        # otherwise dZhat -> fp32 scratch -> _norm_bwd_kernel
+        # otherwise dZhat -> fp32 scratch -> _grad_finish_kernel
         FUSED_OUT=(not normalize) or d <= block_do,
         PRECISION=precision, DOT2_F32=dtype == torch.float16, ACC=acc, EPS=_EPS,
         BLOCK_K=block_k, BLOCK_DO=block_do,
@@ -1236,37 +1312,56 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: float, norm
     n, d = z1.shape
     m = 2 * n
     acc_dtype = _acc_dtype(z1.dtype)
-    _, meta, _ = _plan(d, z1.dtype, normalize, _precision(z1.dtype))
+    precision = _precision(z1.dtype)
+    _, meta, _ = _plan(d, z1.dtype, normalize, precision)
+    # the column sweep split where the row blocks leave SMs idle, [3, S, M] partials
+    splits = _nt_xent_splits(NT_XENT_FWD_SPLITS, _FWD_FAMILIES, n, d, z1.dtype, precision, 1, 3 * m * 4,
+                             z1.device)
+    split = splits > 1
     scale_hi, scale_lo = _split(math.log2(math.e) / float(temperature))
     with _device_ctx(z1):
         lse = torch.empty(m, dtype=torch.float64, device=z1.device)
-        partials = torch.empty(2 * triton.cdiv(n, _MIN_FWD_BLOCK_M), dtype=torch.float64, device=z1.device)
+        # one float64 loss partial per program of the launch that folds the loss
+        folders = triton.cdiv(m, _LSE_MERGE_ROWS) if split else 2 * triton.cdiv(n, _MIN_FWD_BLOCK_M)
+        partials = torch.empty(folders, dtype=torch.float64, device=z1.device)
         loss = torch.empty((), dtype=z1.dtype, device=z1.device)
         norms = _row_norms(z1, z2, acc_dtype) if normalize else lse.new_empty((0,), dtype=acc_dtype)
+        part = torch.empty((3, splits, m), dtype=acc_dtype, device=z1.device) if split else lse
+        ticket = _launch.ticket(z1.device)
 
         def grid(cfg):
-            return (2 * triton.cdiv(n, cfg["BLOCK_M"]),)
+            return (2 * triton.cdiv(n, cfg["BLOCK_M"]), splits)
 
         tune_m = _tune_m(m)
         _nt_xent_fwd(
-            (d, tune_m, meta["PRECISION"], normalize, z1.dtype), grid,
+            (d, tune_m, meta["PRECISION"], normalize, split, z1.dtype), grid,
             z1, z2, z1.stride(0), z2.stride(0), norms if normalize else lse, lse,  # lse: unread norms
-            partials, _launch.ticket(z1.device), loss, n, d, tune_m, scale_hi, scale_lo, RED_BLOCK=_RED_BLOCK,
-            **meta,
+            partials, ticket, loss, part, n, d, tune_m, splits, scale_hi, scale_lo, SPLIT=split,
+            RED_BLOCK=_RED_BLOCK, **meta,
         )
+        if split:
+            _nt_xent_lse_merge_kernel[(folders,)](part, lse, partials, ticket, loss, n, splits,
+                                                  BLOCK_R=_LSE_MERGE_ROWS, RED_BLOCK=_RED_BLOCK)
     return loss, lse, norms
 
 
 def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool, norms=None):
     """-> (dz1, dz2): contiguous [N, D] of z1.dtype. grad_loss is read on the device.
-    norms: the forward's (saves a row-norm launch); None or empty: computed here."""
+    norms: the forward's (saves a row-norm launch); None or empty: computed here.
+    The column sweep is split S ways where the row blocks alone leave the GPU idle
+    (_nt_xent_splits), the splits' shares summed by _grad_finish_kernel."""
     z1 = _unit_stride(z1)
     z2 = _unit_stride(z2)
     n, d = z1.shape
     m = 2 * n
     acc_dtype = _acc_dtype(z1.dtype)
-    _, _, meta = _plan(d, z1.dtype, normalize, _precision(z1.dtype))
+    precision = _precision(z1.dtype)
+    _, _, meta = _plan(d, z1.dtype, normalize, precision)
     block_do = meta["BLOCK_DO"]
+    slices = triton.cdiv(d, block_do)
+    splits = _nt_xent_splits(NT_XENT_BWD_SPLITS, _BWD_FAMILIES, n, d, z1.dtype, precision, slices, m * d * 4,
+                             z1.device)
+    split = splits > 1
     scale_hi, scale_lo = _split(math.log2(math.e) / float(temperature))
     c_hi, c_lo = _split(1.0 / (float(temperature) * m))
     with _device_ctx(z1):
@@ -1279,25 +1374,75 @@ def nt_xent_backward(grad_loss, z1, z2, lse, temperature: float, normalize: bool
             norms = lse  # an unread placeholder
         elif norms is None or norms.numel() == 0:
             norms = _row_norms(z1, z2, acc_dtype)
-        fused_out = meta["FUSED_OUT"]
-        scratch = lse if fused_out else torch.empty((m, d), dtype=acc_dtype, device=z1.device)
+        fused_out = meta["FUSED_OUT"] and not split
+        scratch = lse if fused_out else torch.empty((splits * m, d), dtype=acc_dtype, device=z1.device)
 
         def grid(cfg):
-            return (2 * triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, block_do))
+            return (2 * triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, block_do), splits)
 
         tune_m = _tune_m(m)
         _nt_xent_bwd(
-            (d, tune_m, meta["PRECISION"], normalize, z1.dtype, grad_loss.dtype), grid,
+            (d, tune_m, meta["PRECISION"], normalize, split, z1.dtype, grad_loss.dtype), grid,
             z1, z2, z1.stride(0), z2.stride(0), norms, lse, grad_loss, dz1, dz2, scratch,
-            n, d, tune_m, scale_hi, scale_lo, c_hi, c_lo, **meta,
+            n, d, tune_m, splits, scale_hi, scale_lo, c_hi, c_lo, SPLIT=split, **meta,
         )
         if not fused_out:
-            block_r, block_d = _small_blocks(d)
-            _norm_bwd_kernel[(2 * triton.cdiv(n, block_r),)](
-                scratch, z1, z2, z1.stride(0), z2.stride(0), norms, dz1, dz2, n, d,
-                ACC=_TL_DTYPES[acc_dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
-            )
+            _finish_grads(scratch, z1, z2, norms, dz1, dz2, splits, normalize)
     return dz1, dz2
+
+
+def _finish_grads(scratch, z1, z2, norms, out1, out2, splits, normalize):
+    """out <- the splits' dZhat [splits, rows, D] summed in split order, back through the
+    normalisation (z2 is z1 for a one-view layout: out2 is then out1)."""
+    r, d = z1.shape
+    block_r, block_d = _small_blocks(d)
+    views = 1 if z2 is z1 else 2
+    _grad_finish_kernel[(views * triton.cdiv(r, block_r),)](
+        scratch, z1, z2, z1.stride(0), z2.stride(0), norms, out1, out2, r, d, splits, views * r * d,
+        NORMALIZE=bool(normalize), ACC=_TL_DTYPES[scratch.dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+
+
+# None: the column splits of the NT-Xent forward / backward sweeps from the device
+# (_column_splits); an int forces them (the interpreter tests, where no device is asked; tuning).
+NT_XENT_FWD_SPLITS = None
+NT_XENT_BWD_SPLITS = None
+# A split's scratch (the backward's fp32 [S, M, D], the forward's [3, S, M]) is at most this;
+# past it, fewer splits (none below 2).
+_SPLIT_SCRATCH_MAX_BYTES = 256 << 20
+# each split keeps at least this many column tiles (its fixed per-program work, the row
+# tile and lse loads and the epilogue, stays small against its sweep)
+_MIN_TILES_PER_SPLIT = 4
+# Programs per SM the split aims at: the pinned configs hold one program per SM (bf16 D = 128,
+# 128 x 64, 8 warps: the backward 174 registers split, 255 unsplit, x 256 threads > half of
+# the 64 K), so programs past one per SM run as a second wave, which splitting further cannot
+# shorten.
+_SPLIT_PROGRAMS_PER_SM = 1
+# rows per program of the split forward's merge (its loss partials: one per program)
+_LSE_MERGE_ROWS = 16 if INTERPRET else 256
+
+
+def _nt_xent_splits(forced, families, n: int, d: int, dtype: torch.dtype, precision: str, slices: int,
+                    slice_bytes: int, device) -> int:
+    """S for a sweep over the 2 cdiv(N, BLOCK_N) column tiles, from the pinned config of the
+    call's family: `slices` programs per row block besides (the backward's output columns),
+    `slice_bytes` of scratch per split."""
+    if forced is not None:
+        return max(1, int(forced))
+    if INTERPRET or torch.device(device).type != "cuda":
+        return 1
+    tile = _family_configs(families, d, dtype, precision)[0].kwargs
+    programs = 2 * triton.cdiv(n, tile["BLOCK_M"]) * slices
+    return _column_splits(programs, 2 * triton.cdiv(n, tile["BLOCK_N"]), slice_bytes, _sm_count(device))
+
+
+def _column_splits(programs: int, tiles: int, slice_bytes: int, sms: int) -> int:
+    """Splits that bring a grid of `programs` to at most _SPLIT_PROGRAMS_PER_SM per SM (one
+    wave) when it has fewer, each split with at least _MIN_TILES_PER_SPLIT of the `tiles`
+    and their scratch within _SPLIT_SCRATCH_MAX_BYTES; 1 (no split) where that leaves < 2."""
+    splits = min((_SPLIT_PROGRAMS_PER_SM * sms) // programs, tiles // _MIN_TILES_PER_SPLIT,
+                 _SPLIT_SCRATCH_MAX_BYTES // slice_bytes, 64)
+    return splits if splits >= 2 else 1
 
 
 # ----------------------------------------------------------------------------- SupCon / InfoNCE launchers
@@ -1315,15 +1460,6 @@ def _single_norms(x, acc_dtype):
         ACC=_TL_DTYPES[acc_dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
     )
     return norms
-
-
-def _single_norm_bwd(scratch, x, norms, out):
-    r, d = x.shape
-    block_r, block_d = _small_blocks(d)
-    _norm_bwd_kernel[(triton.cdiv(r, block_r),)](
-        scratch, x, x, x.stride(0), x.stride(0), norms, out, out, r, d,
-        ACC=_TL_DTYPES[scratch.dtype], EPS=_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
-    )
 
 
 def _temperature64(temperature, device):
@@ -1498,7 +1634,7 @@ def _bwd_launch(a, b, c, na, nb, nc, labels, cnt, par, g, lse_r, lse_c, out, tte
             out.copy_(scratch)
             return
     if not fused_out:
-        _single_norm_bwd(scratch, a, na, out)
+        _finish_grads(scratch, a, a, na, out, out, 1, True)
 
 
 def _class_counts(labels):

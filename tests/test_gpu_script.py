@@ -164,7 +164,7 @@ def test_device_script_plumbing(tmp_path):
     csvs = sorted(p.name for p in out.glob("gpu-*-cpu.csv"))
     assert len(csvs) == 1, (csvs, log[-3000:])
     rows = read_csv(str(out / csvs[0]))
-    assert rows and {r["op"] for r in rows} == {"nt_xent", "nt_xent[ieee]", "nt_xent[tf32x3]"}
+    assert rows and {r["op"] for r in rows} == {"nt_xent", "nt_xent[unsplit]", "nt_xent[ieee]", "nt_xent[tf32x3]"}
     assert (out / "env.txt").exists() and (out / "device.log").exists()
     assert "device_run: total" in log and "Traceback" not in log
 

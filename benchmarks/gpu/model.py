@@ -56,15 +56,23 @@ def nt_xent_entries():
                 fcfg = _pinned(K._FWD_FAMILIES, d, dtype, prec)
                 bcfg = _pinned(K._BWD_FAMILIES, d, dtype, prec)
                 block_do = bmeta.get("BLOCK_DO", d) or d
-                splits = math.ceil(d / block_do)
+                slices = math.ceil(d / block_do)  # output-feature slices (S recomputed per slice)
+                # the column sweep's split (lead 2) and its fp32 scratch, written once and read once
+                programs = 2 * math.ceil(n / bcfg.kwargs["BLOCK_M"]) * slices
+                col_splits = K._column_splits(programs, 2 * math.ceil(n / bcfg.kwargs["BLOCK_N"]), m * d * 4, SMS)
+                scratch = 2 * col_splits * m * d * 4 if col_splits > 1 else 0
                 shape = f"N={n} D={d}"
-                out.append(_entry("nt_xent fwd", shape, dt, 2 * m * m * d, m * d * elt + 8 * m, m * m,
-                                  2 * math.ceil(n / fcfg.kwargs["BLOCK_M"]), rate,
-                                  f"{fam} BLOCK_M {fcfg.kwargs['BLOCK_M']}"))
-                out.append(_entry("nt_xent bwd", shape, dt, 2 * m * m * d * splits + 2 * m * m * d,
-                                  2 * m * d * elt + 4 * m, 2 * m * m,
-                                  2 * math.ceil(n / bcfg.kwargs["BLOCK_M"]) * splits, rate,
-                                  f"BLOCK_M {bcfg.kwargs['BLOCK_M']}, {splits} column split(s)"))
+                fprograms = 2 * math.ceil(n / fcfg.kwargs["BLOCK_M"])
+                fsplits = K._column_splits(fprograms, 2 * math.ceil(n / fcfg.kwargs["BLOCK_N"]), 3 * m * 4, SMS)
+                partials = 2 * 3 * fsplits * m * 4 if fsplits > 1 else 0  # (max, rest, positive) per split
+                out.append(_entry("nt_xent fwd", shape, dt, 2 * m * m * d, m * d * elt + 8 * m + partials, m * m,
+                                  fprograms * fsplits, rate,
+                                  f"{fam} BLOCK_M {fcfg.kwargs['BLOCK_M']}, {fsplits} column split(s)"))
+                out.append(_entry("nt_xent bwd", shape, dt, 2 * m * m * d * slices + 2 * m * m * d,
+                                  2 * m * d * elt + 4 * m + scratch, 2 * m * m,
+                                  programs * col_splits, rate,
+                                  f"BLOCK_M {bcfg.kwargs['BLOCK_M']}, {slices} output slice(s), "
+                                  f"{col_splits} column split(s)"))
     return out
 
 

@@ -1,8 +1,9 @@
 """NT-Xent (`sslkernels.nt_xent`): loss and both gradients in fp32 / fp16 / bf16 against
 `nt_xent_reference` in float64 under the rule of `_core.judge`, a second fused run
 bitwise equal; extras (fp64, no normalisation, TF32, row-strided views, an upstream
-gradient of 0.37); timings fwd and fwdbwd against the eager reference, and fp32 products
-on the FMA units ("ieee") beside the tf32x3 default."""
+gradient of 0.37); timings fwd and fwdbwd against the eager reference, the step with the
+column splits off (`nt_xent[unsplit]`) beside the default, and fp32 products on the FMA
+units ("ieee") beside the tf32x3 default."""
 from __future__ import annotations
 
 import math
@@ -146,7 +147,39 @@ def time(ctx: Ctx) -> list[Row]:
             rows.append(row)
         del z1, z2
         free(ctx)
+    rows += _unsplit(ctx)
     rows += _fp32_products(ctx)
+    return rows
+
+
+def _unsplit(ctx: Ctx) -> list[Row]:
+    """The step with the column splits turned off (lead 2 for NT-Xent): beside the default
+    rows of the shapes that split (bf16 D = 128, N = 1024 and 4096 on 132 SMs), the same
+    step as before the split, its check included (the unsplit kernels' key)."""
+    import sslkernels
+    from sslkernels.kernels import contrastive as K
+
+    rows = []
+    ns, d, dt = (R_TIME_N, R_TIME_D[0], R_TIME_DTYPES[0]) if ctx.rehearse else ([1024, 4096], 128, "bf16")
+    forced = K.NT_XENT_FWD_SPLITS, K.NT_XENT_BWD_SPLITS
+    K.NT_XENT_FWD_SPLITS = K.NT_XENT_BWD_SPLITS = 1
+    try:
+        for n in ns:
+            if ctx.time_left() < 20:
+                break
+            row = run_check(ctx, Row("nt_xent[unsplit]", label(n, d), dt, "fwdbwd"),
+                            lambda: check_case(ctx, n, d, DTYPES[dt], TIME_T))
+            z1, z2 = make_inputs(ctx, n, d, DTYPES[dt], seed=1)
+            a = z1.detach().clone().requires_grad_(True)
+            b = z2.detach().clone().requires_grad_(True)
+            timed(ctx, row, "fused", lambda: time_pass(ctx, lambda x, y: sslkernels.nt_xent(x, y, temperature=TIME_T),
+                                                       (a, b), [a, b], "fwdbwd", graph=True))
+            log_timing(ctx, row)
+            rows.append(row)
+            del z1, z2, a, b
+            free(ctx)
+    finally:
+        K.NT_XENT_FWD_SPLITS, K.NT_XENT_BWD_SPLITS = forced
     return rows
 
 
@@ -202,11 +235,11 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         aligned = ("D", "stride1", "stride2") if d % 16 == 0 else ()
         common = {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "stride1": "i32", "stride2": "i32", "norm_ptr": f"*{acc}"}
         fsig = dict(common, lse_ptr=f"*{acc}", partial_ptr="*fp64", ticket_ptr="*i32", loss_ptr=f"*{ty}",
-                    N="i32", D="i32", TUNE_M="i32",
+                    part_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", SPLITS="i32",
                     scale_hi="fp32", scale_lo="fp32")
         bsig = dict(common, lse_ptr=f"*{acc}", g_ptr=f"*{ty}", out1_ptr=f"*{ty}", out2_ptr=f"*{ty}",
-                    scratch_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", scale_hi="fp32", scale_lo="fp32",
-                    c_hi="fp32", c_lo="fp32")
+                    scratch_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", SPLITS="i32", scale_hi="fp32",
+                    scale_lo="fp32", c_hi="fp32", c_lo="fp32")
         one = {}
         if d == 1:  # a unit row stride is specialised to the constant 1 at run time
             for sig in (fsig, bsig):
@@ -215,14 +248,24 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         head = f"nt_xent D={d} {ty} normalize={normalize} {prec} ({family})"
         half = dtype in (torch.float16, torch.bfloat16)
         fmeta = dict(fmeta, RED_BLOCK=K._RED_BLOCK)  # the NT-Xent forward's own (folded loss)
-        for which, kernel, fams, sig, meta in (("fwd", K._nt_xent_fwd_kernel, K._FWD_FAMILIES, fsig, fmeta),
-                                               ("bwd", K._nt_xent_bwd_kernel, K._BWD_FAMILIES, bsig, bmeta)):
+        # the column split (lead 2) where the timed shapes' grids leave SMs idle
+        variants = [("fwd", K._nt_xent_fwd_kernel, K._FWD_FAMILIES, fsig, dict(fmeta, SPLIT=False)),
+                    ("fwd split", K._nt_xent_fwd_kernel, K._FWD_FAMILIES, fsig, dict(fmeta, SPLIT=True)),
+                    ("bwd", K._nt_xent_bwd_kernel, K._BWD_FAMILIES, bsig, dict(bmeta, SPLIT=False)),
+                    ("bwd split", K._nt_xent_bwd_kernel, K._BWD_FAMILIES, bsig, dict(bmeta, SPLIT=True))]
+        for which, kernel, fams, sig, meta in variants:
             for c in K._family_configs(fams, d, dtype, prec):
                 out.append(CompileTarget(f"{head} {which} {c.kwargs} w{c.num_warps} s{c.num_stages}", kernel, sig,
                                          {**one, **meta, **c.kwargs}, c.num_warps, c.num_stages, aligned,
                                          wgmma=half and d >= 16))
         br, bd = K._small_blocks(d)
         small = triton.Config({}, num_warps=4, num_stages=2)
+        # the split forward's merge (lse and the folded loss)
+        msig = {"part_ptr": f"*{acc}", "lse_ptr": "*fp64", "partial_ptr": "*fp64", "ticket_ptr": "*i32",
+                "loss_ptr": f"*{ty}", "N": "i32", "SPLITS": "i32"}
+        out.append(CompileTarget(f"{head} lse_merge", K._nt_xent_lse_merge_kernel, msig,
+                                 {"BLOCK_R": K._LSE_MERGE_ROWS, "RED_BLOCK": K._RED_BLOCK},
+                                 small.num_warps, None))  # launched without num_stages: Triton's default
         if normalize:
             nsig = ({**common, "N": "i32", "D": "i32"} if d != 1 else
                     {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "norm_ptr": f"*{acc}", "N": "i32", "D": "i32"})
@@ -230,10 +273,14 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                                      {**one, "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc]),
                                       "EPS": K._EPS, "BLOCK_R": br, "BLOCK_D": bd},
                                      small.num_warps, small.num_stages, aligned))
-        if not bmeta["FUSED_OUT"]:
-            nsig = {"scratch_ptr": f"*{acc}", **common, "out1_ptr": f"*{ty}", "out2_ptr": f"*{ty}",
-                    "N": "i32", "D": "i32"}
-            out.append(CompileTarget(f"{head} norm_bwd", K._norm_bwd_kernel, nsig,
-                                     {"ACC": bmeta["ACC"], "EPS": K._EPS, "BLOCK_R": br, "BLOCK_D": bd},
-                                     small.num_warps, small.num_stages, aligned))
+        # the scratch's finishing kernel: unsplit (D > BLOCK_DO with normalisation) and the split
+        # backward's merge (every case; normalize as the case's)
+        nsig = {"scratch_ptr": f"*{acc}", **common, "out1_ptr": f"*{ty}", "out2_ptr": f"*{ty}",
+                "N": "i32", "D": "i32", "SPLITS": "i32", "SLICE": "i32"}
+        if d == 1:
+            nsig.pop("stride1"), nsig.pop("stride2")
+        out.append(CompileTarget(f"{head} grad_finish", K._grad_finish_kernel, nsig,
+                                 {**one, "NORMALIZE": normalize, "ACC": bmeta["ACC"], "EPS": K._EPS,
+                                  "BLOCK_R": br, "BLOCK_D": bd},
+                                 small.num_warps, None, aligned))  # (Triton's default num_stages, as launched)
     return out

@@ -35,11 +35,13 @@ class _Launches(TorchDispatchMode):
     def __init__(self, monkeypatch):
         super().__init__()
         self.triton, self.torch, self.autotuner = [], [], 0
+        self.grids = []  # (kernel name, grid) per Triton launch
         self._inside = False
         run, tuned = InterpretedFunction.run, Autotuner.run
 
         def counted_run(fn, *args, **kwargs):
             self.triton.append(fn.fn.__name__)
+            self.grids.append((fn.fn.__name__, kwargs["grid"]))  # a tuple, or the Autotuner's callable
             self._inside, was = True, self._inside
             try:
                 return run(fn, *args, **kwargs)
@@ -74,17 +76,24 @@ def _step(k, z1, z2, normalize, grad=1.0):
     return loss, dz1, dz2
 
 
-@pytest.mark.parametrize("normalize,d,expected", [
-    (True, 16, ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel"]),
+@pytest.mark.parametrize("normalize,d,splits,expected", [
+    (True, 16, 1, ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel"]),
     # D > BLOCK_DO (64 here): dZhat through the scratch, then the normalisation backward
-    (True, 65, ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel", "_norm_bwd_kernel"]),
-    (False, 16, ["_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel"]),
-], ids=["norm-fused-out", "norm-scratch", "raw"])
+    (True, 65, 1, ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel", "_grad_finish_kernel"]),
+    (False, 16, 1, ["_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel"]),
+    # the backward's column sweep split: the splits' shares always go through the scratch,
+    # summed by the finishing kernel (one launch more where the unsplit kernel writes dx)
+    (True, 16, 2, ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel", "_grad_finish_kernel"]),
+    (True, 65, 3, ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel", "_grad_finish_kernel"]),
+    (False, 16, 2, ["_nt_xent_fwd_kernel", "_nt_xent_bwd_kernel", "_grad_finish_kernel"]),
+], ids=["norm-fused-out", "norm-scratch", "raw", "split2-norm", "split3-norm-scratch", "split2-raw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_launches_per_step(contrastive_kernels, monkeypatch, dtype, normalize, d, expected):
+def test_launches_per_step(contrastive_kernels, monkeypatch, dtype, normalize, d, splits, expected):
     """Normalised, whole rows per program: row norms, forward, backward (3; 7 in bf16 before
     the norms were saved and the loss folded), no torch compute op, no Autotuner call once
-    the key has been seen."""
+    the key has been seen. Split S ways, the backward's grid has S programs per row block
+    and output slice (its third axis)."""
+    monkeypatch.setattr(contrastive_kernels, "NT_XENT_BWD_SPLITS", splits)
     z1, z2 = _inputs(9, d, dtype)
     _step(contrastive_kernels, z1, z2, normalize)  # the key's first call: through the Autotuner
     launches = _Launches(monkeypatch)
@@ -93,6 +102,25 @@ def test_launches_per_step(contrastive_kernels, monkeypatch, dtype, normalize, d
     assert launches.triton == expected
     assert launches.torch == []
     assert launches.autotuner == 0
+    (bwd_grid,) = [g for name, g in launches.grids if name == "_nt_xent_bwd_kernel"]
+    assert tuple(bwd_grid) == (2, 2 if d > 64 else 1, splits)  # 2 views x cdiv(9, 32) row blocks
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_launches_of_a_split_forward(contrastive_kernels, monkeypatch, splits):
+    """The forward split S ways: its grid has S programs per row block, then one merge
+    launch (lse and the folded loss); still no torch compute op."""
+    monkeypatch.setattr(contrastive_kernels, "NT_XENT_FWD_SPLITS", splits)
+    z1, z2 = _inputs(9, 16, torch.float32)
+    _step(contrastive_kernels, z1, z2, True)
+    launches = _Launches(monkeypatch)
+    with launches:
+        _step(contrastive_kernels, z1, z2, True)
+    assert launches.triton == ["_row_norm_kernel", "_nt_xent_fwd_kernel", "_nt_xent_lse_merge_kernel",
+                               "_nt_xent_bwd_kernel"]
+    assert launches.torch == [] and launches.autotuner == 0
+    (fwd_grid,) = [g for name, g in launches.grids if name == "_nt_xent_fwd_kernel"]
+    assert tuple(fwd_grid) == (2, splits)
 
 
 def test_first_call_of_a_key_goes_through_the_autotuner(contrastive_kernels, monkeypatch):
