@@ -321,7 +321,7 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         if which == "pq_bwd":  # per-query negatives' gradient: element-wise, one launch shape
             br, bd = K._small_blocks(d)
             sig = {"q_ptr": f"*{ty}", "c_ptr": f"*{ty}", "stride_q": "i32", "stride_c": "i32", "nq_ptr": f"*{acc}",
-                   "nc_ptr": f"*{acc}", "par_ptr": f"*{acc}", "g_ptr": f"*{ty}", "lse_ptr": f"*{acc}",
+                   "nc_ptr": f"*{acc}", "par_ptr": f"*{acc}", "g_ptr": f"*{ty}", "lse_ptr": "*fp64",
                    "out_ptr": f"*{ty}", "N": "i32", "M": "i32", "D": "i32"}
             consts = {"NORMALIZE": normalize, "ACC": bmeta["ACC"], "EPS": K._EPS, "BLOCK_R": br, "BLOCK_D": bd}
             out.append(CompileTarget(f"per_query_neg_bwd D={d} {dt}", K._per_query_neg_bwd_kernel, sig, consts,
@@ -337,13 +337,13 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
             continue
         if which == "fwd":
             kernel, families, meta = K._lse_fwd_kernel, K._LSE_FWD_FAMILIES, fmeta
-            sig = dict(common, par_ptr=f"*{acc}", lse_ptr=f"*{acc}", term_ptr=f"*{acc}", cnt_ptr=f"*{acc}",
+            sig = dict(common, par_ptr=f"*{acc}", lse_ptr="*fp64", term_ptr=f"*{acc}", cnt_ptr=f"*{acc}",
                        part_ptr=f"*{acc}", cpart_ptr=f"*{acc}", kpos_ptr=f"*{acc}", nblk_ptr="*i32", **sizes,
                        RMAX="i32")
         else:
             kernel, families, meta = K._lse_bwd_kernel, K._LSE_BWD_FAMILIES, bmeta
             sig = dict(common, cnt_ptr=f"*{cnt_ty or acc}", par_ptr=f"*{acc}", g_ptr=f"*{ty}",
-                       lse_r_ptr=f"*{acc}", lse_c_ptr=f"*{acc}", out_ptr=f"*{ty}", scratch_ptr=f"*{acc}",
+                       lse_r_ptr="*fp64", lse_c_ptr="*fp64", out_ptr=f"*{ty}", scratch_ptr=f"*{acc}",
                        tterm_ptr=f"*{acc}", **sizes)
         for cfg in K._family_configs(families, d, dtype, prec)[:width]:
             out.append(CompileTarget(f"{head} {which} {dict(flags)} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}",

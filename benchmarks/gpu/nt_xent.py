@@ -234,10 +234,10 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
         ty, acc = tys[dtype], tys[K._acc_dtype(dtype)]
         aligned = ("D", "stride1", "stride2") if d % 16 == 0 else ()
         common = {"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "stride1": "i32", "stride2": "i32", "norm_ptr": f"*{acc}"}
-        fsig = dict(common, lse_ptr=f"*{acc}", partial_ptr="*fp64", ticket_ptr="*i32", loss_ptr=f"*{ty}",
+        fsig = dict(common, lse_ptr="*fp64", partial_ptr="*fp64", ticket_ptr="*i32", loss_ptr=f"*{ty}",
                     part_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", SPLITS="i32",
                     scale_hi="fp32", scale_lo="fp32")
-        bsig = dict(common, lse_ptr=f"*{acc}", g_ptr=f"*{ty}", out1_ptr=f"*{ty}", out2_ptr=f"*{ty}",
+        bsig = dict(common, lse_ptr="*fp64", g_ptr=f"*{ty}", out1_ptr=f"*{ty}", out2_ptr=f"*{ty}",
                     scratch_ptr=f"*{acc}", N="i32", D="i32", TUNE_M="i32", SPLITS="i32", scale_hi="fp32",
                     scale_lo="fp32", c_hi="fp32", c_lo="fp32")
         one = {}
