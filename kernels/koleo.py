@@ -370,6 +370,12 @@ def partial_slots(m: int, group_size: int, block: int) -> int:
     return min(triton.cdiv(m, block), (group_size + block - 2) // block + 1)
 
 
+def merge_entries(cfg: dict, stride: int) -> int:
+    """The merge's entries per step (BLOCK_C) for a partial buffer of `stride` entries a row:
+    the plan's chunk, or the buffer's whole row (a power of two, >= 16) when shorter."""
+    return min(cfg["MERGE_ENTRIES"], max(16, triton.next_power_of_2(int(stride))))
+
+
 def partial_bytes(m: int, d: int, group_size: int, topk: int, dtype: torch.dtype) -> int:
     """Bytes of the symmetric search's partial buffer (a value and an int32 index per row,
     candidate block and rank): ~N^2 / BLOCK * 8 without groups (16.8 MB at N = 16384,
@@ -423,6 +429,6 @@ def koleo_neighbors_symmetric(x: torch.Tensor, group_size: int, topk: int, eps: 
             BLOCK=block, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         _koleo_merge_kernel[(triton.cdiv(m, cfg["MERGE_ROWS"]),)](
             part_v, part_i, out, m, int(group_size), stride, TOPK=int(topk), K_PAD=k_pad, ACC=acc, BLOCK=block,
-            BLOCK_R=cfg["MERGE_ROWS"], BLOCK_C=min(cfg["MERGE_ENTRIES"], max(16, triton.next_power_of_2(stride))),
+            BLOCK_R=cfg["MERGE_ROWS"], BLOCK_C=merge_entries(cfg, stride),
             num_warps=4 if not INTERPRET else 1)
     return out

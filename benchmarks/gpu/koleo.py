@@ -222,8 +222,12 @@ def compile_targets(ctx: Ctx) -> list[CompileTarget]:
                 continue
             sig = {"part_v_ptr": f"*{acc}", "part_i_ptr": "*i32", "out_ptr": "*i64", "M": "i32", "group_size": "i32",
                    "PART_STRIDE": "i32"}
-            consts = {"TOPK": topk, "K_PAD": k_pad, "ACC": tl.float64 if dt == "fp64" else tl.float32,
-                      "BLOCK": cfg["BLOCK"], "BLOCK_R": cfg["MERGE_ROWS"], "BLOCK_C": cfg["MERGE_ENTRIES"]}
-            out.append(CompileTarget(f"koleo_merge {dt} topk={topk}", KK._koleo_merge_kernel, sig, consts, 4, 3,
-                                     ("PART_STRIDE",)))
+            # the merge's chunk follows the buffer's row length, so each checked and timed N has its own
+            entries = sorted({KK.merge_entries(cfg, KK.partial_slots(n, n, cfg["BLOCK"]) * topk)
+                              for n in CHECK_N + TIME_N})
+            for block_c in entries:
+                consts = {"TOPK": topk, "K_PAD": k_pad, "ACC": tl.float64 if dt == "fp64" else tl.float32,
+                          "BLOCK": cfg["BLOCK"], "BLOCK_R": cfg["MERGE_ROWS"], "BLOCK_C": block_c}
+                out.append(CompileTarget(f"koleo_merge {dt} topk={topk} BLOCK_C={block_c}", KK._koleo_merge_kernel,
+                                         sig, consts, 4, 3, ("PART_STRIDE",)))
     return out
